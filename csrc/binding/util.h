@@ -1,0 +1,123 @@
+// N-API glue helpers shared by the binding files: argument unwrapping with cheap shape checks,
+// and the guard that turns C++ exceptions into JS errors (the addon never aborts the process).
+#pragma once
+
+#include <napi.h>
+
+#include <cstdint>
+#include <new>
+#include <string>
+
+#include "kernels/common.h"
+
+namespace lima::binding {
+
+[[noreturn]] inline void throw_type(Napi::Env env, const std::string& what, const char* name,
+                                    const std::string& got) {
+  throw Napi::TypeError::New(env, "Expected " + what + " for " + name + " but received " + got);
+}
+[[noreturn]] inline void throw_range(Napi::Env env, const std::string& what, const char* name,
+                                     const std::string& got) {
+  throw Napi::RangeError::New(env, "Expected " + what + " for " + name + " but received " + got);
+}
+
+inline std::string describe(const Napi::Value& v) {
+  if (v.IsUndefined()) return "undefined";
+  if (v.IsNull()) return "null";
+  if (v.IsTypedArray()) {
+    auto t = v.As<Napi::TypedArray>();
+    const char* kind = t.TypedArrayType() == napi_float32_array ? "Float32Array"
+                       : t.TypedArrayType() == napi_int32_array ? "Int32Array"
+                                                                  : "another typed array";
+    return std::string(kind) + " of length " + std::to_string(t.ElementLength());
+  }
+  if (v.IsNumber()) return std::to_string(v.As<Napi::Number>().DoubleValue());
+  if (v.IsString()) return "string";
+  if (v.IsObject()) return "object";
+  return "a value of another type";
+}
+
+// A Float32Array argument of exactly `len` elements (len < 0: any length). Null-able when
+// `optional` is set: null/undefined yields nullptr.
+inline float* f32(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t len,
+                  bool optional = false) {
+  Napi::Value v = info[i];
+  if (optional && (v.IsNull() || v.IsUndefined())) return nullptr;
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw_type(info.Env(), "a Float32Array", name, describe(v));
+  auto a = v.As<Napi::Float32Array>();
+  if (len >= 0 && static_cast<int64_t>(a.ElementLength()) != len)
+    throw_range(info.Env(), "a Float32Array of length " + std::to_string(len), name,
+                "length " + std::to_string(a.ElementLength()));
+  return a.Data();
+}
+
+inline int32_t* i32(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t len) {
+  Napi::Value v = info[i];
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    throw_type(info.Env(), "an Int32Array", name, describe(v));
+  auto a = v.As<Napi::Int32Array>();
+  if (len >= 0 && static_cast<int64_t>(a.ElementLength()) != len)
+    throw_range(info.Env(), "an Int32Array of length " + std::to_string(len), name,
+                "length " + std::to_string(a.ElementLength()));
+  return a.Data();
+}
+
+inline double num(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  Napi::Value v = info[i];
+  if (!v.IsNumber()) throw_type(info.Env(), "a number", name, describe(v));
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+// An integer >= min_value that a double represents exactly.
+inline int64_t integer(const Napi::CallbackInfo& info, size_t i, const char* name,
+                       int64_t min_value = 0) {
+  const double d = num(info, i, name);
+  if (!(d == static_cast<double>(static_cast<int64_t>(d))) || d < static_cast<double>(min_value))
+    throw_range(info.Env(), "an integer >= " + std::to_string(min_value), name, describe(info[i]));
+  return static_cast<int64_t>(d);
+}
+
+inline bool boolean(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  Napi::Value v = info[i];
+  if (!v.IsBoolean()) throw_type(info.Env(), "a boolean", name, describe(v));
+  return v.As<Napi::Boolean>().Value();
+}
+
+// Runs a binding body; C++ exceptions become JS errors with a stable `code`.
+[[noreturn]] inline void throw_coded(Napi::Error e, const char* code) {
+  e.Set("code", Napi::String::New(e.Env(), code));
+  throw e;
+}
+
+template <Napi::Value (*F)(const Napi::CallbackInfo&)>
+Napi::Value guarded(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  try {
+    return F(info);
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const KernelError& e) {
+    throw_coded(Napi::RangeError::New(env, e.what()), "ERR_LIMA_ARGUMENT");
+  } catch (const std::bad_alloc&) {
+    throw_coded(Napi::Error::New(env, "lima-native: out of memory in a native kernel"), "ERR_LIMA_OOM");
+  } catch (const std::exception& e) {
+    throw_coded(Napi::Error::New(env, e.what()), "ERR_LIMA_NATIVE");
+  } catch (...) {
+    throw_coded(Napi::Error::New(env, "lima-native: unknown native error"), "ERR_LIMA_NATIVE");
+  }
+}
+
+template <Napi::Value (*F)(const Napi::CallbackInfo&)>
+void export_fn(Napi::Env env, Napi::Object exports, const char* name) {
+  exports.Set(name, Napi::Function::New(env, guarded<F>, name));
+}
+
+// Each binding file registers its functions through one of these (called from addon.cc).
+void register_system(Napi::Env env, Napi::Object exports);
+void register_gemm(Napi::Env env, Napi::Object exports);
+void register_attention(Napi::Env env, Napi::Object exports);
+void register_optim(Napi::Env env, Napi::Object exports);
+void register_layers(Napi::Env env, Napi::Object exports);
+
+}  // namespace lima::binding

@@ -1,0 +1,47 @@
+// Shared vocabulary of the CPU kernels. Pure C++: never include napi.h below csrc/kernels.
+//
+// Memory: callers own every buffer a kernel reads or writes (the model owns weights, gradients and
+// activations; tests own their arrays). Kernels may use per-thread scratch that they grow on demand
+// but never keep pointers to caller memory after returning.
+//
+// Backends: every CPU kernel takes a `const CpuContext&` first. The CUDA backend mirrors each
+// signature in namespace lima::cuda with a `const CudaContext&` (device + stream) in that slot, so
+// the model code can be written once against either.
+//
+// Errors: kernels throw lima::KernelError (a std::invalid_argument) for bad arguments *before*
+// any parallel work starts; the binding turns it into a JS error. Nothing here aborts the process.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace lima {
+
+class ThreadPool;
+
+// Instruction-set paths with their own compiled code. Order matters: a higher value needs more.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+const char* isa_name(Isa isa);
+
+// Everything a CPU kernel needs to know about where it runs.
+struct CpuContext {
+  ThreadPool* pool;  // never null; may have size 1
+  Isa isa;           // the code path to take; always one the CPU supports
+};
+
+// The context the addon uses by default: the process-wide pool and the active ISA.
+CpuContext default_context();
+
+struct KernelError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+// Throws KernelError("Expected <what> for <name> but received <got>") unless ok.
+inline void expect(bool ok, const char* what, const char* name, const std::string& got) {
+  if (!ok) throw KernelError(std::string("Expected ") + what + " for " + name + " but received " + got);
+}
+
+}  // namespace lima

@@ -1,0 +1,21 @@
+// Run-time CPU feature detection and the process-wide choice of code path.
+#pragma once
+
+#include "kernels/common.h"
+
+namespace lima {
+
+// Best path this CPU (and OS, for the wider register state) supports.
+Isa detected_isa();
+
+// Path kernels take now: detected_isa() unless forced lower with set_active_isa (tests force each
+// supported path in turn). Thread-safe; read once per kernel call.
+Isa active_isa();
+
+// Returns false (and changes nothing) if the CPU cannot run `isa`.
+bool set_active_isa(Isa isa);
+
+// Whether the addon was compiled with the ISA-specific objects at all (false off x86-64).
+bool isa_compiled(Isa isa);
+
+}  // namespace lima

@@ -1,0 +1,46 @@
+// Depth-scaled residual dropout (LIMA): out = residual + dropout(x, p_l), with
+// p_l = p_max * l / (L - 1) for layer l of L. The keep mask is a pure function of
+// (seed, step, layer, site, element index) from Philox4x32-10, so backward regenerates it and every
+// backend (CPU paths, CUDA) draws the same mask.
+//
+// Counter layout: key = (seed low 32, seed high 32); counter = (i/4 low 32, i/4 high 32,
+// step low 32, (layer << 16) | site); element i uses word i % 4 of the block. Element i is kept iff
+// (word >> 8) >= round(p * 2^24), so p == 0 keeps everything and the op is an exact identity
+// (scale 1). Kept values are multiplied by 1 / (1 - p) computed in float.
+#pragma once
+
+#include "kernels/common.h"
+
+namespace lima {
+
+struct DropoutSite {
+  float p = 0.0f;      // drop probability in [0, 1)
+  uint64_t seed = 0;   // run seed
+  uint64_t step = 0;   // optimizer step (micro-steps share it only if they use different sites)
+  uint32_t layer = 0;  // < 65536
+  uint32_t site = 0;   // which dropout in the layer (0 attention, 1 MLP, ...), < 65536
+};
+
+// Philox4x32 with 10 rounds: the four 32-bit words of block `counter` under `key`.
+void philox4x32_10(uint32_t out[4], const uint32_t counter[4], const uint32_t key[2]);
+
+// The keep decision for one element (reference path and tests).
+bool dropout_keep(const DropoutSite& s, uint64_t index);
+
+// p_l for layer l of num_layers (0 at the bottom, p_max at the top; p_max for a 1-layer model
+// is 0 by the formula's limit, so a single layer gets 0).
+float dropout_rate(int64_t layer, int64_t num_layers, float p_max);
+
+// x, residual, out [N]; out may alias residual or x.
+void residual_dropout_forward(const CpuContext& ctx, float* out, const float* residual,
+                              const float* x, int64_t n, const DropoutSite& s);
+// dx [N] = keep · dout / (1 - p) (overwritten). The residual's gradient is dout itself.
+void residual_dropout_backward(const CpuContext& ctx, float* dx, const float* dout, int64_t n,
+                               const DropoutSite& s);
+
+void residual_dropout_forward_reference(float* out, const float* residual, const float* x,
+                                        int64_t n, const DropoutSite& s);
+void residual_dropout_backward_reference(float* dx, const float* dout, int64_t n,
+                                         const DropoutSite& s);
+
+}  // namespace lima

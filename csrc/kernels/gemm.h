@@ -1,0 +1,43 @@
+// Single-precision matrix multiply, row-major, the transformer's hot path.
+//
+// Dimension letters: M rows of C, N columns of C, K the reduced dimension.
+//   op(A) is [M, K]: A stored [M, K] (lda >= K), or with trans_a A stored [K, M] (lda >= M)
+//   op(B) is [K, N]: B stored [K, N] (ldb >= N), or with trans_b B stored [N, K] (ldb >= K)
+//   C     is [M, N] (ldc >= N)
+// C = alpha * op(A) · op(B) + beta * C. beta == 0 overwrites C without reading it (NaNs in C do
+// not propagate); beta == 1 accumulates (parameter gradients use this).
+//
+// A transformer needs three forms (HF linear weight W is [out, in]):
+//   forward   y[N,out]  = x[N,in] · Wᵀ           trans_b
+//   dx        dx[N,in]  = dy[N,out] · W           plain
+//   dW        dW[out,in] += dyᵀ[out,N] · x[N,in]  trans_a, beta 1
+#pragma once
+
+#include "kernels/common.h"
+
+namespace lima {
+
+struct GemmArgs {
+  int64_t M = 0, N = 0, K = 0;
+  bool trans_a = false, trans_b = false;
+  int64_t lda = 0, ldb = 0, ldc = 0;  // 0 means "packed": the natural leading dimension
+  float alpha = 1.0f, beta = 0.0f;
+};
+
+// Cache-blocked, packed, multithreaded; dispatches on ctx.isa to the AVX-512, AVX2 or scalar
+// micro-kernel. Throws KernelError on inconsistent leading dimensions.
+void gemm(const CpuContext& ctx, float* C, const float* A, const float* B, const GemmArgs& args);
+
+// Plain triple loop (double accumulation), the reference the tests compare against.
+void gemm_reference(float* C, const float* A, const float* B, const GemmArgs& args);
+
+// Linear layer without bias, Hugging Face layout. Letters: N rows (tokens), I in, O out.
+//   x [N, I], W [O, I], y [N, O]
+void linear_forward(const CpuContext& ctx, float* y, const float* x, const float* W, int64_t N,
+                    int64_t I, int64_t O);
+// dx [N, I] = dy · W (overwritten, or added when accumulate_dx); dW [O, I] += dyᵀ · x.
+// Either output may be null to skip it.
+void linear_backward(const CpuContext& ctx, float* dx, float* dW, const float* dy, const float* x,
+                     const float* W, int64_t N, int64_t I, int64_t O, bool accumulate_dx = false);
+
+}  // namespace lima

@@ -1,0 +1,2 @@
+// placeholder: filled by the optim kernel work
+export {};

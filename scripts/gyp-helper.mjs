@@ -1,0 +1,36 @@
+// Called by binding.gyp at configure time so that adding a kernel file needs no edit of the gyp file.
+//   node scripts/gyp-helper.mjs sources base|avx2|avx512   -> source files of that kind, one per line
+//   node scripts/gyp-helper.mjs cflags                      -> extra flags (opt-in -march=native)
+import { readdirSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(fileURLToPath(import.meta.url), '..', '..');
+
+function walk(dir) {
+  const out = [];
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) {
+      // CUDA sources are built by the cmake-js variant, never by node-gyp.
+      if (e.name !== 'cuda') out.push(...walk(p));
+    } else if (/\.(cc|cpp)$/.test(e.name)) out.push(p);
+  }
+  return out;
+}
+
+const [cmd, kind] = process.argv.slice(2);
+if (cmd === 'sources') {
+  const isa = (f) => (/\.avx512\.cpp$/.test(f) ? 'avx512' : /\.avx2\.cpp$/.test(f) ? 'avx2' : 'base');
+  const files = walk(join(root, 'csrc'))
+    .filter((f) => isa(f) === kind)
+    .map((f) => relative(root, f).split('\\').join('/'))
+    .sort();
+  process.stdout.write(files.join('\n') + '\n');
+} else if (cmd === 'cflags') {
+  const v = process.env.LIMA_MARCH_NATIVE;
+  process.stdout.write(v && v !== '0' ? '-march=native -mtune=native' : '');
+} else {
+  console.error('usage: gyp-helper.mjs sources base|avx2|avx512 | cflags');
+  process.exit(2);
+}

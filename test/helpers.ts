@@ -1,0 +1,99 @@
+// Shared test utilities: seeded data, error metrics, ISA iteration, finite differences.
+import { afterAll } from 'vitest';
+import * as kernels from '../lib/kernels/index.js';
+
+/** Deterministic PRNG (mulberry32) so failures reproduce. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Standard normal samples (Box-Muller) scaled by `std`. */
+export function randn(n: number, seed: number, std = 1): Float32Array {
+  const r = rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = Math.max(r(), 1e-12);
+    out[i] = std * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * r());
+  }
+  return out;
+}
+
+/** Largest |a - b| / (|b| + atol-floor), the metric most assertions use. */
+export function maxRelErr(a: ArrayLike<number>, b: ArrayLike<number>, floor = 1e-3): number {
+  if (a.length !== b.length) throw new Error(`length mismatch ${a.length} vs ${b.length}`);
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) {
+    const e = Math.abs(a[i] - b[i]) / (Math.abs(b[i]) + floor);
+    if (!(e <= worst)) worst = Number.isNaN(e) ? Infinity : Math.max(worst, e);
+  }
+  return worst;
+}
+
+/** Largest |a - b| relative to the largest |b| (for sums where single elements may cancel). */
+export function maxErrOverScale(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length mismatch ${a.length} vs ${b.length}`);
+  let worst = 0;
+  let scale = 0;
+  for (let i = 0; i < b.length; i++) scale = Math.max(scale, Math.abs(b[i]));
+  for (let i = 0; i < a.length; i++) {
+    const e = Math.abs(a[i] - b[i]);
+    worst = Number.isNaN(e) ? Infinity : Math.max(worst, e);
+  }
+  return worst / (scale || 1);
+}
+
+/** Every code path this CPU can run; tests loop over them with forceIsa. */
+export const isas = kernels.supportedIsas();
+
+/** Runs fn with the given ISA forced, restoring the best path afterwards. */
+export function withIsa<T>(isa: kernels.Isa, fn: () => T): T {
+  const before = kernels.isa();
+  kernels.setIsa(isa);
+  try {
+    return fn();
+  } finally {
+    kernels.setIsa(before);
+  }
+}
+
+/** Restores the default path after a test file that forces paths (belt and braces). */
+export function restoreIsaAfterAll(): void {
+  afterAll(() => kernels.setIsa(isas[0]));
+}
+
+/**
+ * Central finite difference in float64 of a scalar function f at x[i], step h.
+ * f receives a Float64Array it must not keep.
+ */
+export function centralDiff(f: (x: Float64Array) => number, x: Float64Array, i: number, h = 1e-5): number {
+  const old = x[i];
+  x[i] = old + h;
+  const fp = f(x);
+  x[i] = old - h;
+  const fm = f(x);
+  x[i] = old;
+  return (fp - fm) / (2 * h);
+}
+
+/** Dot product in double of two same-length arrays (loss = <out, weights> for FD checks). */
+export function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += a[i] * b[i];
+  return s;
+}
+
+/** Sample `count` distinct indices in [0, n) deterministically (all of them when n <= count). */
+export function sampleIndices(n: number, count: number, seed: number): number[] {
+  if (n <= count) return Array.from({ length: n }, (_, i) => i);
+  const r = rng(seed);
+  const set = new Set<number>();
+  while (set.size < count) set.add(Math.floor(r() * n));
+  return [...set].sort((a, b) => a - b);
+}
