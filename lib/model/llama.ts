@@ -67,18 +67,27 @@ const IGNORE = -100;
 
 /** A LLaMA decoder with Hugging Face LlamaForCausalLM semantics, trained and run natively. */
 export class LlamaModel implements AsyncDisposable {
-  readonly params: readonly NativeParamInfo[];
-  readonly numParams: number;
   private disposed = false;
+  private info: { params: NativeParamInfo[]; numParams: number };
 
   private constructor(
-    readonly config: LlamaConfig,
-    private readonly native: NativeLlama,
+    private cfg: LlamaConfig,
+    private native: NativeLlama,
     public tokenizer: Tokenizer | null,
   ) {
-    const info = native.info();
-    this.params = info.params;
-    this.numParams = info.numParams;
+    this.info = native.info();
+  }
+
+  /** The architecture (changes only through resizeVocab). */
+  get config(): LlamaConfig {
+    return this.cfg;
+  }
+  /** Parameter tensors in Hugging Face names and the native layout. */
+  get params(): readonly NativeParamInfo[] {
+    return this.info.params;
+  }
+  get numParams(): number {
+    return this.info.numParams;
   }
 
   /** Bytes of activation memory one (batch, seqLen) training step needs besides weights and gradients. */
@@ -345,6 +354,77 @@ export class LlamaModel implements AsyncDisposable {
     const extra: Record<string, unknown> = { torch_dtype: opts.dtype === 'BF16' ? 'bfloat16' : 'float32' };
     await writeFileAtomic(join(dir, 'config.json'), JSON.stringify(toHfConfig(this.config, extra), null, 2) + '\n');
     if (this.tokenizer) await this.tokenizer.save(dir);
+  }
+
+  /**
+   * Grows the vocabulary to `vocabSize` (after adding a special token such as LIMA's EOT): new
+   * embedding and head rows start at the mean of the existing rows, as Hugging Face's
+   * resize_token_embeddings does. Gradients and optimizer state start afresh.
+   */
+  async resizeVocab(vocabSize: number): Promise<void> {
+    this.check();
+    const V = this.cfg.vocabSize;
+    expectInt(vocabSize, 'vocabSize', V);
+    if (vocabSize === V) return;
+    const cfg = { ...this.cfg, vocabSize };
+    const next = new (nativeLlama())(cfg);
+    try {
+      for (const p of this.params) {
+        const w = await this.native.getTensor(p.name);
+        if (p.name === 'model.embed_tokens.weight' || p.name === 'lm_head.weight') {
+          const C = this.cfg.hiddenSize;
+          const grown = new Float32Array(vocabSize * C);
+          grown.set(w);
+          const mean = new Float64Array(C);
+          for (let r = 0; r < V; r++) for (let c = 0; c < C; c++) mean[c] += w[r * C + c];
+          for (let c = 0; c < C; c++) mean[c] /= V;
+          for (let r = V; r < vocabSize; r++) for (let c = 0; c < C; c++) grown[r * C + c] = mean[c];
+          await next.setTensor(p.name, grown);
+        } else {
+          await next.setTensor(p.name, w);
+        }
+      }
+    } catch (e) {
+      await next.dispose();
+      throw e;
+    }
+    await this.native.dispose();
+    this.native = next;
+    this.cfg = cfg;
+    this.info = next.info();
+  }
+
+  /** One AdamW update of every parameter from the accumulated gradients (no decay on norm gains). */
+  async adamwStep(p: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale?: number }): Promise<void> {
+    this.check();
+    expectNumber(p.lr, 'lr', { min: 0 });
+    expectNumber(p.beta1, 'beta1', { min: 0, max: 1, exclusiveMax: true });
+    expectNumber(p.beta2, 'beta2', { min: 0, max: 1, exclusiveMax: true });
+    expectNumber(p.eps, 'eps', { min: 0 });
+    expectNumber(p.weightDecay, 'weightDecay', { min: 0 });
+    expectInt(p.step, 'step', 1);
+    await this.native.adamwStep({ ...p, gradScale: expectNumber(p.gradScale ?? 1, 'gradScale', { min: 0 }) });
+  }
+
+  /** Global L2 norm of the accumulated gradients (for clipping). */
+  async gradNorm(): Promise<number> {
+    this.check();
+    return Math.sqrt(await this.native.gradSqNorm());
+  }
+
+  /** AdamW moment 1 or 2 of one tensor (for trainer checkpoints). */
+  async getMoment(name: string, which: 1 | 2): Promise<Float32Array> {
+    this.check();
+    this.param(name);
+    return this.native.getMoment(name, which);
+  }
+
+  /** Restores an AdamW moment of one tensor. */
+  async setMoment(name: string, which: 1 | 2, data: Float32Array): Promise<void> {
+    this.check();
+    const p = this.param(name);
+    if (!(data instanceof Float32Array) || data.length !== p.numel) fail(`a Float32Array of length ${p.numel}`, name, data);
+    await this.native.setMoment(name, which, data);
   }
 
   /** Frees native memory after queued calls finish; the model is unusable afterwards. */
