@@ -211,6 +211,7 @@ describe('loadDataset', () => {
     expect(r.skipped.map((s) => s.line)).toEqual([2, 3, 4]);
     expect(r.skipped[1].reason).toMatch(/^no target tokens/);
     expect(r.skipped[2].reason).toMatch(/^no target tokens/);
+    expect(r.truncated).toBe(0);
   });
 
   // Each bad row sits on line 3 after a good row and a blank line.

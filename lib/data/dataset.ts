@@ -72,7 +72,7 @@ export interface LoadedDataset {
   eotAdded: boolean;
   /** Non-blank rows read. */
   rows: number;
-  /** Examples that were cut to maxLength. */
+  /** Kept examples that were cut to maxLength. */
   truncated: number;
 }
 
@@ -166,11 +166,11 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
         if (ex.inputIds.length > maxLength) {
           ex.inputIds = ex.inputIds.slice(0, maxLength);
           ex.labels = ex.labels.slice(0, maxLength);
-          out.truncated++;
           if (answered && countTargets(ex.labels) === 0) {
             bad(line, `no target tokens left after truncation to maxLength ${maxLength} (the prompt is too long)`);
             continue;
           }
+          out.truncated++;
         }
       } catch (e) {
         if (!(e instanceof RowError)) throw e;
