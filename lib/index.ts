@@ -56,3 +56,16 @@ export {
   type MicroBatch,
   type SplitBatch,
 } from './data/index.js';
+export {
+  finetune,
+  learningRate,
+  LIMA_DEFAULTS,
+  type FinetuneOptions,
+  type FinetuneEvent,
+  type FinetuneRun,
+  type FinetuneResult,
+  type StepEvent,
+  type EpochEvent,
+  type CheckpointEvent,
+  type DoneEvent,
+} from './train/finetune.js';

@@ -189,7 +189,7 @@ export class HfTokenizer implements Tokenizer {
   }
 
   decode(ids: readonly number[]): string {
-    return this.core.decode([...ids], { skip_special_tokens: false });
+    return ids.length ? this.core.decode([...ids], { skip_special_tokens: false }) : '';
   }
 
   tokenToId(token: string): number | undefined {
