@@ -25,7 +25,10 @@ ThreadPool::~ThreadPool() { stop(); }
 void ThreadPool::start(int num_threads) {
   if (num_threads < 1) num_threads = 1;
   stopping_.store(false);
-  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  // Workers start from the generation current now: one read inside the new thread could already
+  // see the next job's bump, and that worker would then sit the job out while run() waits for it.
+  const uint64_t gen = generation_.load(std::memory_order_acquire);
+  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this, i, gen] { worker_loop(i, gen); });
 }
 
 void ThreadPool::stop() {
@@ -63,8 +66,7 @@ void ThreadPool::work(int thread_index) {
   t_in_pool_task = was;
 }
 
-void ThreadPool::worker_loop(int thread_index) {
-  uint64_t seen = generation_.load(std::memory_order_acquire);
+void ThreadPool::worker_loop(int thread_index, uint64_t seen) {
   for (;;) {
     int spins = 0;
     uint64_t g;
