@@ -25,8 +25,9 @@ describe('code paths', () => {
     }
     const has = (f: string) => new RegExp(`\\b${f}\\b`).test(flags);
     const isas = kernels.supportedIsas();
-    expect(isas.includes('avx2')).toBe(has('avx2') && has('fma'));
-    expect(isas.includes('avx512')).toBe(['avx512f', 'avx512bw', 'avx512dq', 'avx512vl', 'fma'].every(has));
+    const avx2 = ['avx2', 'fma', 'f16c', 'bmi2'].every(has);
+    expect(isas.includes('avx2')).toBe(avx2);
+    expect(isas.includes('avx512')).toBe(avx2 && ['avx512f', 'avx512bw', 'avx512dq', 'avx512vl'].every(has));
   });
 
   it('forces each supported path and restores', () => {
