@@ -25,7 +25,10 @@ ThreadPool::~ThreadPool() { stop(); }
 void ThreadPool::start(int num_threads) {
   if (num_threads < 1) num_threads = 1;
   stopping_.store(false);
-  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  // The generation is read here, not by the new thread: a job submitted before the thread first
+  // runs would otherwise count as already seen, and run_erased would wait for it forever.
+  const uint64_t seen = generation_.load(std::memory_order_acquire);
+  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this, i, seen] { worker_loop(i, seen); });
 }
 
 void ThreadPool::stop() {
@@ -63,8 +66,7 @@ void ThreadPool::work(int thread_index) {
   t_in_pool_task = was;
 }
 
-void ThreadPool::worker_loop(int thread_index) {
-  uint64_t seen = generation_.load(std::memory_order_acquire);
+void ThreadPool::worker_loop(int thread_index, uint64_t seen) {
   for (;;) {
     int spins = 0;
     uint64_t g;

@@ -56,7 +56,7 @@ class ThreadPool {
   void run_erased(int64_t n_tasks, TaskFn fn, void* ctx);
   void start(int num_threads);
   void stop();
-  void worker_loop(int thread_index);
+  void worker_loop(int thread_index, uint64_t seen_generation);
   void work(int thread_index);
 
   std::vector<std::thread> workers_;
