@@ -101,7 +101,7 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
   const float* s = f32(info, 3, "sin", -1);
   for (size_t i : {size_t{2}, size_t{3}}) {
     const int64_t len = static_cast<int64_t>(info[i].As<Napi::TypedArray>().ElementLength());
-    if (len < table || (D / 2 > 0 && len % (D / 2) != 0))
+    if (len < table || len % (D / 2) != 0)
       throw_range(info.Env(), "a [positions, headDim/2] table with positions >= pos0 + seqLen = " + std::to_string(pos0 + T),
                   i == 2 ? "cos" : "sin", "length " + std::to_string(len));
   }
