@@ -209,3 +209,27 @@ describe('residual dropout', () => {
       'Expected an integer in [0, 4294967295] for counter[3] but received 4294967296');
   });
 });
+
+describe('mask offsets', () => {
+  it('pieces processed with offsets draw exactly the mask of the whole', () => {
+    const n = 4 * 1031;
+    const x = randn(n, 91);
+    const r = randn(n, 92);
+    const site = { p: 0.3, seed: 77, step: 5, layer: 2, site: 1 };
+    const whole = residualDropoutReference(x, r, site);
+    const mask = dropoutMask(n, site);
+    for (const isa of isas) {
+      withIsa(isa, () => {
+        const pieces = new Float32Array(n);
+        for (const [a, b] of [[0, 1000], [1000, 2052], [2052, n]]) {
+          pieces.set(residualDropout(x.subarray(a, b), r.subarray(a, b), { ...site, offset: a }), a);
+          const dx = residualDropoutBackward(x.subarray(a, b), { ...site, offset: a });
+          for (let i = a; i < b; i += 97) expect(dx[i - a] !== 0).toBe(mask[i] === 1);
+        }
+        expect(pieces).toEqual(whole);
+      });
+    }
+    expect(dropoutMask(8, { ...site, offset: 1000 })).toEqual(mask.subarray(1000, 1008));
+    expect(() => residualDropout(x, r, { ...site, offset: 2 })).toThrow('Expected a multiple of 4 for offset but received 2');
+  });
+});

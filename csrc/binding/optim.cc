@@ -29,7 +29,7 @@ Napi::Value AdamW(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// Arguments [first, first + 5): p, seed, step, layer, site.
+// Arguments [first, first + 6): p, seed, step, layer, site, offset.
 DropoutSite site_arg(const Napi::CallbackInfo& info, size_t first) {
   DropoutSite s;
   s.p = static_cast<float>(num(info, first, "p"));
@@ -39,10 +39,11 @@ DropoutSite site_arg(const Napi::CallbackInfo& info, size_t first) {
   // Out-of-range values are passed on clamped so the kernel's check reports them.
   s.layer = static_cast<uint32_t>(layer < 65536 ? layer : 65536);
   s.site = static_cast<uint32_t>(site < 65536 ? site : 65536);
+  s.offset = static_cast<uint64_t>(integer(info, first + 5, "offset"));
   return s;
 }
 
-// (out, residual, x, p, seed, step, layer, site)
+// (out, residual, x, p, seed, step, layer, site, offset)
 template <bool Reference>
 Napi::Value DropoutForward(const Napi::CallbackInfo& info) {
   const Napi::Value o = info[0];
@@ -56,7 +57,7 @@ Napi::Value DropoutForward(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// (dx, dOut, p, seed, step, layer, site)
+// (dx, dOut, p, seed, step, layer, site, offset)
 template <bool Reference>
 Napi::Value DropoutBackward(const Napi::CallbackInfo& info) {
   const Napi::Value o = info[0];
@@ -69,7 +70,7 @@ Napi::Value DropoutBackward(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// (n, p, seed, step, layer, site) -> Uint8Array of keep flags from dropout_keep.
+// (n, p, seed, step, layer, site, offset) -> Uint8Array of keep flags from dropout_keep.
 Napi::Value DropoutMask(const Napi::CallbackInfo& info) {
   const int64_t n = integer(info, 0, "n");
   const DropoutSite s = site_arg(info, 1);

@@ -93,7 +93,7 @@ void dropout_forward_range(float* out, const float* residual, const float* x, in
   const __m256 scale = _mm256_set1_ps(k.scale);
   int64_t i = begin;
   for (; i + kGroup <= end; i += kGroup) {
-    const uint32_t keep = keep_mask(s, static_cast<uint64_t>(i) >> 2);
+    const uint32_t keep = keep_mask(s, k.block0 + (static_cast<uint64_t>(i) >> 2));
     // One prefetch per 64-byte line, a few KB ahead: Philox leaves too little of the
     // out-of-order window for the loads to find DRAM parallelism on their own.
     _mm_prefetch(reinterpret_cast<const char*>(residual + i + kPrefetch), _MM_HINT_T0);
@@ -116,7 +116,7 @@ void dropout_backward_range(float* dx, const float* dout, int64_t begin, int64_t
   const __m256 scale = _mm256_set1_ps(k.scale);
   int64_t i = begin;
   for (; i + kGroup <= end; i += kGroup) {
-    const uint32_t keep = keep_mask(s, static_cast<uint64_t>(i) >> 2);
+    const uint32_t keep = keep_mask(s, k.block0 + (static_cast<uint64_t>(i) >> 2));
     _mm_prefetch(reinterpret_cast<const char*>(dout + i + kPrefetch), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(dout + i + 16 + kPrefetch), _MM_HINT_T0);
     for (int q = 0; q < 4; ++q) {

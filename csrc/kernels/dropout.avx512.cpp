@@ -88,7 +88,7 @@ void dropout_forward_range(float* out, const float* residual, const float* x, in
   const __m512 scale = _mm512_set1_ps(k.scale);
   int64_t i = begin;
   for (; i + kGroup <= end; i += kGroup) {
-    const uint64_t keep = keep_mask(s, static_cast<uint64_t>(i) >> 2);
+    const uint64_t keep = keep_mask(s, k.block0 + (static_cast<uint64_t>(i) >> 2));
     // A few KB ahead, one prefetch per line: Philox fills the out-of-order window, so the
     // loads alone would not keep enough DRAM requests in flight.
     for (int q = 0; q < 4; ++q) {
@@ -110,7 +110,7 @@ void dropout_backward_range(float* dx, const float* dout, int64_t begin, int64_t
   const __m512 scale = _mm512_set1_ps(k.scale);
   int64_t i = begin;
   for (; i + kGroup <= end; i += kGroup) {
-    const uint64_t keep = keep_mask(s, static_cast<uint64_t>(i) >> 2);
+    const uint64_t keep = keep_mask(s, k.block0 + (static_cast<uint64_t>(i) >> 2));
     for (int q = 0; q < 4; ++q) {
       const int64_t o = i + 16 * q;
       _mm_prefetch(reinterpret_cast<const char*>(dout + o + kPrefetch), _MM_HINT_T0);

@@ -32,11 +32,12 @@ void check_site(const DropoutSite& s) {
   expect(s.p >= 0.0f && s.p < 1.0f, "a probability in [0, 1)", "p", std::to_string(s.p));
   expect(s.layer < 65536, "an integer in [0, 65535]", "layer", std::to_string(s.layer));
   expect(s.site < 65536, "an integer in [0, 65535]", "site", std::to_string(s.site));
+  expect(s.offset % 4 == 0, "a multiple of 4", "offset", std::to_string(s.offset));
 }
 
 // Element i's word: block i / 4 of the site's Philox stream, word i % 4.
 uint32_t mask_word(const DropoutKey& k, uint64_t i) {
-  const uint64_t block = i >> 2;
+  const uint64_t block = k.block0 + (i >> 2);
   const uint32_t ctr[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), k.ctr2, k.ctr3};
   uint32_t w[4];
   philox4x32_10(w, ctr, k.key);
@@ -74,7 +75,8 @@ DropoutKey dropout_key(const DropoutSite& s) {
                     static_cast<uint32_t>(s.step),
                     (s.layer << 16) | s.site,
                     threshold << 8,
-                    1.0f / (1.0f - s.p)};
+                    1.0f / (1.0f - s.p),
+                    s.offset >> 2};
 }
 
 bool dropout_keep(const DropoutSite& s, uint64_t index) {
@@ -98,8 +100,8 @@ namespace scalar {
 void dropout_forward_range(float* out, const float* residual, const float* x, int64_t begin,
                            int64_t end, const DropoutKey& k) {
   for (int64_t block = begin >> 2; block * 4 < end; ++block) {
-    const uint32_t ctr[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(static_cast<uint64_t>(block) >> 32),
-                             k.ctr2, k.ctr3};
+    const uint64_t global = k.block0 + static_cast<uint64_t>(block);
+    const uint32_t ctr[4] = {static_cast<uint32_t>(global), static_cast<uint32_t>(global >> 32), k.ctr2, k.ctr3};
     uint32_t w[4] = {0, 0, 0, 0};  // every word passes keep_from == 0 (p = 0 needs no draw)
     if (k.keep_from != 0) philox4x32_10(w, ctr, k.key);
     for (int j = 0; j < 4; ++j) {
@@ -114,8 +116,8 @@ void dropout_forward_range(float* out, const float* residual, const float* x, in
 void dropout_backward_range(float* dx, const float* dout, int64_t begin, int64_t end,
                             const DropoutKey& k) {
   for (int64_t block = begin >> 2; block * 4 < end; ++block) {
-    const uint32_t ctr[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(static_cast<uint64_t>(block) >> 32),
-                             k.ctr2, k.ctr3};
+    const uint64_t global = k.block0 + static_cast<uint64_t>(block);
+    const uint32_t ctr[4] = {static_cast<uint32_t>(global), static_cast<uint32_t>(global >> 32), k.ctr2, k.ctr3};
     uint32_t w[4] = {0, 0, 0, 0};  // every word passes keep_from == 0 (p = 0 needs no draw)
     if (k.keep_from != 0) philox4x32_10(w, ctr, k.key);
     for (int j = 0; j < 4; ++j) {

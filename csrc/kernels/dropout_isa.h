@@ -18,6 +18,7 @@ struct DropoutKey {
   uint32_t keep_from; // round(p * 2^24) << 8: a word w keeps its element iff w >= keep_from,
                       // the same test as (w >> 8) >= round(p * 2^24) without the shift
   float scale;        // 1 / (1 - p) in float
+  uint64_t block0;    // DropoutSite::offset / 4: Philox block of the call's element 0
 };
 
 DropoutKey dropout_key(const DropoutSite& s);

@@ -208,6 +208,12 @@ void check_tokens(const int32_t* ids, const int32_t* labels, int64_t n, int64_t 
   }
 }
 
+// Mask index of a batch row's first element: rows own disjoint, 4-aligned ranges of P·C indices
+// (P = max positions), so a row's mask does not depend on T or on how the batch was split.
+uint64_t row_index_base(int64_t row, int64_t P, int64_t C) {
+  return static_cast<uint64_t>(row) * static_cast<uint64_t>((P * C + 3) / 4 * 4);
+}
+
 // out = residual + dropout(x) row by row, with each row's mask drawn at its position in the
 // whole optimizer batch (row_offset + b) so micro-batch splits do not change the masks.
 void dropout_add(const CpuContext& ctx, float* out, const float* residual, const float* x,
@@ -218,8 +224,7 @@ void dropout_add(const CpuContext& ctx, float* out, const float* residual, const
     return;
   }
   for (int64_t b = 0; b < B; ++b) {
-    const DropoutSite s{p, d.seed, d.step, layer, site,
-                        static_cast<uint64_t>((d.row_offset + b) * P * C)};
+    const DropoutSite s{p, d.seed, d.step, layer, site, row_index_base(d.row_offset + b, P, C)};
     residual_dropout_forward(ctx, out + b * T * C, residual + b * T * C, x + b * T * C, T * C, s);
   }
 }
@@ -228,8 +233,7 @@ void dropout_grad(const CpuContext& ctx, float* dx, const float* dout, int64_t B
                   int64_t C, int64_t P, float p, const DropoutConfig& d, uint32_t layer,
                   uint32_t site) {
   for (int64_t b = 0; b < B; ++b) {
-    const DropoutSite s{p, d.seed, d.step, layer, site,
-                        static_cast<uint64_t>((d.row_offset + b) * P * C)};
+    const DropoutSite s{p, d.seed, d.step, layer, site, row_index_base(d.row_offset + b, P, C)};
     residual_dropout_backward(ctx, dx + b * T * C, dout + b * T * C, T * C, s);
   }
 }

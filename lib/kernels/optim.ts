@@ -8,14 +8,14 @@ interface NativeOptim {
   adamwUpdateReference(param: Float32Array, m: Float32Array, v: Float32Array, grad: Float32Array, lr: number,
     beta1: number, beta2: number, eps: number, weightDecay: number, step: number, gradScale: number): void;
   residualDropoutForward(out: Float32Array, residual: Float32Array, x: Float32Array, p: number, seed: number,
-    step: number, layer: number, site: number): void;
+    step: number, layer: number, site: number, offset: number): void;
   residualDropoutForwardReference(out: Float32Array, residual: Float32Array, x: Float32Array, p: number,
-    seed: number, step: number, layer: number, site: number): void;
+    seed: number, step: number, layer: number, site: number, offset: number): void;
   residualDropoutBackward(dx: Float32Array, dOut: Float32Array, p: number, seed: number, step: number,
-    layer: number, site: number): void;
+    layer: number, site: number, offset: number): void;
   residualDropoutBackwardReference(dx: Float32Array, dOut: Float32Array, p: number, seed: number, step: number,
-    layer: number, site: number): void;
-  dropoutMask(n: number, p: number, seed: number, step: number, layer: number, site: number): Uint8Array;
+    layer: number, site: number, offset: number): void;
+  dropoutMask(n: number, p: number, seed: number, step: number, layer: number, site: number, offset: number): Uint8Array;
   dropoutRate(layer: number, numLayers: number, pMax: number): number;
   philox4x32(c0: number, c1: number, c2: number, c3: number, k0: number, k1: number): number[];
 }
@@ -91,16 +91,24 @@ export interface DropoutSite {
   layer: number;
   /** Which dropout within the layer (e.g. 0 attention, 1 MLP), in [0, 65535]. */
   site: number;
+  /**
+   * Index of element 0 in the site's mask (a multiple of 4, default 0): lets a tensor processed
+   * in pieces draw exactly the mask of the whole.
+   */
+  offset?: number;
 }
 
-function siteArgs(s: unknown): [number, number, number, number, number] {
+function siteArgs(s: unknown): [number, number, number, number, number, number] {
   const o = expectObject(s, 'options');
+  const offset = expectInt(o.offset ?? 0, 'offset');
+  if (offset % 4 !== 0) fail('a multiple of 4', 'offset', offset);
   return [
     expectNumber(o.p, 'p', { min: 0, max: 1, exclusiveMax: true }),
     expectInt(o.seed, 'seed'),
     expectInt(o.step, 'step'),
     expectInt(o.layer, 'layer', 0, 65535),
     expectInt(o.site, 'site', 0, 65535),
+    offset,
   ];
 }
 
