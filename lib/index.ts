@@ -2,3 +2,70 @@
 export * as kernels from './kernels/index.js';
 export { LimaArgumentError } from './validate.js';
 export { NativeLoadError } from './native.js';
+export {
+  LlamaModel,
+  ModelLoadError,
+  padBatch,
+  type EvalResult,
+  type EvalRow,
+  type GenerateOptions,
+  type GenerateResult,
+  type GeneratedToken,
+  type TokenBatch,
+} from './model/llama.js';
+export { ConfigError, parseHfConfig, toHfConfig, parameterShapes, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';
+export { resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOptions } from './model/sampling.js';
+export { ByteTokenizer, HfTokenizer, loadTokenizer, DEFAULT_EOT, type Tokenizer } from './tokenizer/index.js';
+export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo, type TensorToWrite, type SafetensorsDtype } from './io/safetensors.js';
+export { Llama2cReader, Llama2cError } from './io/llama2c.js';
+export { readJsonl, JsonlError } from './io/jsonl.js';
+export { Rng } from './util/rng.js';
+export {
+  loadDataset,
+  loadTrainDev,
+  splitDev,
+  formatConversation,
+  parseRow,
+  detectFormat,
+  loadChatTemplate,
+  compileChatTemplate,
+  epochOrder,
+  epochBatches,
+  makeBatches,
+  microBatches,
+  padRows,
+  countTargets,
+  RowError,
+  IGNORE_INDEX,
+  PAD_ID,
+  DEFAULT_MAX_LENGTH,
+  type Example,
+  type LoadOptions,
+  type LoadedDataset,
+  type SkippedRow,
+  type TrainDevOptions,
+  type Message,
+  type Role,
+  type RoleMarkers,
+  type RowFormat,
+  type ParsedRow,
+  type ParseOptions,
+  type FormatOptions,
+  type FormattedConversation,
+  type LabeledRow,
+  type MicroBatch,
+  type SplitBatch,
+} from './data/index.js';
+export {
+  finetune,
+  learningRate,
+  LIMA_DEFAULTS,
+  type FinetuneOptions,
+  type FinetuneEvent,
+  type FinetuneRun,
+  type FinetuneResult,
+  type StepEvent,
+  type EpochEvent,
+  type CheckpointEvent,
+  type DoneEvent,
+} from './train/finetune.js';

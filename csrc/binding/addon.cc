@@ -11,6 +11,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   register_attention(env, exports);
   register_optim(env, exports);
   register_layers(env, exports);
+  register_model(env, exports);
   return exports;
 }
 }  // namespace

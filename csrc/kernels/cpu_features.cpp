@@ -28,11 +28,13 @@ Isa detected_isa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
     // __builtin_cpu_supports also checks that the OS saves the wide register state (XCR0).
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("fma"))
+    // The ISA objects are also built with -mfma -mf16c -mbmi2, so those are required too.
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
       return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    if (avx2) return Isa::Avx2;
     return Isa::Scalar;
   }();
   return isa;

@@ -4,7 +4,8 @@
 // backend (CPU paths, CUDA) draws the same mask.
 //
 // Counter layout: key = (seed low 32, seed high 32); counter = (i/4 low 32, i/4 high 32,
-// step low 32, (layer << 16) | site); element i uses word i % 4 of the block. Element i is kept iff
+// step low 32, (layer << 16) | site); element i uses word i % 4 of the block, where i is the
+// element's index plus DropoutSite::offset. Element i is kept iff
 // (word >> 8) >= round(p * 2^24), so p == 0 keeps everything and the op is an exact identity
 // (scale 1). Kept values are multiplied by 1 / (1 - p) computed in float.
 #pragma once
@@ -19,6 +20,9 @@ struct DropoutSite {
   uint64_t step = 0;   // optimizer step (micro-steps share it only if they use different sites)
   uint32_t layer = 0;  // < 65536
   uint32_t site = 0;   // which dropout in the layer (0 attention, 1 MLP, ...), < 65536
+  // Index of the call's first element in the site's index space (a multiple of 4), so a tensor
+  // processed in pieces (one batch row at a time, micro-batches) draws the mask of the whole.
+  uint64_t offset = 0;
 };
 
 // Philox4x32 with 10 rounds: the four 32-bit words of block `counter` under `key`.

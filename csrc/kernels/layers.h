@@ -41,6 +41,10 @@ void rope_forward(const CpuContext& ctx, float* out, const float* x, const float
 // dx, dout [B, T, NH, D] (dx may alias dout): the inverse rotation.
 void rope_backward(const CpuContext& ctx, float* dx, const float* dout, const float* cos,
                    const float* sin, int64_t B, int64_t T, int64_t NH, int64_t D, int64_t pos0);
+void rope_forward_reference(float* out, const float* x, const float* cos, const float* sin,
+                            int64_t B, int64_t T, int64_t NH, int64_t D, int64_t pos0);
+void rope_backward_reference(float* dx, const float* dout, const float* cos, const float* sin,
+                             int64_t B, int64_t T, int64_t NH, int64_t D, int64_t pos0);
 
 // ---- SwiGLU: out = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
 // gate and up are [N, F] with row stride ld (ld = F for separate arrays; ld = 2F with
@@ -50,6 +54,10 @@ void swiglu_forward(const CpuContext& ctx, float* out, const float* gate, const 
 // dgate, dup: same layout as gate, up (overwritten); dout [N, F].
 void swiglu_backward(const CpuContext& ctx, float* dgate, float* dup, const float* dout,
                      const float* gate, const float* up, int64_t N, int64_t F, int64_t ld);
+void swiglu_forward_reference(float* out, const float* gate, const float* up, int64_t N, int64_t F,
+                              int64_t ld);
+void swiglu_backward_reference(float* dgate, float* dup, const float* dout, const float* gate,
+                               const float* up, int64_t N, int64_t F, int64_t ld);
 
 // ---- Embedding: out[n] = table[tokens[n]]; table [V, C], tokens [N], out [N, C].
 // Throws KernelError naming the first token outside [0, V).
@@ -58,6 +66,10 @@ void embedding_forward(const CpuContext& ctx, float* out, const int32_t* tokens,
 // dtable [V, C] += scatter-add of dout [N, C] by tokens (deterministic order).
 void embedding_backward(const CpuContext& ctx, float* dtable, const float* dout,
                         const int32_t* tokens, int64_t N, int64_t C, int64_t V);
+void embedding_forward_reference(float* out, const int32_t* tokens, const float* table, int64_t N,
+                                 int64_t C, int64_t V);
+void embedding_backward_reference(float* dtable, const float* dout, const int32_t* tokens, int64_t N,
+                                  int64_t C, int64_t V);
 
 // ---- Cross-entropy over the vocabulary, fused with its backward.
 // logits [N, V]; targets [N] (rows with target == ignore_index contribute nothing).

@@ -1,0 +1,128 @@
+// `npm run bench`: kernel throughput next to this machine's ceilings measured in the same run.
+//   GEMM and attention in GFLOP/s vs the FP32 FMA peak (one core's peak × threads used);
+//   AdamW and residual dropout-add in GB/s vs the triad streaming bandwidth.
+// Options: --threads N, --isa avx512|avx2|scalar, --time MS (per case), --json.
+import { Bench } from 'tinybench';
+import * as k from '../lib/kernels/index.js';
+
+const args = process.argv.slice(2);
+const opt = (name: string) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+if (opt('threads')) k.setNumThreads(Number(opt('threads')));
+if (opt('isa')) k.setIsa(opt('isa') as k.Isa);
+const timeMs = Number(opt('time') ?? 1500);
+const json = args.includes('--json');
+
+const threads = k.numThreads();
+const isa = k.isa();
+
+function fill(n: number, seed: number): Float32Array {
+  const a = new Float32Array(n);
+  let x = seed;
+  for (let i = 0; i < n; i++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    a[i] = (x / 2 ** 32 - 0.5) * 0.2;
+  }
+  return a;
+}
+
+interface Row {
+  kernel: string;
+  shape: string;
+  median_ms: number;
+  rate: number;
+  unit: 'GFLOP/s' | 'GB/s';
+  ceiling: number;
+  ratio: number;
+}
+const rows: Row[] = [];
+
+async function measure(fn: () => void): Promise<number> {
+  const bench = new Bench({ time: timeMs, warmupTime: 200, iterations: 5 });
+  bench.add('x', fn);
+  await bench.run();
+  const r = bench.tasks[0].result;
+  if (r.state !== 'completed') throw new Error(`benchmark failed: ${r.state}`);
+  return r.latency.p50;
+}
+
+// Ceilings first and last, so drift during the run shows up as a spread.
+const peak1a = k.measureFmaPeak(isa, 0.5);
+const bwA = k.measureStreamBandwidth(64 << 20, 10);
+
+const gemmShapes: [string, number, number, number, boolean, boolean, number][] = [
+  ['square', 1024, 1024, 1024, false, false, 0],
+  ['x·Wᵀ qkv/o', 1024, 768, 288, false, true, 0],
+  ['dy·W', 1024, 288, 768, false, false, 0],
+  ['dyᵀ·x (+=)', 768, 288, 1024, true, false, 1],
+  ['x·Wᵀ mlp', 1024, 768, 288, false, true, 0],
+  ['x·Wᵀ vocab', 1024, 32000, 288, false, true, 0],
+];
+let gemmSquareRate = 0;
+for (const [label, m, n, kk, transA, transB, beta] of gemmShapes) {
+  const a = fill(m * kk, 1), b = fill(kk * n, 2), out = fill(m * n, 3);
+  const ms = await measure(() => k.matmul(a, b, { m, n, k: kk, transA, transB, beta, out }));
+  const rate = (2 * m * n * kk) / (ms * 1e6);
+  if (label === 'square') gemmSquareRate = rate;
+  const shape = `${label}: M${m} N${n} K${kk}${transA ? ' Aᵀ' : ''}${transB ? ' Bᵀ' : ''}`;
+  rows.push({ kernel: 'gemm', shape, median_ms: ms, rate, unit: 'GFLOP/s', ceiling: peak1a * threads, ratio: 0 });
+}
+
+{
+  const B = 2, T = 1024, H = 8, KV = 8, D = 64;
+  const dims = { batch: B, seqLen: T, heads: H, kvHeads: KV, headDim: D };
+  const q = fill(B * T * H * D, 4), kk = fill(B * T * KV * D, 5), v = fill(B * T * KV * D, 6), dOut = fill(B * T * H * D, 7);
+  const fwdFlops = (4 * B * H * T * T * D) / 2;
+  const fwd = k.attentionForward(q, kk, v, dims);
+  const msF = await measure(() => k.attentionForward(q, kk, v, dims));
+  const msB = await measure(() => k.attentionBackward(dOut, q, kk, v, fwd.out, fwd.lse, dims));
+  const shape = `B${B} T${T} H${H} KV${KV} D${D} causal`;
+  rows.push({ kernel: 'attention fwd', shape, median_ms: msF, rate: fwdFlops / (msF * 1e6), unit: 'GFLOP/s', ceiling: gemmSquareRate, ratio: 0 });
+  rows.push({ kernel: 'attention bwd', shape, median_ms: msB, rate: (2.5 * fwdFlops) / (msB * 1e6), unit: 'GFLOP/s', ceiling: gemmSquareRate, ratio: 0 });
+  rows.push({ kernel: 'attention fwd+bwd', shape: `${shape} (vs gemm square)`, median_ms: msF + msB, rate: (3.5 * fwdFlops) / ((msF + msB) * 1e6), unit: 'GFLOP/s', ceiling: gemmSquareRate, ratio: 0 });
+}
+
+{
+  const n = 16 << 20;
+  const p = fill(n, 8), g = fill(n, 9), m = new Float32Array(n), v = new Float32Array(n);
+  let step = 0;
+  const ms = await measure(() => k.adamw(p, g, m, v, { lr: 1e-5, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, step: ++step }));
+  rows.push({ kernel: 'adamw', shape: `${n} params (28 B each)`, median_ms: ms, rate: (28 * n) / (ms * 1e6), unit: 'GB/s', ceiling: bwA, ratio: 0 });
+
+  const x = fill(n, 10), res = fill(n, 11), out = new Float32Array(n);
+  const site = { p: 0.3, seed: 1234, step: 7, layer: 3, site: 0, out };
+  const msD = await measure(() => k.residualDropout(x, res, site));
+  rows.push({ kernel: 'residual dropout-add', shape: `${n} elems p0.3 (12 B each)`, median_ms: msD, rate: (12 * n) / (msD * 1e6), unit: 'GB/s', ceiling: bwA, ratio: 0 });
+  const msDB = await measure(() => k.residualDropoutBackward(x, { p: 0.3, seed: 1234, step: 7, layer: 3, site: 0, out }));
+  rows.push({ kernel: 'residual dropout bwd', shape: `${n} elems p0.3 (8 B each)`, median_ms: msDB, rate: (8 * n) / (msDB * 1e6), unit: 'GB/s', ceiling: bwA, ratio: 0 });
+}
+
+const peak1b = k.measureFmaPeak(isa, 0.5);
+const bwB = k.measureStreamBandwidth(64 << 20, 10);
+const peak1 = Math.max(peak1a, peak1b);
+const bw = Math.max(bwA, bwB);
+for (const r of rows) {
+  if (r.kernel === 'gemm') r.ceiling = peak1 * threads;
+  if (r.unit === 'GB/s') r.ceiling = bw;
+  r.ratio = r.rate / r.ceiling;
+}
+
+if (json) {
+  console.log(JSON.stringify({ isa, threads, fmaPeakPerCore: [peak1a, peak1b], streamGBps: [bwA, bwB], rows }));
+} else {
+  console.log(`lima-native kernel benchmark — isa ${isa}, ${threads} thread(s), median of ≥5 runs over ${timeMs} ms per case`);
+  console.log(`FP32 FMA peak: ${peak1a.toFixed(1)} / ${peak1b.toFixed(1)} GFLOP/s per core (start/end of run), ` +
+    `× ${threads} = ${(peak1 * threads).toFixed(1)}; triad stream: ${bwA.toFixed(1)} / ${bwB.toFixed(1)} GB/s`);
+  const pad = (s: string, n: number) => s.padEnd(n);
+  const lpad = (s: string, n: number) => s.padStart(n);
+  console.log(`${pad('kernel', 22)}${pad('shape', 44)}${lpad('median ms', 11)}${lpad('rate', 12)}  ${pad('unit', 8)}${lpad('ceiling', 9)}${lpad('ratio', 8)}`);
+  for (const r of rows) {
+    console.log(
+      `${pad(r.kernel, 22)}${pad(r.shape, 44)}${lpad(r.median_ms.toFixed(3), 11)}${lpad(r.rate.toFixed(1), 12)}  ${pad(r.unit, 8)}` +
+        `${lpad(r.ceiling.toFixed(1), 9)}${lpad((100 * r.ratio).toFixed(1) + '%', 8)}`,
+    );
+  }
+  console.log('ceiling: gemm → FMA peak × threads; attention → the gemm square figure; GB/s rows → triad bandwidth.');
+}

@@ -1,0 +1,323 @@
+// N-API glue for LlamaModel: an ObjectWrap whose long calls run on the object's own worker
+// thread (JobQueue) and return Promises. Inputs are copied on the JS thread before queueing, so JS
+// may reuse its arrays at once; outputs are copied into fresh typed arrays on the JS thread.
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "binding/util.h"
+#include "binding/worker.h"
+#include "kernels/cpu_features.h"
+#include "model/llama.h"
+
+namespace lima::binding {
+namespace {
+
+int64_t prop_int(Napi::Object o, const char* key, int64_t min_value) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) throw_type(o.Env(), "a number", key, describe(v));
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int64_t>(d)) || d < static_cast<double>(min_value))
+    throw_range(o.Env(), "an integer >= " + std::to_string(min_value), key, describe(v));
+  return static_cast<int64_t>(d);
+}
+
+double prop_num(Napi::Object o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsNumber()) throw_type(o.Env(), "a number", key, describe(v));
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+LlamaConfig parse_config(const Napi::Value& v) {
+  if (!v.IsObject()) throw_type(v.Env(), "a config object", "config", describe(v));
+  Napi::Object o = v.As<Napi::Object>();
+  LlamaConfig c;
+  c.V = prop_int(o, "vocabSize", 1);
+  c.C = prop_int(o, "hiddenSize", 1);
+  c.F = prop_int(o, "intermediateSize", 1);
+  c.L = prop_int(o, "numLayers", 1);
+  c.H = prop_int(o, "numHeads", 1);
+  c.KV = prop_int(o, "numKvHeads", 1);
+  c.hd = prop_int(o, "headDim", 1);
+  c.eps = static_cast<float>(prop_num(o, "rmsNormEps"));
+  c.theta = static_cast<float>(prop_num(o, "ropeTheta"));
+  c.max_pos = prop_int(o, "maxPositionEmbeddings", 1);
+  c.tied = o.Get("tieWordEmbeddings").ToBoolean();
+  Napi::Value rs = o.Get("ropeScaling");
+  if (rs.IsObject()) {
+    Napi::Object r = rs.As<Napi::Object>();
+    c.rope_scaling.type = RopeScaling::Llama3;
+    c.rope_scaling.factor = static_cast<float>(prop_num(r, "factor"));
+    c.rope_scaling.low_freq_factor = static_cast<float>(prop_num(r, "lowFreqFactor"));
+    c.rope_scaling.high_freq_factor = static_cast<float>(prop_num(r, "highFreqFactor"));
+    c.rope_scaling.original_max_position_embeddings = prop_int(r, "originalMaxPositionEmbeddings", 1);
+  }
+  return c;
+}
+
+Napi::Float32Array copy_out(Napi::Env env, const float* src, int64_t n) {
+  auto a = Napi::Float32Array::New(env, static_cast<size_t>(n));
+  std::memcpy(a.Data(), src, sizeof(float) * n);
+  return a;
+}
+
+std::vector<int32_t> copy_i32(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t len) {
+  const int32_t* p = i32(info, i, name, len);
+  return std::vector<int32_t>(p, p + len);
+}
+
+class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeLlama",
+                       {InstanceMethod<&NativeLlama::Info>("info"),
+                        InstanceMethod<&NativeLlama::SetTensor>("setTensor"),
+                        InstanceMethod<&NativeLlama::GetTensor>("getTensor"),
+                        InstanceMethod<&NativeLlama::GetGrad>("getGrad"),
+                        InstanceMethod<&NativeLlama::ZeroGrads>("zeroGrads"),
+                        InstanceMethod<&NativeLlama::TrainStep>("trainStep"),
+                        InstanceMethod<&NativeLlama::ForwardLoss>("forwardLoss"),
+                        InstanceMethod<&NativeLlama::Decode>("decode"),
+                        InstanceMethod<&NativeLlama::ResetCache>("resetCache"),
+                        InstanceMethod<&NativeLlama::AdamwStep>("adamwStep"),
+                        InstanceMethod<&NativeLlama::GradSqNorm>("gradSqNorm"),
+                        InstanceMethod<&NativeLlama::GetMoment>("getMoment"),
+                        InstanceMethod<&NativeLlama::SetMoment>("setMoment"),
+                        InstanceMethod<&NativeLlama::Dispose>("dispose"),
+                        StaticMethod<&NativeLlama::ActivationBytes>("activationBytes")});
+  }
+
+  explicit NativeLlama(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLlama>(info) {
+    try {
+      model_ = std::make_unique<LlamaModel>(parse_config(info[0]));
+    } catch (const KernelError& e) {
+      throw_coded(Napi::RangeError::New(info.Env(), e.what()), "ERR_LIMA_ARGUMENT");
+    }
+    jobs_ = std::make_unique<JobQueue>(info.Env(), "lima-native model");
+  }
+
+ private:
+  LlamaModel& model(Napi::Env env) {
+    if (!model_ || jobs_->closed())
+      throw_coded(Napi::Error::New(env, "lima-native: this model has been disposed"), "ERR_LIMA_DISPOSED");
+    return *model_;
+  }
+
+  const ParamInfo& param(const Napi::CallbackInfo& info, size_t i) {
+    if (!info[i].IsString()) throw_type(info.Env(), "a parameter name", "name", describe(info[i]));
+    const std::string name = info[i].As<Napi::String>().Utf8Value();
+    const ParamInfo* p = model(info.Env()).find(name);
+    if (!p) throw_range(info.Env(), "the name of a model parameter", "name", "\"" + name + "\"");
+    return *p;
+  }
+
+  Napi::Value Info(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    LlamaModel& m = model(env);
+    Napi::Object out = Napi::Object::New(env);
+    Napi::Array params = Napi::Array::New(env, m.params().size());
+    for (size_t i = 0; i < m.params().size(); ++i) {
+      const ParamInfo& p = m.params()[i];
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("name", p.name);
+      Napi::Array shape = Napi::Array::New(env, p.shape.size());
+      for (size_t d = 0; d < p.shape.size(); ++d) shape.Set(d, Napi::Number::New(env, static_cast<double>(p.shape[d])));
+      o.Set("shape", shape);
+      o.Set("offset", Napi::Number::New(env, static_cast<double>(p.offset)));
+      o.Set("numel", Napi::Number::New(env, static_cast<double>(p.numel)));
+      o.Set("decay", Napi::Boolean::New(env, p.decay));
+      params.Set(i, o);
+    }
+    out.Set("params", params);
+    out.Set("numParams", Napi::Number::New(env, static_cast<double>(m.num_params())));
+    return out;
+  }
+
+  Napi::Value SetTensor(const Napi::CallbackInfo& info) {
+    const ParamInfo& p = param(info, 0);
+    const float* src = f32(info, 1, p.name.c_str(), p.numel);
+    auto data = std::make_shared<std::vector<float>>(src, src + p.numel);
+    LlamaModel* m = model_.get();
+    const int64_t off = p.offset;
+    return jobs_->enqueue(info.Env(), Value(), [m, data, off]() -> JobQueue::Result {
+      std::memcpy(m->weights() + off, data->data(), sizeof(float) * data->size());
+      return nullptr;
+    });
+  }
+
+  Napi::Value GetTensor(const Napi::CallbackInfo& info) { return Read(info, false); }
+  Napi::Value GetGrad(const Napi::CallbackInfo& info) { return Read(info, true); }
+
+  Napi::Value Read(const Napi::CallbackInfo& info, bool grad) {
+    const ParamInfo& p = param(info, 0);
+    LlamaModel* m = model_.get();
+    const int64_t off = p.offset, n = p.numel;
+    return jobs_->enqueue(info.Env(), Value(), [m, off, n, grad]() -> JobQueue::Result {
+      auto copy = std::make_shared<std::vector<float>>(n);
+      std::memcpy(copy->data(), (grad ? m->grads() : m->weights()) + off, sizeof(float) * n);
+      return [copy](Napi::Env env) -> Napi::Value { return copy_out(env, copy->data(), copy->size()); };
+    });
+  }
+
+  Napi::Value ZeroGrads(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    return jobs_->enqueue(info.Env(), Value(), [m]() -> JobQueue::Result {
+      m->zero_grads();
+      return nullptr;
+    });
+  }
+
+  // trainStep(ids, labels, batch, seqLen, norm, {pMax, seed, step, rowOffset}) -> Promise<loss>
+  Napi::Value TrainStep(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    const int64_t B = integer(info, 2, "batch", 1), T = integer(info, 3, "seqLen", 1);
+    auto ids = std::make_shared<std::vector<int32_t>>(copy_i32(info, 0, "inputIds", B * T));
+    auto labels = std::make_shared<std::vector<int32_t>>(copy_i32(info, 1, "labels", B * T));
+    const double norm = num(info, 4, "norm");
+    DropoutConfig d;
+    if (info[5].IsObject()) {
+      Napi::Object o = info[5].As<Napi::Object>();
+      d.p_max = static_cast<float>(prop_num(o, "pMax"));
+      d.seed = static_cast<uint64_t>(prop_int(o, "seed", 0));
+      d.step = static_cast<uint64_t>(prop_int(o, "step", 0));
+      d.row_offset = prop_int(o, "rowOffset", 0);
+    }
+    return jobs_->enqueue(info.Env(), Value(), [m, ids, labels, B, T, norm, d]() -> JobQueue::Result {
+      const double loss = m->train_step(default_context(), ids->data(), labels->data(), B, T, norm, d);
+      return [loss](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, loss); };
+    });
+  }
+
+  // forwardLoss(ids, labels | null, batch, seqLen, wantLogits) -> Promise<{lossSum, count, logits?}>
+  Napi::Value ForwardLoss(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    const int64_t B = integer(info, 2, "batch", 1), T = integer(info, 3, "seqLen", 1);
+    auto ids = std::make_shared<std::vector<int32_t>>(copy_i32(info, 0, "inputIds", B * T));
+    std::shared_ptr<std::vector<int32_t>> labels;
+    if (!info[1].IsNull() && !info[1].IsUndefined())
+      labels = std::make_shared<std::vector<int32_t>>(copy_i32(info, 1, "labels", B * T));
+    const bool want_logits = boolean(info, 4, "wantLogits");
+    const int64_t V = m->config().V;
+    return jobs_->enqueue(info.Env(), Value(), [m, ids, labels, B, T, want_logits, V]() -> JobQueue::Result {
+      auto logits = want_logits ? std::make_shared<std::vector<float>>(B * T * V) : nullptr;
+      int64_t count = 0;
+      const double loss = m->forward_loss(default_context(), ids->data(), labels ? labels->data() : nullptr, B, T,
+                                          &count, logits ? logits->data() : nullptr);
+      return [loss, count, logits](Napi::Env env) -> Napi::Value {
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("lossSum", Napi::Number::New(env, loss));
+        o.Set("count", Napi::Number::New(env, static_cast<double>(count)));
+        if (logits) o.Set("logits", copy_out(env, logits->data(), logits->size()));
+        return o;
+      };
+    });
+  }
+
+  // decode(ids) -> Promise<Float32Array logits of the last position>
+  Napi::Value Decode(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    if (!info[0].IsTypedArray()) throw_type(info.Env(), "an Int32Array", "ids", describe(info[0]));
+    const int64_t n = info[0].As<Napi::TypedArray>().ElementLength();
+    auto ids = std::make_shared<std::vector<int32_t>>(copy_i32(info, 0, "ids", n));
+    return jobs_->enqueue(info.Env(), Value(), [m, ids]() -> JobQueue::Result {
+      auto logits = std::make_shared<std::vector<float>>(m->config().V);
+      m->decode(default_context(), logits->data(), ids->data(), static_cast<int64_t>(ids->size()));
+      return [logits](Napi::Env env) -> Napi::Value { return copy_out(env, logits->data(), logits->size()); };
+    });
+  }
+
+  Napi::Value ResetCache(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    return jobs_->enqueue(info.Env(), Value(), [m]() -> JobQueue::Result {
+      m->reset_cache();
+      return nullptr;
+    });
+  }
+
+  // adamwStep({lr, beta1, beta2, eps, weightDecay, step, gradScale}) -> Promise<void>
+  Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    if (!info[0].IsObject()) throw_type(info.Env(), "an options object", "adamw", describe(info[0]));
+    Napi::Object o = info[0].As<Napi::Object>();
+    AdamWParams p;
+    p.lr = static_cast<float>(prop_num(o, "lr"));
+    p.beta1 = static_cast<float>(prop_num(o, "beta1"));
+    p.beta2 = static_cast<float>(prop_num(o, "beta2"));
+    p.eps = static_cast<float>(prop_num(o, "eps"));
+    p.weight_decay = static_cast<float>(prop_num(o, "weightDecay"));
+    p.step = prop_int(o, "step", 1);
+    p.grad_scale = static_cast<float>(prop_num(o, "gradScale"));
+    return jobs_->enqueue(info.Env(), Value(), [m, p]() -> JobQueue::Result {
+      m->adamw_step(default_context(), p);
+      return nullptr;
+    });
+  }
+
+  Napi::Value GradSqNorm(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    return jobs_->enqueue(info.Env(), Value(), [m]() -> JobQueue::Result {
+      const double s = m->grad_sq_norm(default_context());
+      return [s](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, s); };
+    });
+  }
+
+  // getMoment(name, 1 | 2) / setMoment(name, 1 | 2, data): optimizer state for checkpoints.
+  Napi::Value GetMoment(const Napi::CallbackInfo& info) {
+    const ParamInfo& p = param(info, 0);
+    const bool second = integer(info, 1, "moment", 1) == 2;
+    LlamaModel* m = model_.get();
+    const int64_t off = p.offset, n = p.numel;
+    return jobs_->enqueue(info.Env(), Value(), [m, off, n, second]() -> JobQueue::Result {
+      auto copy = std::make_shared<std::vector<float>>(n);
+      std::memcpy(copy->data(), (second ? m->moment2() : m->moment1()) + off, sizeof(float) * n);
+      return [copy](Napi::Env env) -> Napi::Value { return copy_out(env, copy->data(), copy->size()); };
+    });
+  }
+
+  Napi::Value SetMoment(const Napi::CallbackInfo& info) {
+    const ParamInfo& p = param(info, 0);
+    const bool second = integer(info, 1, "moment", 1) == 2;
+    const float* src = f32(info, 2, p.name.c_str(), p.numel);
+    auto data = std::make_shared<std::vector<float>>(src, src + p.numel);
+    LlamaModel* m = model_.get();
+    const int64_t off = p.offset;
+    return jobs_->enqueue(info.Env(), Value(), [m, data, off, second]() -> JobQueue::Result {
+      std::memcpy((second ? m->moment2() : m->moment1()) + off, data->data(), sizeof(float) * data->size());
+      return nullptr;
+    });
+  }
+
+  // Frees the model after the queued jobs; later calls reject with ERR_LIMA_DISPOSED.
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!model_ || jobs_->closed()) {
+      auto d = Napi::Promise::Deferred::New(env);
+      d.Resolve(env.Undefined());
+      return d.Promise();
+    }
+    std::shared_ptr<LlamaModel> owned(std::move(model_));
+    Napi::Promise p = jobs_->enqueue(env, Value(), [owned]() mutable -> JobQueue::Result {
+      owned.reset();  // free weights, gradients and activations on the worker
+      return nullptr;
+    });
+    jobs_->close();
+    return p;
+  }
+
+  static Napi::Value ActivationBytes(const Napi::CallbackInfo& info) {
+    const LlamaConfig c = parse_config(info[0]);
+    const int64_t B = integer(info, 1, "batch", 1), T = integer(info, 2, "seqLen", 1);
+    return Napi::Number::New(info.Env(), static_cast<double>(LlamaModel::activation_bytes(c, B, T)));
+  }
+
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<JobQueue> jobs_;
+};
+
+}  // namespace
+
+void register_model(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeLlama", NativeLlama::Define(env));
+}
+
+}  // namespace lima::binding

@@ -1,0 +1,190 @@
+// Philox4x32-10, the keep rule, the depth schedule, the reference and portable paths, and the
+// dispatcher of residual dropout.
+//
+// Bit-identity across paths: every path evaluates residual + (x * scale) as two separately rounded
+// float operations (never one FMA) and returns residual itself for dropped elements, so CPU
+// paths, the reference and a CUDA port that follows the same rule agree bit for bit.
+#include "kernels/dropout.h"
+
+#include <cmath>
+#include <string>
+
+#include "kernels/dropout_isa.h"
+#include "kernels/threadpool.h"
+
+namespace lima {
+
+namespace {
+
+// Hides a value from the optimiser so that a product feeding an add is rounded on its own even
+// when the baseline is built with FMA (LIMA_MARCH_NATIVE).
+inline float rounded(float v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __asm__("" : "+x"(v));
+#else
+  volatile float keep = v;
+  v = keep;
+#endif
+  return v;
+}
+
+void check_site(const DropoutSite& s) {
+  expect(s.p >= 0.0f && s.p < 1.0f, "a probability in [0, 1)", "p", std::to_string(s.p));
+  expect(s.layer < 65536, "an integer in [0, 65535]", "layer", std::to_string(s.layer));
+  expect(s.site < 65536, "an integer in [0, 65535]", "site", std::to_string(s.site));
+  expect(s.offset % 4 == 0, "a multiple of 4", "offset", std::to_string(s.offset));
+}
+
+// Element i's word: block i / 4 of the site's Philox stream, word i % 4.
+uint32_t mask_word(const DropoutKey& k, uint64_t i) {
+  const uint64_t block = k.block0 + (i >> 2);
+  const uint32_t ctr[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), k.ctr2, k.ctr3};
+  uint32_t w[4];
+  philox4x32_10(w, ctr, k.key);
+  return w[i & 3];
+}
+
+}  // namespace
+
+void philox4x32_10(uint32_t out[4], const uint32_t counter[4], const uint32_t key[2]) {
+  uint32_t c0 = counter[0], c1 = counter[1], c2 = counter[2], c3 = counter[3];
+  uint32_t k0 = key[0], k1 = key[1];
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    c1 = static_cast<uint32_t>(p1);
+    c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c3 = static_cast<uint32_t>(p0);
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+DropoutKey dropout_key(const DropoutSite& s) {
+  // p * 2^24 is exact in float; std::round rounds halves away from zero. p < 1 keeps the
+  // threshold below 2^24, so the shifted form fits in 32 bits.
+  const uint32_t threshold = static_cast<uint32_t>(std::round(static_cast<double>(s.p) * 16777216.0));
+  return DropoutKey{{static_cast<uint32_t>(s.seed), static_cast<uint32_t>(s.seed >> 32)},
+                    static_cast<uint32_t>(s.step),
+                    (s.layer << 16) | s.site,
+                    threshold << 8,
+                    1.0f / (1.0f - s.p),
+                    s.offset >> 2};
+}
+
+bool dropout_keep(const DropoutSite& s, uint64_t index) {
+  check_site(s);
+  const DropoutKey k = dropout_key(s);
+  return mask_word(k, index) >= k.keep_from;
+}
+
+float dropout_rate(int64_t layer, int64_t num_layers, float p_max) {
+  expect(num_layers >= 1, "an integer >= 1", "numLayers", std::to_string(num_layers));
+  expect(layer >= 0 && layer < num_layers, ("an integer in [0, " + std::to_string(num_layers - 1) + "]").c_str(),
+         "layer", std::to_string(layer));
+  expect(p_max >= 0.0f && p_max < 1.0f, "a probability in [0, 1)", "pMax", std::to_string(p_max));
+  if (num_layers == 1) return 0.0f;
+  return static_cast<float>(static_cast<double>(p_max) * static_cast<double>(layer) /
+                            static_cast<double>(num_layers - 1));
+}
+
+namespace scalar {
+
+void dropout_forward_range(float* out, const float* residual, const float* x, int64_t begin,
+                           int64_t end, const DropoutKey& k) {
+  for (int64_t block = begin >> 2; block * 4 < end; ++block) {
+    const uint64_t global = k.block0 + static_cast<uint64_t>(block);
+    const uint32_t ctr[4] = {static_cast<uint32_t>(global), static_cast<uint32_t>(global >> 32), k.ctr2, k.ctr3};
+    uint32_t w[4] = {0, 0, 0, 0};  // every word passes keep_from == 0 (p = 0 needs no draw)
+    if (k.keep_from != 0) philox4x32_10(w, ctr, k.key);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = block * 4 + j;
+      if (i < begin || i >= end) continue;
+      const float r = residual[i];
+      out[i] = w[j] >= k.keep_from ? r + rounded(x[i] * k.scale) : r;
+    }
+  }
+}
+
+void dropout_backward_range(float* dx, const float* dout, int64_t begin, int64_t end,
+                            const DropoutKey& k) {
+  for (int64_t block = begin >> 2; block * 4 < end; ++block) {
+    const uint64_t global = k.block0 + static_cast<uint64_t>(block);
+    const uint32_t ctr[4] = {static_cast<uint32_t>(global), static_cast<uint32_t>(global >> 32), k.ctr2, k.ctr3};
+    uint32_t w[4] = {0, 0, 0, 0};  // every word passes keep_from == 0 (p = 0 needs no draw)
+    if (k.keep_from != 0) philox4x32_10(w, ctr, k.key);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = block * 4 + j;
+      if (i < begin || i >= end) continue;
+      dx[i] = w[j] >= k.keep_from ? dout[i] * k.scale : 0.0f;
+    }
+  }
+}
+
+}  // namespace scalar
+
+namespace {
+
+using ForwardFn = void (*)(float*, const float*, const float*, int64_t, int64_t, const DropoutKey&);
+using BackwardFn = void (*)(float*, const float*, int64_t, int64_t, const DropoutKey&);
+
+// Work is split in groups of 64 elements (16 Philox blocks, one AVX-512 step) so that every
+// chunk starts on a block boundary the vector bodies can use; 256 groups (16K elements) per chunk
+// at least, below which waking a thread costs more than it saves.
+constexpr int64_t kGroup = 64, kMinGroups = 256;
+
+}  // namespace
+
+void residual_dropout_forward(const CpuContext& ctx, float* out, const float* residual,
+                              const float* x, int64_t n, const DropoutSite& s) {
+  check_site(s);
+  expect(n >= 0, "a length >= 0", "n", std::to_string(n));
+  const DropoutKey k = dropout_key(s);
+  ForwardFn body = scalar::dropout_forward_range;
+#if defined(__x86_64__)
+  if (ctx.isa == Isa::Avx512) body = avx512::dropout_forward_range;
+  else if (ctx.isa == Isa::Avx2) body = avx2::dropout_forward_range;
+#endif
+  ctx.pool->parallel_for((n + kGroup - 1) / kGroup, kMinGroups, [&](int64_t gb, int64_t ge, int) {
+    body(out, residual, x, gb * kGroup, ge * kGroup < n ? ge * kGroup : n, k);
+  });
+}
+
+void residual_dropout_backward(const CpuContext& ctx, float* dx, const float* dout, int64_t n,
+                               const DropoutSite& s) {
+  check_site(s);
+  expect(n >= 0, "a length >= 0", "n", std::to_string(n));
+  const DropoutKey k = dropout_key(s);
+  BackwardFn body = scalar::dropout_backward_range;
+#if defined(__x86_64__)
+  if (ctx.isa == Isa::Avx512) body = avx512::dropout_backward_range;
+  else if (ctx.isa == Isa::Avx2) body = avx2::dropout_backward_range;
+#endif
+  ctx.pool->parallel_for((n + kGroup - 1) / kGroup, kMinGroups, [&](int64_t gb, int64_t ge, int) {
+    body(dx, dout, gb * kGroup, ge * kGroup < n ? ge * kGroup : n, k);
+  });
+}
+
+void residual_dropout_forward_reference(float* out, const float* residual, const float* x,
+                                        int64_t n, const DropoutSite& s) {
+  check_site(s);
+  const float scale = 1.0f / (1.0f - s.p);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = dropout_keep(s, static_cast<uint64_t>(i)) ? residual[i] + rounded(x[i] * scale) : residual[i];
+}
+
+void residual_dropout_backward_reference(float* dx, const float* dout, int64_t n,
+                                         const DropoutSite& s) {
+  check_site(s);
+  const float scale = 1.0f / (1.0f - s.p);
+  for (int64_t i = 0; i < n; ++i) dx[i] = dropout_keep(s, static_cast<uint64_t>(i)) ? dout[i] * scale : 0.0f;
+}
+
+}  // namespace lima

@@ -1,0 +1,239 @@
+// Loading a JSONL dataset into training examples: per-row format detection, tokenization,
+// truncation, bad-row reporting (fail fast with file:line, or skip and count), dev split.
+import { createReadStream } from 'node:fs';
+import { createInterface } from 'node:readline';
+import type { Template } from '@huggingface/jinja';
+import { JsonlError } from '../io/jsonl.js';
+import type { Tokenizer } from '../tokenizer/index.js';
+import { Rng } from '../util/rng.js';
+import { expectInt, expectObject, fail, LimaArgumentError } from '../validate.js';
+import { countTargets } from './batch.js';
+import {
+  compileChatTemplate,
+  formatConversation,
+  IGNORE_INDEX,
+  parseRow,
+  RowError,
+  type Message,
+  type RoleMarkers,
+  type RowFormat,
+} from './format.js';
+
+/** LIMA's context length, the default `maxLength`. */
+export const DEFAULT_MAX_LENGTH = 2048;
+
+/** One training (or dev) example. */
+export interface Example {
+  inputIds: number[];
+  /** inputIds at target positions, -100 elsewhere (labels[t] is predicted from position t-1). */
+  labels: number[];
+  /** Ids to generate the last assistant turn from (dev generation); not truncated. */
+  promptIds: number[];
+  /** The conversation, for rows that were one (prompt and reference answer for dev reports). */
+  messages?: Message[];
+  source?: string;
+  /** 1-based line in the file. */
+  line: number;
+}
+
+/** A row left out with `skipBadRows`, and why. */
+export interface SkippedRow {
+  line: number;
+  reason: string;
+}
+
+/** Options of loadDataset. */
+export interface LoadOptions {
+  /** Needed for conversation rows; pre-tokenized rows only use it for the id range check. */
+  tokenizer?: Tokenizer;
+  /** Row format, or `auto` (default) to detect it per row. */
+  format?: RowFormat | 'auto';
+  /** Role markers of the plain layout (default none: LIMA used only the EOT token). */
+  roles?: RoleMarkers;
+  /** Jinja chat template replacing the plain layout (e.g. from loadChatTemplate). */
+  chatTemplate?: string;
+  /** Train on every token, not only assistant turns. */
+  trainOnPrompt?: boolean;
+  /** Examples are cut to this many tokens (default 2048). */
+  maxLength?: number;
+  /** Skip and count unusable rows instead of failing on the first. */
+  skipBadRows?: boolean;
+  /** Upper bound of pre-tokenized ids (default: the tokenizer's vocabulary size). */
+  vocabSize?: number;
+  /** Accept conversations ending with a user turn (generation prompts without targets). */
+  allowUnanswered?: boolean;
+}
+
+/** What loadDataset produced. */
+export interface LoadedDataset {
+  examples: Example[];
+  skipped: SkippedRow[];
+  /** Whether the EOT token was added to the tokenizer (the model must grow its embedding). */
+  eotAdded: boolean;
+  /** Non-blank rows read. */
+  rows: number;
+  /** Kept examples that were cut to maxLength. */
+  truncated: number;
+}
+
+function checkOptions(opts: LoadOptions): void {
+  expectObject(opts, 'options');
+  if (opts.format !== undefined && !['auto', 'lima', 'messages', 'tokens'].includes(opts.format))
+    fail('"auto", "lima", "messages" or "tokens"', 'format', opts.format);
+  if (opts.maxLength !== undefined) expectInt(opts.maxLength, 'maxLength', 2);
+  if (opts.vocabSize !== undefined) expectInt(opts.vocabSize, 'vocabSize', 1);
+  if (opts.roles !== undefined) {
+    for (const [k, v] of Object.entries(expectObject(opts.roles, 'roles'))) {
+      if (k !== 'system' && k !== 'user' && k !== 'assistant') fail('a role of "system", "user" or "assistant"', `roles.${k}`, v);
+      if (typeof v !== 'string') fail('a string', `roles.${k}`, v);
+    }
+  }
+  if (opts.chatTemplate !== undefined && typeof opts.chatTemplate !== 'string') fail('a string', 'chatTemplate', opts.chatTemplate);
+  const tok = opts.tokenizer as unknown;
+  if (tok !== undefined && (typeof tok !== 'object' || tok === null || typeof (tok as Tokenizer).encode !== 'function'))
+    fail('a Tokenizer', 'tokenizer', tok);
+  if (tok === undefined && (opts.format === 'lima' || opts.format === 'messages'))
+    fail(`a tokenizer for ${opts.format} rows`, 'tokenizer', tok);
+}
+
+/**
+ * Reads a JSONL dataset (LIMA `conversations`, chat `messages` or pre-tokenized `input_ids`
+ * rows) into examples cut to `maxLength`. A bad row (invalid JSON, wrong fields or turn order,
+ * empty utterance, ids out of range, no target token left) throws a JsonlError
+ * `file:line: reason`, or with `skipBadRows` is left out and reported in `skipped`.
+ * The plain layout adds the EOT token to the tokenizer when it has none (`eotAdded`).
+ */
+export async function loadDataset(file: string, opts: LoadOptions = {}): Promise<LoadedDataset> {
+  if (typeof file !== 'string' || !file) fail('a file path', 'file', file);
+  checkOptions(opts);
+  const tok = opts.tokenizer;
+  const maxLength = opts.maxLength ?? DEFAULT_MAX_LENGTH;
+  let template: Template | undefined;
+  if (opts.chatTemplate !== undefined) {
+    try {
+      template = compileChatTemplate(opts.chatTemplate);
+    } catch (e) {
+      throw new LimaArgumentError(`Expected a valid Jinja template for chatTemplate (${(e as Error).message})`);
+    }
+  }
+  let eotAdded = false;
+  let tokVocab: number | undefined;
+  const vocabSize = (): number | undefined => opts.vocabSize ?? (tok ? (tokVocab ??= tok.vocabSize) : undefined);
+
+  const out: LoadedDataset = { examples: [], skipped: [], eotAdded: false, rows: 0, truncated: 0 };
+  const bad = (line: number, reason: string) => {
+    if (!opts.skipBadRows) throw new JsonlError(file, line, reason);
+    out.skipped.push({ line, reason });
+  };
+
+  const rl = createInterface({ input: createReadStream(file, { encoding: 'utf8' }), crlfDelay: Infinity });
+  let line = 0;
+  try {
+    for await (let text of rl) {
+      line++;
+      if (line === 1 && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+      if (!text.trim()) continue;
+      out.rows++;
+      let value: unknown;
+      try {
+        value = JSON.parse(text);
+      } catch (e) {
+        bad(line, `invalid JSON (${(e as Error).message})`);
+        continue;
+      }
+      let ex: Example;
+      try {
+        const row = parseRow(value, { format: opts.format, vocabSize: vocabSize(), allowUnanswered: opts.allowUnanswered });
+        if (row.format === 'tokens') {
+          const labels = row.labels ?? [...row.inputIds];
+          ex = { inputIds: row.inputIds, labels, promptIds: promptOfTokens(row.inputIds, labels), line };
+        } else {
+          if (!tok) fail(`a tokenizer (${file}:${line} is a conversation)`, 'tokenizer', tok);
+          if (!template && tok.eotId === undefined) {
+            tok.ensureEot();
+            eotAdded = true;
+            tokVocab = undefined;
+          }
+          const f = formatConversation(row.messages, { tokenizer: tok, roles: opts.roles, chatTemplate: template, trainOnPrompt: opts.trainOnPrompt });
+          ex = { ...f, messages: row.messages, line };
+        }
+        if (row.source !== undefined) ex.source = row.source;
+        const answered = row.format === 'tokens' || row.messages[row.messages.length - 1].role === 'assistant';
+        if (answered && countTargets(ex.labels) === 0) {
+          bad(line, 'no target tokens (every label after the first position is -100)');
+          continue;
+        }
+        if (ex.inputIds.length > maxLength) {
+          ex.inputIds = ex.inputIds.slice(0, maxLength);
+          ex.labels = ex.labels.slice(0, maxLength);
+          if (answered && countTargets(ex.labels) === 0) {
+            bad(line, `no target tokens left after truncation to maxLength ${maxLength} (the prompt is too long)`);
+            continue;
+          }
+          out.truncated++;
+        }
+      } catch (e) {
+        if (!(e instanceof RowError)) throw e;
+        bad(line, e.message);
+        continue;
+      }
+      out.examples.push(ex);
+    }
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    if (typeof err?.syscall !== 'string') throw e;
+    throw Object.assign(new Error(`${file}: cannot read dataset (${err.message})`), { code: err.code, cause: e });
+  } finally {
+    rl.close();
+  }
+  out.eotAdded = eotAdded;
+  return out;
+}
+
+// The prompt of a pre-tokenized row: everything before its last run of target labels.
+function promptOfTokens(inputIds: number[], labels: number[]): number[] {
+  let end = labels.length;
+  while (end > 1 && labels[end - 1] === IGNORE_INDEX) end--;
+  let start = end;
+  while (start > 1 && labels[start - 1] !== IGNORE_INDEX) start--;
+  return inputIds.slice(0, Math.max(1, start));
+}
+
+/**
+ * Holds out `n` examples chosen by `seed` (LIMA used 50 dev prompts); both parts keep the
+ * file order, and the same seed always picks the same rows.
+ */
+export function splitDev<T>(examples: readonly T[], n: number, seed: number): { train: T[]; dev: T[] } {
+  if (!Array.isArray(examples)) fail('an array', 'examples', examples);
+  expectInt(n, 'n', 0, examples.length);
+  expectInt(seed, 'seed', 0, 0xffffffff);
+  const idx = new Rng(seed).shuffle(examples.map((_, i) => i));
+  const dev = new Set(idx.slice(0, n));
+  return {
+    train: examples.filter((_, i) => !dev.has(i)),
+    dev: examples.filter((_, i) => dev.has(i)),
+  };
+}
+
+/** Options of loadTrainDev: loadDataset's plus where the dev set comes from. */
+export interface TrainDevOptions extends LoadOptions {
+  /** A dev JSONL file, or a number of training rows to hold out by `seed`. */
+  dev?: string | number;
+  /** Seed of the held-out rows (default 0). */
+  seed?: number;
+}
+
+/** Training and dev examples from one call; the dev file is read with the same options. */
+export async function loadTrainDev(
+  trainFile: string,
+  opts: TrainDevOptions = {},
+): Promise<{ train: Example[]; dev: Example[]; skipped: { train: SkippedRow[]; dev: SkippedRow[] }; eotAdded: boolean }> {
+  const { dev, seed = 0, ...load } = opts;
+  const t = await loadDataset(trainFile, load);
+  if (typeof dev === 'string') {
+    const d = await loadDataset(dev, load);
+    return { train: t.examples, dev: d.examples, skipped: { train: t.skipped, dev: d.skipped }, eotAdded: t.eotAdded || d.eotAdded };
+  }
+  const split = splitDev(t.examples, dev ?? 0, seed);
+  return { ...split, skipped: { train: t.skipped, dev: [] }, eotAdded: t.eotAdded };
+}

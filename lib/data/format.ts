@@ -1,0 +1,348 @@
+// Training rows → token ids and labels. Three row formats (LIMA conversations, chat messages,
+// pre-tokenized ids) and two ways to lay a conversation out: LIMA's plain layout (BOS, then every
+// utterance followed by an end-of-turn token, optional role markers) or a Jinja chat template.
+// Loss masks always come from token spans that were tokenized separately, never from searching
+// a re-tokenized string, so the targets are exactly the assistant turns.
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Template } from '@huggingface/jinja';
+import type { Tokenizer } from '../tokenizer/index.js';
+import { describe, fail } from '../validate.js';
+
+/** Label value of positions that are not trained on (Hugging Face convention). */
+export const IGNORE_INDEX = -100;
+
+/** Speaker of one utterance; `system` may only open a chat-messages conversation. */
+export type Role = 'system' | 'user' | 'assistant';
+
+/** One utterance of a conversation. */
+export interface Message {
+  role: Role;
+  content: string;
+}
+
+/** Row layouts a dataset file may use; `auto` detects it per row from the keys. */
+export type RowFormat = 'lima' | 'messages' | 'tokens';
+
+/** A validated row before tokenization: a conversation, or ids that are used as they are. */
+export type ParsedRow =
+  | { format: 'lima' | 'messages'; messages: Message[]; source?: string }
+  | { format: 'tokens'; inputIds: number[]; labels?: number[]; source?: string };
+
+/** Why a row is unusable; the loader prefixes `file:line: `. */
+export class RowError extends Error {
+  constructor(reason: string) {
+    super(reason);
+    this.name = 'RowError';
+  }
+}
+
+function rowFail(what: string, name: string, received: unknown): never {
+  throw new RowError(`Expected ${what} for ${name} but received ${describe(received)}`);
+}
+
+/** Options of parseRow. */
+export interface ParseOptions {
+  format?: RowFormat | 'auto';
+  /** Exclusive upper bound of token ids in pre-tokenized rows (no upper check when undefined). */
+  vocabSize?: number;
+  /** Accept conversations that end with a user turn (prompts for generation only). */
+  allowUnanswered?: boolean;
+}
+
+/** Detects the row's format from its keys, or undefined when none matches. */
+export function detectFormat(value: unknown): RowFormat | undefined {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return undefined;
+  if ('conversations' in value) return 'lima';
+  if ('messages' in value) return 'messages';
+  if ('input_ids' in value) return 'tokens';
+  return undefined;
+}
+
+function checkContent(v: unknown, name: string): string {
+  if (typeof v !== 'string') rowFail('a string', name, v);
+  if (!v.trim()) rowFail('a non-empty utterance', name, v);
+  return v;
+}
+
+// Order after an optional leading system message: user, assistant, user, ...; a training row
+// must end with an assistant turn.
+function checkTurns(messages: Message[], field: string, allowUnanswered: boolean): void {
+  const start = messages[0]?.role === 'system' ? 1 : 0;
+  for (let i = start; i < messages.length; i++) {
+    const want: Role = (i - start) % 2 === 0 ? 'user' : 'assistant';
+    if (messages[i].role !== want) {
+      const where = field === 'conversations' ? `${field}[${i}]` : `${field}[${i}].role`;
+      throw new RowError(
+        `Expected role "${want}" for ${where} but received "${messages[i].role}"` +
+          (messages[i].role === 'system' ? ' (a system message may only come first)' : ' (turns must alternate user, assistant, starting with user)'),
+      );
+    }
+  }
+  if (messages.length === start) throw new RowError(`Expected at least one user turn for ${field} but received none`);
+  if (!allowUnanswered && messages[messages.length - 1].role !== 'assistant')
+    throw new RowError(`last user turn is unanswered (${field} has ${messages.length} ${field === 'conversations' ? 'utterances' : 'messages'}; training rows must end with an assistant turn)`);
+}
+
+function checkIds(v: unknown, name: string, vocabSize: number | undefined, allowIgnore: boolean): number[] {
+  if (!Array.isArray(v)) rowFail('an array of token ids', name, v);
+  for (let i = 0; i < v.length; i++) {
+    const t: unknown = v[i];
+    const ok =
+      typeof t === 'number' && Number.isSafeInteger(t) && ((allowIgnore && t === IGNORE_INDEX) || (t >= 0 && (vocabSize === undefined || t < vocabSize)));
+    if (!ok) {
+      const range = vocabSize === undefined ? 'a token id >= 0' : `a token id in [0, ${vocabSize})`;
+      rowFail(allowIgnore ? `${range} or ${IGNORE_INDEX}` : range, `${name}[${i}]`, t);
+    }
+  }
+  return v as number[];
+}
+
+/** Validates one parsed JSON row; throws RowError with the reason when it is unusable. */
+export function parseRow(value: unknown, opts: ParseOptions = {}): ParsedRow {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) rowFail('a JSON object', 'row', value);
+  const row = value as Record<string, unknown>;
+  const detected = detectFormat(row);
+  const format = !opts.format || opts.format === 'auto' ? detected : opts.format;
+  if (format === undefined) rowFail('an object with "conversations", "messages" or "input_ids"', 'row', `keys ${Object.keys(row).join(', ') || '(none)'}`);
+  let source: string | undefined;
+  if (row.source !== undefined && row.source !== null) {
+    if (typeof row.source !== 'string') rowFail('a string', 'source', row.source);
+    source = row.source;
+  }
+  const withSource = <T extends object>(r: T): T & { source?: string } => (source === undefined ? r : { ...r, source });
+  const allowUnanswered = opts.allowUnanswered ?? false;
+
+  if (format === 'lima') {
+    const conv = row.conversations;
+    if (!Array.isArray(conv)) rowFail('an array of strings', 'conversations', conv);
+    if (conv.length === 0) rowFail('at least one utterance', 'conversations', conv);
+    const messages = conv.map((c, i): Message => ({ role: i % 2 === 0 ? 'user' : 'assistant', content: checkContent(c, `conversations[${i}]`) }));
+    checkTurns(messages, 'conversations', allowUnanswered);
+    return withSource({ format, messages });
+  }
+  if (format === 'messages') {
+    const msgs = row.messages;
+    if (!Array.isArray(msgs)) rowFail('an array of {role, content} objects', 'messages', msgs);
+    if (msgs.length === 0) rowFail('at least one message', 'messages', msgs);
+    const messages = msgs.map((m: unknown, i): Message => {
+      if (typeof m !== 'object' || m === null || Array.isArray(m)) rowFail('a {role, content} object', `messages[${i}]`, m);
+      const { role, content } = m as Record<string, unknown>;
+      if (role !== 'system' && role !== 'user' && role !== 'assistant') rowFail('"system", "user" or "assistant"', `messages[${i}].role`, role);
+      return { role, content: checkContent(content, `messages[${i}].content`) };
+    });
+    checkTurns(messages, 'messages', allowUnanswered);
+    return withSource({ format, messages });
+  }
+  const inputIds = checkIds(row.input_ids, 'input_ids', opts.vocabSize, false);
+  if (inputIds.length === 0) rowFail('at least one token id', 'input_ids', inputIds);
+  if (row.labels === undefined || row.labels === null) return withSource({ format, inputIds });
+  if (Array.isArray(row.labels) && row.labels.length !== inputIds.length)
+    rowFail(`labels of the same length as input_ids (${inputIds.length})`, 'labels', row.labels);
+  const labels = checkIds(row.labels, 'labels', opts.vocabSize, true);
+  return withSource({ format, inputIds, labels });
+}
+
+/** Text put before each utterance of a role in the plain layout (LIMA used none, only EOT). */
+export interface RoleMarkers {
+  system?: string;
+  user?: string;
+  assistant?: string;
+}
+
+/** How a conversation becomes tokens (see formatConversation). */
+export interface FormatOptions {
+  tokenizer: Tokenizer;
+  /** Role markers of the plain layout; ignored with a chat template. */
+  roles?: RoleMarkers;
+  /** A Jinja chat template (source or compiled); replaces the plain layout. */
+  chatTemplate?: string | Template;
+  /** Make every token a target instead of only the assistant turns and their end-of-turn. */
+  trainOnPrompt?: boolean;
+}
+
+/** Token ids of one conversation, its labels, and the prompt to generate its last answer from. */
+export interface FormattedConversation {
+  inputIds: number[];
+  /** inputIds at target positions, IGNORE_INDEX elsewhere. */
+  labels: number[];
+  /** Everything before the last assistant utterance's content (ends with its marker or template header). */
+  promptIds: number[];
+}
+
+// One separately tokenized piece of the conversation.
+interface Span {
+  ids: number[];
+  target: boolean;
+}
+
+const templateCache = new Map<string, Template>();
+
+/** Compiles a chat template (cached), reporting syntax errors by name. */
+export function compileChatTemplate(source: string): Template {
+  let t = templateCache.get(source);
+  if (!t) {
+    try {
+      t = new Template(source);
+    } catch (e) {
+      throw new Error(`Invalid chat template: ${(e as Error).message}`);
+    }
+    if (templateCache.size >= 16) templateCache.delete(templateCache.keys().next().value as string);
+    templateCache.set(source, t);
+  }
+  return t;
+}
+
+/**
+ * Reads the chat template of a Hugging Face model folder's tokenizer_config.json (the `default`
+ * one when it lists several), or undefined when it has none.
+ */
+export async function loadChatTemplate(dir: string): Promise<string | undefined> {
+  const path = join(dir, 'tokenizer_config.json');
+  let cfg: Record<string, unknown>;
+  try {
+    cfg = JSON.parse(await readFile(path, 'utf8')) as Record<string, unknown>;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new Error(`${path}: ${(e as Error).message}`);
+  }
+  const t = cfg.chat_template;
+  if (typeof t === 'string') return t;
+  if (Array.isArray(t)) {
+    const named = t as { name?: unknown; template?: unknown }[];
+    const d = named.find((x) => x?.name === 'default') ?? named[0];
+    if (typeof d?.template === 'string') return d.template;
+  }
+  if (t === undefined || t === null) return undefined;
+  throw new Error(`${path}: Expected a string or a list of {name, template} for chat_template but received ${describe(t)}`);
+}
+
+// Special tokens by their text, so template output like "<s>" becomes the special id for every
+// tokenizer (the byte tokenizer would otherwise spell it out byte by byte).
+function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
+  const out: { text: string; id: number }[] = [];
+  for (const id of [tok.bosId, tok.eosId, tok.eotId]) {
+    if (id === undefined) continue;
+    const text = tok.decode([id]);
+    if (text && tok.tokenToId(text) === id && !out.some((s) => s.text === text)) out.push({ text, id });
+  }
+  return out.sort((a, b) => b.text.length - a.text.length);
+}
+
+function encodeWithSpecials(tok: Tokenizer, text: string, specials: { text: string; id: number }[]): number[] {
+  const ids: number[] = [];
+  let rest = text;
+  while (rest) {
+    let at = -1;
+    let hit: { text: string; id: number } | undefined;
+    for (const s of specials) {
+      const i = rest.indexOf(s.text);
+      if (i >= 0 && (at < 0 || i < at)) {
+        at = i;
+        hit = s;
+      }
+    }
+    if (!hit) {
+      ids.push(...tok.encode(rest));
+      break;
+    }
+    if (at > 0) ids.push(...tok.encode(rest.slice(0, at)));
+    ids.push(hit.id);
+    rest = rest.slice(at + hit.text.length);
+  }
+  return ids;
+}
+
+function plainSpans(messages: readonly Message[], tok: Tokenizer, roles: RoleMarkers): { spans: Span[]; promptEnd: number } {
+  const eot = tok.ensureEot();
+  const spans: Span[] = [];
+  if (tok.bosId !== undefined) spans.push({ ids: [tok.bosId], target: false });
+  let promptEnd = -1;
+  messages.forEach((m, i) => {
+    const marker = roles[m.role] ?? '';
+    if (marker) spans.push({ ids: tok.encode(marker), target: false });
+    if (m.role === 'assistant') promptEnd = spans.length;
+    spans.push({ ids: [...tok.encode(m.content), eot], target: m.role === 'assistant' });
+    if (i === messages.length - 1 && m.role !== 'assistant') {
+      // Unanswered: the prompt continues into the assistant's turn.
+      if (roles.assistant) spans.push({ ids: tok.encode(roles.assistant), target: false });
+      promptEnd = spans.length;
+    }
+  });
+  return { spans, promptEnd };
+}
+
+function templateSpans(messages: readonly Message[], tok: Tokenizer, template: Template): { spans: Span[]; promptEnd: number } {
+  const specials = specialTexts(tok);
+  const vars: Record<string, unknown> = {
+    bos_token: tok.bosId === undefined ? '' : tok.decode([tok.bosId]),
+    eos_token: tok.eosId === undefined ? '' : tok.decode([tok.eosId]),
+  };
+  if (tok.eotId !== undefined) vars.eot_token = tok.decode([tok.eotId]);
+  const render = (k: number, gen: boolean): string => {
+    try {
+      return template.render({ ...vars, messages: messages.slice(0, k).map((m) => ({ ...m })), add_generation_prompt: gen });
+    } catch (e) {
+      throw new RowError(`chat template failed on messages[0..${k - 1}]: ${(e as Error).message}`);
+    }
+  };
+  const extend = (prev: string, next: string, what: string): string => {
+    if (!next.startsWith(prev))
+      throw new RowError(`chat template is not incremental: rendering ${what} does not start with the rendering of the messages before it`);
+    return next.slice(prev.length);
+  };
+  const spans: Span[] = [];
+  const piece = (text: string, target: boolean) => {
+    if (text) spans.push({ ids: encodeWithSpecials(tok, text, specials), target });
+  };
+  let prev = '';
+  let promptEnd = -1;
+  for (let k = 1; k <= messages.length; k++) {
+    const m = messages[k - 1];
+    if (m.role === 'assistant') {
+      const header = render(k - 1, true);
+      piece(extend(prev, header, `the generation prompt before messages[${k - 1}]`), false);
+      prev = header;
+      promptEnd = spans.length;
+    }
+    const full = render(k, false);
+    piece(extend(prev, full, `messages[0..${k - 1}]`), m.role === 'assistant');
+    prev = full;
+  }
+  if (messages[messages.length - 1].role !== 'assistant') {
+    piece(extend(prev, render(messages.length, true), 'the final generation prompt'), false);
+    promptEnd = spans.length;
+  }
+  return { spans, promptEnd };
+}
+
+/**
+ * Tokenizes a validated conversation. Plain layout: BOS, then per utterance its role marker and
+ * its content + EOT, each tokenized separately (markers are never targets; put no trailing space
+ * in markers for tokenizers that prepend one, like Llama 2's). Template layout: the template is
+ * rendered for messages 0..k for every k (and with the generation prompt before each assistant
+ * turn) and each rendered increment is tokenized on its own, so the assistant increments (content
+ * plus whatever the template closes the turn with) are exact target spans. The template decides
+ * BOS and end-of-turn tokens itself; it sees `bos_token`, `eos_token` and `eot_token`.
+ * Throws RowError for a template that fails or is not incremental.
+ */
+export function formatConversation(messages: readonly Message[], opts: FormatOptions): FormattedConversation {
+  if (messages.length === 0) fail('at least one message', 'messages', messages);
+  const tok = opts.tokenizer;
+  const { spans, promptEnd } =
+    opts.chatTemplate !== undefined
+      ? templateSpans(messages, tok, typeof opts.chatTemplate === 'string' ? compileChatTemplate(opts.chatTemplate) : opts.chatTemplate)
+      : plainSpans(messages, tok, opts.roles ?? {});
+  const inputIds: number[] = [];
+  const labels: number[] = [];
+  const promptIds: number[] = [];
+  spans.forEach((s, i) => {
+    const target = s.target || (opts.trainOnPrompt ?? false);
+    for (const id of s.ids) {
+      inputIds.push(id);
+      labels.push(target ? id : IGNORE_INDEX);
+    }
+    if (i < promptEnd) promptIds.push(...s.ids);
+  });
+  return { inputIds, labels, promptIds };
+}

@@ -1,0 +1,41 @@
+// Data pipeline: JSONL rows → tokenized, masked, truncated examples → shuffled, padded batches.
+export {
+  IGNORE_INDEX,
+  RowError,
+  compileChatTemplate,
+  detectFormat,
+  formatConversation,
+  loadChatTemplate,
+  parseRow,
+  type FormatOptions,
+  type FormattedConversation,
+  type Message,
+  type ParseOptions,
+  type ParsedRow,
+  type Role,
+  type RoleMarkers,
+  type RowFormat,
+} from './format.js';
+export {
+  DEFAULT_MAX_LENGTH,
+  loadDataset,
+  loadTrainDev,
+  splitDev,
+  type Example,
+  type LoadOptions,
+  type LoadedDataset,
+  type SkippedRow,
+  type TrainDevOptions,
+} from './dataset.js';
+export {
+  PAD_ID,
+  countTargets,
+  epochBatches,
+  epochOrder,
+  makeBatches,
+  microBatches,
+  padRows,
+  type LabeledRow,
+  type MicroBatch,
+  type SplitBatch,
+} from './batch.js';

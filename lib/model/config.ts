@@ -1,0 +1,180 @@
+// The subset of a Hugging Face LlamaForCausalLM config.json that defines the math. Anything we do
+// not implement is refused here rather than silently computing a different model.
+import { describe } from '../validate.js';
+
+/** Llama 3 style frequency scaling of RoPE (rope_scaling.rope_type == "llama3"). */
+export interface Llama3RopeScaling {
+  type: 'llama3';
+  factor: number;
+  lowFreqFactor: number;
+  highFreqFactor: number;
+  originalMaxPositionEmbeddings: number;
+}
+
+/** A validated LLaMA configuration in our own (camelCase) names. */
+export interface LlamaConfig {
+  vocabSize: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  maxPositionEmbeddings: number;
+  tieWordEmbeddings: boolean;
+  ropeScaling: Llama3RopeScaling | null;
+  bosTokenId?: number;
+  eosTokenId?: number | number[];
+}
+
+/** Raised for a config.json we cannot honour; names the file and the field. */
+export class ConfigError extends Error {
+  readonly code = 'ERR_LIMA_CONFIG';
+  constructor(message: string) {
+    super(message);
+    this.name = 'ConfigError';
+  }
+}
+
+const HEAD_DIMS_NOTE = 'a multiple of 16 up to 256';
+
+/** Parses and validates a Hugging Face config object; `source` names it in errors. */
+export function parseHfConfig(raw: unknown, source = 'config.json'): LlamaConfig {
+  const bad = (field: string, what: string, got: unknown): never => {
+    throw new ConfigError(`${source}: expected ${what} for "${field}" but received ${describe(got)}`);
+  };
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) bad('(root)', 'a JSON object', raw);
+  const c = raw as Record<string, unknown>;
+  const int = (field: string, min = 1, fallback?: number): number => {
+    const v = c[field] ?? fallback;
+    if (v === undefined) throw new ConfigError(`${source}: missing required field "${field}"`);
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) bad(field, `an integer >= ${min}`, v);
+    return v as number;
+  };
+  const pos = (field: string, fallback: number): number => {
+    const v = c[field] ?? fallback;
+    if (typeof v !== 'number' || !(v > 0) || !Number.isFinite(v)) bad(field, 'a positive number', v);
+    return v as number;
+  };
+
+  if (c.model_type !== undefined && c.model_type !== 'llama')
+    bad('model_type', '"llama"', c.model_type);
+  if (Array.isArray(c.architectures) && !c.architectures.includes('LlamaForCausalLM'))
+    bad('architectures', '["LlamaForCausalLM"]', JSON.stringify(c.architectures));
+  const act = c.hidden_act ?? 'silu';
+  if (act !== 'silu') bad('hidden_act', '"silu"', act);
+  for (const f of ['attention_bias', 'mlp_bias'] as const)
+    if (c[f] !== undefined && c[f] !== false) bad(f, 'false (biases are not supported)', c[f]);
+  if (c.attention_dropout !== undefined && c.attention_dropout !== 0 && c.attention_dropout !== 0.0)
+    bad('attention_dropout', '0', c.attention_dropout);
+
+  const hiddenSize = int('hidden_size');
+  const numHeads = int('num_attention_heads');
+  const numKvHeads = int('num_key_value_heads', 1, numHeads);
+  if (numHeads % numKvHeads !== 0)
+    bad('num_key_value_heads', `a divisor of num_attention_heads (${numHeads})`, numKvHeads);
+  const headDim = c.head_dim === undefined || c.head_dim === null ? hiddenSize / numHeads : (c.head_dim as number);
+  if (!Number.isSafeInteger(headDim) || headDim * numHeads !== hiddenSize)
+    bad('head_dim', `hidden_size / num_attention_heads (${hiddenSize / numHeads}, an integer)`, c.head_dim ?? headDim);
+  if (headDim % 16 !== 0 || headDim > 256) bad('head_dim', HEAD_DIMS_NOTE, headDim);
+
+  let ropeScaling: Llama3RopeScaling | null = null;
+  if (c.rope_scaling !== undefined && c.rope_scaling !== null) {
+    const rs = c.rope_scaling as Record<string, unknown>;
+    const type = rs.rope_type ?? rs.type;
+    if (type !== 'llama3') bad('rope_scaling.rope_type', '"llama3" (or no rope_scaling)', type);
+    const num = (f: string): number => {
+      const v = rs[f];
+      if (typeof v !== 'number' || !(v > 0)) bad(`rope_scaling.${f}`, 'a positive number', v);
+      return v as number;
+    };
+    ropeScaling = {
+      type: 'llama3',
+      factor: num('factor'),
+      lowFreqFactor: num('low_freq_factor'),
+      highFreqFactor: num('high_freq_factor'),
+      originalMaxPositionEmbeddings: num('original_max_position_embeddings'),
+    };
+    if (ropeScaling.highFreqFactor <= ropeScaling.lowFreqFactor)
+      bad('rope_scaling.high_freq_factor', `a number > low_freq_factor (${ropeScaling.lowFreqFactor})`, ropeScaling.highFreqFactor);
+  }
+  const tie = c.tie_word_embeddings ?? false;
+  if (typeof tie !== 'boolean') bad('tie_word_embeddings', 'a boolean', tie);
+
+  const cfg: LlamaConfig = {
+    vocabSize: int('vocab_size'),
+    hiddenSize,
+    intermediateSize: int('intermediate_size'),
+    numLayers: int('num_hidden_layers'),
+    numHeads,
+    numKvHeads,
+    headDim,
+    rmsNormEps: pos('rms_norm_eps', 1e-6),
+    ropeTheta: pos('rope_theta', 10000),
+    maxPositionEmbeddings: int('max_position_embeddings', 1, 2048),
+    tieWordEmbeddings: tie as boolean,
+    ropeScaling,
+  };
+  if (typeof c.bos_token_id === 'number') cfg.bosTokenId = c.bos_token_id;
+  if (typeof c.eos_token_id === 'number' || Array.isArray(c.eos_token_id)) cfg.eosTokenId = c.eos_token_id as number | number[];
+  return cfg;
+}
+
+/** The Hugging Face config.json object for a config (what `save` writes). */
+export function toHfConfig(cfg: LlamaConfig, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  const out: Record<string, unknown> = {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    vocab_size: cfg.vocabSize,
+    hidden_size: cfg.hiddenSize,
+    intermediate_size: cfg.intermediateSize,
+    num_hidden_layers: cfg.numLayers,
+    num_attention_heads: cfg.numHeads,
+    num_key_value_heads: cfg.numKvHeads,
+    head_dim: cfg.headDim,
+    hidden_act: 'silu',
+    rms_norm_eps: cfg.rmsNormEps,
+    rope_theta: cfg.ropeTheta,
+    max_position_embeddings: cfg.maxPositionEmbeddings,
+    tie_word_embeddings: cfg.tieWordEmbeddings,
+    attention_bias: false,
+    mlp_bias: false,
+    torch_dtype: 'float32',
+    rope_scaling: cfg.ropeScaling && {
+      rope_type: 'llama3',
+      factor: cfg.ropeScaling.factor,
+      low_freq_factor: cfg.ropeScaling.lowFreqFactor,
+      high_freq_factor: cfg.ropeScaling.highFreqFactor,
+      original_max_position_embeddings: cfg.ropeScaling.originalMaxPositionEmbeddings,
+    },
+    ...extra,
+  };
+  if (cfg.bosTokenId !== undefined) out.bos_token_id = cfg.bosTokenId;
+  if (cfg.eosTokenId !== undefined) out.eos_token_id = cfg.eosTokenId;
+  return out;
+}
+
+/** Hugging Face tensor names and shapes of a config, in a stable order. */
+export function parameterShapes(cfg: LlamaConfig): { name: string; shape: [number, number] | [number] }[] {
+  const { vocabSize: V, hiddenSize: D, intermediateSize: F, numLayers: L, numHeads: H, numKvHeads: KV, headDim: hd } = cfg;
+  const out: { name: string; shape: [number, number] | [number] }[] = [{ name: 'model.embed_tokens.weight', shape: [V, D] }];
+  for (let i = 0; i < L; i++) {
+    const p = `model.layers.${i}.`;
+    out.push(
+      { name: p + 'input_layernorm.weight', shape: [D] },
+      { name: p + 'self_attn.q_proj.weight', shape: [H * hd, D] },
+      { name: p + 'self_attn.k_proj.weight', shape: [KV * hd, D] },
+      { name: p + 'self_attn.v_proj.weight', shape: [KV * hd, D] },
+      { name: p + 'self_attn.o_proj.weight', shape: [D, H * hd] },
+      { name: p + 'post_attention_layernorm.weight', shape: [D] },
+      { name: p + 'mlp.gate_proj.weight', shape: [F, D] },
+      { name: p + 'mlp.up_proj.weight', shape: [F, D] },
+      { name: p + 'mlp.down_proj.weight', shape: [D, F] },
+    );
+  }
+  out.push({ name: 'model.norm.weight', shape: [D] });
+  if (!cfg.tieWordEmbeddings) out.push({ name: 'lm_head.weight', shape: [V, D] });
+  return out;
+}

@@ -1,0 +1,476 @@
+// LlamaModel: the typed face of the native model. Weights live in native memory; loading and
+// saving stream one tensor at a time; every long call runs on the model's own worker thread.
+import { mkdir, readFile, rename, writeFile, access } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Llama2cReader } from '../io/llama2c.js';
+import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
+import { Rng } from '../util/rng.js';
+import { expectI32, expectInt, expectNumber, fail } from '../validate.js';
+import { ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
+import { nativeLlama, type NativeLlama, type NativeParamInfo } from './native-model.js';
+import { resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
+import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+
+/** A model file set that cannot be loaded; the message names the file and the tensor. */
+export class ModelLoadError extends Error {
+  readonly code = 'ERR_LIMA_MODEL_LOAD';
+  constructor(message: string) {
+    super(message);
+    this.name = 'ModelLoadError';
+  }
+}
+
+/** Token rows for training or scoring: ids and Hugging Face labels (-100 = no target). */
+export interface TokenBatch {
+  inputIds: Int32Array;
+  labels: Int32Array;
+  batch: number;
+  seqLen: number;
+}
+
+/** Options of LlamaModel.generate / stream. */
+export interface GenerateOptions extends SamplingOptions {
+  maxNewTokens?: number;
+  /** Token ids that end generation (default: the tokenizer's EOT and EOS). */
+  stopTokens?: number[];
+  signal?: AbortSignal;
+}
+
+/** One generated token as streamed. */
+export interface GeneratedToken {
+  id: number;
+  /** Decoded text of this token, when the model has a tokenizer. */
+  text?: string;
+}
+
+/** Result of LlamaModel.generate. */
+export interface GenerateResult {
+  ids: number[];
+  text?: string;
+  stopReason: 'stop-token' | 'max-tokens' | 'max-positions';
+}
+
+/** One evaluation row: pre-tokenized ids and optional labels (default: every next token). */
+export interface EvalRow {
+  inputIds: number[];
+  labels?: number[];
+}
+
+/** Mean loss and perplexity over the target tokens. */
+export interface EvalResult {
+  loss: number;
+  perplexity: number;
+  tokens: number;
+}
+
+const IGNORE = -100;
+
+/** A LLaMA decoder with Hugging Face LlamaForCausalLM semantics, trained and run natively. */
+export class LlamaModel implements AsyncDisposable {
+  private disposed = false;
+  private info: { params: NativeParamInfo[]; numParams: number };
+
+  private constructor(
+    private cfg: LlamaConfig,
+    private native: NativeLlama,
+    public tokenizer: Tokenizer | null,
+  ) {
+    this.info = native.info();
+  }
+
+  /** The architecture (changes only through resizeVocab). */
+  get config(): LlamaConfig {
+    return this.cfg;
+  }
+  /** Parameter tensors in Hugging Face names and the native layout. */
+  get params(): readonly NativeParamInfo[] {
+    return this.info.params;
+  }
+  get numParams(): number {
+    return this.info.numParams;
+  }
+
+  /** Bytes of activation memory one (batch, seqLen) training step needs besides weights and gradients. */
+  static activationBytes(config: LlamaConfig, batch: number, seqLen: number): number {
+    return nativeLlama().activationBytes(config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1));
+  }
+
+  private static make(config: LlamaConfig, tokenizer: Tokenizer | null): LlamaModel {
+    const Native = nativeLlama();
+    return new LlamaModel(config, new Native(config), tokenizer);
+  }
+
+  /**
+   * A randomly initialised model (weights ~ N(0, std²), norm gains 1), e.g. to train from scratch.
+   * Accepts our config or a Hugging Face config.json object.
+   */
+  static async create(
+    config: LlamaConfig | Record<string, unknown>,
+    opts: { seed?: number; std?: number; tokenizer?: Tokenizer | null } = {},
+  ): Promise<LlamaModel> {
+    const cfg = 'hiddenSize' in config ? (config as LlamaConfig) : parseHfConfig(config, 'config');
+    const std = expectNumber(opts.std ?? 0.02, 'std', { min: 0 });
+    const rng = new Rng(expectInt(opts.seed ?? 0, 'seed', 0));
+    const m = LlamaModel.make(cfg, opts.tokenizer ?? null);
+    for (const p of m.params) {
+      const a = new Float32Array(p.numel);
+      if (p.decay) for (let i = 0; i < a.length; i++) a[i] = rng.normal() * std;
+      else a.fill(1);
+      await m.native.setTensor(p.name, a);
+    }
+    return m;
+  }
+
+  /** Loads a Hugging Face model folder: config.json, model.safetensors or a sharded index, tokenizer files. */
+  static async fromPretrained(dir: string): Promise<LlamaModel> {
+    const cfgPath = join(dir, 'config.json');
+    let raw: unknown;
+    try {
+      raw = JSON.parse(await readFile(cfgPath, 'utf8'));
+    } catch (e) {
+      throw new ModelLoadError(`${cfgPath}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'not found' : (e as Error).message}`);
+    }
+    const cfg = parseHfConfig(raw, cfgPath);
+    // Which file holds each tensor.
+    const files = new Map<string, string>();
+    const indexPath = join(dir, 'model.safetensors.index.json');
+    if (await exists(indexPath)) {
+      const index = JSON.parse(await readFile(indexPath, 'utf8')) as { weight_map?: Record<string, string> };
+      if (!index.weight_map || typeof index.weight_map !== 'object')
+        throw new ModelLoadError(`${indexPath}: expected a "weight_map" object`);
+      for (const [name, file] of Object.entries(index.weight_map)) files.set(name, join(dir, file));
+    } else if (await exists(join(dir, 'model.safetensors'))) {
+      const r = await SafetensorsReader.open(join(dir, 'model.safetensors'));
+      for (const name of r.tensors.keys()) files.set(name, r.path);
+      await r.close();
+    } else {
+      throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`);
+    }
+    const tokenizer = await loadTokenizer(dir);
+    const m = LlamaModel.make(cfg, tokenizer);
+    try {
+      const readers = new Map<string, SafetensorsReader>();
+      try {
+        for (const p of m.params) {
+          const file = files.get(p.name);
+          if (!file) throw new ModelLoadError(`${dir}: missing tensor "${p.name}" (shape [${p.shape}])`);
+          let r = readers.get(file);
+          if (!r) {
+            r = await SafetensorsReader.open(file);
+            readers.set(file, r);
+          }
+          const info = r.tensors.get(p.name);
+          if (!info) throw new ModelLoadError(`${file}: missing tensor "${p.name}" named in the index`);
+          if (info.shape.length !== p.shape.length || info.shape.some((d, i) => d !== p.shape[i]))
+            throw new ModelLoadError(`${file}: tensor "${p.name}" has shape [${info.shape}] but the config needs [${p.shape}]`);
+          await m.native.setTensor(p.name, await r.read(p.name));
+        }
+      } finally {
+        for (const r of readers.values()) await r.close();
+      }
+    } catch (e) {
+      await m.dispose();
+      throw e;
+    }
+    return m;
+  }
+
+  /** Imports a llama2.c checkpoint (.bin, version 0), permuting q/k rows into the HF RoPE layout. */
+  static async fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | null } = {}): Promise<LlamaModel> {
+    const r = await Llama2cReader.open(file);
+    try {
+      const m = LlamaModel.make(r.config, opts.tokenizer ?? null);
+      try {
+        for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
+      } catch (e) {
+        await m.dispose();
+        throw e;
+      }
+      return m;
+    } finally {
+      await r.close();
+    }
+  }
+
+  private check(): void {
+    if (this.disposed) fail('a live model', 'model', 'a disposed model');
+  }
+
+  private param(name: string): NativeParamInfo {
+    const p = this.params.find((q) => q.name === name);
+    if (!p) fail('the name of a model parameter', 'name', name);
+    return p;
+  }
+
+  /** A copy of one parameter tensor (Hugging Face name). */
+  async getTensor(name: string): Promise<Float32Array> {
+    this.check();
+    this.param(name);
+    return this.native.getTensor(name);
+  }
+
+  /** Overwrites one parameter tensor; data must have exactly its element count. */
+  async setTensor(name: string, data: Float32Array): Promise<void> {
+    this.check();
+    const p = this.param(name);
+    if (!(data instanceof Float32Array) || data.length !== p.numel) fail(`a Float32Array of length ${p.numel}`, name, data);
+    await this.native.setTensor(name, data);
+  }
+
+  /** A copy of one parameter's accumulated gradient. */
+  async getGrad(name: string): Promise<Float32Array> {
+    this.check();
+    this.param(name);
+    return this.native.getGrad(name);
+  }
+
+  /** Sets every gradient to zero (before accumulating a new optimizer batch). */
+  async zeroGrads(): Promise<void> {
+    this.check();
+    await this.native.zeroGrads();
+  }
+
+  private checkBatch(b: TokenBatch, needLabels: boolean): void {
+    expectInt(b.batch, 'batch', 1);
+    expectInt(b.seqLen, 'seqLen', 1);
+    expectI32(b.inputIds, 'inputIds', b.batch * b.seqLen);
+    if (needLabels || b.labels) expectI32(b.labels, 'labels', b.batch * b.seqLen);
+  }
+
+  /**
+   * Forward, loss and backward of one micro-batch; gradients accumulate. Returns the loss sum
+   * divided by `norm` (pass the optimizer batch's total target count so micro-batches add up to
+   * the whole batch's mean). Residual dropout rises linearly with depth to `dropout.pMax`.
+   */
+  async trainStep(
+    b: TokenBatch,
+    opts: { norm: number; dropout?: { pMax: number; seed: number; step: number; rowOffset?: number } },
+  ): Promise<number> {
+    this.check();
+    this.checkBatch(b, true);
+    expectNumber(opts.norm, 'norm', { min: Number.MIN_VALUE });
+    const d = opts.dropout;
+    if (d) {
+      expectNumber(d.pMax, 'dropout.pMax', { min: 0, max: 1, exclusiveMax: true });
+      expectInt(d.seed, 'dropout.seed', 0);
+      expectInt(d.step, 'dropout.step', 0);
+    }
+    return this.native.trainStep(b.inputIds, b.labels, b.batch, b.seqLen, opts.norm,
+      d ? { pMax: d.pMax, seed: d.seed, step: d.step, rowOffset: expectInt(d.rowOffset ?? 0, 'dropout.rowOffset', 0) } : null);
+  }
+
+  /** Forward only: summed loss and target count (when labels are given) and optionally all logits [B, T, V]. */
+  async forward(
+    b: { inputIds: Int32Array; labels?: Int32Array; batch: number; seqLen: number },
+    opts: { logits?: boolean } = {},
+  ): Promise<{ lossSum: number; count: number; logits?: Float32Array }> {
+    this.check();
+    this.checkBatch(b as TokenBatch, false);
+    return this.native.forwardLoss(b.inputIds, b.labels ?? null, b.batch, b.seqLen, opts.logits ?? false);
+  }
+
+  /** Mean loss and perplexity over the target tokens of pre-tokenized rows. */
+  async evaluate(rows: readonly EvalRow[], opts: { batchSize?: number } = {}): Promise<EvalResult> {
+    this.check();
+    const bs = expectInt(opts.batchSize ?? 8, 'batchSize', 1);
+    let sum = 0;
+    let count = 0;
+    for (let i = 0; i < rows.length; i += bs) {
+      const b = padBatch(rows.slice(i, i + bs), this.config.vocabSize);
+      const r = await this.native.forwardLoss(b.inputIds, b.labels, b.batch, b.seqLen, false);
+      sum += r.lossSum;
+      count += r.count;
+    }
+    const loss = count ? sum / count : NaN;
+    return { loss, perplexity: Math.exp(loss), tokens: count };
+  }
+
+  /** Streams generated tokens one at a time (KV-cached decoding). */
+  async *stream(prompt: readonly number[] | string, opts: GenerateOptions = {}): AsyncGenerator<GeneratedToken, GenerateResult['stopReason']> {
+    this.check();
+    const ids = this.promptIds(prompt);
+    const s = resolveSampling(opts);
+    const maxNew = expectInt(opts.maxNewTokens ?? 2048, 'maxNewTokens', 0);
+    const stops = new Set(opts.stopTokens ?? this.defaultStops());
+    const rng = new Rng(s.seed);
+    const context = [...ids];
+    await this.native.resetCache();
+    let logits = await this.native.decode(Int32Array.from(ids));
+    for (let n = 0; n < maxNew; n++) {
+      if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
+      const next = sampleToken(logits, context, s, rng);
+      context.push(next);
+      if (stops.has(next)) return 'stop-token';
+      yield { id: next, text: this.tokenizer?.decode([next]) };
+      if (context.length >= this.config.maxPositionEmbeddings) return 'max-positions';
+      if (n + 1 < maxNew) logits = await this.native.decode(Int32Array.of(next));
+    }
+    return 'max-tokens';
+  }
+
+  /** Generates a completion; LIMA's decoding (top-p 0.9, temperature 0.7, repetition penalty 1.2) by default. */
+  async generate(prompt: readonly number[] | string, opts: GenerateOptions = {}): Promise<GenerateResult> {
+    const ids: number[] = [];
+    const it = this.stream(prompt, opts);
+    let r = await it.next();
+    while (!r.done) {
+      ids.push(r.value.id);
+      r = await it.next();
+    }
+    return { ids, text: this.tokenizer?.decode(ids), stopReason: r.value };
+  }
+
+  private promptIds(prompt: readonly number[] | string): number[] {
+    if (typeof prompt === 'string') {
+      if (!this.tokenizer) fail('token ids (this model has no tokenizer)', 'prompt', prompt);
+      return this.tokenizer.encode(prompt, { bos: true });
+    }
+    if (!Array.isArray(prompt) || prompt.length === 0) fail('a non-empty array of token ids or a string', 'prompt', prompt);
+    prompt.forEach((t, i) => expectInt(t, `prompt[${i}]`, 0, this.config.vocabSize - 1));
+    return [...prompt];
+  }
+
+  private defaultStops(): number[] {
+    const t = this.tokenizer;
+    const out: number[] = [];
+    if (t?.eotId !== undefined) out.push(t.eotId);
+    if (t?.eosId !== undefined) out.push(t.eosId);
+    const eos = this.config.eosTokenId;
+    if (eos !== undefined) out.push(...(Array.isArray(eos) ? eos : [eos]));
+    return out;
+  }
+
+  /**
+   * Saves in Hugging Face layout (config.json, model.safetensors, tokenizer files) so the folder
+   * loads back here and in transformers. Each file is written to a temporary name and renamed.
+   */
+  async save(dir: string, opts: { dtype?: 'F32' | 'BF16' } = {}): Promise<void> {
+    this.check();
+    await mkdir(dir, { recursive: true });
+    const tensors: TensorToWrite[] = [];
+    for (const p of this.params)
+      tensors.push({ name: p.name, shape: p.shape, data: await this.native.getTensor(p.name), dtype: opts.dtype ?? 'F32' });
+    await writeSafetensors(join(dir, 'model.safetensors'), tensors);
+    const extra: Record<string, unknown> = { torch_dtype: opts.dtype === 'BF16' ? 'bfloat16' : 'float32' };
+    await writeFileAtomic(join(dir, 'config.json'), JSON.stringify(toHfConfig(this.config, extra), null, 2) + '\n');
+    if (this.tokenizer) await this.tokenizer.save(dir);
+  }
+
+  /**
+   * Grows the vocabulary to `vocabSize` (after adding a special token such as LIMA's EOT): new
+   * embedding and head rows start at the mean of the existing rows, as Hugging Face's
+   * resize_token_embeddings does. Gradients and optimizer state start afresh.
+   */
+  async resizeVocab(vocabSize: number): Promise<void> {
+    this.check();
+    const V = this.cfg.vocabSize;
+    expectInt(vocabSize, 'vocabSize', V);
+    if (vocabSize === V) return;
+    const cfg = { ...this.cfg, vocabSize };
+    const next = new (nativeLlama())(cfg);
+    try {
+      for (const p of this.params) {
+        const w = await this.native.getTensor(p.name);
+        if (p.name === 'model.embed_tokens.weight' || p.name === 'lm_head.weight') {
+          const C = this.cfg.hiddenSize;
+          const grown = new Float32Array(vocabSize * C);
+          grown.set(w);
+          const mean = new Float64Array(C);
+          for (let r = 0; r < V; r++) for (let c = 0; c < C; c++) mean[c] += w[r * C + c];
+          for (let c = 0; c < C; c++) mean[c] /= V;
+          for (let r = V; r < vocabSize; r++) for (let c = 0; c < C; c++) grown[r * C + c] = mean[c];
+          await next.setTensor(p.name, grown);
+        } else {
+          await next.setTensor(p.name, w);
+        }
+      }
+    } catch (e) {
+      await next.dispose();
+      throw e;
+    }
+    await this.native.dispose();
+    this.native = next;
+    this.cfg = cfg;
+    this.info = next.info();
+  }
+
+  /** One AdamW update of every parameter from the accumulated gradients (no decay on norm gains). */
+  async adamwStep(p: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale?: number }): Promise<void> {
+    this.check();
+    expectNumber(p.lr, 'lr', { min: 0 });
+    expectNumber(p.beta1, 'beta1', { min: 0, max: 1, exclusiveMax: true });
+    expectNumber(p.beta2, 'beta2', { min: 0, max: 1, exclusiveMax: true });
+    expectNumber(p.eps, 'eps', { min: 0 });
+    expectNumber(p.weightDecay, 'weightDecay', { min: 0 });
+    expectInt(p.step, 'step', 1);
+    await this.native.adamwStep({ ...p, gradScale: expectNumber(p.gradScale ?? 1, 'gradScale', { min: 0 }) });
+  }
+
+  /** Global L2 norm of the accumulated gradients (for clipping). */
+  async gradNorm(): Promise<number> {
+    this.check();
+    return Math.sqrt(await this.native.gradSqNorm());
+  }
+
+  /** AdamW moment 1 or 2 of one tensor (for trainer checkpoints). */
+  async getMoment(name: string, which: 1 | 2): Promise<Float32Array> {
+    this.check();
+    this.param(name);
+    return this.native.getMoment(name, which);
+  }
+
+  /** Restores an AdamW moment of one tensor. */
+  async setMoment(name: string, which: 1 | 2, data: Float32Array): Promise<void> {
+    this.check();
+    const p = this.param(name);
+    if (!(data instanceof Float32Array) || data.length !== p.numel) fail(`a Float32Array of length ${p.numel}`, name, data);
+    await this.native.setMoment(name, which, data);
+  }
+
+  /** Frees native memory after queued calls finish; the model is unusable afterwards. */
+  async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    await this.native.dispose();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
+}
+
+/** Right-pads rows to one length (pad id 0, label -100); causal attention keeps pads inert. */
+export function padBatch(rows: readonly EvalRow[], vocabSize: number): TokenBatch {
+  const T = Math.max(1, ...rows.map((r) => r.inputIds.length));
+  const B = rows.length;
+  const inputIds = new Int32Array(B * T);
+  const labels = new Int32Array(B * T).fill(IGNORE);
+  rows.forEach((r, b) => {
+    if (r.labels && r.labels.length !== r.inputIds.length)
+      fail(`labels of the same length as input_ids (${r.inputIds.length})`, `row ${b} labels`, r.labels);
+    r.inputIds.forEach((t, i) => {
+      if (!Number.isInteger(t) || t < 0 || t >= vocabSize) fail(`token ids in [0, ${vocabSize})`, `row ${b} input_ids[${i}]`, t);
+      inputIds[b * T + i] = t;
+      labels[b * T + i] = r.labels ? r.labels[i] : t;
+    });
+  });
+  return { inputIds, labels, batch: B, seqLen: T };
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await access(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Writes a file via a temporary name and rename, so readers never see half a file. */
+export async function writeFileAtomic(path: string, data: string | Uint8Array): Promise<void> {
+  const tmp = `${path}.tmp-${process.pid}`;
+  await writeFile(tmp, data);
+  await rename(tmp, path);
+}
+
+export { ConfigError };

@@ -1,0 +1,85 @@
+// Choosing the next token from logits: repetition penalty, temperature, top-k, top-p.
+import { Rng } from '../util/rng.js';
+import { expectInt, expectNumber } from '../validate.js';
+
+/** Decoding settings; defaults are LIMA's (nucleus 0.9, temperature 0.7, repetition penalty 1.2). */
+export interface SamplingOptions {
+  /** Take the most likely token (after the repetition penalty); ignores temperature/topK/topP. */
+  greedy?: boolean;
+  temperature?: number;
+  /** Keep the smallest set of tokens whose probability reaches topP (1 disables). */
+  topP?: number;
+  /** Keep only the topK most likely tokens (0 disables). */
+  topK?: number;
+  /** CTRL-style penalty on tokens already in the context (1 disables). */
+  repetitionPenalty?: number;
+  seed?: number;
+}
+
+/** Fills the LIMA defaults and validates the ranges. */
+export function resolveSampling(o: SamplingOptions = {}): Required<SamplingOptions> {
+  return {
+    greedy: o.greedy ?? false,
+    temperature: expectNumber(o.temperature ?? 0.7, 'temperature', { min: 1e-6 }),
+    topP: expectNumber(o.topP ?? 0.9, 'topP', { min: 1e-9, max: 1 }),
+    topK: expectInt(o.topK ?? 0, 'topK', 0),
+    repetitionPenalty: expectNumber(o.repetitionPenalty ?? 1.2, 'repetitionPenalty', { min: 1e-6 }),
+    seed: expectInt(o.seed ?? 0, 'seed', 0),
+  };
+}
+
+/** Divides positive logits and multiplies negative ones of every seen token by `penalty`, in place. */
+export function applyRepetitionPenalty(logits: Float32Array, seen: Iterable<number>, penalty: number): void {
+  if (penalty === 1) return;
+  for (const t of new Set(seen)) {
+    const v = logits[t];
+    logits[t] = v > 0 ? v / penalty : v * penalty;
+  }
+}
+
+/** Index of the largest value (first on ties, like torch.argmax on CPU). */
+export function argmax(a: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < a.length; i++) if (a[i] > a[best]) best = i;
+  return best;
+}
+
+/**
+ * Picks the next token. `logits` is modified (penalty applied); `context` holds the prompt and
+ * the tokens generated so far.
+ */
+export function sampleToken(logits: Float32Array, context: readonly number[], o: Required<SamplingOptions>, rng: Rng): number {
+  applyRepetitionPenalty(logits, context, o.repetitionPenalty);
+  if (o.greedy) return argmax(logits);
+  // Tokens more than 40 nats below the best carry < e^-40 of the mass each: leaving them out
+  // avoids sorting the whole vocabulary for every generated token.
+  const top = logits[argmax(logits)];
+  const floor = top - 40 * o.temperature;
+  let idx: number[] = [];
+  for (let i = 0; i < logits.length; i++) if (logits[i] >= floor) idx.push(i);
+  // Sorted by logit; top-k truncates before the softmax as in Hugging Face.
+  idx.sort((a, b) => logits[b] - logits[a] || a - b);
+  if (o.topK > 0 && o.topK < idx.length) idx = idx.slice(0, o.topK);
+  const max = top / o.temperature;
+  const probs = idx.map((i) => Math.exp(logits[i] / o.temperature - max));
+  const total = probs.reduce((a, b) => a + b, 0);
+  let keep = probs.length;
+  if (o.topP < 1) {
+    let cum = 0;
+    for (let j = 0; j < probs.length; j++) {
+      cum += probs[j] / total;
+      if (cum >= o.topP) {
+        keep = j + 1;
+        break;
+      }
+    }
+  }
+  let mass = 0;
+  for (let j = 0; j < keep; j++) mass += probs[j];
+  let u = rng.next() * mass;
+  for (let j = 0; j < keep; j++) {
+    u -= probs[j];
+    if (u < 0) return idx[j];
+  }
+  return idx[keep - 1];
+}

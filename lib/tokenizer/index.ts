@@ -1,0 +1,239 @@
+// Tokenizers: Hugging Face tokenizer.json (SentencePiece-BPE with byte fallback as in Llama 2,
+// byte-level BPE as in Llama 3 / SmolLM) through @huggingface/tokenizers, and a built-in byte
+// tokenizer for models trained from scratch. Both expose BOS/EOS/EOT and can grow special tokens.
+import { readFile, rename, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Tokenizer as HfCore } from '@huggingface/tokenizers';
+
+/** The end-of-turn token LIMA appends after every utterance, when the tokenizer has none. */
+export const DEFAULT_EOT = '<|eot|>';
+// End-of-turn tokens of common chat tokenizers, reused when present instead of adding ours.
+const KNOWN_EOT = ['<|eot_id|>', '<|im_end|>', '<|end_of_turn|>', '<|eot|>', '<EOT>'];
+
+/** What the model, data pipeline and generation need from a tokenizer. */
+export interface Tokenizer {
+  readonly kind: 'huggingface' | 'bytes';
+  /** One past the largest id (the embedding needs at least this many rows). */
+  readonly vocabSize: number;
+  readonly bosId: number | undefined;
+  readonly eosId: number | undefined;
+  /** End-of-turn id, distinct from EOS (undefined until added). */
+  readonly eotId: number | undefined;
+  /** Token ids of text without special tokens; `bos` prepends BOS. */
+  encode(text: string, opts?: { bos?: boolean }): number[];
+  decode(ids: readonly number[]): string;
+  /** Id of an exact token string, if it exists. */
+  tokenToId(token: string): number | undefined;
+  /** Adds a special token (no-op when present) and returns its id. */
+  addSpecialToken(content: string): number;
+  /** Makes sure an EOT token exists (reusing a known chat one) and returns its id. */
+  ensureEot(content?: string): number;
+  /** Writes the tokenizer files into a model folder. */
+  save(dir: string): Promise<void>;
+}
+
+async function writeAtomic(path: string, text: string): Promise<void> {
+  const tmp = `${path}.tmp-${process.pid}`;
+  await writeFile(tmp, text);
+  await rename(tmp, path);
+}
+
+/** Bytes 0–255 are ids 0–255; special tokens follow (<s> 256, </s> 257, then any added). */
+export class ByteTokenizer implements Tokenizer {
+  readonly kind = 'bytes' as const;
+  private readonly specials: string[];
+
+  constructor(specials: readonly string[] = ['<s>', '</s>', DEFAULT_EOT]) {
+    this.specials = [...specials];
+  }
+
+  get vocabSize(): number {
+    return 256 + this.specials.length;
+  }
+  get bosId(): number | undefined {
+    return this.tokenToId('<s>');
+  }
+  get eosId(): number | undefined {
+    return this.tokenToId('</s>');
+  }
+  get eotId(): number | undefined {
+    for (const t of KNOWN_EOT) {
+      const id = this.tokenToId(t);
+      if (id !== undefined) return id;
+    }
+    return undefined;
+  }
+
+  encode(text: string, opts: { bos?: boolean } = {}): number[] {
+    const ids = Array.from(Buffer.from(text, 'utf8'));
+    return opts.bos && this.bosId !== undefined ? [this.bosId, ...ids] : ids;
+  }
+
+  decode(ids: readonly number[]): string {
+    const bytes: number[] = [];
+    let out = '';
+    const flush = () => {
+      out += Buffer.from(bytes).toString('utf8');
+      bytes.length = 0;
+    };
+    for (const id of ids) {
+      if (id < 256) bytes.push(id);
+      else {
+        flush();
+        out += this.specials[id - 256] ?? '';
+      }
+    }
+    flush();
+    return out;
+  }
+
+  tokenToId(token: string): number | undefined {
+    const i = this.specials.indexOf(token);
+    return i < 0 ? undefined : 256 + i;
+  }
+
+  addSpecialToken(content: string): number {
+    const id = this.tokenToId(content);
+    if (id !== undefined) return id;
+    this.specials.push(content);
+    return 256 + this.specials.length - 1;
+  }
+
+  ensureEot(content = DEFAULT_EOT): number {
+    return this.eotId ?? this.addSpecialToken(content);
+  }
+
+  async save(dir: string): Promise<void> {
+    await writeAtomic(join(dir, 'lima-tokenizer.json'), JSON.stringify({ type: 'bytes', special_tokens: this.specials }, null, 2) + '\n');
+  }
+}
+
+type Json = Record<string, unknown>;
+interface AddedTokenJson {
+  id: number;
+  content: string;
+  special: boolean;
+  single_word?: boolean;
+  lstrip?: boolean;
+  rstrip?: boolean;
+  normalized?: boolean;
+}
+
+function tokenContent(v: unknown): string | undefined {
+  if (typeof v === 'string') return v;
+  if (v && typeof v === 'object' && typeof (v as Json).content === 'string') return (v as Json).content as string;
+  return undefined;
+}
+
+/** A Hugging Face tokenizer.json (+ tokenizer_config.json). */
+export class HfTokenizer implements Tokenizer {
+  readonly kind = 'huggingface' as const;
+  private core: HfCore;
+
+  constructor(
+    private readonly json: Json,
+    private readonly cfg: Json = {},
+  ) {
+    this.core = new HfCore(json, cfg);
+  }
+
+  /** Reads tokenizer.json and, when present, tokenizer_config.json from a folder. */
+  static async load(dir: string): Promise<HfTokenizer> {
+    const path = join(dir, 'tokenizer.json');
+    let json: Json;
+    try {
+      json = JSON.parse(await readFile(path, 'utf8')) as Json;
+    } catch (e) {
+      throw new Error(`${path}: cannot read tokenizer (${(e as Error).message})`);
+    }
+    let cfg: Json = {};
+    try {
+      cfg = JSON.parse(await readFile(join(dir, 'tokenizer_config.json'), 'utf8')) as Json;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${join(dir, 'tokenizer_config.json')}: ${(e as Error).message}`);
+    }
+    return new HfTokenizer(json, cfg);
+  }
+
+  private added(): AddedTokenJson[] {
+    return ((this.json.added_tokens as AddedTokenJson[] | undefined) ?? []);
+  }
+
+  get vocabSize(): number {
+    let max = -1;
+    for (const id of this.core.get_vocab(true).values()) if (id > max) max = id;
+    return max + 1;
+  }
+
+  get bosId(): number | undefined {
+    const t = tokenContent(this.cfg.bos_token);
+    return t === undefined ? undefined : this.tokenToId(t);
+  }
+  get eosId(): number | undefined {
+    const t = tokenContent(this.cfg.eos_token);
+    return t === undefined ? undefined : this.tokenToId(t);
+  }
+  get eotId(): number | undefined {
+    const own = typeof this.cfg.lima_eot_token === 'string' ? [this.cfg.lima_eot_token as string] : [];
+    for (const t of [...own, ...KNOWN_EOT]) {
+      const id = this.tokenToId(t);
+      if (id !== undefined && id !== this.eosId) return id;
+    }
+    return undefined;
+  }
+
+  encode(text: string, opts: { bos?: boolean } = {}): number[] {
+    const ids = this.core.encode(text, { add_special_tokens: false }).ids.map(Number);
+    const bos = this.bosId;
+    return opts.bos && bos !== undefined ? [bos, ...ids] : ids;
+  }
+
+  decode(ids: readonly number[]): string {
+    return ids.length ? this.core.decode([...ids], { skip_special_tokens: false }) : '';
+  }
+
+  tokenToId(token: string): number | undefined {
+    return this.core.token_to_id(token);
+  }
+
+  addSpecialToken(content: string): number {
+    const existing = this.tokenToId(content);
+    if (existing !== undefined) return existing;
+    const id = this.vocabSize;
+    this.json.added_tokens = [
+      ...this.added(),
+      { id, content, special: true, single_word: false, lstrip: false, rstrip: false, normalized: false },
+    ];
+    this.core = new HfCore(this.json, this.cfg);
+    return id;
+  }
+
+  ensureEot(content = DEFAULT_EOT): number {
+    const id = this.eotId ?? this.addSpecialToken(content);
+    if (this.cfg.lima_eot_token === undefined) this.cfg.lima_eot_token = this.core.id_to_token(id);
+    return id;
+  }
+
+  async save(dir: string): Promise<void> {
+    await writeAtomic(join(dir, 'tokenizer.json'), JSON.stringify(this.json));
+    await writeAtomic(join(dir, 'tokenizer_config.json'), JSON.stringify(this.cfg, null, 2) + '\n');
+  }
+}
+
+/** The tokenizer stored in a model folder, or null when it has none. */
+export async function loadTokenizer(dir: string): Promise<Tokenizer | null> {
+  try {
+    const raw = JSON.parse(await readFile(join(dir, 'lima-tokenizer.json'), 'utf8')) as Json;
+    if (raw.type !== 'bytes' || !Array.isArray(raw.special_tokens))
+      throw new Error(`${join(dir, 'lima-tokenizer.json')}: expected {"type": "bytes", "special_tokens": [...]}`);
+    return new ByteTokenizer(raw.special_tokens as string[]);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+  }
+  try {
+    return await HfTokenizer.load(dir);
+  } catch (e) {
+    if (/ENOENT|no such file/.test((e as Error).message)) return null;
+    throw e;
+  }
+}

@@ -1,0 +1,85 @@
+// The LIMA checkpoint choice is made by reading dev generations; this renders them side by side
+// per epoch next to the loss curves, as one self-contained HTML file plus a standalone SVG.
+
+/** One optimizer step's loss for the curve. */
+export interface StepPoint {
+  step: number;
+  loss: number;
+}
+
+/** Per-epoch dev results for the report. */
+export interface EpochReport {
+  epoch: number;
+  trainLoss: number;
+  devLoss?: number;
+  devPerplexity?: number;
+  checkpoint?: string;
+  generations: { prompt: string; reference?: string; response: string }[];
+}
+
+const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
+
+/** An SVG line chart of the training loss per step, with dev loss per epoch as points. */
+export function lossCurveSvg(steps: readonly StepPoint[], epochs: readonly EpochReport[], stepsPerEpoch: number, width = 720, height = 360): string {
+  const pad = { l: 56, r: 16, t: 24, b: 40 };
+  const w = width - pad.l - pad.r;
+  const h = height - pad.t - pad.b;
+  const dev = epochs.filter((e) => e.devLoss !== undefined && Number.isFinite(e.devLoss));
+  const ys = [...steps.map((s) => s.loss), ...dev.map((e) => e.devLoss as number)].filter(Number.isFinite);
+  const maxStep = Math.max(1, ...steps.map((s) => s.step), ...dev.map((e) => e.epoch * stepsPerEpoch));
+  let lo = ys.length ? Math.min(...ys) : 0;
+  let hi = ys.length ? Math.max(...ys) : 1;
+  if (hi - lo < 1e-9) {
+    lo -= 0.5;
+    hi += 0.5;
+  }
+  const x = (s: number) => pad.l + (s / maxStep) * w;
+  const y = (v: number) => pad.t + (1 - (v - lo) / (hi - lo)) * h;
+  const path = steps.filter((s) => Number.isFinite(s.loss)).map((s, i) => `${i ? 'L' : 'M'}${x(s.step).toFixed(1)},${y(s.loss).toFixed(1)}`).join(' ');
+  const ticks = Array.from({ length: 5 }, (_, i) => lo + ((hi - lo) * i) / 4);
+  const parts = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12">`,
+    `<rect width="${width}" height="${height}" fill="white"/>`,
+    `<text x="${pad.l}" y="16" font-size="14">Loss per optimizer step (line: train, dots: dev per epoch)</text>`,
+    ...ticks.map((t) => `<line x1="${pad.l}" x2="${pad.l + w}" y1="${y(t).toFixed(1)}" y2="${y(t).toFixed(1)}" stroke="#ddd"/><text x="${pad.l - 6}" y="${(y(t) + 4).toFixed(1)}" text-anchor="end">${t.toFixed(3)}</text>`),
+    `<line x1="${pad.l}" x2="${pad.l}" y1="${pad.t}" y2="${pad.t + h}" stroke="#333"/>`,
+    `<line x1="${pad.l}" x2="${pad.l + w}" y1="${pad.t + h}" y2="${pad.t + h}" stroke="#333"/>`,
+    `<text x="${pad.l + w / 2}" y="${height - 8}" text-anchor="middle">step (of ${maxStep})</text>`,
+    path ? `<path d="${path}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>` : '',
+    ...dev.map((e) => `<circle cx="${x(e.epoch * stepsPerEpoch).toFixed(1)}" cy="${y(e.devLoss as number).toFixed(1)}" r="4" fill="#d62728"><title>epoch ${e.epoch}: dev loss ${(e.devLoss as number).toFixed(4)}</title></circle>`),
+    '</svg>',
+  ];
+  return parts.join('\n');
+}
+
+/** The HTML report: loss curve, an epoch summary table, and dev responses side by side. */
+export function reportHtml(title: string, steps: readonly StepPoint[], epochs: readonly EpochReport[], stepsPerEpoch: number): string {
+  const prompts = epochs.find((e) => e.generations.length)?.generations ?? [];
+  const summary = epochs
+    .map((e) => `<tr><td>${e.epoch}</td><td>${e.trainLoss.toFixed(4)}</td><td>${e.devLoss?.toFixed(4) ?? '–'}</td><td>${e.devPerplexity?.toFixed(2) ?? '–'}</td><td>${esc(e.checkpoint ?? '')}</td></tr>`)
+    .join('\n');
+  const withGen = epochs.filter((e) => e.generations.length);
+  const rows = prompts
+    .map((p, i) => {
+      const cells = withGen.map((e) => `<td><pre>${esc(e.generations[i]?.response ?? '')}</pre></td>`).join('');
+      return `<tr><td><pre>${esc(p.prompt)}</pre>${p.reference ? `<details><summary>reference</summary><pre>${esc(p.reference)}</pre></details>` : ''}</td>${cells}</tr>`;
+    })
+    .join('\n');
+  return `<!doctype html>
+<html><head><meta charset="utf-8"><title>${esc(title)}</title>
+<style>body{font-family:sans-serif;margin:24px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:6px;vertical-align:top}
+pre{white-space:pre-wrap;margin:0;max-width:40ch;font-size:12px}.scroll{overflow-x:auto}</style></head>
+<body><h1>${esc(title)}</h1>
+<p>LIMA picks the checkpoint by reading these dev responses (the paper chose between epochs 5 and 10), not by the loss alone.</p>
+${lossCurveSvg(steps, epochs, stepsPerEpoch)}
+<h2>Epochs</h2>
+<table><tr><th>epoch</th><th>train loss</th><th>dev loss</th><th>dev perplexity</th><th>checkpoint</th></tr>
+${summary}
+</table>
+<h2>Dev responses by epoch</h2>
+<div class="scroll"><table><tr><th>prompt</th>${withGen.map((e) => `<th>epoch ${e.epoch}</th>`).join('')}</tr>
+${rows}
+</table></div>
+</body></html>
+`;
+}
