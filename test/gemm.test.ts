@@ -151,7 +151,8 @@ describe('matmul', () => {
       const [m, n, k] = [515, 517, 519];
       const r = rng(3);
       for (const [transA, transB] of combos) {
-        const o: Case = { m, n, k, transA, transB, alpha: 1, beta: 1 };
+        // beta must apply once although k = 519 spans several K blocks on every path.
+        const o: Case = { m, n, k, transA, transB, alpha: 1.25, beta: 0.5 };
         const { a, b, c } = operands(o, 100 + Number(transA) * 2 + Number(transB));
         const got = withIsa(isa, () => kernels.matmul(a, b, { ...o, out: c.slice() }));
         const ref = kernels.matmulReference(a, b, { ...o, out: c.slice() });
@@ -159,10 +160,33 @@ describe('matmul', () => {
         // Spot-check the reference itself on a few entries in float64.
         for (let s = 0; s < 8; s++) {
           const i = Math.floor(r() * m), j = Math.floor(r() * n);
-          let want = c[i * n + j];
+          let dotp = 0;
+          for (let p = 0; p < k; p++)
+            dotp += (transA ? a[p * m + i] : a[i * k + p]) * (transB ? b[j * k + p] : b[p * n + j]);
+          expect(Math.abs(ref[i * n + j] - (1.25 * dotp + 0.5 * c[i * n + j]))).toBeLessThan(1e-4 * Math.sqrt(k));
+        }
+      }
+    });
+
+    it(`${isa} shapes beyond one cache block along M and N (shared A and shared B loop orders)`, () => {
+      // 1600 x 3000 exceeds every path's row block and column block (wide: A blocks shared);
+      // 5000 x 600 is tall (B blocks shared) and, on the portable path, spans two column blocks.
+      const r = rng(11);
+      for (const [m, n, k, transA, transB] of [
+        [1600, 3000, 19, false, true],
+        [5000, 600, 21, true, false],
+      ] as [number, number, number, boolean, boolean][]) {
+        const o: Case = { m, n, k, transA, transB, alpha: 0.5, beta: 1 };
+        const { a, b, c } = operands(o, m + k);
+        const got = withIsa(isa, () => kernels.matmul(a, b, { ...o, out: c.slice() }));
+        const ref = kernels.matmulReference(a, b, { ...o, out: c.slice() });
+        expect(maxErrOverScale(got, ref), `${m}x${n}x${k}`).toBeLessThan(tol(k));
+        for (let s = 0; s < 16; s++) {
+          const i = Math.floor(r() * m), j = Math.floor(r() * n);
+          let want = 0;
           for (let p = 0; p < k; p++)
             want += (transA ? a[p * m + i] : a[i * k + p]) * (transB ? b[j * k + p] : b[p * n + j]);
-          expect(Math.abs(ref[i * n + j] - want)).toBeLessThan(1e-4 * Math.sqrt(k));
+          expect(Math.abs(got[i * n + j] - (c[i * n + j] + 0.5 * want))).toBeLessThan(1e-4 * Math.sqrt(k));
         }
       }
     });

@@ -6,9 +6,8 @@
 
 namespace lima::avx2 {
 
-constexpr int MR = kGemmTile.mr;
-constexpr int NR = kGemmTile.nr;
-static_assert(NR == 16, "the micro-kernel holds a C row in two ymm registers");
+constexpr int MR = 6;
+constexpr int NR = 16;
 // Same cache budget as the AVX-512 path: A micro-panel (6 x 512) 12 KiB in L1d, B block
 // (512 x 768) 1.5 MiB in L2.
 constexpr int64_t KC = 512;
@@ -16,7 +15,7 @@ constexpr int64_t NC = 768;
 constexpr int64_t MC = 1512;
 
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                int64_t ldc, int m, int n, float alpha, float beta) {
+                                int64_t ldc, int m, int n, float alpha, float beta, const float*) {
   __m256 acc[MR][2];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -70,6 +69,7 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
   }
 }
 
+#include "kernels/gemm_pack_generic.inc"
 #include "kernels/gemm_driver.inc"
 
 }  // namespace lima::avx2

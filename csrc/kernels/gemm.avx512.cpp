@@ -1,23 +1,35 @@
-// AVX-512 GEMM path: a 14 x 32 register tile (28 zmm accumulators, 2 for the B row, embedded or
-// separate broadcasts of A), i.e. 28 FMAs per 2 vector loads + 14 broadcasts per k step, enough
-// independent chains to keep both FMA ports busy (latency 4 x 2 ports needs >= 8).
+// AVX-512 GEMM path: a 14 x 32 register tile (28 zmm accumulators, 2 for the B row, 1-2 for
+// broadcasts of A), i.e. 28 FMAs per 2 vector loads + 14 broadcasts per k step: enough independent
+// chains to keep both FMA ports busy (latency 4 x 2 ports needs >= 8). Packing transposes through
+// 16 x 16 register transposes, since packing otherwise costs 15-20 % on the model's shapes.
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own "undefined" vectors (GCC PR 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #include "kernels/gemm_isa.h"
 
 namespace lima::avx512 {
 
-constexpr int MR = kGemmTile.mr;
-constexpr int NR = kGemmTile.nr;
-static_assert(NR == 32, "the micro-kernel holds a C row in two zmm registers");
-// KC: the A micro-panel (MR x KC = 21 KiB) stays in the 48 KiB L1d; NC: the packed B block
-// (KC x NC = 1.4 MiB) stays in the 2 MiB L2; MC bounds the packed A block (L3).
+constexpr int MR = 14;
+constexpr int NR = 32;
+// KC: an A micro-panel (MR x KC, 21 KiB) in the 48 KiB L1d; NC: a packed B block (KC x NC,
+// 1.5 MiB) in the 2 MiB L2; MC bounds a shared packed A block (L3).
 constexpr int64_t KC = 384;
-constexpr int64_t NC = 960;
+constexpr int64_t NC = 1024;
 constexpr int64_t MC = 1512;
+// B panels stream from L2 and the hardware prefetcher alone leaves ~15 % of the FMA rate behind;
+// 16 k steps ahead also runs into the next B panel, which is the one used next.
+constexpr int kPrefetchB = 16;
 
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                int64_t ldc, int m, int n, float alpha, float beta) {
+                                int64_t ldc, int m, int n, float alpha, float beta, const float* a_next) {
   __m512 acc[MR][2];
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -29,7 +41,9 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + NR - 1), _MM_HINT_T0);
   }
 
-  for (int64_t k = 0; k < kc; ++k) {
+  const auto step = [&]() __attribute__((always_inline)) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchB * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchB * NR + 16), _MM_HINT_T0);
     const __m512 b0 = _mm512_load_ps(b);
     const __m512 b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 14
@@ -40,7 +54,16 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
     }
     a += MR;
     b += NR;
+  };
+  int64_t k = 0;
+  if (a_next) {
+    // One line of the next A panel (MR * kc floats, 16 to a line) per k step, into L2.
+    for (const int64_t lines = (MR * kc + 15) / 16; k < lines; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(a_next + 16 * k), _MM_HINT_T1);
+      step();
+    }
   }
+  for (; k < kc; ++k) step();
 
   const __m512 va = _mm512_set1_ps(alpha);
   const __m512 vb = _mm512_set1_ps(beta);
@@ -76,6 +99,130 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
       }
       _mm512_mask_storeu_ps(ci, k0, r0);
       _mm512_mask_storeu_ps(ci + 16, k1, r1);
+    }
+  }
+}
+
+static inline __mmask16 low_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// In-register transpose: r[i] holds row i of a 16 x 16 block, afterwards column i.
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // Now each 128-bit lane L of r[4g + j] gets element 4L + j of rows 4g .. 4g+3.
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+    r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  // Gather the 128-bit lanes: first pairs of row groups, then all four.
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+  }
+}
+
+// Loads up to 16 rows (rows >= n are zero) of a 16-wide k strip (kn valid columns) and transposes
+// them, so r[kk] holds the values of all rows at k offset kk.
+static inline void load_transposed(__m512 r[16], const float* src, int64_t ld, int n, int64_t kn) {
+  const __mmask16 km = low_mask(kn);
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = i < n ? _mm512_maskz_loadu_ps(km, src + i * ld) : _mm512_setzero_ps();
+  transpose16(r);
+}
+
+// Transposes rows [0, n) x k [0, kc) of a row-major block (row stride ld) into dst[kc][W] for a
+// panel of width W (14 or 32), 16 x 16 at a time.
+template <int W>
+static void pack_transposed(float* __restrict dst, const float* src, int64_t ld, int n, int64_t kc) {
+  for (int64_t kb = 0; kb < kc; kb += 16) {
+    const int64_t kn = kc - kb < 16 ? kc - kb : 16;
+    __m512 lo[16];
+    load_transposed(lo, src + kb, ld, n < 16 ? n : 16, kn);
+    float* d = dst + kb * W;
+    if constexpr (W == 32) {
+      __m512 hi[16];
+      if (n > 16) {
+        load_transposed(hi, src + 16 * ld + kb, ld, n - 16, kn);
+      } else {
+        for (__m512& v : hi) v = _mm512_setzero_ps();
+      }
+      for (int64_t kk = 0; kk < kn; ++kk) {
+        _mm512_store_ps(d + kk * W, lo[kk]);
+        _mm512_store_ps(d + kk * W + 16, hi[kk]);
+      }
+    } else {
+      // Overlapping 16-wide stores of W-wide rows: each later store rewrites the previous tail.
+      constexpr __mmask16 kRow = (1u << W) - 1;
+      for (int64_t kk = 0; kk < kn; ++kk) _mm512_mask_storeu_ps(d + kk * W, kRow, lo[kk]);
+    }
+  }
+}
+
+// op(A) rows [i0, i0+rows) x k [k0, k0+kc) into consecutive [kc][MR] panels.
+static void pack_a(float* __restrict dst, const gemm_detail::Problem& p, int64_t i0, int64_t rows, int64_t k0,
+                   int64_t kc) {
+  if (!p.trans_a) {
+    for (int64_t r = 0; r < rows; r += MR)
+      pack_transposed<MR>(dst + r * kc, p.A + (i0 + r) * p.lda + k0, p.lda, static_cast<int>(rows - r < MR ? rows - r : MR), kc);
+    return;
+  }
+  // A stored [K, M]: walk each source row once across all panels, one sequential stream instead
+  // of a page per k step for every panel.
+  constexpr __mmask16 kPanel = (1u << MR) - 1;
+  const int64_t full = rows / MR;
+  const __mmask16 tail = low_mask(rows - full * MR);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* s = p.A + (k0 + k) * p.lda + i0;
+    float* d = dst + k * MR;
+    for (int64_t q = 0; q < full; ++q)
+      _mm512_mask_storeu_ps(d + q * MR * kc, kPanel, _mm512_maskz_loadu_ps(kPanel, s + q * MR));
+    if (tail) _mm512_mask_storeu_ps(d + full * MR * kc, kPanel, _mm512_maskz_loadu_ps(tail, s + full * MR));
+  }
+}
+
+// op(B) k [k0, k0+kc) x columns [j0, j0+cols) into consecutive [kc][NR] panels.
+static void pack_b(float* __restrict dst, const gemm_detail::Problem& p, int64_t k0, int64_t kc, int64_t j0,
+                   int64_t cols) {
+  if (p.trans_b) {
+    for (int64_t c = 0; c < cols; c += NR)
+      pack_transposed<NR>(dst + c * kc, p.B + (j0 + c) * p.ldb + k0, p.ldb, static_cast<int>(cols - c < NR ? cols - c : NR), kc);
+    return;
+  }
+  // B stored [K, N]: walk each source row once across all panels, as for A.
+  const int64_t full = cols / NR;
+  const int64_t rest = cols - full * NR;
+  const __mmask16 lo = low_mask(rest), hi = low_mask(rest > 16 ? rest - 16 : 0);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* s = p.B + (k0 + k) * p.ldb + j0;
+    float* d = dst + k * NR;
+    for (int64_t q = 0; q < full; ++q) {
+      _mm512_store_ps(d + q * NR * kc, _mm512_loadu_ps(s + q * NR));
+      _mm512_store_ps(d + q * NR * kc + 16, _mm512_loadu_ps(s + q * NR + 16));
+    }
+    if (rest) {
+      _mm512_store_ps(d + full * NR * kc, _mm512_maskz_loadu_ps(lo, s + full * NR));
+      _mm512_store_ps(d + full * NR * kc + 16, _mm512_maskz_loadu_ps(hi, s + full * NR + 16));
     }
   }
 }

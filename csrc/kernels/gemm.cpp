@@ -15,14 +15,14 @@ namespace lima {
 // 4 x 8 tile that fits the 16 xmm registers (8 accumulators + B row + broadcast).
 namespace scalar {
 
-constexpr int MR = kGemmTile.mr;
-constexpr int NR = kGemmTile.nr;
+constexpr int MR = 4;
+constexpr int NR = 8;
 constexpr int64_t KC = 256;
 constexpr int64_t NC = 512;
 constexpr int64_t MC = 512;
 
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                int64_t ldc, int m, int n, float alpha, float beta) {
+                                int64_t ldc, int m, int n, float alpha, float beta, const float*) {
   float acc[MR][NR] = {};
   for (int64_t k = 0; k < kc; ++k) {
     for (int i = 0; i < MR; ++i) {
@@ -42,6 +42,7 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
   }
 }
 
+#include "kernels/gemm_pack_generic.inc"
 #include "kernels/gemm_driver.inc"
 
 }  // namespace scalar
@@ -76,58 +77,120 @@ float* scratch(int slot, int64_t floats) {
 
 namespace {
 
-using RegionFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t);
-
-struct Path {
-  RegionFn region;
-  Tile tile;
-  double macs_per_cycle;  // per thread, for the partition cost model only
-};
-
-Path path_for(Isa isa) {
+Ops ops_for(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::Avx512) return {avx512::gemm_region, avx512::kGemmTile, 32.0};
-  if (isa == Isa::Avx2) return {avx2::gemm_region, avx2::kGemmTile, 16.0};
+  if (isa == Isa::Avx512) return avx512::gemm_ops();
+  if (isa == Isa::Avx2) return avx2::gemm_ops();
 #else
   (void)isa;
 #endif
-  return {scalar::gemm_region, scalar::kGemmTile, 4.0};
+  return scalar::gemm_ops();
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// How C is cut between threads: tm bands of rows times tn bands of columns, one task each.
-struct Split {
-  int tm = 1, tn = 1;
+// The fewest blocks of at most max_block (a multiple of align) covering n, made as equal as
+// possible and rounded up to align: K = 1024 with KC = 384 gives 3 x 342, not 384 + 384 + 256.
+int64_t balanced_block(int64_t n, int64_t max_block, int64_t align) {
+  const int64_t per = ceil_div(n, ceil_div(n, max_block));
+  return ceil_div(per, align) * align;
+}
+
+// Below this many flops one thread finishes before a hand-over to the pool would pay off.
+constexpr double kMinParallelFlops = 4e6;
+// Tasks per thread in each parallel step: several, so that a thread slowed by anything else on
+// its core hands work to the others instead of holding up the step.
+constexpr int64_t kTasksPerThread = 4;
+
+// Runs fn(task) for every task in [0, n), on the pool's threads when `parallel`.
+template <class F>
+void run_tasks(ThreadPool* pool, bool parallel, int64_t n, const F& fn) {
+  if (parallel && n > 1) {
+    pool->run(n, [&](int64_t t, int) { fn(t); });
+  } else {
+    for (int64_t t = 0; t < n; ++t) fn(t);
+  }
+}
+
+// [begin, end) of part t when `units` items are cut into `parts` nearly equal ranges.
+struct Range {
+  int64_t begin, end;
 };
+Range part(int64_t units, int64_t parts, int64_t t) { return {t * units / parts, (t + 1) * units / parts}; }
 
-// Each thread packs the A rows and B columns of its own block, so splitting M repeats the packing
-// of B and splitting N that of A. Pick the grid (possibly using fewer threads than the pool has)
-// with the lowest estimated time of its slowest thread: padded tile compute + packing + a fixed
-// hand-over cost that keeps small products on the calling thread.
-Split choose_split(int threads, int64_t M, int64_t N, int64_t K, const Path& path) {
-  constexpr double kPackCyclesPerElement = 0.5;
-  constexpr double kHandOverCycles = 20000.0;
-  const int64_t tiles_m = ceil_div(M, path.tile.mr), tiles_n = ceil_div(N, path.tile.nr);
-  Split best;
-  double best_cost = -1;
-  for (int used = 1; used <= threads; ++used) {
-    for (int tm = 1; tm <= used; ++tm) {
-      if (used % tm != 0) continue;
-      const int tn = used / tm;
-      if (tm > tiles_m || tn > tiles_n) continue;
-      const double rows = static_cast<double>(ceil_div(tiles_m, tm) * path.tile.mr);
-      const double cols = static_cast<double>(ceil_div(tiles_n, tn) * path.tile.nr);
-      const double cost = static_cast<double>(K) * (rows * cols / path.macs_per_cycle +
-                                                    (rows + cols) * kPackCyclesPerElement) +
-                          (used > 1 ? kHandOverCycles : 0.0);
-      if (best_cost < 0 || cost < best_cost) {
-        best_cost = cost;
-        best = {tm, tn};
+// The blocked product. One operand's block is packed once, in parallel, into the calling
+// thread's scratch and shared; the tasks then cut the other dimension, each packing its own slice
+// of the other operand (so nothing is packed twice) and running the micro-kernel over it.
+//   rows mode (tall C): for each B block (KC x NC, kept in L2): row tasks pack A slices.
+//   cols mode (wide C): for each A block (MC x KC): column tasks pack B slices of <= NC columns.
+void run_blocked(const Problem& p, const Ops& o, ThreadPool* pool, int threads) {
+  const int64_t tiles_m = ceil_div(p.M, o.mr), tiles_n = ceil_div(p.N, o.nr);
+  bool rows_mode;
+  if (p.M <= o.mc && p.N <= o.nc) {
+    rows_mode = tiles_m >= tiles_n;  // each operand is packed once either way: cut the longer side
+  } else {
+    // Rows mode repacks A once per extra B block, cols mode B once per extra A block.
+    rows_mode = (ceil_div(p.N, o.nc) - 1) * p.M <= (ceil_div(p.M, o.mc) - 1) * p.N;
+  }
+  const bool parallel = threads > 1 && (rows_mode ? tiles_m : tiles_n) > 1;
+  const int64_t target = parallel ? kTasksPerThread * threads : 1;
+  const int64_t kc_max = balanced_block(p.K, o.kc, 1);
+
+  if (rows_mode) {
+    const int64_t nc_max = balanced_block(p.N, o.nc, o.nr);
+    const int64_t tasks = max64(min64(tiles_m, target), ceil_div(tiles_m * o.mr, o.mc));
+    const int64_t slice_rows = ceil_div(tiles_m, tasks) * o.mr;
+    float* const Bp = scratch(1, kc_max * nc_max);
+    for (int64_t jc = 0; jc < p.N; jc += nc_max) {
+      const int64_t nc = min64(nc_max, p.N - jc), panels = ceil_div(nc, o.nr);
+      for (int64_t pc = 0; pc < p.K; pc += kc_max) {
+        const int64_t kc = min64(kc_max, p.K - pc);
+        const float beta = pc == 0 ? p.beta : 1.0f;
+        const int64_t pack_tasks = min64(panels, target);
+        run_tasks(pool, parallel, pack_tasks, [&](int64_t t) {
+          const Range r = part(panels, pack_tasks, t);
+          const int64_t c0 = r.begin * o.nr, c1 = min64(r.end * o.nr, nc);
+          o.pack_b(Bp + c0 * kc, p, pc, kc, jc + c0, c1 - c0);
+        });
+        run_tasks(pool, parallel, tasks, [&](int64_t t) {
+          const Range r = part(tiles_m, tasks, t);
+          const int64_t i0 = r.begin * o.mr, i1 = min64(r.end * o.mr, p.M);
+          if (i0 >= i1) return;
+          float* const Ap = scratch(0, slice_rows * kc_max);
+          o.pack_a(Ap, p, i0, i1 - i0, pc, kc);
+          o.compute(p, Ap, Bp, i0, i1 - i0, jc, nc, kc, beta);
+        });
+      }
+    }
+  } else {
+    const int64_t mc_max = balanced_block(p.M, o.mc, o.mr);
+    const int64_t tasks = max64(min64(tiles_n, target), ceil_div(tiles_n * o.nr, o.nc));
+    const int64_t slice_cols = ceil_div(tiles_n, tasks) * o.nr;
+    float* const Ap = scratch(0, mc_max * kc_max);
+    for (int64_t ic = 0; ic < p.M; ic += mc_max) {
+      const int64_t mc = min64(mc_max, p.M - ic), panels = ceil_div(mc, o.mr);
+      for (int64_t pc = 0; pc < p.K; pc += kc_max) {
+        const int64_t kc = min64(kc_max, p.K - pc);
+        const float beta = pc == 0 ? p.beta : 1.0f;
+        const int64_t pack_tasks = min64(panels, target);
+        run_tasks(pool, parallel, pack_tasks, [&](int64_t t) {
+          const Range r = part(panels, pack_tasks, t);
+          const int64_t r0 = r.begin * o.mr, r1 = min64(r.end * o.mr, mc);
+          o.pack_a(Ap + r0 * kc, p, ic + r0, r1 - r0, pc, kc);
+        });
+        run_tasks(pool, parallel, tasks, [&](int64_t t) {
+          const Range r = part(tiles_n, tasks, t);
+          const int64_t j0 = r.begin * o.nr, j1 = min64(r.end * o.nr, p.N);
+          if (j0 >= j1) return;
+          float* const Bp = scratch(1, slice_cols * kc_max);
+          o.pack_b(Bp, p, pc, kc, j0, j1 - j0);
+          o.compute(p, Ap, Bp, ic, mc, j0, j1 - j0, kc, beta);
+        });
       }
     }
   }
-  return best;
 }
 
 // Checks the arguments and resolves packed leading dimensions; KernelError on anything invalid.
@@ -167,20 +230,8 @@ void gemm(const CpuContext& ctx, float* C, const float* A, const float* B, const
   const Problem p = checked_problem(C, A, B, args);
   if (p.M == 0 || p.N == 0) return;
   if (p.K == 0) return scale_c(p);
-
-  const Path path = path_for(ctx.isa);
-  const Split split = choose_split(ctx.pool->size(), p.M, p.N, p.K, path);
-  if (split.tm * split.tn == 1) return path.region(p, 0, p.M, 0, p.N);
-
-  const int64_t tiles_m = ceil_div(p.M, path.tile.mr), tiles_n = ceil_div(p.N, path.tile.nr);
-  ctx.pool->run(split.tm * split.tn, [&](int64_t task, int) {
-    const int64_t a = task / split.tn, b = task % split.tn;
-    const int64_t i0 = a * tiles_m / split.tm * path.tile.mr;
-    const int64_t i1 = (a + 1) * tiles_m / split.tm * path.tile.mr;
-    const int64_t j0 = b * tiles_n / split.tn * path.tile.nr;
-    const int64_t j1 = (b + 1) * tiles_n / split.tn * path.tile.nr;
-    path.region(p, i0, i1 < p.M ? i1 : p.M, j0, j1 < p.N ? j1 : p.N);
-  });
+  const double flops = 2.0 * static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
+  run_blocked(p, ops_for(ctx.isa), ctx.pool, flops < kMinParallelFlops ? 1 : ctx.pool->size());
 }
 
 void gemm_reference(float* C, const float* A, const float* B, const GemmArgs& args) {

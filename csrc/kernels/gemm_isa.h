@@ -1,6 +1,6 @@
-// Internal to the gemm kernel: the per-ISA blocked drivers behind lima::gemm and the per-thread
-// scratch they pack into. gemm.cpp validates, normalises the arguments, splits C between the pool's
-// threads and calls one of the gemm_region functions per piece.
+// Internal to the gemm kernel: what each instruction-set path provides (packing and the blocked
+// micro-kernel loops) to the orchestration in gemm.cpp, which validates arguments, picks the
+// loop order, shares packed blocks between the pool's threads and hands out the tasks.
 #pragma once
 
 #include <cstdint>
@@ -18,29 +18,28 @@ struct Problem {
   float alpha, beta;
 };
 
-// 64-byte aligned scratch owned by the calling OS thread (thread_local, grown on demand, kept for
-// the thread's lifetime), so concurrent and nested calls never share packing buffers. Slot 0 holds
-// packed A, slot 1 packed B.
+// 64-byte aligned scratch owned by the calling OS thread (thread_local, grown on demand and kept
+// for the thread's lifetime), so concurrent and nested calls never share packing buffers. Slot 0
+// holds packed A, slot 1 packed B.
 float* scratch(int slot, int64_t floats);
 
-// Register tile (MR rows x NR columns of C) of each path's micro-kernel; the partitioner in gemm.cpp
-// aligns thread boundaries to it.
-struct Tile {
-  int mr, nr;
+// One path's packing and compute loops. Packed layouts: A as consecutive MR-row panels, each
+// [kc][MR]; B as consecutive NR-column panels, each [kc][NR]; partial panels zero-padded.
+struct Ops {
+  int mr, nr;         // register tile of the micro-kernel
+  int64_t kc, mc, nc;  // cache blocks: K depth, rows of a shared A block, columns of a B block
+  // op(A) rows [i0, i0+rows) x k [k0, k0+kc) into dst; i0 and dst at panel boundaries.
+  void (*pack_a)(float* dst, const Problem& p, int64_t i0, int64_t rows, int64_t k0, int64_t kc);
+  // op(B) k [k0, k0+kc) x columns [j0, j0+cols) into dst; j0 and dst at panel boundaries.
+  void (*pack_b)(float* dst, const Problem& p, int64_t k0, int64_t kc, int64_t j0, int64_t cols);
+  // C[i0:i0+rows, j0:j0+cols] = alpha * Ap·Bp + beta * C (beta == 0: C not read), A panels in the
+  // outer loop so each stays in L1 while the B panels stream past it.
+  void (*compute)(const Problem& p, const float* Ap, const float* Bp, int64_t i0, int64_t rows, int64_t j0,
+                  int64_t cols, int64_t kc, float beta);
 };
 
 }  // namespace lima::gemm_detail
 
-// Each computes rows [i0, i1) x columns [j0, j1) of C single-threaded, with the path's own packing,
-// cache blocking and micro-kernel.
-#define LIMA_GEMM_DECLARE_PATH(ns, MR, NR)                                                     \
-  namespace lima::ns {                                                                         \
-  constexpr gemm_detail::Tile kGemmTile{MR, NR};                                               \
-  void gemm_region(const gemm_detail::Problem& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1); \
-  }
-
-LIMA_GEMM_DECLARE_PATH(avx512, 14, 32)
-LIMA_GEMM_DECLARE_PATH(avx2, 6, 16)
-LIMA_GEMM_DECLARE_PATH(scalar, 4, 8)
-
-#undef LIMA_GEMM_DECLARE_PATH
+namespace lima::avx512 { gemm_detail::Ops gemm_ops(); }
+namespace lima::avx2 { gemm_detail::Ops gemm_ops(); }
+namespace lima::scalar { gemm_detail::Ops gemm_ops(); }
