@@ -100,6 +100,22 @@ describe('matmul', () => {
       });
     }
 
+    it(`${isa} few rows (the unpacked decode path) in every layout`, () => {
+      for (const [transA, transB] of combos) {
+        for (const [m, n, k] of [
+          [1, 1100, 300],
+          [2, 97, 65],
+          [3, 70, 129],
+          [4, 517, 33],
+        ]) {
+          const o: Case = { m, n, k, transA, transB, alpha: 0.5, beta: -1, ldc: n + 2 };
+          const { a, b, c } = operands(o, 5 * m + n);
+          const got = withIsa(isa, () => kernels.matmul(a, b, { ...o, out: c.slice() }));
+          expect(maxErrOverScale(got, gemm64(a, b, c, o)), `${m}x${n}x${k}`).toBeLessThan(tol(k));
+        }
+      }
+    });
+
     it(`${isa} leading dimensions larger than packed leave the padding alone`, () => {
       for (const [transA, transB] of combos) {
         for (const [m, n, k] of [

@@ -193,6 +193,28 @@ void run_blocked(const Problem& p, const Ops& o, ThreadPool* pool, int threads) 
   }
 }
 
+// Few rows (M <= kSmallM): read B once in its own layout, columns split between the threads.
+void run_small_m(const Problem& p, const Ops& o, ThreadPool* pool, int threads) {
+  const float* a = p.A;
+  int64_t lda = p.lda;
+  if (p.trans_a) {
+    float* t = scratch(0, p.M * p.K);
+    for (int64_t i = 0; i < p.M; ++i)
+      for (int64_t k = 0; k < p.K; ++k) t[i * p.K + k] = p.A[k * p.lda + i];
+    a = t;
+    lda = p.K;
+  }
+  // Memory-bound: worth a hand-over once B is ~1 MiB.
+  constexpr int64_t kMinParallelB = 1 << 18;
+  constexpr int64_t kMinColumnsPerTask = 64;
+  const bool parallel = threads > 1 && p.N * p.K >= kMinParallelB && p.N >= 2 * kMinColumnsPerTask;
+  const int64_t tasks = parallel ? min64(kTasksPerThread * threads, p.N / kMinColumnsPerTask) : 1;
+  run_tasks(pool, parallel, tasks, [&](int64_t t) {
+    const Range r = part(p.N, tasks, t);
+    o.small_m(p, a, lda, r.begin, r.end);
+  });
+}
+
 // Checks the arguments and resolves packed leading dimensions; KernelError on anything invalid.
 Problem checked_problem(float* C, const float* A, const float* B, const GemmArgs& g) {
   const auto s = [](int64_t v) { return std::to_string(v); };
@@ -230,8 +252,10 @@ void gemm(const CpuContext& ctx, float* C, const float* A, const float* B, const
   const Problem p = checked_problem(C, A, B, args);
   if (p.M == 0 || p.N == 0) return;
   if (p.K == 0) return scale_c(p);
+  const Ops o = ops_for(ctx.isa);
+  if (p.M <= kSmallM) return run_small_m(p, o, ctx.pool, ctx.pool->size());
   const double flops = 2.0 * static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
-  run_blocked(p, ops_for(ctx.isa), ctx.pool, flops < kMinParallelFlops ? 1 : ctx.pool->size());
+  run_blocked(p, o, ctx.pool, flops < kMinParallelFlops ? 1 : ctx.pool->size());
 }
 
 void gemm_reference(float* C, const float* A, const float* B, const GemmArgs& args) {

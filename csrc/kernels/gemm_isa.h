@@ -23,6 +23,9 @@ struct Problem {
 // holds packed A, slot 1 packed B.
 float* scratch(int slot, int64_t floats);
 
+// Products with at most this many rows of C skip packing (Ops::small_m).
+constexpr int kSmallM = 4;
+
 // One path's packing and compute loops. Packed layouts: A as consecutive MR-row panels, each
 // [kc][MR]; B as consecutive NR-column panels, each [kc][NR]; partial panels zero-padded.
 struct Ops {
@@ -36,6 +39,9 @@ struct Ops {
   // outer loop so each stays in L1 while the B panels stream past it.
   void (*compute)(const Problem& p, const float* Ap, const float* Bp, int64_t i0, int64_t rows, int64_t j0,
                   int64_t cols, int64_t kc, float beta);
+  // Columns [j0, j1) of C for p.M <= kSmallM rows, unpacked; a holds the rows of op(A)
+  // contiguous in k, lda apart (the caller transposes a stored-transposed A first).
+  void (*small_m)(const Problem& p, const float* a, int64_t lda, int64_t j0, int64_t j1);
 };
 
 }  // namespace lima::gemm_detail
