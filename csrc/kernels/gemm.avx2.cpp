@@ -15,7 +15,7 @@ constexpr int64_t NC = 768;
 constexpr int64_t MC = 1512;
 
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                int64_t ldc, int m, int n, float alpha, float beta, const float*) {
+                                int64_t ldc, int m, int n, float alpha, float beta, const gemm_detail::Prefetch&) {
   __m256 acc[MR][2];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();

@@ -29,17 +29,10 @@ constexpr int64_t MC = 1512;
 constexpr int kPrefetchB = 16;
 
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                int64_t ldc, int m, int n, float alpha, float beta, const float* a_next) {
+                                int64_t ldc, int m, int n, float alpha, float beta, const gemm_detail::Prefetch& pf) {
   __m512 acc[MR][2];
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-
-  // The C tile is needed right after the loop: start fetching it now.
-#pragma GCC unroll 14
-  for (int i = 0; i < MR; ++i) {
-    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + NR - 1), _MM_HINT_T0);
-  }
 
   const auto step = [&]() __attribute__((always_inline)) {
     _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchB * NR), _MM_HINT_T0);
@@ -56,14 +49,28 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
     b += NR;
   };
   int64_t k = 0;
-  if (a_next) {
-    // One line of the next A panel (MR * kc floats, 16 to a line) per k step, into L2.
-    for (const int64_t lines = (MR * kc + 15) / 16; k < lines; ++k) {
-      _mm_prefetch(reinterpret_cast<const char*>(a_next + 16 * k), _MM_HINT_T1);
+  if (pf.rows > 0) {
+    // Interleave the requested prefetches (one cache line per k step, into L2) with the FMAs.
+    const char* row = reinterpret_cast<const char*>(pf.p);
+    int64_t line = 0;
+    for (int r = 0; k < kc && r < pf.rows; ++k) {
+      _mm_prefetch(row + 64 * line, _MM_HINT_T1);
+      if (++line == pf.lines) {
+        line = 0;
+        row += pf.ld * static_cast<int64_t>(sizeof(float));
+        ++r;
+      }
       step();
     }
   }
-  for (; k < kc; ++k) step();
+  for (; k < kc - MR; ++k) step();
+  // The C tile is needed right after the loop: fetch a row per step during the last MR steps.
+  // (Fetched at the start it is evicted again by the B panel streaming through L1.)
+  for (int i = 0; k < kc; ++k, ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + NR - 1), _MM_HINT_T0);
+    step();
+  }
 
   const __m512 va = _mm512_set1_ps(alpha);
   const __m512 vb = _mm512_set1_ps(beta);

@@ -22,7 +22,7 @@ constexpr int64_t NC = 512;
 constexpr int64_t MC = 512;
 
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                int64_t ldc, int m, int n, float alpha, float beta, const float*) {
+                                int64_t ldc, int m, int n, float alpha, float beta, const gemm_detail::Prefetch&) {
   float acc[MR][NR] = {};
   for (int64_t k = 0; k < kc; ++k) {
     for (int i = 0; i < MR; ++i) {
@@ -158,9 +158,14 @@ void run_blocked(const Problem& p, const Ops& o, ThreadPool* pool, int threads) 
           const Range r = part(tiles_m, tasks, t);
           const int64_t i0 = r.begin * o.mr, i1 = min64(r.end * o.mr, p.M);
           if (i0 >= i1) return;
-          float* const Ap = scratch(0, slice_rows * kc_max);
-          o.pack_a(Ap, p, i0, i1 - i0, pc, kc);
-          o.compute(p, Ap, Bp, i0, i1 - i0, jc, nc, kc, beta);
+          if (p.trans_a) {
+            // A stored [K, M] packs fastest a whole slice at a time, walking each source row once.
+            float* const Ap = scratch(0, slice_rows * kc_max);
+            o.pack_a(Ap, p, i0, i1 - i0, pc, kc);
+            o.compute(p, Ap, Bp, i0, i1 - i0, jc, nc, kc, beta);
+          } else {
+            o.pack_compute(p, scratch(0, o.mr * kc_max), Bp, i0, i1 - i0, jc, nc, pc, kc, beta);
+          }
         });
       }
     }

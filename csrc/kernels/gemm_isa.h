@@ -23,6 +23,14 @@ struct Problem {
 // holds packed A, slot 1 packed B.
 float* scratch(int slot, int64_t floats);
 
+// Memory a micro-kernel call should pull into L2 while it computes: `rows` rows of `lines` cache
+// lines each, ld floats apart (rows == 0: nothing).
+struct Prefetch {
+  const float* p = nullptr;
+  int64_t ld = 0, lines = 0;
+  int rows = 0;
+};
+
 // Products with at most this many rows of C skip packing (Ops::small_m).
 constexpr int kSmallM = 4;
 
@@ -39,6 +47,11 @@ struct Ops {
   // outer loop so each stays in L1 while the B panels stream past it.
   void (*compute)(const Problem& p, const float* Ap, const float* Bp, int64_t i0, int64_t rows, int64_t j0,
                   int64_t cols, int64_t kc, float beta);
+  // The same for rows of an untransposed A that are not packed yet: each MR-row panel is packed
+  // into Ap (MR * kc floats) just before its turn while the source of the next one is prefetched,
+  // so the packing reads from L2 rather than memory.
+  void (*pack_compute)(const Problem& p, float* Ap, const float* Bp, int64_t i0, int64_t rows, int64_t j0,
+                       int64_t cols, int64_t k0, int64_t kc, float beta);
   // Columns [j0, j1) of C for p.M <= kSmallM rows, unpacked; a holds the rows of op(A)
   // contiguous in k, lda apart (the caller transposes a stored-transposed A first).
   void (*small_m)(const Problem& p, const float* a, int64_t lda, int64_t j0, int64_t j1);
