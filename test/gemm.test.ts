@@ -245,6 +245,13 @@ describe('matmul', () => {
     expect(() => kernels.matmul(a, b, { m: 2, n: 3, k: 2, out: new Float32Array(5) })).toThrow(
       'Expected a Float32Array of at least 6 elements for out but received Float32Array of length 5',
     );
+    // Sharing a buffer is fine, overlapping an input is not.
+    const arena = new Float32Array(18);
+    const [pa, pb, pc] = [arena.subarray(0, 6), arena.subarray(6, 12), arena.subarray(12, 18)];
+    expect(kernels.matmul(pa, pb, { m: 2, n: 3, k: 2, out: pc })).toBe(pc);
+    expect(() => kernels.matmul(pa, pb, { m: 2, n: 3, k: 2, out: arena.subarray(10, 16) })).toThrow(
+      'Expected a Float32Array that does not overlap b for out but received Float32Array of length 6',
+    );
   });
 
   it('native layer checks leading dimensions itself (RangeError, ERR_LIMA_ARGUMENT)', () => {

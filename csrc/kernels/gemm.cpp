@@ -65,6 +65,7 @@ thread_local Scratch t_scratch;
 float* scratch(int slot, int64_t floats) {
   Scratch& s = t_scratch;
   if (floats > s.cap[slot]) {
+    // Emptied first so that a failing allocation (bad_alloc) leaves a consistent slot behind.
     ::operator delete[](s.buf[slot], std::align_val_t(64));
     s.buf[slot] = nullptr;
     s.cap[slot] = 0;
@@ -100,8 +101,7 @@ int64_t balanced_block(int64_t n, int64_t max_block, int64_t align) {
 
 // Below this many flops one thread finishes before a hand-over to the pool would pay off.
 constexpr double kMinParallelFlops = 4e6;
-// Tasks per thread in each parallel step: several, so that a thread slowed by anything else on
-// its core hands work to the others instead of holding up the step.
+// Tasks per thread in each parallel step.
 constexpr int64_t kTasksPerThread = 4;
 
 // Runs fn(task) for every task in [0, n), on the pool's threads when `parallel`.
@@ -123,8 +123,11 @@ Range part(int64_t units, int64_t parts, int64_t t) { return {t * units / parts,
 // The blocked product. One operand's block is packed once, in parallel, into the calling
 // thread's scratch and shared; the tasks then cut the other dimension, each packing its own slice
 // of the other operand (so nothing is packed twice) and running the micro-kernel over it.
-//   rows mode (tall C): for each B block (KC x NC, kept in L2): row tasks pack A slices.
-//   cols mode (wide C): for each A block (MC x KC): column tasks pack B slices of <= NC columns.
+//   rows mode (tall C): for each B block (KC x NC, kept in L2), row tasks; an untransposed A is
+//     packed panel by panel just before use, a transposed one a slice at a time.
+//   cols mode (wide C): for each A block (MC x KC), column tasks pack B slices of <= NC columns.
+// Each block costs two pool steps (pack, then compute); several tasks per thread and step let a
+// thread that loses its core for a while leave its share to the others.
 void run_blocked(const Problem& p, const Ops& o, ThreadPool* pool, int threads) {
   const int64_t tiles_m = ceil_div(p.M, o.mr), tiles_n = ceil_div(p.N, o.nr);
   bool rows_mode;

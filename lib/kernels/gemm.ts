@@ -43,7 +43,7 @@ export interface MatmulOptions {
   alpha?: number;
   /** Default 0, which overwrites `out` without reading it (NaNs there do not propagate). */
   beta?: number;
-  /** Where C goes; required when beta != 0 because C is then also an input. */
+  /** Where C goes; required when beta != 0 because C is then also an input. Must not overlap a or b. */
   out?: Float32Array;
 }
 
@@ -90,6 +90,19 @@ function expectAtLeast(v: unknown, name: string, need: number): Float32Array {
   return a;
 }
 
+// Outputs are written while the inputs are still being read (in packed blocks, by several
+// threads), so an output sharing memory with an input would give garbage.
+function expectDisjoint(out: Float32Array, name: string, inputs: [Float32Array, string][]): void {
+  for (const [input, inputName] of inputs) {
+    if (
+      out.buffer === input.buffer &&
+      out.byteOffset < input.byteOffset + input.byteLength &&
+      input.byteOffset < out.byteOffset + out.byteLength
+    )
+      fail(`a Float32Array that does not overlap ${inputName}`, name, out);
+  }
+}
+
 function optionalBool(v: unknown, name: string): boolean {
   if (v === undefined) return false;
   if (typeof v !== 'boolean') fail('a boolean', name, v);
@@ -112,8 +125,8 @@ function prepare(a: unknown, b: unknown, options: unknown): { out: Float32Array;
   const ldc = o.ldc === undefined ? n : expectInt(o.ldc, 'ldc', n);
   const alpha = o.alpha === undefined ? 1 : expectNumber(o.alpha, 'alpha');
   const beta = o.beta === undefined ? 0 : expectNumber(o.beta, 'beta');
-  expectAtLeast(a, 'a', transA ? extent(k, m, lda, 'a') : extent(m, k, lda, 'a'));
-  expectAtLeast(b, 'b', transB ? extent(n, k, ldb, 'b') : extent(k, n, ldb, 'b'));
+  const A = expectAtLeast(a, 'a', transA ? extent(k, m, lda, 'a') : extent(m, k, lda, 'a'));
+  const B = expectAtLeast(b, 'b', transB ? extent(n, k, ldb, 'b') : extent(k, n, ldb, 'b'));
   const cNeed = extent(m, n, ldc, 'out');
   let out: Float32Array;
   if (o.out === undefined) {
@@ -121,6 +134,7 @@ function prepare(a: unknown, b: unknown, options: unknown): { out: Float32Array;
     out = new Float32Array(cNeed);
   } else {
     out = expectAtLeast(o.out, 'out', cNeed);
+    expectDisjoint(out, 'out', [[A, 'a'], [B, 'b']]);
   }
   return { out, args: [m, n, k, transA, transB, lda, ldb, ldc, alpha, beta] };
 }
@@ -158,7 +172,13 @@ export function linearForward(x: Float32Array, w: Float32Array, options: LinearF
   const [rows, inF, outF] = linearDims(options);
   expectF32(x, 'x', rows * inF);
   expectF32(w, 'w', outF * inF);
-  const y = options.out === undefined ? new Float32Array(rows * outF) : expectF32(options.out, 'out', rows * outF);
+  let y: Float32Array;
+  if (options.out === undefined) {
+    y = new Float32Array(rows * outF);
+  } else {
+    y = expectF32(options.out, 'out', rows * outF);
+    expectDisjoint(y, 'out', [[x, 'x'], [w, 'w']]);
+  }
   native().linearForward(y, x, w, rows, inF, outF);
   return y;
 }
@@ -188,6 +208,9 @@ export function linearBackward(
     dx = o.dx === null ? null : expectF32(o.dx, 'dx', rows * inF);
   }
   const dW = o.dW === undefined ? new Float32Array(outF * inF) : o.dW === null ? null : expectF32(o.dW, 'dW', outF * inF);
+  const inputs: [Float32Array, string][] = [[dy, 'dy'], [x, 'x'], [w, 'w']];
+  if (dx) expectDisjoint(dx, 'dx', dW ? [...inputs, [dW, 'dW']] : inputs);
+  if (dW) expectDisjoint(dW, 'dW', inputs);
   native().linearBackward(dx, dW, dy, x, w, rows, inF, outF, accumulateDx);
   return { dx, dW };
 }
