@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -68,6 +69,18 @@ BackwardTask backward_task(Isa isa) {
   return scalar::attention_backward_task;
 }
 
+// dst[b][h][t][:] = src[b][t][h][:] (token-major to head-major).
+void to_head_major(const CpuContext& ctx, float* dst, const float* src, int64_t B, int64_t T,
+                   int64_t heads, int64_t D) {
+  ctx.pool->parallel_for(B * T, 64, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / T, t = r % T;
+      for (int64_t h = 0; h < heads; ++h)
+        std::memcpy(dst + ((b * heads + h) * T + t) * D, src + (r * heads + h) * D, sizeof(float) * D);
+    }
+  });
+}
+
 // Splits the key tiles of one kv head into `chunks` contiguous runs of about equal work (a key
 // tile's work is proportional to the query rows that see it, which shrinks along the keys).
 std::vector<int64_t> plan_chunks(const attn::Shape& s, int64_t chunks) {
@@ -96,15 +109,29 @@ void attention_forward(const CpuContext& ctx, float* out, float* lse, const floa
   check_ptr(q, "q");
   check_ptr(k, "k");
   check_ptr(v, "v");
-  const attn::ForwardArgs args{out, lse, q, k, v, shape_of(dims)};
+  const attn::Shape s = shape_of(dims);
+  // Every query tile sweeps its head's keys; with several kv heads their rows are strided, so
+  // they are gathered head-major once when more than one query tile will sweep them.
+  const bool gather = s.KV > 1 && s.Tq > kTileQ;
+  std::unique_ptr<float[]> kh, vh;
+  if (gather) {
+    const size_t n = static_cast<size_t>(s.B * s.Tk * s.KV * s.D);
+    kh.reset(new float[n]);
+    vh.reset(new float[n]);
+    to_head_major(ctx, kh.get(), k, s.B, s.Tk, s.KV, s.D);
+    to_head_major(ctx, vh.get(), v, s.B, s.Tk, s.KV, s.D);
+  }
+  const attn::ForwardArgs args{out, lse, q, gather ? kh.get() : k, gather ? vh.get() : v,
+                               gather ? attn::head_major(s.Tk, s.KV, s.D) : attn::token_major(s.Tk, s.KV, s.D),
+                               s};
   const ForwardTask task = forward_task(ctx.isa);
-  const int64_t qtiles = (dims.Tq + kTileQ - 1) / kTileQ, heads = dims.B * dims.H;
-  const int64_t per_thread = attn::forward_scratch_floats(dims.D);
+  const int64_t qtiles = (s.Tq + kTileQ - 1) / kTileQ, heads = s.B * s.H;
+  const int64_t per_thread = attn::forward_scratch_floats(s.D);
   AlignedFloats scratch(per_thread * ctx.pool->size());
   // Query tile qt sees qt + 1 key tiles: hand out the longest tasks first so the tail is short.
   ctx.pool->run(qtiles * heads, [&](int64_t t, int thread) {
     const int64_t qt = qtiles - 1 - t / heads, bh = t % heads;
-    task(args, bh / dims.H, bh % dims.H, qt, scratch.get() + thread * per_thread);
+    task(args, bh / s.H, bh % s.H, qt, scratch.get() + thread * per_thread);
   });
 }
 
@@ -122,12 +149,25 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   check_ptr(out, "out");
   check_ptr(lse, "lse");
   const attn::Shape s = shape_of(dims);
-  const int64_t D = s.D, rows = s.B * s.Tq, row_len = s.H * D;
+  const int64_t D = s.D, rows = s.B * s.Tq, row_len = s.H * D, q_len = rows * row_len;
+  const int64_t tiles = (s.Tk + kTileK - 1) / kTileK;
   const int threads = ctx.pool->size();
 
-  // D_i = rowsum(dO ∘ O): the softmax-backward correction, computed once per query row and head.
+  // Every key tile sweeps the query rows of its heads: with several heads those rows are strided,
+  // so q and dout are gathered head-major (and dq accumulated head-major) when swept repeatedly.
+  const bool gather = s.H > 1 && tiles > 1;
+  const attn::Strides q_st = gather ? attn::head_major(s.Tq, s.H, D) : attn::token_major(s.Tq, s.H, D);
+  std::unique_ptr<float[]> qh, doh, dqh;
+  if (gather) {
+    qh.reset(new float[static_cast<size_t>(q_len)]);
+    doh.reset(new float[static_cast<size_t>(q_len)]);
+    dqh.reset(new float[static_cast<size_t>(q_len)]);
+  }
+
+  // D_i = rowsum(dO ∘ O): the softmax-backward correction, computed once per query row and head,
+  // in the same pass that gathers q and dout.
   std::unique_ptr<float[]> di(new float[static_cast<size_t>(rows * s.H)]);
-  ctx.pool->parallel_for(rows, 64, [&](int64_t lo, int64_t hi, int) {
+  ctx.pool->parallel_for(rows, 16, [&](int64_t lo, int64_t hi, int) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / s.Tq, i = r % s.Tq;
       for (int64_t h = 0; h < s.H; ++h) {
@@ -139,6 +179,11 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
         float sum = 0;
         for (float a : acc) sum += a;
         di[(b * s.H + h) * s.Tq + i] = sum;
+        if (gather) {
+          const int64_t at = b * q_st.batch + h * q_st.head + i * q_st.row;
+          std::memcpy(qh.get() + at, q + r * row_len + h * D, sizeof(float) * D);
+          std::memcpy(doh.get() + at, x, sizeof(float) * D);
+        }
       }
     }
   });
@@ -146,13 +191,15 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   // One task per (batch, kv head) when that already gives every thread a couple of tasks; else
   // the key tiles are cut into chunks whose dq contributions go to separate buffers summed below
   // (no two tasks ever write the same memory, and the result does not depend on scheduling).
-  const int64_t units = s.B * s.KV, tiles = (s.Tk + kTileK - 1) / kTileK;
+  const int64_t units = s.B * s.KV;
   const int64_t chunks = std::min(tiles, std::max<int64_t>(1, (2 * threads + units - 1) / units));
   const std::vector<int64_t> bounds = plan_chunks(s, chunks);
   std::unique_ptr<float[]> parts;
-  if (chunks > 1) parts.reset(new float[static_cast<size_t>((chunks - 1) * rows * row_len)]);
+  if (chunks > 1) parts.reset(new float[static_cast<size_t>((chunks - 1) * q_len)]);
 
-  const attn::BackwardArgs args{dq, parts.get(), dk, dv, dout, q, k, v, lse, di.get(), bounds.data(), s};
+  const attn::BackwardArgs args{gather ? dqh.get() : dq, parts.get(), dk, dv,
+                                gather ? doh.get() : dout, gather ? qh.get() : q, k, v, lse,
+                                di.get(), bounds.data(), q_st, s};
   const BackwardTask task = backward_task(ctx.isa);
   const int64_t per_thread = attn::backward_scratch_floats(D);
   AlignedFloats scratch(per_thread * threads);
@@ -161,15 +208,21 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
     task(args, unit / s.KV, unit % s.KV, c, scratch.get() + thread * per_thread);
   });
 
-  if (chunks > 1) {
+  // dq = chunk 0's buffer (unless that was dq itself) plus the other chunks' rows they wrote.
+  if (gather || chunks > 1) {
     ctx.pool->parallel_for(rows, 16, [&](int64_t lo, int64_t hi, int) {
       for (int64_t r = lo; r < hi; ++r) {
-        float* dst = dq + r * row_len;
-        for (int64_t c = 1; c < chunks; ++c) {
-          // Rows before the chunk's first visible query were never written by it.
-          if (r % s.Tq < attn::first_query_seeing(s, bounds[c] * kTileK)) continue;
-          const float* src = parts.get() + (c - 1) * rows * row_len + r * row_len;
-          for (int64_t x = 0; x < row_len; ++x) dst[x] += src[x];
+        const int64_t b = r / s.Tq, i = r % s.Tq;
+        for (int64_t h = 0; h < s.H; ++h) {
+          float* dst = dq + r * row_len + h * D;
+          const int64_t at = b * q_st.batch + h * q_st.head + i * q_st.row;
+          if (gather) std::memcpy(dst, dqh.get() + at, sizeof(float) * D);
+          for (int64_t c = 1; c < chunks; ++c) {
+            // Rows before the chunk's first visible query were never written by it.
+            if (i < attn::first_query_seeing(s, bounds[c] * kTileK)) continue;
+            const float* src = parts.get() + (c - 1) * q_len + at;
+            for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+          }
         }
       }
     });

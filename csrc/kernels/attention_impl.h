@@ -17,27 +17,39 @@ struct Shape {
   int64_t B, Tq, Tk, H, KV, D;
 };
 
+// Where row `row` of head `head` in batch `b` starts: b * batch + head * head + row * row.
+// The public layout is token-major ([B, T, heads, D]); the dispatcher may hand the tile loops
+// head-major copies ([B, heads, T, D]) instead, see attention.cpp.
+struct Strides {
+  int64_t batch, head, row;
+};
+
+static inline Strides token_major(int64_t T, int64_t heads, int64_t D) { return {T * heads * D, D, heads * D}; }
+static inline Strides head_major(int64_t T, int64_t heads, int64_t D) { return {heads * T * D, T * D, D}; }
+
 struct ForwardArgs {
-  float* out;
+  float* out;  // token-major, like q
   float* lse;
-  const float* q;
-  const float* k;
+  const float* q;  // token-major
+  const float* k;  // k and v in the layout kv_st
   const float* v;
+  Strides kv_st;
   Shape s;
 };
 
 struct BackwardArgs {
   float* dq;        // receives chunk 0's dq; chunk c > 0 writes dq_parts + (c - 1) * B*Tq*H*D
-  float* dq_parts;  // same layout as dq, one per extra chunk (null when there is one chunk)
-  float* dk;
+  float* dq_parts;  // one per extra chunk (null when there is one chunk)
+  float* dk;        // dk and dv token-major
   float* dv;
-  const float* dout;
+  const float* dout;  // dout, q, dq and dq_parts in the layout q_st
   const float* q;
-  const float* k;
+  const float* k;  // token-major
   const float* v;
   const float* lse;
   const float* di;            // rowsum(dout * out), [B, H, Tq]
   const int64_t* chunk_tile;  // key tiles [chunk_tile[c], chunk_tile[c + 1]) form chunk c
+  Strides q_st;
   Shape s;
 };
 
@@ -53,7 +65,7 @@ static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * 
 // picked by the linker for baseline code.
 // Per-thread scratch sizes in floats (each part starts 64-byte aligned when the base is).
 static inline int64_t forward_scratch_floats(int64_t D) {
-  return 2 * D * kTileQ + kTileK * kTileQ + 3 * kTileQ;
+  return 2 * D * kTileQ + kTileK * kTileQ + kTileK * D + 3 * kTileQ;
 }
 static inline int64_t backward_scratch_floats(int64_t D) {
   return 3 * D * kTileK + 2 * kTileQ * D + 2 * kTileQ * kTileK + 2 * kTileK * D;
