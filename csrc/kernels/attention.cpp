@@ -191,8 +191,11 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   // One task per (batch, kv head) when that already gives every thread a couple of tasks; else
   // the key tiles are cut into chunks whose dq contributions go to separate buffers summed below
   // (no two tasks ever write the same memory, and the result does not depend on scheduling).
+  // Each extra chunk costs a dq-sized buffer, so there are at most kMaxChunks.
+  constexpr int64_t kMaxChunks = 4;
   const int64_t units = s.B * s.KV;
-  const int64_t chunks = std::min(tiles, std::max<int64_t>(1, (2 * threads + units - 1) / units));
+  const int64_t chunks =
+      std::min({tiles, kMaxChunks, std::max<int64_t>(1, (2 * threads + units - 1) / units)});
   const std::vector<int64_t> bounds = plan_chunks(s, chunks);
   std::unique_ptr<float[]> parts;
   if (chunks > 1) parts.reset(new float[static_cast<size_t>((chunks - 1) * q_len)]);
