@@ -93,7 +93,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     } catch (const KernelError& e) {
       throw_coded(Napi::RangeError::New(info.Env(), e.what()), "ERR_LIMA_ARGUMENT");
     }
-    jobs_ = std::make_unique<JobQueue>(info.Env(), "lima-native model");
+    jobs_ = std::make_unique<JobQueue>("lima-native model");
   }
 
  private:
