@@ -296,3 +296,28 @@ describe('bad inputs get clear errors', () => {
   });
 });
 
+
+describe('random initialisation', () => {
+  it('draws N(0, std²) weights and unit norm gains, reproducibly per seed', async () => {
+    const cfg = { vocab_size: 500, hidden_size: 64, intermediate_size: 160, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2 };
+    await using a = await LlamaModel.create(cfg, { seed: 1, std: 0.02 });
+    await using b = await LlamaModel.create(cfg, { seed: 1, std: 0.02 });
+    await using c = await LlamaModel.create(cfg, { seed: 2, std: 0.02 });
+    const emb = await a.getTensor('model.embed_tokens.weight');
+    const mean = emb.reduce((s, x) => s + x, 0) / emb.length;
+    const std = Math.sqrt(emb.reduce((s, x) => s + (x - mean) ** 2, 0) / emb.length);
+    expect(Math.abs(mean)).toBeLessThan(0.001);
+    expect(Math.abs(std - 0.02)).toBeLessThan(0.0005);
+    // Tails of a normal: about 4.6 % beyond 2 std, 0.27 % beyond 3.
+    const beyond2 = emb.filter((x) => Math.abs(x) > 0.04).length / emb.length;
+    expect(beyond2).toBeGreaterThan(0.035);
+    expect(beyond2).toBeLessThan(0.057);
+    expect(await a.getTensor('model.norm.weight')).toEqual(new Float32Array(64).fill(1));
+    expect(await b.getTensor('model.embed_tokens.weight')).toEqual(emb);
+    expect(await c.getTensor('model.embed_tokens.weight')).not.toEqual(emb);
+    // Tensors are independent streams, not copies of one another.
+    const q = await a.getTensor('model.layers.0.self_attn.q_proj.weight');
+    const k = await a.getTensor('model.layers.1.self_attn.q_proj.weight');
+    expect(q).not.toEqual(k);
+  });
+});

@@ -141,6 +141,34 @@ const ParamInfo* LlamaModel::find(const std::string& name) const {
   return nullptr;
 }
 
+void LlamaModel::init_normal(const CpuContext& ctx, uint64_t seed, float std) {
+  const uint32_t key[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  for (size_t t = 0; t < info_.size(); ++t) {
+    const ParamInfo& p = info_[t];
+    float* w = w_.get() + p.offset;
+    if (!p.decay) {
+      std::fill(w, w + p.numel, 1.0f);
+      continue;
+    }
+    const int64_t blocks = (p.numel + 3) / 4;
+    ctx.pool->parallel_for(blocks, 1 << 12, [&](int64_t b0, int64_t b1, int) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint32_t ctr[4] = {static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), static_cast<uint32_t>(t), 0x494e4954u};
+        uint32_t r[4];
+        philox4x32_10(r, ctr, key);
+        // Box–Muller on two pairs of 32-bit uniforms in (0, 1].
+        for (int j = 0; j < 4; j += 2) {
+          const double u1 = (r[j] + 1.0) / 4294967296.0, u2 = r[j + 1] / 4294967296.0;
+          const double rad = std::sqrt(-2.0 * std::log(u1)), ang = 6.283185307179586 * u2;
+          const int64_t i = 4 * b + j;
+          if (i < p.numel) w[i] = static_cast<float>(std * rad * std::cos(ang));
+          if (i + 1 < p.numel) w[i + 1] = static_cast<float>(std * rad * std::sin(ang));
+        }
+      }
+    });
+  }
+}
+
 void LlamaModel::zero_grads() { std::memset(g_.get(), 0, sizeof(float) * n_params_); }
 
 void LlamaModel::release_buffers() {
