@@ -5,6 +5,8 @@
 #include <cstring>
 #include <new>
 
+#include <unistd.h>
+
 #include "kernels/attention.h"
 #include "kernels/dropout.h"
 #include "kernels/gemm.h"
@@ -18,6 +20,15 @@ constexpr int kPerLayer = 9;  // ln1, q, k, v, o, ln2, gate, up, down
 // Rows of logits materialised at once: bounds head memory to ~64 MiB whatever N is.
 constexpr int64_t kLogitBytes = 64 << 20;
 constexpr int32_t kIgnore = -100;
+
+int64_t physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+  return pages > 0 && size > 0 ? static_cast<int64_t>(pages) * size : 0;
+#else
+  return 0;
+#endif
+}
 
 std::string fmt_bytes(int64_t b) {
   char buf[64];
@@ -203,6 +214,13 @@ void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
   acts_.reset();
   const int64_t n = Acts::floats(cfg_, B, T);
+  // Refuse up front what cannot fit: with overcommit an oversized allocation could "succeed"
+  // and fail only when touched, deep inside the step.
+  const int64_t phys = physical_memory_bytes();
+  if (phys > 0 && 4 * n > phys)
+    throw KernelError("Expected a batch whose activations fit in memory but " + std::to_string(B) + " x " +
+                      std::to_string(T) + " tokens need " + fmt_bytes(4 * n) + " of activations and this machine has " +
+                      fmt_bytes(phys) + " (use smaller micro-batches or sequences)");
   auto a = std::make_unique<Acts>();
   try {
     a->buf.reset(new float[n]);
