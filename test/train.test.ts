@@ -131,6 +131,23 @@ describe('checkpoints, resume and abort', () => {
     for (const [n, w] of a) expect(b.get(n), n).toEqual(w);
   });
 
+  it('keepLast drops older weights but keeps their dev generations and state', async () => {
+    const base = tmp();
+    const data = join(base, 'train.jsonl');
+    writeTokenRows(data, 8, 61);
+    const init = join(base, 'init');
+    await (await LlamaModel.create(cfg, { seed: 7 })).save(init);
+    const out = join(base, 'run');
+    const r = await finetune({ ...common, model: init, data, outDir: out, epochs: 3, keepLast: 1 }).result;
+    expect(r.lastCheckpoint).toBe(join(out, 'epoch-3'));
+    for (const e of [1, 2]) {
+      expect(existsSync(join(out, `epoch-${e}`, 'model.safetensors'))).toBe(false);
+      expect(existsSync(join(out, `epoch-${e}`, 'optimizer.safetensors'))).toBe(false);
+      expect(existsSync(join(out, `epoch-${e}`, 'dev-generations.jsonl'))).toBe(true);
+    }
+    expect(existsSync(join(out, 'epoch-3', 'model.safetensors'))).toBe(true);
+  });
+
   it('an AbortSignal stops within one step and the last checkpoint stays loadable', async () => {
     const base = tmp();
     const data = join(base, 'train.jsonl');
@@ -188,6 +205,24 @@ describe('command line', () => {
     const g = JSON.parse(r.stdout) as { ids: number[]; stopReason: string };
     expect(g.ids.length).toBeLessThanOrEqual(5);
     expect(['max-tokens', 'stop-token']).toContain(g.stopReason);
+  });
+
+  it('convert imports llama2.c and eval reproduces the reference loss', () => {
+    const base = tmp();
+    let r = cli('convert', '--from', 'llama2c', join(FIX, 'llama2c', 'unshared.bin'), '--out', join(base, 'conv'));
+    expect(r.status, r.stderr).toBe(0);
+    expect(existsSync(join(base, 'conv', 'model.safetensors'))).toBe(true);
+    const cfg = JSON.parse(readFileSync(join(base, 'conv', 'config.json'), 'utf8')) as { tie_word_embeddings: boolean; vocab_size: number };
+    expect(cfg).toMatchObject({ tie_word_embeddings: false, vocab_size: 50 });
+
+    const fx = join(FIX, 'gqa1-untied');
+    r = cli('eval', '--model', fx, '--data', join(fx, 'data.jsonl'), '--json');
+    expect(r.status, r.stderr).toBe(0);
+    const ev = JSON.parse(r.stdout) as { loss: number; perplexity: number; tokens: number };
+    const meta = JSON.parse(readFileSync(join(fx, 'expected.json'), 'utf8')) as { loss: number; targets: number };
+    expect(ev.tokens).toBe(meta.targets);
+    expect(Math.abs(ev.loss - meta.loss) / meta.loss).toBeLessThan(1e-5);
+    expect(ev.perplexity).toBeCloseTo(Math.exp(meta.loss), 4);
   });
 
   it('reports bad usage and bad data clearly', () => {
