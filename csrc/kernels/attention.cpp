@@ -128,9 +128,10 @@ void attention_forward(const CpuContext& ctx, float* out, float* lse, const floa
   const int64_t qtiles = (s.Tq + kTileQ - 1) / kTileQ, heads = s.B * s.H;
   const int64_t per_thread = attn::forward_scratch_floats(s.D);
   AlignedFloats scratch(per_thread * ctx.pool->size());
-  // Query tile qt sees qt + 1 key tiles: hand out the longest tasks first so the tail is short.
+  // Consecutive tasks share a head, so its keys and values stay in L2 between them; within a
+  // head the longest tasks (query tile qt sees qt + 1 key tiles) go first to keep the tail short.
   ctx.pool->run(qtiles * heads, [&](int64_t t, int thread) {
-    const int64_t qt = qtiles - 1 - t / heads, bh = t % heads;
+    const int64_t bh = t / qtiles, qt = qtiles - 1 - t % qtiles;
     task(args, bh / s.H, bh % s.H, qt, scratch.get() + thread * per_thread);
   });
 }
