@@ -201,9 +201,20 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   std::unique_ptr<float[]> parts;
   if (chunks > 1) parts.reset(new float[static_cast<size_t>((chunks - 1) * q_len)]);
 
-  const attn::BackwardArgs args{gather ? dqh.get() : dq, parts.get(), dk, dv,
-                                gather ? doh.get() : dout, gather ? qh.get() : q, k, v, lse,
-                                di.get(), bounds.data(), q_st, s};
+  const attn::BackwardArgs args{gather ? dqh.get() : dq,
+                                parts.get(),
+                                gather && chunks == 1 ? dq : nullptr,
+                                dk,
+                                dv,
+                                gather ? doh.get() : dout,
+                                gather ? qh.get() : q,
+                                k,
+                                v,
+                                lse,
+                                di.get(),
+                                bounds.data(),
+                                q_st,
+                                s};
   const BackwardTask task = backward_task(ctx.isa);
   const int64_t per_thread = attn::backward_scratch_floats(D);
   AlignedFloats scratch(per_thread * threads);
@@ -213,7 +224,7 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   });
 
   // dq = chunk 0's buffer (unless that was dq itself) plus the other chunks' rows they wrote.
-  if (gather || chunks > 1) {
+  if (chunks > 1) {
     ctx.pool->parallel_for(rows, 16, [&](int64_t lo, int64_t hi, int) {
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t b = r / s.Tq, i = r % s.Tq;

@@ -40,6 +40,8 @@ struct ForwardArgs {
 struct BackwardArgs {
   float* dq;        // receives chunk 0's dq; chunk c > 0 writes dq_parts + (c - 1) * B*Tq*H*D
   float* dq_parts;  // one per extra chunk (null when there is one chunk)
+  float* dq_out;    // token-major dq: with a single chunk and a head-major dq, rows are copied
+                    // here as soon as no later key tile can touch them (else null)
   float* dk;        // dk and dv token-major
   float* dv;
   const float* dout;  // dout, q, dq and dq_parts in the layout q_st
