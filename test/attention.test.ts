@@ -154,6 +154,7 @@ const backwardCases: Case[] = [
   [1, 100, 300, 2, 1, 16],
   [1, 512, 512, 2, 1, 64], // several key chunks per kv head
   [4, 100, 100, 4, 4, 32], // one task per (batch, kv head)
+  [4, 40, 150, 2, 2, 32], // the same with a KV cache
 ];
 
 describe('attentionBackward', () => {
