@@ -186,7 +186,11 @@ describe('attentionBackward', () => {
     const w = randn(data.q.length, 7);
     const ref = K.attentionBackwardReference(w, data.q, data.k, data.v, dims);
     const params = { q: data.q, k: data.k, v: data.v } as const;
-    const fd: Record<keyof typeof params, { idx: number[]; grad: number[] }> = { q: { idx: [], grad: [] }, k: { idx: [], grad: [] }, v: { idx: [], grad: [] } };
+    const fd: Record<keyof typeof params, { idx: number[]; grad: number[] }> = {
+      q: { idx: [], grad: [] },
+      k: { idx: [], grad: [] },
+      v: { idx: [], grad: [] },
+    };
     for (const name of ['q', 'k', 'v'] as const) {
       const x = Float64Array.from(params[name]);
       const loss = (p: Float64Array) => {
@@ -284,7 +288,8 @@ describe('attention argument errors', () => {
     expect(() => K.attentionForward(data.q.subarray(1), data.k, data.v, dims)).toThrow(
       'Expected a Float32Array of length 512 for q but received Float32Array of length 511',
     );
-    expect(() => K.attentionForward(data.q, Float64Array.from(data.k) as unknown as Float32Array, data.v, dims)).toThrow(
+    const k64 = Float64Array.from(data.k) as unknown as Float32Array;
+    expect(() => K.attentionForward(data.q, k64, data.v, dims)).toThrow(
       'Expected a Float32Array for k but received Float64Array of length 256',
     );
     const f = K.attentionForward(data.q, data.k, data.v, dims);

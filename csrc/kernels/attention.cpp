@@ -25,8 +25,8 @@ void check_dims(const AttentionDims& d) {
   expect(d.Tk >= d.Tq, ("an integer >= Tq (" + std::to_string(d.Tq) + ")").c_str(), "Tk",
          std::to_string(d.Tk));
   expect(d.H >= 1, "an integer >= 1", "H", std::to_string(d.H));
-  expect(d.KV >= 1 && d.H % d.KV == 0, ("a divisor of H (" + std::to_string(d.H) + ")").c_str(), "KV",
-         std::to_string(d.KV));
+  expect(d.KV >= 1 && d.H % d.KV == 0, ("a divisor of H (" + std::to_string(d.H) + ")").c_str(),
+         "KV", std::to_string(d.KV));
   expect(d.D >= 16 && d.D <= 256 && d.D % 16 == 0, "a multiple of 16 in [16, 256]", "D",
          std::to_string(d.D));
 }
@@ -94,7 +94,8 @@ void to_head_major(const CpuContext& ctx, float* dst, const float* src, int64_t 
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / T, t = r % T;
       for (int64_t h = 0; h < heads; ++h)
-        std::memcpy(dst + ((b * heads + h) * T + t) * D, src + (r * heads + h) * D, sizeof(float) * D);
+        std::memcpy(dst + ((b * heads + h) * T + t) * D, src + (r * heads + h) * D,
+                    sizeof(float) * D);
     }
   });
 }
@@ -176,7 +177,8 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   // Every key tile sweeps the query rows of its heads: with several heads those rows are strided,
   // so q and dout are gathered head-major (and dq accumulated head-major) when swept repeatedly.
   const bool gather = s.H > 1 && tiles > 1;
-  const attn::Strides q_st = gather ? attn::head_major(s.Tq, s.H, D) : attn::token_major(s.Tq, s.H, D);
+  const attn::Strides q_st =
+      gather ? attn::head_major(s.Tq, s.H, D) : attn::token_major(s.Tq, s.H, D);
 
   // One task per (batch, kv head) when that already gives every thread a couple of tasks; else
   // the key tiles are cut into chunks whose dq contributions go to separate buffers summed below
@@ -305,7 +307,8 @@ void attention_backward_reference(float* dq, float* dk, float* dv, const float* 
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const size_t kv_len = static_cast<size_t>(B * Tk * KV * D);
   std::vector<double> dk_acc(kv_len, 0.0), dv_acc(kv_len, 0.0);
-  std::vector<double> p(static_cast<size_t>(Tk)), dp(static_cast<size_t>(Tk)), dqi(static_cast<size_t>(D));
+  std::vector<double> p(static_cast<size_t>(Tk)), dp(static_cast<size_t>(Tk));
+  std::vector<double> dqi(static_cast<size_t>(D));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t i = 0; i < Tq; ++i) {
