@@ -3,6 +3,7 @@
 #include "kernels/attention.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -24,8 +25,8 @@ void check_dims(const AttentionDims& d) {
   expect(d.Tk >= d.Tq, ("an integer >= Tq (" + std::to_string(d.Tq) + ")").c_str(), "Tk",
          std::to_string(d.Tk));
   expect(d.H >= 1, "an integer >= 1", "H", std::to_string(d.H));
-  expect(d.KV >= 1 && d.H % d.KV == 0, ("a divisor of H (" + std::to_string(d.H) + ")").c_str(), "KV",
-         std::to_string(d.KV));
+  expect(d.KV >= 1 && d.H % d.KV == 0, ("a divisor of H (" + std::to_string(d.H) + ")").c_str(),
+         "KV", std::to_string(d.KV));
   expect(d.D >= 16 && d.D <= 256 && d.D % 16 == 0, "a multiple of 16 in [16, 256]", "D",
          std::to_string(d.D));
 }
@@ -34,19 +35,36 @@ void check_ptr(const void* p, const char* name) { expect(p != nullptr, "a buffer
 
 attn::Shape shape_of(const AttentionDims& d) { return {d.B, d.Tq, d.Tk, d.H, d.KV, d.D}; }
 
-// 64-byte aligned floats, so that every scratch tile starts on a cache line.
-class AlignedFloats {
- public:
-  explicit AlignedFloats(int64_t n) : raw_(new float[static_cast<size_t>(n) + 16]) {
-    const auto addr = reinterpret_cast<uintptr_t>(raw_.get());
-    data_ = raw_.get() + ((64 - addr % 64) % 64) / sizeof(float);
+// The calling thread's buffers, kept and reused between calls (grown on demand). The head-major
+// copies are as large as q; taking them fresh from the allocator each call returned them to the
+// OS and faulted them back in page by page, a few percent of a forward.
+float* thread_block(int64_t floats) {
+  thread_local std::unique_ptr<float[]> block;
+  thread_local int64_t capacity = 0;
+  if (capacity < floats) {
+    block.reset();  // release the old block before taking the larger one
+    capacity = 0;   // stays consistent if the allocation below throws
+    block.reset(new float[static_cast<size_t>(floats)]);
+    capacity = floats;
   }
-  float* get() const { return data_; }
+  return block.get();
+}
 
- private:
-  std::unique_ptr<float[]> raw_;
-  float* data_;
-};
+// Lays out buffers of the given float counts in the thread's block, each 64-byte aligned.
+template <size_t N>
+std::array<float*, N> call_buffers(const std::array<int64_t, N>& sizes) {
+  int64_t total = 16;  // slack for aligning the start
+  for (int64_t n : sizes) total += attn::round_up(n, 16);
+  float* base = thread_block(total);
+  const auto addr = reinterpret_cast<uintptr_t>(base);
+  float* at = base + ((64 - addr % 64) % 64) / sizeof(float);
+  std::array<float*, N> out;
+  for (size_t i = 0; i < N; ++i) {
+    out[i] = at;
+    at += attn::round_up(sizes[i], 16);
+  }
+  return out;
+}
 
 using ForwardTask = void (*)(const attn::ForwardArgs&, int64_t, int64_t, int64_t, float*);
 using BackwardTask = void (*)(const attn::BackwardArgs&, int64_t, int64_t, int64_t, float*);
@@ -76,7 +94,8 @@ void to_head_major(const CpuContext& ctx, float* dst, const float* src, int64_t 
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / T, t = r % T;
       for (int64_t h = 0; h < heads; ++h)
-        std::memcpy(dst + ((b * heads + h) * T + t) * D, src + (r * heads + h) * D, sizeof(float) * D);
+        std::memcpy(dst + ((b * heads + h) * T + t) * D, src + (r * heads + h) * D,
+                    sizeof(float) * D);
     }
   });
 }
@@ -113,25 +132,27 @@ void attention_forward(const CpuContext& ctx, float* out, float* lse, const floa
   // Every query tile sweeps its head's keys; with several kv heads their rows are strided, so
   // they are gathered head-major once when more than one query tile will sweep them.
   const bool gather = s.KV > 1 && s.Tq > kTileQ;
-  std::unique_ptr<float[]> kh, vh;
+  const int64_t kv_len = gather ? s.B * s.Tk * s.KV * s.D : 0;
+  const int64_t per_thread = attn::forward_scratch_floats(s.D);
+  const std::array<float*, 3> buffers =
+      call_buffers<3>({kv_len, kv_len, per_thread * ctx.pool->size()});
+  float* const kh = buffers[0];
+  float* const vh = buffers[1];
+  float* const scratch = buffers[2];
   if (gather) {
-    const size_t n = static_cast<size_t>(s.B * s.Tk * s.KV * s.D);
-    kh.reset(new float[n]);
-    vh.reset(new float[n]);
-    to_head_major(ctx, kh.get(), k, s.B, s.Tk, s.KV, s.D);
-    to_head_major(ctx, vh.get(), v, s.B, s.Tk, s.KV, s.D);
+    to_head_major(ctx, kh, k, s.B, s.Tk, s.KV, s.D);
+    to_head_major(ctx, vh, v, s.B, s.Tk, s.KV, s.D);
   }
-  const attn::ForwardArgs args{out, lse, q, gather ? kh.get() : k, gather ? vh.get() : v,
-                               gather ? attn::head_major(s.Tk, s.KV, s.D) : attn::token_major(s.Tk, s.KV, s.D),
-                               s};
+  const attn::Strides kv_st =
+      gather ? attn::head_major(s.Tk, s.KV, s.D) : attn::token_major(s.Tk, s.KV, s.D);
+  const attn::ForwardArgs args{out, lse, q, gather ? kh : k, gather ? vh : v, kv_st, s};
   const ForwardTask task = forward_task(ctx.isa);
   const int64_t qtiles = (s.Tq + kTileQ - 1) / kTileQ, heads = s.B * s.H;
-  const int64_t per_thread = attn::forward_scratch_floats(s.D);
-  AlignedFloats scratch(per_thread * ctx.pool->size());
-  // Query tile qt sees qt + 1 key tiles: hand out the longest tasks first so the tail is short.
+  // Consecutive tasks share a head, so its keys and values stay in L2 between them; within a
+  // head the longest tasks (query tile qt sees qt + 1 key tiles) go first to keep the tail short.
   ctx.pool->run(qtiles * heads, [&](int64_t t, int thread) {
-    const int64_t qt = qtiles - 1 - t / heads, bh = t % heads;
-    task(args, bh / s.H, bh % s.H, qt, scratch.get() + thread * per_thread);
+    const int64_t bh = t / qtiles, qt = qtiles - 1 - t % qtiles;
+    task(args, bh / s.H, bh % s.H, qt, scratch + thread * per_thread);
   });
 }
 
@@ -156,17 +177,31 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   // Every key tile sweeps the query rows of its heads: with several heads those rows are strided,
   // so q and dout are gathered head-major (and dq accumulated head-major) when swept repeatedly.
   const bool gather = s.H > 1 && tiles > 1;
-  const attn::Strides q_st = gather ? attn::head_major(s.Tq, s.H, D) : attn::token_major(s.Tq, s.H, D);
-  std::unique_ptr<float[]> qh, doh, dqh;
-  if (gather) {
-    qh.reset(new float[static_cast<size_t>(q_len)]);
-    doh.reset(new float[static_cast<size_t>(q_len)]);
-    dqh.reset(new float[static_cast<size_t>(q_len)]);
-  }
+  const attn::Strides q_st =
+      gather ? attn::head_major(s.Tq, s.H, D) : attn::token_major(s.Tq, s.H, D);
+
+  // One task per (batch, kv head) when that already gives every thread a couple of tasks; else
+  // the key tiles are cut into chunks whose dq contributions go to separate buffers summed below
+  // (no two tasks ever write the same memory, and the result does not depend on scheduling).
+  // Each extra chunk costs a dq-sized buffer, so there are at most kMaxChunks.
+  constexpr int64_t kMaxChunks = 4;
+  const int64_t units = s.B * s.KV;
+  const int64_t chunks =
+      std::min({tiles, kMaxChunks, std::max<int64_t>(1, (2 * threads + units - 1) / units)});
+  const std::vector<int64_t> bounds = plan_chunks(s, chunks);
+
+  const int64_t gathered = gather ? q_len : 0, per_thread = attn::backward_scratch_floats(D);
+  const std::array<float*, 6> buffers = call_buffers<6>(
+      {rows * s.H, gathered, gathered, gathered, (chunks - 1) * q_len, per_thread * threads});
+  float* const di = buffers[0];
+  float* const qh = buffers[1];
+  float* const doh = buffers[2];
+  float* const dqh = buffers[3];
+  float* const parts = buffers[4];
+  float* const scratch = buffers[5];
 
   // D_i = rowsum(dO ∘ O): the softmax-backward correction, computed once per query row and head,
   // in the same pass that gathers q and dout.
-  std::unique_ptr<float[]> di(new float[static_cast<size_t>(rows * s.H)]);
   ctx.pool->parallel_for(rows, 16, [&](int64_t lo, int64_t hi, int) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / s.Tq, i = r % s.Tq;
@@ -181,49 +216,46 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
         di[(b * s.H + h) * s.Tq + i] = sum;
         if (gather) {
           const int64_t at = b * q_st.batch + h * q_st.head + i * q_st.row;
-          std::memcpy(qh.get() + at, q + r * row_len + h * D, sizeof(float) * D);
-          std::memcpy(doh.get() + at, x, sizeof(float) * D);
+          std::memcpy(qh + at, q + r * row_len + h * D, sizeof(float) * D);
+          std::memcpy(doh + at, x, sizeof(float) * D);
         }
       }
     }
   });
 
-  // One task per (batch, kv head) when that already gives every thread a couple of tasks; else
-  // the key tiles are cut into chunks whose dq contributions go to separate buffers summed below
-  // (no two tasks ever write the same memory, and the result does not depend on scheduling).
-  // Each extra chunk costs a dq-sized buffer, so there are at most kMaxChunks.
-  constexpr int64_t kMaxChunks = 4;
-  const int64_t units = s.B * s.KV;
-  const int64_t chunks =
-      std::min({tiles, kMaxChunks, std::max<int64_t>(1, (2 * threads + units - 1) / units)});
-  const std::vector<int64_t> bounds = plan_chunks(s, chunks);
-  std::unique_ptr<float[]> parts;
-  if (chunks > 1) parts.reset(new float[static_cast<size_t>((chunks - 1) * q_len)]);
-
-  const attn::BackwardArgs args{gather ? dqh.get() : dq, parts.get(), dk, dv,
-                                gather ? doh.get() : dout, gather ? qh.get() : q, k, v, lse,
-                                di.get(), bounds.data(), q_st, s};
+  const attn::BackwardArgs args{gather ? dqh : dq,
+                                chunks > 1 ? parts : nullptr,
+                                gather && chunks == 1 ? dq : nullptr,
+                                dk,
+                                dv,
+                                gather ? doh : dout,
+                                gather ? qh : q,
+                                k,
+                                v,
+                                lse,
+                                di,
+                                bounds.data(),
+                                q_st,
+                                s};
   const BackwardTask task = backward_task(ctx.isa);
-  const int64_t per_thread = attn::backward_scratch_floats(D);
-  AlignedFloats scratch(per_thread * threads);
   ctx.pool->run(units * chunks, [&](int64_t t, int thread) {
     const int64_t c = t % chunks, unit = t / chunks;
-    task(args, unit / s.KV, unit % s.KV, c, scratch.get() + thread * per_thread);
+    task(args, unit / s.KV, unit % s.KV, c, scratch + thread * per_thread);
   });
 
   // dq = chunk 0's buffer (unless that was dq itself) plus the other chunks' rows they wrote.
-  if (gather || chunks > 1) {
+  if (chunks > 1) {
     ctx.pool->parallel_for(rows, 16, [&](int64_t lo, int64_t hi, int) {
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t b = r / s.Tq, i = r % s.Tq;
         for (int64_t h = 0; h < s.H; ++h) {
           float* dst = dq + r * row_len + h * D;
           const int64_t at = b * q_st.batch + h * q_st.head + i * q_st.row;
-          if (gather) std::memcpy(dst, dqh.get() + at, sizeof(float) * D);
+          if (gather) std::memcpy(dst, dqh + at, sizeof(float) * D);
           for (int64_t c = 1; c < chunks; ++c) {
             // Rows before the chunk's first visible query were never written by it.
             if (i < attn::first_query_seeing(s, bounds[c] * kTileK)) continue;
-            const float* src = parts.get() + (c - 1) * q_len + at;
+            const float* src = parts + (c - 1) * q_len + at;
             for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
           }
         }
@@ -275,7 +307,8 @@ void attention_backward_reference(float* dq, float* dk, float* dv, const float* 
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const size_t kv_len = static_cast<size_t>(B * Tk * KV * D);
   std::vector<double> dk_acc(kv_len, 0.0), dv_acc(kv_len, 0.0);
-  std::vector<double> p(static_cast<size_t>(Tk)), dp(static_cast<size_t>(Tk)), dqi(static_cast<size_t>(D));
+  std::vector<double> p(static_cast<size_t>(Tk)), dp(static_cast<size_t>(Tk));
+  std::vector<double> dqi(static_cast<size_t>(D));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t i = 0; i < Tq; ++i) {

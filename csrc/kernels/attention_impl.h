@@ -24,8 +24,14 @@ struct Strides {
   int64_t batch, head, row;
 };
 
-static inline Strides token_major(int64_t T, int64_t heads, int64_t D) { return {T * heads * D, D, heads * D}; }
-static inline Strides head_major(int64_t T, int64_t heads, int64_t D) { return {heads * T * D, T * D, D}; }
+// `static` (here and below): these helpers are also compiled into the ISA objects, whose copies
+// must never be picked by the linker for baseline code.
+static inline Strides token_major(int64_t T, int64_t heads, int64_t D) {
+  return {T * heads * D, D, heads * D};
+}
+static inline Strides head_major(int64_t T, int64_t heads, int64_t D) {
+  return {heads * T * D, T * D, D};
+}
 
 struct ForwardArgs {
   float* out;  // token-major, like q
@@ -40,6 +46,8 @@ struct ForwardArgs {
 struct BackwardArgs {
   float* dq;        // receives chunk 0's dq; chunk c > 0 writes dq_parts + (c - 1) * B*Tq*H*D
   float* dq_parts;  // one per extra chunk (null when there is one chunk)
+  float* dq_out;    // token-major dq: with a single chunk and a head-major dq, rows are copied
+                    // here as soon as no later key tile can touch them (else null)
   float* dk;        // dk and dv token-major
   float* dv;
   const float* dout;  // dout, q, dq and dq_parts in the layout q_st
@@ -61,8 +69,6 @@ static inline int64_t first_query_seeing(const Shape& s, int64_t j) {
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// `static`: these helpers are also compiled into the ISA objects, whose copies must never be
-// picked by the linker for baseline code.
 // Per-thread scratch sizes in floats (each part starts 64-byte aligned when the base is).
 static inline int64_t forward_scratch_floats(int64_t D) {
   return 2 * D * kTileQ + kTileK * kTileQ + kTileK * D + 3 * kTileQ;

@@ -54,7 +54,14 @@ export interface AttentionBackwardOptions {
 type Dims6 = [number, number, number, number, number, number];
 
 interface NativeAttention {
-  attentionForward(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array, v: Float32Array, ...d: Dims6): void;
+  attentionForward(
+    out: Float32Array,
+    lse: Float32Array,
+    q: Float32Array,
+    k: Float32Array,
+    v: Float32Array,
+    ...d: Dims6
+  ): void;
   attentionBackward(
     dq: Float32Array,
     dk: Float32Array,
@@ -67,7 +74,14 @@ interface NativeAttention {
     lse: Float32Array,
     ...d: Dims6
   ): void;
-  attentionForwardReference(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array, v: Float32Array, ...d: Dims6): void;
+  attentionForwardReference(
+    out: Float32Array,
+    lse: Float32Array,
+    q: Float32Array,
+    k: Float32Array,
+    v: Float32Array,
+    ...d: Dims6
+  ): void;
   attentionBackwardReference(
     dq: Float32Array,
     dk: Float32Array,
