@@ -244,16 +244,17 @@ async function demo(argv: string[]): Promise<void> {
   const modelDir = join(out, 'init');
   const n = await initModel('small', modelDir, 0);
   if (!values.json) console.log(`demo: a ${n}-parameter model from scratch, byte tokenizer, on ${join(data, 'train.jsonl')}`);
-  // The LIMA recipe scaled to a from-scratch model and a few minutes on 2 cores: a larger
-  // learning rate (random weights), smaller batches and shorter texts; the schedule, AdamW
-  // betas, weight decay and depth-scaled dropout keep their shape.
+  // The LIMA recipe scaled to a model trained from scratch in a few minutes on 2 cores: random
+  // weights need a far larger learning rate (with a short warmup) and small batches; the linear
+  // decay, AdamW betas, weight decay and depth-scaled dropout keep their shape.
+  const epochs = num(values.epochs, 'epochs', true) ?? 16;
   await drive({
     model: modelDir, data: join(data, 'train.jsonl'), devData: join(data, 'dev.jsonl'), outDir: join(out, 'run'),
-    epochs: num(values.epochs, 'epochs', true) ?? 8, batchSize: 8, lr: 2e-3, lrFinal: 2e-4, dropout: 0.1,
+    epochs, batchSize: 4, lr: 4e-3, lrFinal: 2e-4, warmupSteps: 10, dropout: 0.1,
     maxLength: 512, seed: 0, devGeneration: { maxNewTokens: 160 }, keepLast: 2,
   }, values.json ?? false);
   if (!values.json) {
-    const gens = join(out, 'run', `epoch-${num(values.epochs, 'epochs', true) ?? 8}`, 'dev-generations.jsonl');
+    const gens = join(out, 'run', `epoch-${epochs}`, 'dev-generations.jsonl');
     if (existsSync(gens)) {
       const first = (await readFile(gens, 'utf8')).split('\n').filter(Boolean).slice(0, 2).map((l) => JSON.parse(l) as { prompt: string; response: string });
       for (const g of first) console.log(`\nprompt: ${g.prompt}\nresponse: ${g.response}`);

@@ -97,3 +97,20 @@ export function sampleIndices(n: number, count: number, seed: number): number[] 
   while (set.size < count) set.add(Math.floor(r() * n));
   return [...set].sort((a, b) => a - b);
 }
+
+/**
+ * ||a - b|| / ||b|| (Euclidean). For weights after Adam steps: Adam divides by the gradient's own
+ * magnitude, so elements with near-zero gradients turn rounding differences of any two float32
+ * implementations into update differences of order lr; the norm-wise error stays sensitive to
+ * any real mistake (a wrong learning rate or decay moves every element).
+ */
+export function relErrNorm(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length mismatch ${a.length} vs ${b.length}`);
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] * b[i];
+  }
+  return Math.sqrt(num) / (Math.sqrt(den) || 1);
+}

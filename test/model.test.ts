@@ -1,8 +1,8 @@
 // LlamaModel against fixtures from the independent PyTorch reference (../shared/reference,
 // generated once and committed): logits, loss, every gradient, greedy decoding, llama2.c import.
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { copyFileSync, cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
+import { freemem, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { LlamaModel, padBatch } from '../lib/model/llama.js';
@@ -198,12 +198,14 @@ describe('weights on disk', () => {
     }
   });
 
-  const torchOk = spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
+  // Optional: needs Debian's python3-torch and the reference beside the checkout (../shared).
+  const refDir = join(import.meta.dirname, '..', '..', 'shared', 'reference');
+  const torchOk = existsSync(refDir) && spawnSync('/usr/bin/python3', ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
   it.runIf(torchOk)('files we write are read by the reference reader (needs python3-torch)', async () => {
     await using m = await LlamaModel.fromPretrained(join(FIX, 'gqa1-untied'));
     const d = tmp();
     await m.save(d, { dtype: 'BF16' });
-    const script = `import sys; sys.path.insert(0, ${JSON.stringify(join(import.meta.dirname, '..', '..', 'shared', 'reference'))})
+    const script = `import sys; sys.path.insert(0, ${JSON.stringify(refDir)})
 from llama_ref import read_safetensors
 w = read_safetensors(sys.argv[1]); print(len(w), float(w['model.norm.weight'].float().sum()))`;
     const r = spawnSync('/usr/bin/python3', ['-c', script, join(d, 'model.safetensors')], { encoding: 'utf8' });
@@ -296,3 +298,79 @@ describe('bad inputs get clear errors', () => {
   });
 });
 
+
+describe('random initialisation', () => {
+  it('draws N(0, std²) weights and unit norm gains, reproducibly per seed', async () => {
+    const cfg = { vocab_size: 500, hidden_size: 64, intermediate_size: 160, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2 };
+    await using a = await LlamaModel.create(cfg, { seed: 1, std: 0.02 });
+    await using b = await LlamaModel.create(cfg, { seed: 1, std: 0.02 });
+    await using c = await LlamaModel.create(cfg, { seed: 2, std: 0.02 });
+    const emb = await a.getTensor('model.embed_tokens.weight');
+    const mean = emb.reduce((s, x) => s + x, 0) / emb.length;
+    const std = Math.sqrt(emb.reduce((s, x) => s + (x - mean) ** 2, 0) / emb.length);
+    expect(Math.abs(mean)).toBeLessThan(0.001);
+    expect(Math.abs(std - 0.02)).toBeLessThan(0.0005);
+    // Tails of a normal: about 4.6 % beyond 2 std, 0.27 % beyond 3.
+    const beyond2 = emb.filter((x) => Math.abs(x) > 0.04).length / emb.length;
+    expect(beyond2).toBeGreaterThan(0.035);
+    expect(beyond2).toBeLessThan(0.057);
+    expect(await a.getTensor('model.norm.weight')).toEqual(new Float32Array(64).fill(1));
+    expect(await b.getTensor('model.embed_tokens.weight')).toEqual(emb);
+    expect(await c.getTensor('model.embed_tokens.weight')).not.toEqual(emb);
+    // Tensors are independent streams, not copies of one another.
+    const q = await a.getTensor('model.layers.0.self_attn.q_proj.weight');
+    const k = await a.getTensor('model.layers.1.self_attn.q_proj.weight');
+    expect(q).not.toEqual(k);
+  });
+});
+
+describe('vocabulary growth and gradients', () => {
+  it('resizeVocab adds rows equal to the mean of the existing ones and keeps the rest', async () => {
+    await using m = await LlamaModel.fromPretrained(join(FIX, 'gqa1-untied'));
+    const V = m.config.vocabSize;
+    const C = m.config.hiddenSize;
+    const before = { emb: await m.getTensor('model.embed_tokens.weight'), head: await m.getTensor('lm_head.weight'), q: await m.getTensor('model.layers.0.self_attn.q_proj.weight') };
+    await m.resizeVocab(V + 2);
+    expect(m.config.vocabSize).toBe(V + 2);
+    for (const [name, old] of [['model.embed_tokens.weight', before.emb], ['lm_head.weight', before.head]] as const) {
+      const w = await m.getTensor(name);
+      expect(w.length).toBe((V + 2) * C);
+      expect(w.subarray(0, V * C)).toEqual(old);
+      for (let c = 0; c < C; c += 5) {
+        let mean = 0;
+        for (let r = 0; r < V; r++) mean += old[r * C + c];
+        mean /= V;
+        expect(w[V * C + c]).toBeCloseTo(mean, 6);
+        expect(w[(V + 1) * C + c]).toBe(w[V * C + c]);
+      }
+    }
+    expect(await m.getTensor('model.layers.0.self_attn.q_proj.weight')).toEqual(before.q);
+    // The grown model runs, and the new id is a valid input.
+    const f = await m.forward({ inputIds: Int32Array.of(1, V + 1), labels: Int32Array.of(1, V + 1), batch: 1, seqLen: 2 });
+    expect(Number.isFinite(f.lossSum)).toBe(true);
+  });
+
+  it('gradNorm is the L2 norm over every parameter gradient', async () => {
+    const dir = join(FIX, 'gqa2-tied');
+    await using m = await LlamaModel.fromPretrained(dir);
+    const b = loadData(dir);
+    await m.trainStep(b, { norm: 11 });
+    let sq = 0;
+    for (const p of m.params) for (const g of await m.getGrad(p.name)) sq += g * g;
+    expect(Math.abs((await m.gradNorm()) - Math.sqrt(sq)) / Math.sqrt(sq)).toBeLessThan(1e-6);
+  });
+
+  it('an impossible batch fails before any work with the bytes it needed', async () => {
+    await using m = await LlamaModel.fromPretrained(join(FIX, 'gqa1-untied'));
+    const B = 8;
+    const T = 1 << 20;
+    const need = LlamaModel.activationBytes(m.config, B, T);
+    expect(need).toBeGreaterThan(freemem() + 2 ** 30);
+    const ids = new Int32Array(B * T);
+    await expect(m.trainStep({ inputIds: ids, labels: ids, batch: B, seqLen: T }, { norm: 1 })).rejects.toThrow(
+      new RegExp(`${B} x ${T} tokens need ${need} bytes .* of activations and this machine has \\d+ bytes`),
+    );
+    // Nothing was computed: the gradients are still zero.
+    expect((await m.getGrad('model.norm.weight')).every((g) => g === 0)).toBe(true);
+  });
+});

@@ -75,6 +75,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
                         InstanceMethod<&NativeLlama::GetTensor>("getTensor"),
                         InstanceMethod<&NativeLlama::GetGrad>("getGrad"),
                         InstanceMethod<&NativeLlama::ZeroGrads>("zeroGrads"),
+                        InstanceMethod<&NativeLlama::InitNormal>("initNormal"),
                         InstanceMethod<&NativeLlama::TrainStep>("trainStep"),
                         InstanceMethod<&NativeLlama::ForwardLoss>("forwardLoss"),
                         InstanceMethod<&NativeLlama::Decode>("decode"),
@@ -93,7 +94,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     } catch (const KernelError& e) {
       throw_coded(Napi::RangeError::New(info.Env(), e.what()), "ERR_LIMA_ARGUMENT");
     }
-    jobs_ = std::make_unique<JobQueue>(info.Env(), "lima-native model");
+    jobs_ = std::make_unique<JobQueue>("lima-native model");
   }
 
  private:
@@ -163,6 +164,17 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     LlamaModel* m = &model(info.Env());
     return jobs_->enqueue(info.Env(), Value(), [m]() -> JobQueue::Result {
       m->zero_grads();
+      return nullptr;
+    });
+  }
+
+  // initNormal(seed, std) -> Promise<void>
+  Napi::Value InitNormal(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    const uint64_t seed = static_cast<uint64_t>(integer(info, 0, "seed"));
+    const float std = static_cast<float>(num(info, 1, "std"));
+    return jobs_->enqueue(info.Env(), Value(), [m, seed, std]() -> JobQueue::Result {
+      m->init_normal(default_context(), seed, std);
       return nullptr;
     });
   }

@@ -22,27 +22,19 @@ Napi::Error error_from(Napi::Env env, const std::exception_ptr& e) {
   }
 }
 
-JobQueue::JobQueue(Napi::Env env, const char* name) {
-  // Unlimited queue: the worker never blocks waiting for the JS thread.
-  tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), name, 0, 1);
-  tsfn_.Unref(env);  // an idle model must not keep the process alive
-  thread_ = std::thread([this] { loop(); });
-}
+JobQueue::~JobQueue() { stop_thread(); }
 
-JobQueue::~JobQueue() {
+void JobQueue::stop_thread() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stopping_ = true;
-    // Jobs that never started are dropped: their owner is being collected, so nobody awaits them.
-    for (Job* j : queue_) {
-      j->owner.Reset();
-      delete j;
-    }
-    queue_.clear();
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
-  tsfn_.Release();
+  // Owners keep the object alive while jobs are queued, so nothing is left here but in teardown,
+  // where nobody can observe the promises any more.
+  for (Job* j : queue_) delete j;
+  queue_.clear();
 }
 
 Napi::Promise JobQueue::enqueue(Napi::Env env, Napi::Object owner, Work work) {
@@ -53,8 +45,13 @@ Napi::Promise JobQueue::enqueue(Napi::Env env, Napi::Object owner, Work work) {
     deferred.Reject(e.Value());
     return deferred.Promise();
   }
-  auto* job = new Job{std::move(work), deferred, Napi::Persistent(owner), nullptr, nullptr, this};
-  if (in_flight_++ == 0) tsfn_.Ref(env);
+  if (in_flight_ == 0) {
+    // Unlimited queue: the worker never blocks waiting for the JS thread.
+    tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), name_, 0, 1);
+  }
+  ++in_flight_;
+  if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
+  auto* job = new Job{std::move(work), deferred, Napi::Persistent(owner), tsfn_, nullptr, nullptr, this};
   {
     std::lock_guard<std::mutex> lk(mu_);
     queue_.push_back(job);
@@ -63,15 +60,13 @@ Napi::Promise JobQueue::enqueue(Napi::Env env, Napi::Object owner, Work work) {
   return deferred.Promise();
 }
 
-void JobQueue::close() { closed_ = true; }
-
 void JobQueue::loop() {
   for (;;) {
     Job* job;
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;
+      if (stopping_) return;
       job = queue_.front();
       queue_.pop_front();
     }
@@ -80,10 +75,9 @@ void JobQueue::loop() {
     } catch (...) {
       job->error = std::current_exception();
     }
-    if (tsfn_.NonBlockingCall(job, settle) != napi_ok) {
-      // The environment is shutting down: nobody can observe the result any more.
-      delete job;
-    }
+    // The job's function is its last use off the JS thread; settle() runs on the JS thread.
+    Napi::ThreadSafeFunction tsfn = job->tsfn;
+    if (tsfn.NonBlockingCall(job, settle) != napi_ok) delete job;  // environment shutting down
   }
 }
 
@@ -103,7 +97,12 @@ void JobQueue::settle(Napi::Env env, Napi::Function, Job* job) {
     }
   }
   JobQueue* q = job->queue;
-  if (--q->in_flight_ == 0) q->tsfn_.Unref(env);
+  if (--q->in_flight_ == 0) {
+    q->tsfn_.Release();
+    q->tsfn_ = Napi::ThreadSafeFunction();
+    // A disposed object needs its thread no more.
+    if (q->closed_) q->stop_thread();
+  }
   job->owner.Reset();
 }
 

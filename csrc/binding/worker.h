@@ -1,16 +1,20 @@
 // A native object's own worker thread: jobs run in order off the event loop and settle a Promise
 // on the JS thread through a ThreadSafeFunction. The addon never blocks the event loop on them.
+//
+// The ThreadSafeFunction exists only while jobs are in flight (created on the first, released
+// when the last settles). It keeps the event loop alive exactly as long as work is pending, and an
+// idle or disposed object holds none, so garbage collection or environment teardown never has to
+// release one from inside Node's own handle cleanup.
 #pragma once
 
 #include <napi.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <exception>
 #include <functional>
-#include <memory>
 #include <mutex>
-#include <string>
 #include <thread>
 
 namespace lima::binding {
@@ -21,7 +25,7 @@ class JobQueue {
   using Result = std::function<Napi::Value(Napi::Env)>;
   using Work = std::function<Result()>;
 
-  JobQueue(Napi::Env env, const char* name);
+  explicit JobQueue(const char* name) : name_(name) {}
   ~JobQueue();
   JobQueue(const JobQueue&) = delete;
   JobQueue& operator=(const JobQueue&) = delete;
@@ -30,8 +34,8 @@ class JobQueue {
   // close(), rejects with ERR_LIMA_DISPOSED.
   Napi::Promise enqueue(Napi::Env env, Napi::Object owner, Work work);
 
-  // Runs the jobs already queued, then stops the thread; later enqueues reject.
-  void close();
+  // Refuses new jobs; those already queued still run.
+  void close() { closed_ = true; }
   bool closed() const { return closed_; }
 
  private:
@@ -39,24 +43,28 @@ class JobQueue {
     Work work;
     Napi::Promise::Deferred deferred;
     Napi::ObjectReference owner;
+    Napi::ThreadSafeFunction tsfn;
     Result result;
     std::exception_ptr error;
     JobQueue* queue;
   };
   void loop();
+  void stop_thread();
   static void settle(Napi::Env env, Napi::Function, Job* job);
 
-  Napi::ThreadSafeFunction tsfn_;
+  const char* name_;
   std::thread thread_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Job*> queue_;
   bool stopping_ = false;
   bool closed_ = false;
-  int in_flight_ = 0;  // JS-thread only: queued or running jobs, to ref/unref the event loop
+  // JS-thread only.
+  int in_flight_ = 0;
+  Napi::ThreadSafeFunction tsfn_;
 };
 
-// Rejects with a JS error carrying a stable code, from an exception caught on the worker.
+// A JS error with a stable `code` for an exception caught on the worker.
 Napi::Error error_from(Napi::Env env, const std::exception_ptr& e);
 
 }  // namespace lima::binding

@@ -2,17 +2,7 @@
 // 32x32->64 products from _mm512_mul_epu32 on even and odd lanes. The four output words per lane
 // become a 64-bit keep mask in element order (element 4j+w is word w of lane j) with pdep, and
 // each 16-element slice applies its 16 mask bits with masked adds/multiplies.
-// GCC 12's AVX-512 headers self-initialise their "undefined" vectors, which -Wall reports at
-// every use (GCC PR 105593, fixed in 13); the suppression covers only those header lines.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "kernels/simd.h"
 
 #include "kernels/dropout_isa.h"
 

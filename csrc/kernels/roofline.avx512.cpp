@@ -1,15 +1,6 @@
 // FMA throughput probe for the avx512 path: 16 independent accumulator chains hide the FMA latency
 // (4 cycles x 2 ports needs >= 8), so the loop is bound by FMA issue width alone.
-// GCC 12's AVX-512 headers trip -Wuninitialized on their own "undefined" vectors (GCC PR 105593).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "kernels/simd.h"
 
 #include "kernels/roofline_isa.h"
 

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <new>
 
+#include <unistd.h>
+
 #include "kernels/attention.h"
 #include "kernels/dropout.h"
 #include "kernels/gemm.h"
@@ -18,6 +20,15 @@ constexpr int kPerLayer = 9;  // ln1, q, k, v, o, ln2, gate, up, down
 // Rows of logits materialised at once: bounds head memory to ~64 MiB whatever N is.
 constexpr int64_t kLogitBytes = 64 << 20;
 constexpr int32_t kIgnore = -100;
+
+int64_t physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+  return pages > 0 && size > 0 ? static_cast<int64_t>(pages) * size : 0;
+#else
+  return 0;
+#endif
+}
 
 std::string fmt_bytes(int64_t b) {
   char buf[64];
@@ -141,6 +152,34 @@ const ParamInfo* LlamaModel::find(const std::string& name) const {
   return nullptr;
 }
 
+void LlamaModel::init_normal(const CpuContext& ctx, uint64_t seed, float std) {
+  const uint32_t key[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  for (size_t t = 0; t < info_.size(); ++t) {
+    const ParamInfo& p = info_[t];
+    float* w = w_.get() + p.offset;
+    if (!p.decay) {
+      std::fill(w, w + p.numel, 1.0f);
+      continue;
+    }
+    const int64_t blocks = (p.numel + 3) / 4;
+    ctx.pool->parallel_for(blocks, 1 << 12, [&](int64_t b0, int64_t b1, int) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint32_t ctr[4] = {static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), static_cast<uint32_t>(t), 0x494e4954u};
+        uint32_t r[4];
+        philox4x32_10(r, ctr, key);
+        // Box–Muller on two pairs of 32-bit uniforms in (0, 1].
+        for (int j = 0; j < 4; j += 2) {
+          const double u1 = (r[j] + 1.0) / 4294967296.0, u2 = r[j + 1] / 4294967296.0;
+          const double rad = std::sqrt(-2.0 * std::log(u1)), ang = 6.283185307179586 * u2;
+          const int64_t i = 4 * b + j;
+          if (i < p.numel) w[i] = static_cast<float>(std * rad * std::cos(ang));
+          if (i + 1 < p.numel) w[i + 1] = static_cast<float>(std * rad * std::sin(ang));
+        }
+      }
+    });
+  }
+}
+
 void LlamaModel::zero_grads() { std::memset(g_.get(), 0, sizeof(float) * n_params_); }
 
 void LlamaModel::release_buffers() {
@@ -175,6 +214,13 @@ void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
   acts_.reset();
   const int64_t n = Acts::floats(cfg_, B, T);
+  // Refuse up front what cannot fit: with overcommit an oversized allocation could "succeed"
+  // and fail only when touched, deep inside the step.
+  const int64_t phys = physical_memory_bytes();
+  if (phys > 0 && 4 * n > phys)
+    throw KernelError("Expected a batch whose activations fit in memory but " + std::to_string(B) + " x " +
+                      std::to_string(T) + " tokens need " + fmt_bytes(4 * n) + " of activations and this machine has " +
+                      fmt_bytes(phys) + " (use smaller micro-batches or sequences)");
   auto a = std::make_unique<Acts>();
   try {
     a->buf.reset(new float[n]);

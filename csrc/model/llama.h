@@ -60,6 +60,9 @@ class LlamaModel {
   float* weights() { return w_.get(); }
   float* grads() { return g_.get(); }
   void zero_grads();
+  // Weights ~ N(0, std²) (norm gains 1) from a counter-based generator: the same seed gives the
+  // same model on any thread count, and no full-size buffer is built on the JS side.
+  void init_normal(const CpuContext& ctx, uint64_t seed, float std);
 
   // Bytes of activation memory a (B, T) training step needs beyond weights and gradients.
   static int64_t activation_bytes(const LlamaConfig& cfg, int64_t B, int64_t T);

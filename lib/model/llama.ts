@@ -110,14 +110,9 @@ export class LlamaModel implements AsyncDisposable {
   ): Promise<LlamaModel> {
     const cfg = 'hiddenSize' in config ? (config as LlamaConfig) : parseHfConfig(config, 'config');
     const std = expectNumber(opts.std ?? 0.02, 'std', { min: 0 });
-    const rng = new Rng(expectInt(opts.seed ?? 0, 'seed', 0));
+    const seed = expectInt(opts.seed ?? 0, 'seed', 0);
     const m = LlamaModel.make(cfg, opts.tokenizer ?? null);
-    for (const p of m.params) {
-      const a = new Float32Array(p.numel);
-      if (p.decay) for (let i = 0; i < a.length; i++) a[i] = rng.normal() * std;
-      else a.fill(1);
-      await m.native.setTensor(p.name, a);
-    }
+    await m.native.initNormal(seed, std);
     return m;
   }
 

@@ -27,6 +27,7 @@ export interface NativeLlama {
   getTensor(name: string): Promise<Float32Array>;
   getGrad(name: string): Promise<Float32Array>;
   zeroGrads(): Promise<void>;
+  initNormal(seed: number, std: number): Promise<void>;
   trainStep(ids: Int32Array, labels: Int32Array, batch: number, seqLen: number, norm: number, dropout: NativeDropout | null): Promise<number>;
   forwardLoss(ids: Int32Array, labels: Int32Array | null, batch: number, seqLen: number, wantLogits: boolean): Promise<{ lossSum: number; count: number; logits?: Float32Array }>;
   decode(ids: Int32Array): Promise<Float32Array>;

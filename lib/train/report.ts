@@ -21,7 +21,7 @@ const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replac
 
 /** An SVG line chart of the training loss per step, with dev loss per epoch as points. */
 export function lossCurveSvg(steps: readonly StepPoint[], epochs: readonly EpochReport[], stepsPerEpoch: number, width = 720, height = 360): string {
-  const pad = { l: 56, r: 16, t: 24, b: 40 };
+  const pad = { l: 56, r: 16, t: 36, b: 40 };
   const w = width - pad.l - pad.r;
   const h = height - pad.t - pad.b;
   const dev = epochs.filter((e) => e.devLoss !== undefined && Number.isFinite(e.devLoss));
