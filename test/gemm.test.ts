@@ -157,10 +157,13 @@ describe('matmul', () => {
 
       // k = 0: the product is empty, so C becomes beta·C (zeros for beta 0, even over NaN).
       const empty = new Float32Array(0);
-      expect(withIsa(isa, () => kernels.matmul(empty, empty, { m: 3, n: 2, k: 0, out: new Float32Array(6).fill(NaN) })))
-        .toEqual(new Float32Array(6));
-      expect(withIsa(isa, () => kernels.matmul(empty, empty, { m: 3, n: 2, k: 0, beta: 2, out: new Float32Array(6).fill(1.5) })))
-        .toEqual(new Float32Array(6).fill(3));
+      const noK = { m: 3, n: 2, k: 0 };
+      const zeroed = withIsa(isa, () => kernels.matmul(empty, empty, { ...noK, out: new Float32Array(6).fill(NaN) }));
+      expect(zeroed).toEqual(new Float32Array(6));
+      const scaledOnly = withIsa(isa, () =>
+        kernels.matmul(empty, empty, { ...noK, beta: 2, out: new Float32Array(6).fill(1.5) }),
+      );
+      expect(scaledOnly).toEqual(new Float32Array(6).fill(3));
     });
 
     it(`${isa} 515x517x519 spans several cache blocks and both threads`, () => {
@@ -235,7 +238,9 @@ describe('matmul', () => {
     expect(() => kernels.matmul(a, b, { m: 2, n: 3, k: 2, beta: 1 })).toThrow(
       'Expected a Float32Array (out is required when beta != 0) for out but received undefined',
     );
-    expect(() => kernels.matmul(a, b, { m: 2.5, n: 2, k: 3 })).toThrow('Expected an integer >= 0 for m but received 2.5');
+    expect(() => kernels.matmul(a, b, { m: 2.5, n: 2, k: 3 })).toThrow(
+      'Expected an integer >= 0 for m but received 2.5',
+    );
     expect(() => kernels.matmul(a, b, { m: 2, n: 3, k: 2, transA: 1 as unknown as boolean })).toThrow(
       'Expected a boolean for transA but received 1',
     );
@@ -275,7 +280,13 @@ describe('matmul', () => {
 
 describe('linear layer', () => {
   // Float64 forward in the HF layout, y[r, o] = Σ_i x[r, i] W[o, i].
-  function forward64(x: ArrayLike<number>, w: ArrayLike<number>, rows: number, inF: number, outF: number): Float64Array {
+  function forward64(
+    x: ArrayLike<number>,
+    w: ArrayLike<number>,
+    rows: number,
+    inF: number,
+    outF: number,
+  ): Float64Array {
     const y = new Float64Array(rows * outF);
     for (let r = 0; r < rows; r++)
       for (let o = 0; o < outF; o++) {

@@ -2,6 +2,7 @@
 // broadcasts of A), i.e. 28 FMAs per 2 vector loads + 14 broadcasts per k step: enough independent
 // chains to keep both FMA ports busy (latency 4 x 2 ports needs >= 8). Packing transposes through
 // 16 x 16 register transposes, since packing otherwise costs 15-20 % on the model's shapes.
+//
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own "undefined" vectors (GCC PR 105593).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -27,6 +28,11 @@ constexpr int64_t MC = 1512;
 // B panels stream from L2 and the hardware prefetcher alone leaves ~15 % of the FMA rate behind;
 // 16 k steps ahead also runs into the next B panel, which is the one used next.
 constexpr int kPrefetchB = 16;
+
+// The first min(n, 16) lanes (n >= 0).
+static inline __mmask16 low_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
 
 static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
                                 int64_t ldc, int m, int n, float alpha, float beta, const gemm_detail::Prefetch& pf) {
@@ -92,8 +98,7 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
     return;
   }
   // Edge tile: masked loads never touch (or fault on) the columns outside C.
-  const __mmask16 k0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-  const __mmask16 k1 = n >= 32 ? __mmask16(0xFFFF) : n > 16 ? __mmask16((1u << (n - 16)) - 1) : __mmask16(0);
+  const __mmask16 k0 = low_mask(n), k1 = low_mask(n > 16 ? n - 16 : 0);
 #pragma GCC unroll 14
   for (int i = 0; i < MR; ++i) {
     if (i < m) {
@@ -110,10 +115,6 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
   }
 }
 
-static inline __mmask16 low_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-}
-
 // In-register transpose: r[i] holds row i of a 16 x 16 block, afterwards column i.
 static inline void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -122,7 +123,7 @@ static inline void transpose16(__m512 r[16]) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
-  // Now each 128-bit lane L of r[4g + j] gets element 4L + j of rows 4g .. 4g+3.
+  // Next, each 128-bit lane L of r[4g + j] receives element 4L + j of rows 4g .. 4g+3.
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g) {
     const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
@@ -190,8 +191,10 @@ static void pack_transposed(float* __restrict dst, const float* src, int64_t ld,
 static void pack_a(float* __restrict dst, const gemm_detail::Problem& p, int64_t i0, int64_t rows, int64_t k0,
                    int64_t kc) {
   if (!p.trans_a) {
-    for (int64_t r = 0; r < rows; r += MR)
-      pack_transposed<MR>(dst + r * kc, p.A + (i0 + r) * p.lda + k0, p.lda, static_cast<int>(rows - r < MR ? rows - r : MR), kc);
+    for (int64_t r = 0; r < rows; r += MR) {
+      const int m = static_cast<int>(rows - r < MR ? rows - r : MR);
+      pack_transposed<MR>(dst + r * kc, p.A + (i0 + r) * p.lda + k0, p.lda, m, kc);
+    }
     return;
   }
   // A stored [K, M]: walk each source row once across all panels, one sequential stream instead
@@ -212,8 +215,10 @@ static void pack_a(float* __restrict dst, const gemm_detail::Problem& p, int64_t
 static void pack_b(float* __restrict dst, const gemm_detail::Problem& p, int64_t k0, int64_t kc, int64_t j0,
                    int64_t cols) {
   if (p.trans_b) {
-    for (int64_t c = 0; c < cols; c += NR)
-      pack_transposed<NR>(dst + c * kc, p.B + (j0 + c) * p.ldb + k0, p.ldb, static_cast<int>(cols - c < NR ? cols - c : NR), kc);
+    for (int64_t c = 0; c < cols; c += NR) {
+      const int n = static_cast<int>(cols - c < NR ? cols - c : NR);
+      pack_transposed<NR>(dst + c * kc, p.B + (j0 + c) * p.ldb + k0, p.ldb, n, kc);
+    }
     return;
   }
   // B stored [K, N]: walk each source row once across all panels, as for A.

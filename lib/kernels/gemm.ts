@@ -207,7 +207,8 @@ export function linearBackward(
   } else {
     dx = o.dx === null ? null : expectF32(o.dx, 'dx', rows * inF);
   }
-  const dW = o.dW === undefined ? new Float32Array(outF * inF) : o.dW === null ? null : expectF32(o.dW, 'dW', outF * inF);
+  const dW =
+    o.dW === undefined ? new Float32Array(outF * inF) : o.dW === null ? null : expectF32(o.dW, 'dW', outF * inF);
   const inputs: [Float32Array, string][] = [[dy, 'dy'], [x, 'x'], [w, 'w']];
   if (dx) expectDisjoint(dx, 'dx', dW ? [...inputs, [dW, 'dW']] : inputs);
   if (dW) expectDisjoint(dW, 'dW', inputs);
