@@ -1,8 +1,7 @@
 // AVX2 GEMM path: a 6 x 16 register tile (12 ymm accumulators, 2 for the B row, 1-2 broadcasts of
 // the 16 registers), 12 FMAs per k step on 12 independent chains.
-#include <immintrin.h>
-
 #include "kernels/gemm_isa.h"
+#include "kernels/simd.h"
 
 namespace lima::avx2 {
 

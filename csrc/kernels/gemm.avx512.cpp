@@ -2,19 +2,8 @@
 // broadcasts of A), i.e. 28 FMAs per 2 vector loads + 14 broadcasts per k step: enough independent
 // chains to keep both FMA ports busy (latency 4 x 2 ports needs >= 8). Packing transposes through
 // 16 x 16 register transposes, since packing otherwise costs 15-20 % on the model's shapes.
-//
-// GCC 12's AVX-512 headers trip -Wuninitialized on their own "undefined" vectors (GCC PR 105593).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-
 #include "kernels/gemm_isa.h"
+#include "kernels/simd.h"
 
 namespace lima::avx512 {
 
