@@ -13,9 +13,22 @@ namespace lima {
 namespace {
 // Set while a thread executes a pool task: nested jobs from there run inline.
 thread_local bool t_in_pool_task = false;
-// Spin this many pauses (~ a few hundred microseconds) before sleeping: back-to-back kernels of a
-// training step then hand work over without a syscall.
+// Workers spin this many pauses (~ a few hundred microseconds) before sleeping: back-to-back
+// kernels of a training step then hand work over without a syscall.
 constexpr int kSpinBeforeSleep = 1 << 15;
+// The caller yields its core after this many pauses while others finish their last tasks.
+constexpr int kSpinBeforeYield = 1 << 10;
+
+constexpr int kJobBits = 24, kCountBits = 20;
+constexpr uint64_t kCountMask = (uint64_t{1} << kCountBits) - 1;
+constexpr int64_t kMaxTasksPerJob = static_cast<int64_t>(kCountMask);
+
+uint64_t make_ticket(uint64_t job, uint64_t count) {
+  return ((job & ((uint64_t{1} << kJobBits) - 1)) << (2 * kCountBits)) | (count << kCountBits);
+}
+uint64_t ticket_job(uint64_t t) { return t >> (2 * kCountBits); }
+uint64_t ticket_count(uint64_t t) { return (t >> kCountBits) & kCountMask; }
+uint64_t ticket_next(uint64_t t) { return t & kCountMask; }
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) { start(num_threads); }
@@ -25,8 +38,8 @@ ThreadPool::~ThreadPool() { stop(); }
 void ThreadPool::start(int num_threads) {
   if (num_threads < 1) num_threads = 1;
   stopping_.store(false);
-  // Workers start from the generation current now: one read inside the new thread could already
-  // see the next job's bump, and that worker would then sit the job out while run() waits for it.
+  // Workers start from the generation current now: a read inside the new thread could already
+  // see the next job's bump, and that worker would then sleep through it.
   const uint64_t gen = generation_.load(std::memory_order_acquire);
   for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this, i, gen] { worker_loop(i, gen); });
 }
@@ -50,18 +63,22 @@ void ThreadPool::resize(int num_threads) {
   start(num_threads);
 }
 
-void ThreadPool::work(int thread_index) {
+void ThreadPool::work(uint64_t job, int thread_index) {
   const bool was = t_in_pool_task;
   t_in_pool_task = true;
+  uint64_t t = ticket_.load(std::memory_order_acquire);
   for (;;) {
-    const int64_t t = next_task_.fetch_add(1, std::memory_order_relaxed);
-    if (t >= n_tasks_) break;
+    if (ticket_job(t) != job || ticket_next(t) >= ticket_count(t)) break;
+    if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    // The claimed task is not done, so the caller is still waiting and the job's fields hold.
     try {
-      fn_(ctx_, t, thread_index);
+      fn_(ctx_, task_base_ + static_cast<int64_t>(ticket_next(t)), thread_index);
     } catch (...) {
       std::lock_guard<std::mutex> lk(error_mu_);
       if (!error_) error_ = std::current_exception();
     }
+    done_tasks_.fetch_add(1, std::memory_order_acq_rel);
+    t = ticket_.load(std::memory_order_acquire);
   }
   t_in_pool_task = was;
 }
@@ -82,8 +99,7 @@ void ThreadPool::worker_loop(int thread_index, uint64_t seen) {
     }
     seen = g;
     if (stopping_.load(std::memory_order_acquire)) return;
-    work(thread_index);
-    pending_workers_.fetch_sub(1, std::memory_order_acq_rel);
+    work(ticket_job(ticket_.load(std::memory_order_acquire)), thread_index);
   }
 }
 
@@ -109,21 +125,26 @@ void ThreadPool::run_erased(int64_t n_tasks, TaskFn fn, void* ctx) {
   }
   fn_ = fn;
   ctx_ = ctx;
-  n_tasks_ = n_tasks;
   error_ = nullptr;
-  next_task_.store(0, std::memory_order_relaxed);
-  pending_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-  bool wake;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    generation_.fetch_add(1, std::memory_order_release);
-    wake = sleepers_ > 0;
-  }
-  if (wake) cv_.notify_all();
-  work(0);
-  for (int spins = 0; pending_workers_.load(std::memory_order_acquire) != 0; ++spins) {
-    if (spins < kSpinBeforeSleep) cpu_relax();
-    else std::this_thread::yield();
+  for (int64_t base = 0; base < n_tasks; base += kMaxTasksPerJob) {
+    const int64_t count = n_tasks - base < kMaxTasksPerJob ? n_tasks - base : kMaxTasksPerJob;
+    task_base_ = base;
+    done_tasks_.store(0, std::memory_order_relaxed);
+    bool wake;
+    uint64_t job;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job = generation_.load(std::memory_order_relaxed) + 1;
+      ticket_.store(make_ticket(job, static_cast<uint64_t>(count)), std::memory_order_release);
+      generation_.store(job, std::memory_order_release);
+      wake = sleepers_ > 0;
+    }
+    if (wake) cv_.notify_all();
+    work(ticket_job(make_ticket(job, 0)), 0);
+    for (int spins = 0; done_tasks_.load(std::memory_order_acquire) != count; ++spins) {
+      if (spins < kSpinBeforeYield) cpu_relax();
+      else std::this_thread::yield();
+    }
   }
   if (error_) {
     std::exception_ptr e = error_;

@@ -57,7 +57,8 @@ class ThreadPool {
   void start(int num_threads);
   void stop();
   void worker_loop(int thread_index, uint64_t seen);
-  void work(int thread_index);
+  // Runs tasks of job `job` until none is left to claim; returns how many it ran.
+  void work(uint64_t job, int thread_index);
 
   std::vector<std::thread> workers_;
   std::mutex submit_mu_;  // one job at a time
@@ -66,10 +67,13 @@ class ThreadPool {
   int sleepers_ = 0;
   std::atomic<bool> stopping_{false};
 
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_task_{0};
-  std::atomic<int> pending_workers_{0};
-  int64_t n_tasks_ = 0;
+  std::atomic<uint64_t> generation_{0};  // bumped per job: what sleeping workers wait for
+  // The job's claim ticket: job id (24 bits) | task count (20 bits) | next task (20 bits). A worker
+  // claims a task with one CAS that also proves the job is still the one it woke for, so the
+  // caller never waits for workers that are slow to wake: it returns once every task is done.
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_tasks_{0};
+  int64_t task_base_ = 0;
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
   std::mutex error_mu_;
