@@ -1,5 +1,9 @@
 // Shared test utilities: seeded data, error metrics, ISA iteration, finite differences.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll } from 'vitest';
+import { SafetensorsReader } from '../lib/io/safetensors.js';
 import * as kernels from '../lib/kernels/index.js';
 
 /** Deterministic PRNG (mulberry32) so failures reproduce. */
@@ -113,4 +117,24 @@ export function relErrNorm(a: ArrayLike<number>, b: ArrayLike<number>): number {
     den += b[i] * b[i];
   }
   return Math.sqrt(num) / (Math.sqrt(den) || 1);
+}
+
+/** A factory of temporary folders, all removed after the test file. */
+export function tempDirs(prefix: string): () => string {
+  const dirs: string[] = [];
+  afterAll(() => dirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
+  return () => {
+    const d = mkdtempSync(join(tmpdir(), prefix));
+    dirs.push(d);
+    return d;
+  };
+}
+
+/** Every tensor of a safetensors file as fp32. */
+export async function readAllTensors(path: string): Promise<Map<string, Float32Array>> {
+  const r = await SafetensorsReader.open(path);
+  const out = new Map<string, Float32Array>();
+  for (const name of r.tensors.keys()) out.set(name, await r.read(name));
+  await r.close();
+  return out;
 }

@@ -1,31 +1,18 @@
 // LlamaModel against fixtures from the independent PyTorch reference (../shared/reference,
 // generated once and committed): logits, loss, every gradient, greedy decoding, llama2.c import.
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
-import { freemem, tmpdir } from 'node:os';
+import { closeSync, copyFileSync, cpSync, existsSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import { freemem } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { LlamaModel, padBatch } from '../lib/model/llama.js';
 import { SafetensorsReader, writeSafetensors } from '../lib/io/safetensors.js';
-import { maxErrOverScale } from './helpers.js';
+import { maxErrOverScale , readAllTensors, tempDirs } from './helpers.js';
 
 const FIX = join(import.meta.dirname, 'fixtures');
 const fixtures = ['gqa1-untied', 'gqa2-tied', 'gqa4-untied', 'hd32-gqa2-tied'];
-const tmpDirs: string[] = [];
-const tmp = () => {
-  const d = mkdtempSync(join(tmpdir(), 'lima-model-'));
-  tmpDirs.push(d);
-  return d;
-};
-afterAll(() => tmpDirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
-
-async function readAll(path: string): Promise<Map<string, Float32Array>> {
-  const r = await SafetensorsReader.open(path);
-  const out = new Map<string, Float32Array>();
-  for (const name of r.tensors.keys()) out.set(name, await r.read(name));
-  await r.close();
-  return out;
-}
+const tmp = tempDirs('lima-model-');
+const readAll = readAllTensors;
 
 function loadData(dir: string) {
   const rows = readFileSync(join(dir, 'data.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { input_ids: number[]; labels: number[] });

@@ -1,32 +1,17 @@
 // The SFT trainer: accumulation, parity of AdamW steps with the PyTorch reference, bit-exact
 // resume, abort, checkpoints and report, and the CLI end to end on a tiny model.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { LlamaModel, padBatch } from '../lib/model/llama.js';
-import { SafetensorsReader } from '../lib/io/safetensors.js';
 import { finetune, learningRate, type FinetuneEvent } from '../lib/train/finetune.js';
-import { maxErrOverScale, relErrNorm } from './helpers.js';
+import { maxErrOverScale, relErrNorm , readAllTensors, tempDirs } from './helpers.js';
 
 const FIX = join(import.meta.dirname, 'fixtures');
 const ROOT = join(import.meta.dirname, '..');
-const dirs: string[] = [];
-const tmp = () => {
-  const d = mkdtempSync(join(tmpdir(), 'lima-train-'));
-  dirs.push(d);
-  return d;
-};
-afterAll(() => dirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
-
-async function readAll(path: string): Promise<Map<string, Float32Array>> {
-  const r = await SafetensorsReader.open(path);
-  const out = new Map<string, Float32Array>();
-  for (const n of r.tensors.keys()) out.set(n, await r.read(n));
-  await r.close();
-  return out;
-}
+const tmp = tempDirs('lima-train-');
+const readAll = readAllTensors;
 
 async function weights(m: LlamaModel): Promise<Map<string, Float32Array>> {
   const out = new Map<string, Float32Array>();
