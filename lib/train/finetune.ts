@@ -292,14 +292,13 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
         const split = microBatches(batches[b], micro);
         await model.zeroGrads();
         let loss = 0;
-        let tokens = 0;
+        const tokens = batches[b].reduce((n, ex) => n + ex.inputIds.length, 0); // real tokens, not padding
         for (const mb of split.microBatches) {
           if (o.signal?.aborted) {
             aborted = true;
             break outer;
           }
           loss += await model.trainStep(mb, { norm: split.targets, dropout: { pMax, seed, step: s, rowOffset: mb.rowOffset } });
-          tokens += mb.batch * mb.seqLen;
         }
         let gradNorm: number | undefined;
         let gradScale = 1;
