@@ -361,3 +361,23 @@ describe('vocabulary growth and gradients', () => {
     expect((await m.getGrad('model.norm.weight')).every((g) => g === 0)).toBe(true);
   });
 });
+
+describe('streaming text', () => {
+  it('streams complete characters whose concatenation is the decoded output', async () => {
+    const { ByteTokenizer } = await import('../lib/tokenizer/index.js');
+    const tok = new ByteTokenizer();
+    await using m = await LlamaModel.create({ vocab_size: tok.vocabSize, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2 }, { seed: 3, tokenizer: tok });
+    // A random model emits bytes >= 0x80 about half the time, so characters split across tokens.
+    const parts: string[] = [];
+    const ids: number[] = [];
+    for await (const t of m.stream('x', { temperature: 1, topP: 1, repetitionPenalty: 1, maxNewTokens: 40, seed: 2, stopTokens: [] })) {
+      ids.push(t.id);
+      parts.push(t.text!);
+    }
+    const full = tok.decode(ids);
+    const joined = parts.join('');
+    expect(full.startsWith(joined)).toBe(true);
+    expect(full.length - joined.length).toBeLessThanOrEqual(1);
+    expect(ids.some((i) => i >= 0x80 && i < 256)).toBe(true);
+  });
+});

@@ -39,7 +39,10 @@ export interface GenerateOptions extends SamplingOptions {
 /** One generated token as streamed. */
 export interface GeneratedToken {
   id: number;
-  /** Decoded text of this token, when the model has a tokenizer. */
+  /**
+   * Text this token completes, when the model has a tokenizer (may be empty while a multi-byte
+   * character is incomplete); the concatenation of all of them is the decoded output.
+   */
   text?: string;
 }
 
@@ -289,6 +292,8 @@ export class LlamaModel implements AsyncDisposable {
     const stops = new Set(opts.stopTokens ?? this.defaultStops());
     const rng = new Rng(s.seed);
     const context = [...ids];
+    const generated: number[] = [];
+    let shown = 0; // characters of the decoded output already streamed
     await this.native.resetCache();
     let logits = await this.native.decode(Int32Array.from(ids));
     for (let n = 0; n < maxNew; n++) {
@@ -296,7 +301,18 @@ export class LlamaModel implements AsyncDisposable {
       const next = sampleToken(logits, context, s, rng);
       context.push(next);
       if (stops.has(next)) return 'stop-token';
-      yield { id: next, text: this.tokenizer?.decode([next]) };
+      generated.push(next);
+      // Decode the whole output and stream the new part: a token alone can be half a UTF-8
+      // character or lose the space SentencePiece attaches to it. A trailing U+FFFD means the
+      // character is not complete yet, so it waits for the next token.
+      let text: string | undefined;
+      if (this.tokenizer) {
+        const full = this.tokenizer.decode(generated);
+        const stable = full.endsWith('\uFFFD') ? full.slice(0, full.length - 1) : full;
+        text = stable.slice(shown);
+        shown = Math.max(shown, stable.length);
+      }
+      yield { id: next, text };
       if (context.length >= this.config.maxPositionEmbeddings) return 'max-positions';
       if (n + 1 < maxNew) logits = await this.native.decode(Int32Array.of(next));
     }
