@@ -15,18 +15,8 @@ import {
 
 restoreIsaAfterAll();
 
-interface Case {
-  m: number;
-  n: number;
-  k: number;
-  transA?: boolean;
-  transB?: boolean;
-  lda?: number;
-  ldb?: number;
-  ldc?: number;
-  alpha?: number;
-  beta?: number;
-}
+/** A product's shape and scaling, without the output buffer. */
+type Case = Omit<kernels.MatmulOptions, 'out'>;
 
 // Independent float64 oracle: the full C buffer after C = alpha·op(A)·op(B) + beta·C, leaving the
 // padding between rows (ldc > n) as it was.
