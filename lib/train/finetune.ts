@@ -242,7 +242,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       );
     const stepsPerEpoch = Math.ceil(train.length / batchSize);
     const totalSteps = epochs * stepsPerEpoch;
-    const longest = Math.max(...train.map((e) => e.inputIds.length));
+    const longest = train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
     const micro = o.microBatchSize !== undefined
       ? expectInt(o.microBatchSize, 'microBatchSize', 1)
       : autoMicroBatch(model, batchSize, longest, o.memoryBudget);

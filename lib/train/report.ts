@@ -26,9 +26,10 @@ export function lossCurveSvg(steps: readonly StepPoint[], epochs: readonly Epoch
   const h = height - pad.t - pad.b;
   const dev = epochs.filter((e) => e.devLoss !== undefined && Number.isFinite(e.devLoss));
   const ys = [...steps.map((s) => s.loss), ...dev.map((e) => e.devLoss as number)].filter(Number.isFinite);
-  const maxStep = Math.max(1, ...steps.map((s) => s.step), ...dev.map((e) => e.epoch * stepsPerEpoch));
-  let lo = ys.length ? Math.min(...ys) : 0;
-  let hi = ys.length ? Math.max(...ys) : 1;
+  // Reductions, not spreads: a long run has more steps than a call may take arguments.
+  const maxStep = [...steps.map((s) => s.step), ...dev.map((e) => e.epoch * stepsPerEpoch)].reduce((a, b) => Math.max(a, b), 1);
+  let lo = ys.length ? ys.reduce((a, b) => Math.min(a, b)) : 0;
+  let hi = ys.length ? ys.reduce((a, b) => Math.max(a, b)) : 1;
   if (hi - lo < 1e-9) {
     lo -= 0.5;
     hi += 0.5;
