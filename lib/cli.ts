@@ -265,6 +265,7 @@ async function demo(argv: string[]): Promise<void> {
 
 const commands: Record<string, (argv: string[]) => Promise<void>> = { convert, generate, eval: evaluate, init, finetune: finetuneCmd, demo };
 
+/** Runs one CLI command; returns the exit code (0 ok, 1 failure, 2 usage) instead of exiting, for tests. */
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   if (!cmd || cmd === '--help' || cmd === '-h' || cmd === 'help') {
