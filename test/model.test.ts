@@ -73,6 +73,16 @@ describe('KV-cached decoding', () => {
     }
   });
 
+  it('concurrent generations on one model take turns and match sequential ones', async () => {
+    await using m = await LlamaModel.fromPretrained(join(FIX, 'gqa2-tied'));
+    const opts = { temperature: 1.2, topP: 1, maxNewTokens: 10, stopTokens: [] };
+    const a = await m.generate([1, 2, 3], { ...opts, seed: 1 });
+    const b = await m.generate([7, 8], { ...opts, seed: 2 });
+    const [a2, b2] = await Promise.all([m.generate([1, 2, 3], { ...opts, seed: 1 }), m.generate([7, 8], { ...opts, seed: 2 })]);
+    expect(a2.ids).toEqual(a.ids);
+    expect(b2.ids).toEqual(b.ids);
+  });
+
   it('sampling is reproducible for a seed and differs across seeds', async () => {
     await using m = await LlamaModel.fromPretrained(join(FIX, 'gqa1-untied'));
     const opts = { temperature: 1.5, topP: 0.95, maxNewTokens: 12, stopTokens: [] };

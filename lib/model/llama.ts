@@ -71,6 +71,9 @@ const IGNORE = -100;
 /** A LLaMA decoder with Hugging Face LlamaForCausalLM semantics, trained and run natively. */
 export class LlamaModel implements AsyncDisposable {
   private disposed = false;
+  // Generation owns the native KV cache from its first token to its last, and a training step
+  // invalidates it: both take turns through this chain (later callers wait, they never interleave).
+  private cacheTurn: Promise<void> = Promise.resolve();
   private info: { params: NativeParamInfo[]; numParams: number };
 
   private constructor(
@@ -190,6 +193,15 @@ export class LlamaModel implements AsyncDisposable {
     }
   }
 
+  private async takeCacheTurn(): Promise<() => void> {
+    let release!: () => void;
+    const mine = new Promise<void>((r) => (release = r));
+    const before = this.cacheTurn;
+    this.cacheTurn = before.then(() => mine);
+    await before;
+    return release;
+  }
+
   private check(): void {
     if (this.disposed) fail('a live model', 'model', 'a disposed model');
   }
@@ -253,8 +265,13 @@ export class LlamaModel implements AsyncDisposable {
       expectInt(d.seed, 'dropout.seed', 0);
       expectInt(d.step, 'dropout.step', 0);
     }
-    return this.native.trainStep(b.inputIds, b.labels, b.batch, b.seqLen, opts.norm,
-      d ? { pMax: d.pMax, seed: d.seed, step: d.step, rowOffset: expectInt(d.rowOffset ?? 0, 'dropout.rowOffset', 0) } : null);
+    const dropout = d ? { pMax: d.pMax, seed: d.seed, step: d.step, rowOffset: expectInt(d.rowOffset ?? 0, 'dropout.rowOffset', 0) } : null;
+    const release = await this.takeCacheTurn();
+    try {
+      return await this.native.trainStep(b.inputIds, b.labels, b.batch, b.seqLen, opts.norm, dropout);
+    } finally {
+      release();
+    }
   }
 
   /** Forward only: summed loss and target count (when labels are given) and optionally all logits [B, T, V]. */
@@ -283,7 +300,10 @@ export class LlamaModel implements AsyncDisposable {
     return { loss, perplexity: Math.exp(loss), tokens: count };
   }
 
-  /** Streams generated tokens one at a time (KV-cached decoding). */
+  /**
+   * Streams generated tokens one at a time (KV-cached decoding). Concurrent generations and
+   * training steps on one model take turns, since they share the native KV cache.
+   */
   async *stream(prompt: readonly number[] | string, opts: GenerateOptions = {}): AsyncGenerator<GeneratedToken, GenerateResult['stopReason']> {
     this.check();
     const ids = this.promptIds(prompt);
@@ -294,29 +314,34 @@ export class LlamaModel implements AsyncDisposable {
     const context = [...ids];
     const generated: number[] = [];
     let shown = 0; // characters of the decoded output already streamed
-    await this.native.resetCache();
-    let logits = await this.native.decode(Int32Array.from(ids));
-    for (let n = 0; n < maxNew; n++) {
-      if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
-      const next = sampleToken(logits, context, s, rng);
-      context.push(next);
-      if (stops.has(next)) return 'stop-token';
-      generated.push(next);
-      // Decode the whole output and stream the new part: a token alone can be half a UTF-8
-      // character or lose the space SentencePiece attaches to it. A trailing U+FFFD means the
-      // character is not complete yet, so it waits for the next token.
-      let text: string | undefined;
-      if (this.tokenizer) {
-        const full = this.tokenizer.decode(generated);
-        const stable = full.endsWith('\uFFFD') ? full.slice(0, full.length - 1) : full;
-        text = stable.slice(shown);
-        shown = Math.max(shown, stable.length);
+    const release = await this.takeCacheTurn();
+    try {
+      await this.native.resetCache();
+      let logits = await this.native.decode(Int32Array.from(ids));
+      for (let n = 0; n < maxNew; n++) {
+        if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
+        const next = sampleToken(logits, context, s, rng);
+        context.push(next);
+        if (stops.has(next)) return 'stop-token';
+        generated.push(next);
+        // Decode the whole output and stream the new part: a token alone can be half a UTF-8
+        // character or lose the space SentencePiece attaches to it. A trailing U+FFFD means the
+        // character is not complete yet, so it waits for the next token.
+        let text: string | undefined;
+        if (this.tokenizer) {
+          const full = this.tokenizer.decode(generated);
+          const stable = full.endsWith('\uFFFD') ? full.slice(0, full.length - 1) : full;
+          text = stable.slice(shown);
+          shown = Math.max(shown, stable.length);
+        }
+        yield { id: next, text };
+        if (context.length >= this.config.maxPositionEmbeddings) return 'max-positions';
+        if (n + 1 < maxNew) logits = await this.native.decode(Int32Array.of(next));
       }
-      yield { id: next, text };
-      if (context.length >= this.config.maxPositionEmbeddings) return 'max-positions';
-      if (n + 1 < maxNew) logits = await this.native.decode(Int32Array.of(next));
+      return 'max-tokens';
+    } finally {
+      release();
     }
-    return 'max-tokens';
   }
 
   /** Generates a completion; LIMA's decoding (top-p 0.9, temperature 0.7, repetition penalty 1.2) by default. */
