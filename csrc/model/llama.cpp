@@ -255,7 +255,8 @@ void check_tokens(const int32_t* ids, const int32_t* labels, int64_t n, int64_t 
 }
 
 // Mask index of a batch row's first element: rows own disjoint, 4-aligned ranges of P·C indices
-// (P = max positions), so a row's mask does not depend on T or on how the batch was split.
+// (P = max positions, or T when longer), so a row's mask depends neither on how the batch was
+// split nor, up to max positions, on T.
 uint64_t row_index_base(int64_t row, int64_t P, int64_t C) {
   return static_cast<uint64_t>(row) * static_cast<uint64_t>((P * C + 3) / 4 * 4);
 }
@@ -306,14 +307,14 @@ void LlamaModel::forward_layers(const CpuContext& ctx, const int32_t* ids, int64
     rope_forward(ctx, s.k, s.k, rope_cos_.data(), rope_sin_.data(), B, T, c.KV, c.hd, 0);
     attention_forward(ctx, s.att, s.lse, s.q, s.k, s.v, ad);
     linear_forward(ctx, a.tmp, s.att, W.wo, N, Q, c.C);
-    dropout_add(ctx, s.x_mid, s.x_in, a.tmp, B, T, c.C, c.max_pos, p,
+    dropout_add(ctx, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 0);
     rmsnorm_forward(ctx, s.h2, s.rstd2, s.x_mid, W.ln2, N, c.C, c.eps);
     linear_forward(ctx, s.gu, s.h2, W.wgate, N, c.C, 2 * c.F);  // gate and up stacked
     swiglu_forward(ctx, s.act, s.gu, s.gu + c.F, N, c.F, 2 * c.F);
     linear_forward(ctx, a.tmp, s.act, W.wdown, N, c.F, c.C);
     float* next = l + 1 < c.L ? a.layers[l + 1].x_in : a.x_final;
-    dropout_add(ctx, next, s.x_mid, a.tmp, B, T, c.C, c.max_pos, p,
+    dropout_add(ctx, next, s.x_mid, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 1);
   }
   const float* wnorm = w_.get() + info_[1 + c.L * kPerLayer].offset;
@@ -386,7 +387,7 @@ double LlamaModel::train_step(const CpuContext& ctx, const int32_t* ids, const i
     // MLP branch: x_next = x_mid + drop(down(swiglu(gate, up)))
     const float* dm = a.dx;
     if (p > 0) {
-      dropout_grad(ctx, a.tmp, a.dx, B, T, c.C, c.max_pos, p, dropout, static_cast<uint32_t>(l), 1);
+      dropout_grad(ctx, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 1);
       dm = a.tmp;
     }
     linear_backward(ctx, a.dact, G.wdown, dm, s.act, W.wdown, N, c.F, c.C);
@@ -396,7 +397,7 @@ double LlamaModel::train_step(const CpuContext& ctx, const int32_t* ids, const i
     // Attention branch: x_mid = x_in + drop(o(attn(rope(q), rope(k), v)))
     const float* dO = a.dx;
     if (p > 0) {
-      dropout_grad(ctx, a.tmp, a.dx, B, T, c.C, c.max_pos, p, dropout, static_cast<uint32_t>(l), 0);
+      dropout_grad(ctx, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 0);
       dO = a.tmp;
     }
     linear_backward(ctx, a.datt, G.wo, dO, s.att, W.wo, N, Q, c.C);
