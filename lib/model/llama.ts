@@ -10,6 +10,7 @@ import { ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './conf
 import { nativeLlama, type NativeLlama, type NativeParamInfo } from './native-model.js';
 import { resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { padRows } from '../data/batch.js';
 
 /** A model file set that cannot be loaded; the message names the file and the tensor. */
 export class ModelLoadError extends Error {
@@ -66,7 +67,6 @@ export interface EvalResult {
   tokens: number;
 }
 
-const IGNORE = -100;
 
 /** A LLaMA decoder with Hugging Face LlamaForCausalLM semantics, trained and run natively. */
 export class LlamaModel implements AsyncDisposable {
@@ -477,20 +477,13 @@ export class LlamaModel implements AsyncDisposable {
 
 /** Right-pads rows to one length (pad id 0, label -100); causal attention keeps pads inert. */
 export function padBatch(rows: readonly EvalRow[], vocabSize: number): TokenBatch {
-  const T = Math.max(1, ...rows.map((r) => r.inputIds.length));
-  const B = rows.length;
-  const inputIds = new Int32Array(B * T);
-  const labels = new Int32Array(B * T).fill(IGNORE);
-  rows.forEach((r, b) => {
-    if (r.labels && r.labels.length !== r.inputIds.length)
-      fail(`labels of the same length as input_ids (${r.inputIds.length})`, `row ${b} labels`, r.labels);
+  rows.forEach((r, b) =>
     r.inputIds.forEach((t, i) => {
       if (!Number.isInteger(t) || t < 0 || t >= vocabSize) fail(`token ids in [0, ${vocabSize})`, `row ${b} input_ids[${i}]`, t);
-      inputIds[b * T + i] = t;
-      labels[b * T + i] = r.labels ? r.labels[i] : t;
-    });
-  });
-  return { inputIds, labels, batch: B, seqLen: T };
+    }),
+  );
+  // Rows without labels predict every next token.
+  return padRows(rows.map((r) => ({ inputIds: r.inputIds, labels: r.labels ?? r.inputIds })));
 }
 
 async function exists(p: string): Promise<boolean> {
