@@ -140,6 +140,14 @@ using BackwardFn = void (*)(float*, const float*, int64_t, int64_t, const Dropou
 // at least, below which waking a thread costs more than it saves.
 constexpr int64_t kGroup = 64, kMinGroups = 256;
 
+// Calls fn(begin, end) on group-aligned element ranges covering [0, n), across the pool.
+template <class F>
+void for_group_ranges(const CpuContext& ctx, int64_t n, F&& fn) {
+  ctx.pool->parallel_for((n + kGroup - 1) / kGroup, kMinGroups, [&](int64_t gb, int64_t ge, int) {
+    fn(gb * kGroup, ge * kGroup < n ? ge * kGroup : n);
+  });
+}
+
 }  // namespace
 
 void residual_dropout_forward(const CpuContext& ctx, float* out, const float* residual,
@@ -152,9 +160,7 @@ void residual_dropout_forward(const CpuContext& ctx, float* out, const float* re
   if (ctx.isa == Isa::Avx512) body = avx512::dropout_forward_range;
   else if (ctx.isa == Isa::Avx2) body = avx2::dropout_forward_range;
 #endif
-  ctx.pool->parallel_for((n + kGroup - 1) / kGroup, kMinGroups, [&](int64_t gb, int64_t ge, int) {
-    body(out, residual, x, gb * kGroup, ge * kGroup < n ? ge * kGroup : n, k);
-  });
+  for_group_ranges(ctx, n, [&](int64_t b, int64_t e) { body(out, residual, x, b, e, k); });
 }
 
 void residual_dropout_backward(const CpuContext& ctx, float* dx, const float* dout, int64_t n,
@@ -167,9 +173,7 @@ void residual_dropout_backward(const CpuContext& ctx, float* dx, const float* do
   if (ctx.isa == Isa::Avx512) body = avx512::dropout_backward_range;
   else if (ctx.isa == Isa::Avx2) body = avx2::dropout_backward_range;
 #endif
-  ctx.pool->parallel_for((n + kGroup - 1) / kGroup, kMinGroups, [&](int64_t gb, int64_t ge, int) {
-    body(dx, dout, gb * kGroup, ge * kGroup < n ? ge * kGroup : n, k);
-  });
+  for_group_ranges(ctx, n, [&](int64_t b, int64_t e) { body(dx, dout, b, e, k); });
 }
 
 void residual_dropout_forward_reference(float* out, const float* residual, const float* x,
