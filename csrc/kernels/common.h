@@ -26,10 +26,21 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 const char* isa_name(Isa isa);
 
+// Code paths of the bf16 matrix products (GEMM, attention tiles), chosen apart from the fp32 ISA
+// because the hardware is separate: Intel cores with AMX have AVX512-BF16 too, AMD Zen 4/5 have
+// AVX512-BF16 only. Order matters: a higher value needs more.
+//   Portable    convert the operands to fp32 and use the fp32 kernels (any CPU)
+//   Avx512Bf16  vdpbf16ps: pairs of bf16 products accumulated in fp32
+//   Amx         AMX-BF16 tiles (tdpbf16ps)
+enum class Bf16Path : int { Portable = 0, Avx512Bf16 = 1, Amx = 2 };
+
+const char* bf16_path_name(Bf16Path path);
+
 // Everything a CPU kernel needs to know about where it runs.
 struct CpuContext {
   ThreadPool* pool;  // never null; may have size 1
   Isa isa;           // the code path to take; always one the CPU supports
+  Bf16Path bf16 = Bf16Path::Portable;  // path of the bf16 products; always one the CPU supports
 };
 
 // The context the addon uses by default: the process-wide pool and the active ISA.

@@ -14,6 +14,14 @@ const char* isa_name(Isa isa) {
   }
 }
 
+const char* bf16_path_name(Bf16Path path) {
+  switch (path) {
+    case Bf16Path::Amx: return "amx";
+    case Bf16Path::Avx512Bf16: return "avx512bf16";
+    default: return "portable";
+  }
+}
+
 bool isa_compiled(Isa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   (void)isa;
@@ -58,6 +66,34 @@ bool set_active_isa(Isa isa) {
   return true;
 }
 
-CpuContext default_context() { return CpuContext{&default_pool(), active_isa()}; }
+Bf16Path detected_bf16_path() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const Bf16Path path = [] {
+    __builtin_cpu_init();
+    if (detected_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) return Bf16Path::Avx512Bf16;
+    return Bf16Path::Portable;
+  }();
+  return path;
+#else
+  return Bf16Path::Portable;
+#endif
+}
+
+namespace {
+std::atomic<int>& bf16_slot() {
+  static std::atomic<int> slot{static_cast<int>(detected_bf16_path())};
+  return slot;
+}
+}  // namespace
+
+Bf16Path active_bf16_path() { return static_cast<Bf16Path>(bf16_slot().load(std::memory_order_relaxed)); }
+
+bool set_active_bf16_path(Bf16Path path) {
+  if (static_cast<int>(path) > static_cast<int>(detected_bf16_path())) return false;
+  bf16_slot().store(static_cast<int>(path), std::memory_order_relaxed);
+  return true;
+}
+
+CpuContext default_context() { return CpuContext{&default_pool(), active_isa(), active_bf16_path()}; }
 
 }  // namespace lima

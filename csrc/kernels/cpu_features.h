@@ -15,6 +15,12 @@ Isa active_isa();
 // Returns false (and changes nothing) if the CPU cannot run `isa`.
 bool set_active_isa(Isa isa);
 
+// Best bf16 product path of this CPU and OS (AMX also needs the kernel's permission for the tile
+// state, requested once per process), the one kernels take now, and a forced lower one (tests).
+Bf16Path detected_bf16_path();
+Bf16Path active_bf16_path();
+bool set_active_bf16_path(Bf16Path path);
+
 // Whether the addon was compiled with the ISA-specific objects at all (false off x86-64).
 bool isa_compiled(Isa isa);
 
