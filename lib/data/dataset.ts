@@ -261,6 +261,7 @@ export async function loadTrainDev(trainFile: string, opts: TrainDevOptions = {}
       }
     }
     out.dev = keep;
+    out.truncated.dev = keep.filter((x) => x.truncated).length;
   }
   return out;
 }

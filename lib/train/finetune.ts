@@ -420,12 +420,14 @@ async function cleanLeftovers(outDir: string): Promise<string[]> {
   const removed: string[] = [];
   for (const e of await readdir(outDir, { withFileTypes: true })) {
     const old = /^\.(.+)\.old-\d+$/.exec(e.name);
-    if (old && e.isDirectory()) {
-      const final = join(outDir, old[1]);
-      if (await exists(final)) await rm(join(outDir, e.name), { recursive: true, force: true });
-      else await rename(join(outDir, e.name), final);
-      removed.push(e.name);
-    } else if (/\.tmp-\d+$/.test(e.name)) {
+    if (!old || !e.isDirectory()) continue;
+    const final = join(outDir, old[1]);
+    if (await exists(final)) await rm(join(outDir, e.name), { recursive: true, force: true });
+    else await rename(join(outDir, e.name), final);
+    removed.push(e.name);
+  }
+  for (const e of await readdir(outDir, { withFileTypes: true })) {
+    if (/\.tmp-\d+$/.test(e.name)) {
       await rm(join(outDir, e.name), { recursive: true, force: true });
       removed.push(e.name);
     } else if (e.isDirectory() && !e.name.startsWith('.')) {
