@@ -200,6 +200,7 @@ async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Prom
         console.log(`checkpoint at step ${e.step} -> ${e.path}`);
       } else if (e.type === 'start') {
         if (e.truncated.train + e.truncated.dev) console.log(`${e.truncated.train + e.truncated.dev} rows cut to ${e.maxLength} tokens (--max-length)`);
+        if (e.skippedRows.train + e.skippedRows.dev) console.log(`${e.skippedRows.train + e.skippedRows.dev} bad rows skipped (--skip-bad-rows)`);
       } else if (e.type === 'done') {
         console.log(`${e.aborted ? 'stopped' : 'done'} after ${e.steps} steps; report: ${e.report}${e.lastCheckpoint ? `; last checkpoint: ${e.lastCheckpoint}` : ''}${e.epochsWithWeights.length ? `; weights kept for epochs ${e.epochsWithWeights.join(', ')}` : ''}`);
       }

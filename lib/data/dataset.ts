@@ -255,7 +255,7 @@ export async function loadTrainDev(trainFile: string, opts: TrainDevOptions = {}
     for (const ex of out.dev) {
       if (ex.promptIds.length < P) keep.push(ex);
       else {
-        const reason = `the generation prompt has ${ex.promptIds.length > Math.max(P, load.maxLength ?? 0) ? 'more than ' + Math.max(P, load.maxLength ?? 0) : ex.promptIds.length} tokens but the model has ${P} positions (max_position_embeddings), leaving none to generate into`;
+        const reason = `the generation prompt has ${ex.promptIds.length > Math.max(P, load.maxLength ?? 0) ? 'more than ' + Math.max(P, load.maxLength ?? 0) : ex.promptIds.length} tokens but the model has ${P} positions (max_position_embeddings), leaving none to generate into (skipBadRows / --skip-bad-rows leaves such rows out)`;
         if (!load.skipBadRows) throw new JsonlError(devFile, ex.line, reason);
         out.skipped.dev.push({ line: ex.line, reason });
       }
