@@ -224,6 +224,25 @@ describe('item 5: interrupts', () => {
     expect(state(join(out, 'epoch-1')).devPending).toBe(false);
   });
 
+  it('a stop in the middle of an epoch saves the steps done, and resuming from them is exact', async () => {
+    const { base, data, init } = await setup(14);
+    const opts = { ...common, model: init, data, epochs: 2 }; // 11 training rows: 3 steps per epoch
+    const straight = await finetune({ ...opts, outDir: join(base, 'straight') }).result;
+    const out = join(base, 'split');
+    const ac = new AbortController();
+    const first = finetune({ ...opts, outDir: out, signal: ac.signal });
+    for await (const e of first) if (e.type === 'step' && e.step === 4) ac.abort();
+    const r1 = await first.result;
+    expect(r1.lastCheckpoint).toBe(join(out, 'step-4'));
+    expect(state(join(out, 'step-4'))).toMatchObject({ globalStep: 4, epoch: 1, batchInEpoch: 1 });
+    const resumed = await collect({ ...opts, outDir: out, resume: true });
+    expect(resumed.events[0]).toMatchObject({ type: 'start', resumedFrom: join(out, 'step-4') });
+    expect(resumed.events.filter((e) => e.type === 'step').map((e) => (e as { step: number }).step)).toEqual([5, 6]);
+    const a = await readAllTensors(join(out, 'epoch-2', 'model.safetensors'));
+    for (const [n, w] of await readAllTensors(join(base, 'straight', 'epoch-2', 'model.safetensors'))) expect(a.get(n), n).toEqual(w);
+    expect(straight.steps).toBe(6);
+  });
+
   it('removes temporary checkpoint folders left by a kill and restores a checkpoint caught mid-replacement', async () => {
     const { base, data, init } = await setup(8);
     const out = join(base, 'run');

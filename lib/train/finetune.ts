@@ -590,6 +590,8 @@ interface Ctx {
   totalSteps: number;
   emit: (e: FinetuneEvent) => void;
   lastCheckpoint?: string;
+  /** globalStep of the newest checkpoint (0 before the first). */
+  savedStep: number;
   stepTimes: number[];
 }
 
@@ -640,7 +642,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     st.totalSteps = totalSteps;
     const longest = data.train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
     const micro = o.microBatchSize !== undefined ? expectInt(o.microBatchSize, 'microBatchSize', 1) : autoMicroBatch(model, s.batchSize, longest, o.memoryBudget);
-    const ctx: Ctx = { o, s, model, data, st, micro, stepsPerEpoch, totalSteps, emit, lastCheckpoint: from?.dir, stepTimes: [] };
+    const ctx: Ctx = { o, s, model, data, st, micro, stepsPerEpoch, totalSteps, emit, lastCheckpoint: from?.dir, savedStep: st.globalStep, stepTimes: [] };
     emit({
       type: 'start', runId: st.runId, resumedFrom: from?.dir, trainExamples: data.train.length, devExamples: data.dev.length,
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
@@ -652,6 +654,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     for (let e = st.epoch; !aborted && e < s.epochs; e++) {
       if (!(await trainEpoch(ctx, e))) {
         aborted = true;
+        await saveProgress(ctx);
         break;
       }
       const path = await endEpoch(ctx, e);
@@ -742,7 +745,16 @@ async function trainEpoch(ctx: Ctx, e: number): Promise<boolean> {
   return true;
 }
 
+// Steps done since the newest checkpoint are saved as `step-N` (weights and moments are those of
+// the last completed step, so resuming from it is exact) rather than thrown away.
+async function saveProgress(ctx: Ctx): Promise<void> {
+  if (ctx.st.globalStep <= ctx.savedStep) return;
+  const path = await checkpoint(ctx, `step-${ctx.st.globalStep}`);
+  ctx.emit({ type: 'checkpoint', step: ctx.st.globalStep, path });
+}
+
 async function diverged(ctx: Ctx, e: number, b: number, what: string): Promise<never> {
+  await saveProgress(ctx).catch(() => {}); // the bad step was not applied: the state is the last good one
   await writeReport(ctx).catch(() => {});
   throw new FinetuneError(
     'ERR_LIMA_DIVERGED',
@@ -896,6 +908,7 @@ async function checkpoint(ctx: Ctx, name: string): Promise<string> {
     );
   }
   ctx.lastCheckpoint = final;
+  ctx.savedStep = st.globalStep;
   await prune(ctx);
   return final;
 }
