@@ -441,7 +441,7 @@ async function cleanLeftovers(outDir: string): Promise<string[]> {
 function stateError(file: string, what: string, field: string, v: unknown): never {
   throw new FinetuneError(
     'ERR_LIMA_STATE',
-    `${file}: Expected ${what} for ${field} but received ${JSON.stringify(v) ?? 'undefined'} (the trainer state is damaged; resume from an earlier checkpoint or start afresh with overwrite)`,
+    `${file}: Expected ${what} for ${field} but received ${JSON.stringify(v) ?? 'undefined'} (the trainer state is damaged; move that checkpoint folder away to resume from the one before it, or start afresh with overwrite)`,
   );
 }
 
@@ -528,7 +528,11 @@ async function openOutDir(o: FinetuneOptions): Promise<OutDir> {
         throw new FinetuneError('ERR_LIMA_NOTHING_TO_RESUME', `${outDir}: nothing to resume from (no checkpoint with model weights, optimizer state and a trainer state); start without resume`);
       }
       // A newer checkpoint whose state cannot be read must not be skipped silently.
-      const newer = stateDirs.filter((n) => !existing.some((c) => c.name === n));
+      const newer = stateDirs.filter((n) => {
+        if (existing.some((c) => c.name === n)) return false;
+        const m = /^(epoch|step)-(\d+)$/.exec(n);
+        return m !== null && Number(m[2]) > (m[1] === 'epoch' ? from.state.epoch : from.state.globalStep);
+      });
       if (newer.length) await readState(join(outDir, newer[0]));
       return { release, resumeFrom: from };
     }
@@ -603,7 +607,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
   let ownModel = false;
   try {
     const from = out.resumeFrom;
-    const resumed = from ? await readState(from.dir) : null; // re-read: the list skipped nothing, but check fields again
+    const resumed = from?.state ?? null;
     if (from) {
       model = await LlamaModel.fromPretrained(from.dir);
       ownModel = true;
