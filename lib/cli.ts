@@ -292,9 +292,8 @@ export async function main(argv: string[]): Promise<number> {
   }
   try {
     await run(rest);
-    return pipeClosed ? 141 : 0;
+    return pipeClosed ? 141 : 0; // a closed stdout stops the run quietly, reported as a shell reports SIGPIPE
   } catch (e) {
-    if (pipeClosed) return 141; // as a shell reports SIGPIPE, without a stack trace
     if (e instanceof StoppedError) {
       process.stderr.write(`lima-native ${cmd}: ${e.message}\n`);
       return 130;
