@@ -22,8 +22,8 @@ export class ModelLoadError extends Error {
   }
 }
 
-/** Token rows for training or scoring: ids and Hugging Face labels (-100 = no target). */
-// Batches live with the data pipeline; re-exported here where the model's callers look for them.
+// Token batches and padBatch live with the data pipeline (closing the data ↔ model import
+// cycle); re-exported here where the model's callers look for them.
 export { padBatch, type TokenBatch };
 
 /** Options of LlamaModel.generate / stream. */
