@@ -6,8 +6,8 @@ import { parseArgs } from 'node:util';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { LlamaModel, type EvalRow } from './model/llama.js';
-import { readJsonl } from './io/jsonl.js';
+import { LlamaModel } from './model/llama.js';
+import { loadEvalRows } from './data/dataset.js';
 import { ByteTokenizer } from './tokenizer/index.js';
 import { finetune as runFinetune, type FinetuneEvent, type FinetuneOptions } from './train/finetune.js';
 
@@ -25,13 +25,20 @@ commands:
   finetune --model <dir|llama2c file> --data <jsonl> [--dev <jsonl>|N] --out <dir> [--epochs N
            --batch-size N --micro-batch-size N --lr X --lr-final X --warmup-steps N --weight-decay X
            --dropout X --max-length N --seed S --grad-clip X --checkpoint-every N --keep-last N
-           --dev-max-new-tokens N --no-dev-generation --train-on-prompt --skip-bad-rows --resume --json]
+           --dev-max-new-tokens N --no-dev-generation --train-on-prompt --skip-bad-rows --resume --overwrite --allow-changes k1,k2 --json]
            supervised fine-tuning with the LIMA recipe (its values are the defaults)
-  demo     [--out <dir>] [--epochs N] [--json]
+  demo     [--out <dir>] [--epochs N] [--overwrite] [--json]
            trains a small model from scratch on the bundled LIMA-style sample in a few minutes
 `;
 
 class UsageError extends Error {}
+/** A run stopped by Ctrl-C: exit code 130, as a shell reports a SIGINT. */
+class StoppedError extends Error {
+  constructor() {
+    super('stopped; continue with --resume');
+  }
+}
+let pipeClosed = false;
 
 function num(v: string | undefined, name: string, int = false): number | undefined {
   if (v === undefined) return undefined;
@@ -118,16 +125,8 @@ async function evaluate(argv: string[]): Promise<void> {
     options: { model: { type: 'string' }, data: { type: 'string' }, 'batch-size': { type: 'string' }, json: { type: 'boolean' } },
   });
   if (!values.model || !values.data) throw new UsageError('eval needs --model <dir> and --data <jsonl>');
-  const rows: EvalRow[] = [];
-  for await (const { value, line, file } of readJsonl(values.data)) {
-    const v = value as { input_ids?: unknown; labels?: unknown };
-    const ok = (a: unknown) => Array.isArray(a) && a.every((x) => Number.isInteger(x));
-    if (!ok(v.input_ids)) throw new Error(`${file}:${line}: expected "input_ids" to be an array of integers`);
-    if (v.labels !== undefined && (!ok(v.labels) || (v.labels as number[]).length !== (v.input_ids as number[]).length))
-      throw new Error(`${file}:${line}: expected "labels" to be an array of integers as long as input_ids`);
-    rows.push({ inputIds: v.input_ids as number[], labels: v.labels as number[] | undefined });
-  }
   await using model = await loadModel(values.model);
+  const rows = await loadEvalRows(values.data, { vocabSize: model.config.vocabSize, maxPositions: model.config.maxPositionEmbeddings });
   const r = await model.evaluate(rows, { batchSize: num(values['batch-size'], 'batch-size', true) });
   if (values.json) console.log(JSON.stringify(r));
   else console.log(`loss ${r.loss.toFixed(6)}  perplexity ${r.perplexity.toFixed(4)}  over ${r.tokens} target tokens`);
@@ -165,6 +164,13 @@ function fmtTime(s: number): string {
 // after the current step, leaving the last checkpoint valid.
 async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Promise<void> {
   const ac = new AbortController();
+  // A closed pipe (`finetune --json | head`) stops the run after the current step, quietly.
+  const onPipe = (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE' && !pipeClosed) throw err;
+    pipeClosed = true;
+    ac.abort();
+  };
+  process.stdout.on('error', onPipe);
   const onSigint = () => {
     if (ac.signal.aborted) process.exit(130);
     process.stderr.write('\nstopping after the current step (Ctrl-C again to quit at once)\n');
@@ -175,6 +181,7 @@ async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Prom
   try {
     const runHandle = runFinetune({ ...opts, signal: ac.signal });
     for await (const e of runHandle as AsyncIterable<FinetuneEvent>) {
+      if (pipeClosed) continue;
       if (json) {
         console.log(JSON.stringify(e));
         continue;
@@ -191,13 +198,17 @@ async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Prom
       } else if (e.type === 'checkpoint') {
         if (tty) process.stderr.write('\n');
         console.log(`checkpoint at step ${e.step} -> ${e.path}`);
-      } else {
-        console.log(`${e.aborted ? 'stopped' : 'done'} after ${e.steps} steps; report: ${e.report}${e.lastCheckpoint ? `; last checkpoint: ${e.lastCheckpoint}` : ''}`);
+      } else if (e.type === 'start') {
+        if (e.truncated.train + e.truncated.dev) console.log(`${e.truncated.train + e.truncated.dev} rows cut to ${e.maxLength} tokens (--max-length)`);
+        if (e.skippedRows.train + e.skippedRows.dev) console.log(`${e.skippedRows.train + e.skippedRows.dev} bad rows skipped (--skip-bad-rows)`);
+      } else if (e.type === 'done') {
+        console.log(`${e.aborted ? 'stopped' : 'done'} after ${e.steps} steps; report: ${e.report}${e.lastCheckpoint ? `; last checkpoint: ${e.lastCheckpoint}` : ''}${e.epochsWithWeights.length ? `; weights kept for epochs ${e.epochsWithWeights.join(', ')}` : ''}`);
       }
     }
-    await runHandle.result;
+    if ((await runHandle.result).aborted && !pipeClosed) throw new StoppedError();
   } finally {
     process.off('SIGINT', onSigint);
+    if (!pipeClosed) process.stdout.off('error', onPipe); // late write errors of a closed pipe stay quiet
   }
 }
 
@@ -212,6 +223,7 @@ async function finetuneCmd(argv: string[]): Promise<void> {
       seed: { type: 'string' }, 'grad-clip': { type: 'string' }, 'checkpoint-every': { type: 'string' },
       'keep-last': { type: 'string' }, 'dev-max-new-tokens': { type: 'string' }, 'no-dev-generation': { type: 'boolean' },
       'train-on-prompt': { type: 'boolean' }, 'skip-bad-rows': { type: 'boolean' }, resume: { type: 'boolean' }, json: { type: 'boolean' },
+      overwrite: { type: 'boolean' }, 'allow-changes': { type: 'string' },
     },
   });
   if (!values.model || !values.data || !values.out) throw new UsageError('finetune needs --model, --data and --out');
@@ -228,6 +240,7 @@ async function finetuneCmd(argv: string[]): Promise<void> {
     keepLast: num(values['keep-last'], 'keep-last', true),
     devGeneration: values['no-dev-generation'] ? false : maxNew !== undefined ? { maxNewTokens: maxNew } : undefined,
     trainOnPrompt: values['train-on-prompt'], skipBadRows: values['skip-bad-rows'], resume: values.resume,
+    overwrite: values.overwrite, allowChanges: values['allow-changes']?.split(',').map((k) => k.trim()).filter(Boolean),
   }, values.json ?? false);
 }
 
@@ -237,7 +250,7 @@ export function sampleDataDir(): string {
 }
 
 async function demo(argv: string[]): Promise<void> {
-  const { values } = parseArgs({ args: argv, options: { out: { type: 'string' }, epochs: { type: 'string' }, json: { type: 'boolean' } } });
+  const { values } = parseArgs({ args: argv, options: { out: { type: 'string' }, epochs: { type: 'string' }, json: { type: 'boolean' }, overwrite: { type: 'boolean' } } });
   const out = values.out ?? 'lima-demo';
   const data = sampleDataDir();
   if (!existsSync(join(data, 'train.jsonl'))) throw new Error(`bundled sample data not found at ${data}`);
@@ -251,7 +264,7 @@ async function demo(argv: string[]): Promise<void> {
   await drive({
     model: modelDir, data: join(data, 'train.jsonl'), devData: join(data, 'dev.jsonl'), outDir: join(out, 'run'),
     epochs, batchSize: 4, lr: 4e-3, lrFinal: 2e-4, warmupSteps: 10, dropout: 0.1,
-    maxLength: 512, seed: 0, devGeneration: { maxNewTokens: 160 }, keepLast: 2,
+    maxLength: 512, seed: 0, devGeneration: { maxNewTokens: 160 }, keepLast: 2, overwrite: values.overwrite,
   }, values.json ?? false);
   if (!values.json) {
     const gens = join(out, 'run', `epoch-${epochs}`, 'dev-generations.jsonl');
@@ -279,8 +292,12 @@ export async function main(argv: string[]): Promise<number> {
   }
   try {
     await run(rest);
-    return 0;
+    return pipeClosed ? 141 : 0; // a closed stdout stops the run quietly, reported as a shell reports SIGPIPE
   } catch (e) {
+    if (e instanceof StoppedError) {
+      process.stderr.write(`lima-native ${cmd}: ${e.message}\n`);
+      return 130;
+    }
     const usage = e instanceof UsageError || (e as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS');
     process.stderr.write(`lima-native ${cmd}: ${(e as Error).message}\n`);
     return usage ? 2 : 1;

@@ -18,10 +18,13 @@ export { resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOpti
 export { ByteTokenizer, HfTokenizer, loadTokenizer, DEFAULT_EOT, type Tokenizer } from './tokenizer/index.js';
 export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo, type TensorToWrite, type SafetensorsDtype } from './io/safetensors.js';
 export { Llama2cReader, Llama2cError } from './io/llama2c.js';
-export { readJsonl, JsonlError } from './io/jsonl.js';
+export { readJsonl, JsonlError, type JsonlRow, type ReadJsonlOptions } from './io/jsonl.js';
+export { writeAtomic, WriteError } from './util/fs.js';
+export { LIMA } from './recipe.js';
 export { Rng } from './util/rng.js';
 export {
   loadDataset,
+  loadEvalRows,
   loadTrainDev,
   splitDev,
   formatConversation,
@@ -43,6 +46,7 @@ export {
   type LoadOptions,
   type LoadedDataset,
   type SkippedRow,
+  type TrainDev,
   type TrainDevOptions,
   type Message,
   type Role,
@@ -59,11 +63,16 @@ export {
 export {
   finetune,
   learningRate,
+  selectionEpochs,
+  FinetuneError,
   LIMA_DEFAULTS,
   type FinetuneOptions,
   type FinetuneEvent,
   type FinetuneRun,
   type FinetuneResult,
+  type StartEvent,
+  type StoppedEvent,
+  type Hparams,
   type StepEvent,
   type EpochEvent,
   type CheckpointEvent,

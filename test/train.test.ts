@@ -150,7 +150,9 @@ describe('checkpoints, resume and abort', () => {
     expect(r.aborted).toBe(true);
     expect(r.steps).toBe(3);
     expect(events.at(-1)).toMatchObject({ type: 'done', aborted: true, steps: 3 });
-    expect(r.lastCheckpoint).toBe(join(base, 'run', 'step-2'));
+    // The step done since the step-2 checkpoint is saved too, so stopping loses no work.
+    expect(r.lastCheckpoint).toBe(join(base, 'run', 'step-3'));
+    expect(existsSync(join(base, 'run', 'step-2', 'trainer-state.json'))).toBe(true);
     await using m = await LlamaModel.fromPretrained(r.lastCheckpoint!);
     expect(m.config.vocabSize).toBe(61);
     // No temporary folder is left behind.

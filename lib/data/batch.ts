@@ -1,12 +1,19 @@
 // Batching for the trainer: a seeded order per epoch, optimizer batches, and micro-batches padded
 // to their longest row with the batch-wide target count that normalises the loss.
-import type { TokenBatch } from '../model/llama.js';
 import { Rng } from '../util/rng.js';
 import { expectInt, fail } from '../validate.js';
 import { IGNORE_INDEX } from './format.js';
 
 /** Pad id of micro-batch rows (its label is -100, and causal attention keeps pads inert). */
 export const PAD_ID = 0;
+
+/** Row-major token ids and labels [batch, seqLen] as the model's training and loss calls take them. */
+export interface TokenBatch {
+  inputIds: Int32Array;
+  labels: Int32Array;
+  batch: number;
+  seqLen: number;
+}
 
 /** A row the batching helpers accept (an Example, or any ids with labels). */
 export interface LabeledRow {
@@ -101,4 +108,17 @@ export function microBatches(batch: readonly LabeledRow[], microBatchSize: numbe
   for (const r of batch) targets += countTargets(r.labels);
   for (let i = 0; i < batch.length; i += microBatchSize) out.push({ ...padRows(batch.slice(i, i + microBatchSize)), rowOffset: i });
   return { microBatches: out, targets };
+}
+
+/**
+ * Right-pads rows of ids (labels optional: a row without them predicts every next token) to one
+ * length for the model, checking every id is in [0, vocabSize).
+ */
+export function padBatch(rows: readonly { inputIds: readonly number[]; labels?: readonly number[] }[], vocabSize: number): TokenBatch {
+  rows.forEach((r, b) =>
+    r.inputIds.forEach((t, i) => {
+      if (!Number.isInteger(t) || t < 0 || t >= vocabSize) fail(`token ids in [0, ${vocabSize})`, `row ${b} input_ids[${i}]`, t);
+    }),
+  );
+  return padRows(rows.map((r) => ({ inputIds: r.inputIds, labels: r.labels ?? r.inputIds })));
 }

@@ -1,9 +1,8 @@
 // Loading a JSONL dataset into training examples: per-row format detection, tokenization,
 // truncation, bad-row reporting (fail fast with file:line, or skip and count), dev split.
-import { createReadStream } from 'node:fs';
-import { createInterface } from 'node:readline';
 import type { Template } from '@huggingface/jinja';
-import { JsonlError } from '../io/jsonl.js';
+import { JsonlError, readJsonl } from '../io/jsonl.js';
+import { LIMA } from '../recipe.js';
 import type { Tokenizer } from '../tokenizer/index.js';
 import { Rng } from '../util/rng.js';
 import { expectInt, expectObject, fail, LimaArgumentError } from '../validate.js';
@@ -20,15 +19,20 @@ import {
 } from './format.js';
 
 /** LIMA's context length, the default `maxLength`. */
-export const DEFAULT_MAX_LENGTH = 2048;
+export const DEFAULT_MAX_LENGTH: number = LIMA.maxLength;
 
 /** One training (or dev) example. */
 export interface Example {
   inputIds: number[];
   /** inputIds at target positions, -100 elsewhere (labels[t] is predicted from position t-1). */
   labels: number[];
-  /** Ids to generate the last assistant turn from (dev generation); not truncated. */
+  /**
+   * Ids to generate the last assistant turn from (dev generation); not cut to maxLength, but
+   * tokenized no further than max(maxLength, maxPositions).
+   */
   promptIds: number[];
+  /** Whether inputIds/labels were cut to maxLength. */
+  truncated?: boolean;
   /** The conversation, for rows that were one (prompt and reference answer for dev reports). */
   messages?: Message[];
   source?: string;
@@ -62,6 +66,11 @@ export interface LoadOptions {
   vocabSize?: number;
   /** Accept conversations ending with a user turn (generation prompts without targets). */
   allowUnanswered?: boolean;
+  /**
+   * The model's positions (max_position_embeddings): `maxLength` may not exceed it, and
+   * loadTrainDev checks that every dev prompt leaves room to generate.
+   */
+  maxPositions?: number;
 }
 
 /** What loadDataset produced. */
@@ -81,6 +90,11 @@ function checkOptions(opts: LoadOptions): void {
   if (opts.format !== undefined && !['auto', 'lima', 'messages', 'tokens'].includes(opts.format))
     fail('"auto", "lima", "messages" or "tokens"', 'format', opts.format);
   if (opts.maxLength !== undefined) expectInt(opts.maxLength, 'maxLength', 2);
+  if (opts.maxPositions !== undefined) {
+    expectInt(opts.maxPositions, 'maxPositions', 2);
+    if (opts.maxLength !== undefined && opts.maxLength > opts.maxPositions)
+      fail(`an integer <= the model's ${opts.maxPositions} positions (max_position_embeddings)`, 'maxLength', opts.maxLength);
+  }
   if (opts.vocabSize !== undefined) expectInt(opts.vocabSize, 'vocabSize', 1);
   if (opts.roles !== undefined) {
     for (const [k, v] of Object.entries(expectObject(opts.roles, 'roles'))) {
@@ -107,7 +121,9 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
   if (typeof file !== 'string' || !file) fail('a file path', 'file', file);
   checkOptions(opts);
   const tok = opts.tokenizer;
-  const maxLength = opts.maxLength ?? DEFAULT_MAX_LENGTH;
+  const maxLength = opts.maxLength ?? Math.min(DEFAULT_MAX_LENGTH, opts.maxPositions ?? Infinity);
+  // Dev prompts are checked against the positions later, so they are tokenized that far.
+  const maxTokens = Math.max(maxLength, opts.maxPositions ?? 0);
   let template: Template | undefined;
   if (opts.chatTemplate !== undefined) {
     try {
@@ -126,65 +142,46 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
     out.skipped.push({ line, reason });
   };
 
-  const rl = createInterface({ input: createReadStream(file, { encoding: 'utf8' }), crlfDelay: Infinity });
-  let line = 0;
-  try {
-    for await (let text of rl) {
-      line++;
-      if (line === 1 && text.charCodeAt(0) === 0xfeff) text = text.slice(1);
-      if (!text.trim()) continue;
-      out.rows++;
-      let value: unknown;
-      try {
-        value = JSON.parse(text);
-      } catch (e) {
-        bad(line, `invalid JSON (${(e as Error).message})`);
+  for await (const { value, line } of readJsonl(file, { onBadLine: opts.skipBadRows ? (e) => void (out.rows++, out.skipped.push({ line: e.line, reason: e.reason })) : undefined })) {
+    out.rows++;
+    let ex: Example;
+    try {
+      const row = parseRow(value, { format: opts.format, vocabSize: vocabSize(), allowUnanswered: opts.allowUnanswered });
+      if (row.format === 'tokens') {
+        const labels = row.labels ?? [...row.inputIds];
+        ex = { inputIds: row.inputIds, labels, promptIds: promptOfTokens(row.inputIds, labels), line };
+      } else {
+        if (!tok) fail(`a tokenizer (${file}:${line} is a conversation)`, 'tokenizer', tok);
+        if (!template && tok.eotId === undefined) {
+          tok.ensureEot();
+          eotAdded = true;
+          tokVocab = undefined;
+        }
+        const f = formatConversation(row.messages, { tokenizer: tok, roles: opts.roles, chatTemplate: template, trainOnPrompt: opts.trainOnPrompt, maxTokens });
+        ex = { ...f, messages: row.messages, line };
+      }
+      if (row.source !== undefined) ex.source = row.source;
+      const answered = row.format === 'tokens' || row.messages[row.messages.length - 1].role === 'assistant';
+      if (answered && countTargets(ex.labels) === 0) {
+        bad(line, 'no target tokens (every label after the first position is -100)');
         continue;
       }
-      let ex: Example;
-      try {
-        const row = parseRow(value, { format: opts.format, vocabSize: vocabSize(), allowUnanswered: opts.allowUnanswered });
-        if (row.format === 'tokens') {
-          const labels = row.labels ?? [...row.inputIds];
-          ex = { inputIds: row.inputIds, labels, promptIds: promptOfTokens(row.inputIds, labels), line };
-        } else {
-          if (!tok) fail(`a tokenizer (${file}:${line} is a conversation)`, 'tokenizer', tok);
-          if (!template && tok.eotId === undefined) {
-            tok.ensureEot();
-            eotAdded = true;
-            tokVocab = undefined;
-          }
-          const f = formatConversation(row.messages, { tokenizer: tok, roles: opts.roles, chatTemplate: template, trainOnPrompt: opts.trainOnPrompt });
-          ex = { ...f, messages: row.messages, line };
-        }
-        if (row.source !== undefined) ex.source = row.source;
-        const answered = row.format === 'tokens' || row.messages[row.messages.length - 1].role === 'assistant';
+      if (ex.inputIds.length > maxLength) {
+        ex.inputIds = ex.inputIds.slice(0, maxLength);
+        ex.labels = ex.labels.slice(0, maxLength);
         if (answered && countTargets(ex.labels) === 0) {
-          bad(line, 'no target tokens (every label after the first position is -100)');
+          bad(line, `no target tokens left after truncation to maxLength ${maxLength} (the prompt is too long)`);
           continue;
         }
-        if (ex.inputIds.length > maxLength) {
-          ex.inputIds = ex.inputIds.slice(0, maxLength);
-          ex.labels = ex.labels.slice(0, maxLength);
-          if (answered && countTargets(ex.labels) === 0) {
-            bad(line, `no target tokens left after truncation to maxLength ${maxLength} (the prompt is too long)`);
-            continue;
-          }
-          out.truncated++;
-        }
-      } catch (e) {
-        if (!(e instanceof RowError)) throw e;
-        bad(line, e.message);
-        continue;
+        ex.truncated = true;
+        out.truncated++;
       }
-      out.examples.push(ex);
+    } catch (e) {
+      if (!(e instanceof RowError)) throw e;
+      bad(line, e.message);
+      continue;
     }
-  } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    if (typeof err?.syscall !== 'string') throw e;
-    throw Object.assign(new Error(`${file}: cannot read dataset (${err.message})`), { code: err.code, cause: e });
-  } finally {
-    rl.close();
+    out.examples.push(ex);
   }
   out.eotAdded = eotAdded;
   return out;
@@ -223,17 +220,72 @@ export interface TrainDevOptions extends LoadOptions {
   seed?: number;
 }
 
-/** Training and dev examples from one call; the dev file is read with the same options. */
-export async function loadTrainDev(
-  trainFile: string,
-  opts: TrainDevOptions = {},
-): Promise<{ train: Example[]; dev: Example[]; skipped: { train: SkippedRow[]; dev: SkippedRow[] }; eotAdded: boolean }> {
+/** Training and dev examples from one call, with what was left out or cut. */
+export interface TrainDev {
+  train: Example[];
+  dev: Example[];
+  skipped: { train: SkippedRow[]; dev: SkippedRow[] };
+  /** Examples cut to maxLength. */
+  truncated: { train: number; dev: number };
+  eotAdded: boolean;
+}
+
+/**
+ * Training and dev examples from one call; the dev file is read with the same options. With
+ * `maxPositions`, a dev row whose generation prompt leaves no position to generate into is a bad
+ * row (`file:line`), found here rather than after an epoch of training.
+ */
+export async function loadTrainDev(trainFile: string, opts: TrainDevOptions = {}): Promise<TrainDev> {
   const { dev, seed = 0, ...load } = opts;
   const t = await loadDataset(trainFile, load);
+  let out: TrainDev;
+  let devFile = trainFile;
   if (typeof dev === 'string') {
     const d = await loadDataset(dev, load);
-    return { train: t.examples, dev: d.examples, skipped: { train: t.skipped, dev: d.skipped }, eotAdded: t.eotAdded || d.eotAdded };
+    devFile = dev;
+    out = { train: t.examples, dev: d.examples, skipped: { train: t.skipped, dev: d.skipped }, truncated: { train: t.truncated, dev: d.truncated }, eotAdded: t.eotAdded || d.eotAdded };
+  } else {
+    const split = splitDev(t.examples, dev ?? 0, seed);
+    const cut = (xs: Example[]) => xs.filter((x) => x.truncated).length;
+    out = { ...split, skipped: { train: t.skipped, dev: [] }, truncated: { train: cut(split.train), dev: cut(split.dev) }, eotAdded: t.eotAdded };
   }
-  const split = splitDev(t.examples, dev ?? 0, seed);
-  return { ...split, skipped: { train: t.skipped, dev: [] }, eotAdded: t.eotAdded };
+  const P = load.maxPositions;
+  if (P !== undefined) {
+    const keep: Example[] = [];
+    for (const ex of out.dev) {
+      if (ex.promptIds.length < P) keep.push(ex);
+      else {
+        const reason = `the generation prompt has ${ex.promptIds.length > Math.max(P, load.maxLength ?? 0) ? 'more than ' + Math.max(P, load.maxLength ?? 0) : ex.promptIds.length} tokens but the model has ${P} positions (max_position_embeddings), leaving none to generate into (skipBadRows / --skip-bad-rows leaves such rows out)`;
+        if (!load.skipBadRows) throw new JsonlError(devFile, ex.line, reason);
+        out.skipped.dev.push({ line: ex.line, reason });
+      }
+    }
+    out.dev = keep;
+    out.truncated.dev = keep.filter((x) => x.truncated).length;
+  }
+  return out;
+}
+
+/**
+ * Pre-tokenized rows for evaluation (`{"input_ids": [...], "labels"?: [...]}`): ids checked
+ * against `vocabSize` and rows against the model's `maxPositions`, each failure as `file:line:`;
+ * an empty file is an error. Rows are never cut, so the loss is over exactly what the file holds.
+ */
+export async function loadEvalRows(file: string, opts: { vocabSize: number; maxPositions?: number }): Promise<{ inputIds: number[]; labels?: number[] }[]> {
+  if (typeof file !== 'string' || !file) fail('a file path', 'file', file);
+  const rows: { inputIds: number[]; labels?: number[] }[] = [];
+  for await (const { value, line } of readJsonl(file)) {
+    let row;
+    try {
+      row = parseRow(value, { format: 'tokens', vocabSize: opts.vocabSize });
+    } catch (e) {
+      if (e instanceof RowError) throw new JsonlError(file, line, e.message);
+      throw e;
+    }
+    if (row.format !== 'tokens') throw new JsonlError(file, line, 'expected a pre-tokenized row');
+    if (opts.maxPositions !== undefined && row.inputIds.length > opts.maxPositions)
+      throw new JsonlError(file, line, `the row has ${row.inputIds.length} tokens but the model has ${opts.maxPositions} positions (max_position_embeddings)`);
+    rows.push(row.labels ? { inputIds: row.inputIds, labels: row.labels } : { inputIds: row.inputIds });
+  }
+  return rows;
 }

@@ -159,6 +159,12 @@ export interface FormatOptions {
   chatTemplate?: string | Template;
   /** Make every token a target instead of only the assistant turns and their end-of-turn. */
   trainOnPrompt?: boolean;
+  /**
+   * Tokens the caller will keep: text far beyond it is not tokenized, so one huge row costs
+   * about `maxTokens` ids, not one per byte. The result may still be longer (the caller cuts);
+   * its first `maxTokens` ids are those of the uncut conversation.
+   */
+  maxTokens?: number;
 }
 
 /** Token ids of one conversation, its labels, and the prompt to generate its last answer from. */
@@ -177,6 +183,30 @@ interface Span {
 }
 
 const templateCache = new Map<string, Template>();
+
+// Encodes a prefix of `text` long enough to give more than `cap` tokens, growing it 4x at a
+// time; the margin keeps the first `cap` ids identical to those of the whole text, since
+// tokenizers only merge across a cut point locally.
+function encodeCapped(tok: Tokenizer, text: string, cap: number): number[] {
+  if (cap <= 0) return [];
+  const margin = 16;
+  for (let n = 4 * (cap + margin); n < text.length; n *= 4) {
+    const ids = tok.encode(text.slice(0, n));
+    if (ids.length > cap + margin) return ids;
+  }
+  return tok.encode(text);
+}
+
+// A tokenizer view that stops tokenizing once `budget` ids have been produced.
+function budgeted(tok: Tokenizer, budget: number | undefined): (text: string) => number[] {
+  if (budget === undefined) return (text) => tok.encode(text);
+  let used = 0;
+  return (text) => {
+    const ids = encodeCapped(tok, text, budget - used);
+    used += ids.length;
+    return ids;
+  };
+}
 
 /** Compiles a chat template (cached), reporting syntax errors by name. */
 export function compileChatTemplate(source: string): Template {
@@ -229,7 +259,7 @@ function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
   return out.sort((a, b) => b.text.length - a.text.length);
 }
 
-function encodeWithSpecials(tok: Tokenizer, text: string, specials: { text: string; id: number }[]): number[] {
+function encodeWithSpecials(encode: (text: string) => number[], text: string, specials: { text: string; id: number }[]): number[] {
   const ids: number[] = [];
   let rest = text;
   while (rest) {
@@ -243,37 +273,39 @@ function encodeWithSpecials(tok: Tokenizer, text: string, specials: { text: stri
       }
     }
     if (!hit) {
-      ids.push(...tok.encode(rest));
+      ids.push(...encode(rest));
       break;
     }
-    if (at > 0) ids.push(...tok.encode(rest.slice(0, at)));
+    if (at > 0) ids.push(...encode(rest.slice(0, at)));
     ids.push(hit.id);
     rest = rest.slice(at + hit.text.length);
   }
   return ids;
 }
 
-function plainSpans(messages: readonly Message[], tok: Tokenizer, roles: RoleMarkers): { spans: Span[]; promptEnd: number } {
+function plainSpans(messages: readonly Message[], tok: Tokenizer, roles: RoleMarkers, maxTokens?: number): { spans: Span[]; promptEnd: number } {
   const eot = tok.ensureEot();
+  const encode = budgeted(tok, maxTokens);
   const spans: Span[] = [];
   if (tok.bosId !== undefined) spans.push({ ids: [tok.bosId], target: false });
   let promptEnd = -1;
   messages.forEach((m, i) => {
     const marker = roles[m.role] ?? '';
-    if (marker) spans.push({ ids: tok.encode(marker), target: false });
+    if (marker) spans.push({ ids: encode(marker), target: false });
     if (m.role === 'assistant') promptEnd = spans.length;
-    spans.push({ ids: [...tok.encode(m.content), eot], target: m.role === 'assistant' });
+    spans.push({ ids: [...encode(m.content), eot], target: m.role === 'assistant' });
     if (i === messages.length - 1 && m.role !== 'assistant') {
       // Unanswered: the prompt continues into the assistant's turn.
-      if (roles.assistant) spans.push({ ids: tok.encode(roles.assistant), target: false });
+      if (roles.assistant) spans.push({ ids: encode(roles.assistant), target: false });
       promptEnd = spans.length;
     }
   });
   return { spans, promptEnd };
 }
 
-function templateSpans(messages: readonly Message[], tok: Tokenizer, template: Template): { spans: Span[]; promptEnd: number } {
+function templateSpans(messages: readonly Message[], tok: Tokenizer, template: Template, maxTokens?: number): { spans: Span[]; promptEnd: number } {
   const specials = specialTexts(tok);
+  const encode = budgeted(tok, maxTokens);
   const vars: Record<string, unknown> = {
     bos_token: tok.bosId === undefined ? '' : tok.decode([tok.bosId]),
     eos_token: tok.eosId === undefined ? '' : tok.decode([tok.eosId]),
@@ -293,7 +325,7 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: T
   };
   const spans: Span[] = [];
   const piece = (text: string, target: boolean) => {
-    if (text) spans.push({ ids: encodeWithSpecials(tok, text, specials), target });
+    if (text) spans.push({ ids: encodeWithSpecials(encode, text, specials), target });
   };
   let prev = '';
   let promptEnd = -1;
@@ -331,8 +363,8 @@ export function formatConversation(messages: readonly Message[], opts: FormatOpt
   const tok = opts.tokenizer;
   const { spans, promptEnd } =
     opts.chatTemplate !== undefined
-      ? templateSpans(messages, tok, typeof opts.chatTemplate === 'string' ? compileChatTemplate(opts.chatTemplate) : opts.chatTemplate)
-      : plainSpans(messages, tok, opts.roles ?? {});
+      ? templateSpans(messages, tok, typeof opts.chatTemplate === 'string' ? compileChatTemplate(opts.chatTemplate) : opts.chatTemplate, opts.maxTokens)
+      : plainSpans(messages, tok, opts.roles ?? {}, opts.maxTokens);
   const inputIds: number[] = [];
   const labels: number[] = [];
   const promptIds: number[] = [];

@@ -19,12 +19,14 @@ export {
 export {
   DEFAULT_MAX_LENGTH,
   loadDataset,
+  loadEvalRows,
   loadTrainDev,
   splitDev,
   type Example,
   type LoadOptions,
   type LoadedDataset,
   type SkippedRow,
+  type TrainDev,
   type TrainDevOptions,
 } from './dataset.js';
 export {
@@ -34,8 +36,10 @@ export {
   epochOrder,
   makeBatches,
   microBatches,
+  padBatch,
   padRows,
   type LabeledRow,
+  type TokenBatch,
   type MicroBatch,
   type SplitBatch,
 } from './batch.js';

@@ -2,6 +2,8 @@
 // Reading goes one tensor at a time through a file descriptor (model files can be many GiB);
 // writing streams tensors to a temporary file that is renamed into place only when complete.
 import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { syncDir, WriteError } from '../util/fs.js';
 
 /** Tensor element types we read; everything is held as fp32 on the CPU. */
 export type SafetensorsDtype = 'F32' | 'F16' | 'BF16';
@@ -216,7 +218,12 @@ export async function writeSafetensors(
   len.writeBigUInt64LE(BigInt(json.length));
 
   const tmp = `${path}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w');
+  let fh: FileHandle;
+  try {
+    fh = await open(tmp, 'w');
+  } catch (e) {
+    throw new WriteError(path, e);
+  }
   try {
     let pos = 0;
     const write = async (b: Uint8Array) => {
@@ -245,11 +252,12 @@ export async function writeSafetensors(
       }
     }
     await fh.sync();
-  } catch (e) {
     await fh.close();
+    await rename(tmp, path);
+    await syncDir(dirname(path));
+  } catch (e) {
+    await fh.close().catch(() => {});
     await rm(tmp, { force: true });
-    throw e;
+    throw new WriteError(path, e);
   }
-  await fh.close();
-  await rename(tmp, path);
 }

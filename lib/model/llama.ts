@@ -1,7 +1,7 @@
 // LlamaModel: the typed face of the native model. Weights live in native memory; loading and
 // saving stream one tensor at a time; every long call runs on the model's own worker thread.
-import { mkdir, readFile, rename, writeFile, access } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, readFile, readdir, access } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
 import { Llama2cReader } from '../io/llama2c.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../util/rng.js';
@@ -10,7 +10,8 @@ import { ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './conf
 import { nativeLlama, type NativeLlama, type NativeParamInfo } from './native-model.js';
 import { resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
-import { padRows } from '../data/batch.js';
+import { padBatch, type TokenBatch } from '../data/batch.js';
+import { writeAtomic } from '../util/fs.js';
 
 /** A model file set that cannot be loaded; the message names the file and the tensor. */
 export class ModelLoadError extends Error {
@@ -21,13 +22,9 @@ export class ModelLoadError extends Error {
   }
 }
 
-/** Token rows for training or scoring: ids and Hugging Face labels (-100 = no target). */
-export interface TokenBatch {
-  inputIds: Int32Array;
-  labels: Int32Array;
-  batch: number;
-  seqLen: number;
-}
+// Token batches and padBatch live with the data pipeline (closing the data ↔ model import
+// cycle); re-exported here where the model's callers look for them.
+export { padBatch, type TokenBatch };
 
 /** Options of LlamaModel.generate / stream. */
 export interface GenerateOptions extends SamplingOptions {
@@ -145,6 +142,7 @@ export class LlamaModel implements AsyncDisposable {
       for (const name of r.tensors.keys()) files.set(name, r.path);
       await r.close();
     } else {
+      if (await exists(join(dir, 'trainer-state.json'))) throw new ModelLoadError(await prunedMessage(dir));
       throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`);
     }
     const tokenizer = await loadTokenizer(dir);
@@ -388,7 +386,7 @@ export class LlamaModel implements AsyncDisposable {
       tensors.push({ name: p.name, shape: p.shape, data: await this.native.getTensor(p.name), dtype: opts.dtype ?? 'F32' });
     await writeSafetensors(join(dir, 'model.safetensors'), tensors);
     const extra: Record<string, unknown> = { torch_dtype: opts.dtype === 'BF16' ? 'bfloat16' : 'float32' };
-    await writeFileAtomic(join(dir, 'config.json'), JSON.stringify(toHfConfig(this.config, extra), null, 2) + '\n');
+    await writeAtomic(join(dir, 'config.json'), JSON.stringify(toHfConfig(this.config, extra), null, 2) + '\n');
     if (this.tokenizer) await this.tokenizer.save(dir);
   }
 
@@ -475,15 +473,21 @@ export class LlamaModel implements AsyncDisposable {
   }
 }
 
-/** Right-pads rows to one length (pad id 0, label -100); causal attention keeps pads inert. */
-export function padBatch(rows: readonly EvalRow[], vocabSize: number): TokenBatch {
-  rows.forEach((r, b) =>
-    r.inputIds.forEach((t, i) => {
-      if (!Number.isInteger(t) || t < 0 || t >= vocabSize) fail(`token ids in [0, ${vocabSize})`, `row ${b} input_ids[${i}]`, t);
-    }),
+// A fine-tuning checkpoint whose weights the trainer's keep policy removed: say so and point at
+// the sibling checkpoints that still have weights.
+async function prunedMessage(dir: string): Promise<string> {
+  const parent = dirname(resolve(dir));
+  const kept: string[] = [];
+  for (const e of await readdir(parent, { withFileTypes: true }).catch(() => [])) {
+    if (e.isDirectory() && !e.name.startsWith('.') && (await exists(join(parent, e.name, 'model.safetensors'))) && (await exists(join(parent, e.name, 'trainer-state.json'))))
+      kept.push(e.name);
+  }
+  kept.sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
+  return (
+    `${dir}: this fine-tuning checkpoint's weights were pruned to save space (it keeps only its dev generations and trainer state); ` +
+    (kept.length ? `checkpoints with weights: ${kept.join(', ')}` : 'no checkpoint beside it has weights') +
+    ' (keep more with the keepEpochs / keepLast options)'
   );
-  // Rows without labels predict every next token.
-  return padRows(rows.map((r) => ({ inputIds: r.inputIds, labels: r.labels ?? r.inputIds })));
 }
 
 async function exists(p: string): Promise<boolean> {
@@ -493,13 +497,6 @@ async function exists(p: string): Promise<boolean> {
   } catch {
     return false;
   }
-}
-
-/** Writes a file via a temporary name and rename, so readers never see half a file. */
-export async function writeFileAtomic(path: string, data: string | Uint8Array): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}`;
-  await writeFile(tmp, data);
-  await rename(tmp, path);
 }
 
 export { ConfigError };

@@ -1,4 +1,5 @@
 // Choosing the next token from logits: repetition penalty, temperature, top-k, top-p.
+import { LIMA } from '../recipe.js';
 import { Rng } from '../util/rng.js';
 import { expectInt, expectNumber } from '../validate.js';
 
@@ -20,10 +21,10 @@ export interface SamplingOptions {
 export function resolveSampling(o: SamplingOptions = {}): Required<SamplingOptions> {
   return {
     greedy: o.greedy ?? false,
-    temperature: expectNumber(o.temperature ?? 0.7, 'temperature', { min: 1e-6 }),
-    topP: expectNumber(o.topP ?? 0.9, 'topP', { min: 1e-9, max: 1 }),
+    temperature: expectNumber(o.temperature ?? LIMA.decoding.temperature, 'temperature', { min: 1e-6 }),
+    topP: expectNumber(o.topP ?? LIMA.decoding.topP, 'topP', { min: 1e-9, max: 1 }),
     topK: expectInt(o.topK ?? 0, 'topK', 0),
-    repetitionPenalty: expectNumber(o.repetitionPenalty ?? 1.2, 'repetitionPenalty', { min: 1e-6 }),
+    repetitionPenalty: expectNumber(o.repetitionPenalty ?? LIMA.decoding.repetitionPenalty, 'repetitionPenalty', { min: 1e-6 }),
     seed: expectInt(o.seed ?? 0, 'seed', 0),
   };
 }

@@ -1,7 +1,8 @@
 // Tokenizers: Hugging Face tokenizer.json (SentencePiece-BPE with byte fallback as in Llama 2,
 // byte-level BPE as in Llama 3 / SmolLM) through @huggingface/tokenizers, and a built-in byte
 // tokenizer for models trained from scratch. Both expose BOS/EOS/EOT and can grow special tokens.
-import { readFile, rename, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
+import { writeAtomic } from '../util/fs.js';
 import { join } from 'node:path';
 import { Tokenizer as HfCore } from '@huggingface/tokenizers';
 
@@ -32,11 +33,6 @@ export interface Tokenizer {
   save(dir: string): Promise<void>;
 }
 
-async function writeAtomic(path: string, text: string): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}`;
-  await writeFile(tmp, text);
-  await rename(tmp, path);
-}
 
 /** Bytes 0–255 are ids 0–255; special tokens follow (<s> 256, </s> 257, then any added). */
 export class ByteTokenizer implements Tokenizer {

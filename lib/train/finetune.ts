@@ -2,32 +2,26 @@
 // worker (every step is awaited, so the event loop stays free), emits typed events, writes
 // Hugging Face checkpoints with the optimizer state atomically, evaluates and generates on the
 // dev set each epoch and keeps an HTML report for LIMA's manual checkpoint choice.
+//
+// A run never loses or hides work: an output folder holding another run is refused, pruning only
+// touches the current run's checkpoints, weights of every epoch LIMA's selection window needs are
+// kept, a diverging step is never saved, an interrupted epoch re-runs its dev generations on
+// resume, and resuming with changed settings needs each change to be accepted by name.
+import { randomUUID, createHash } from 'node:crypto';
 import { freemem } from 'node:os';
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers } from '../data/index.js';
+import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
+import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers, type TrainDev } from '../data/index.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { LlamaModel } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
-import { expectInt, expectNumber, fail } from '../validate.js';
+import { LIMA } from '../recipe.js';
+import { writeAtomic, WriteError } from '../util/fs.js';
+import { expectInt, expectNumber, fail, LimaArgumentError } from '../validate.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from './report.js';
 
-/** The LIMA recipe; every field is an option of finetune(). */
-export const LIMA_DEFAULTS = {
-  epochs: 15,
-  batchSize: 32,
-  lr: 1e-5,
-  lrFinal: 1e-6,
-  warmupSteps: 0,
-  beta1: 0.9,
-  beta2: 0.95,
-  eps: 1e-8,
-  weightDecay: 0.1,
-  dropout: 0.3,
-  maxLength: 2048,
-  seed: 0,
-  devGeneration: { topP: 0.9, temperature: 0.7, repetitionPenalty: 1.2, maxNewTokens: 2048 },
-} as const;
+/** The LIMA recipe (the same object as `LIMA` in recipe.ts); every field is an option of finetune(). */
+export const LIMA_DEFAULTS = LIMA;
 
 /** Options of finetune(); unset fields take the LIMA defaults. */
 export interface FinetuneOptions {
@@ -54,16 +48,26 @@ export interface FinetuneOptions {
   weightDecay?: number;
   /** Residual dropout at the top layer (0 at the bottom, linear in depth). */
   dropout?: number;
+  /** Examples are cut to this many tokens; default min(2048, the model's max_position_embeddings). */
   maxLength?: number;
   seed?: number;
   /** Global gradient-norm clipping threshold (off when unset). */
   gradClip?: number;
   /** Checkpoint at each epoch end (default) or also every N optimizer steps. */
   checkpointEvery?: 'epoch' | number;
-  /** Keep weights of only the last N checkpoints (dev generations and state files stay). */
+  /**
+   * Epochs whose model weights are kept (no optimizer state) for choosing a checkpoint; default
+   * LIMA's selection window, epochs 5–10 clipped to the run's epochs. `'all'` keeps every epoch.
+   */
+  keepEpochs?: readonly number[] | 'all';
+  /** The newest N checkpoints also keep their weights (default 1); only the newest keeps optimizer state. */
   keepLast?: number;
-  /** Continue from the latest complete checkpoint in outDir. */
+  /** Continue from the latest complete checkpoint in outDir (an error when there is none). */
   resume?: boolean;
+  /** Delete the checkpoints, report and curve of a previous run in outDir and start afresh. */
+  overwrite?: boolean;
+  /** Hyper-parameter names (see `hparams` in the report) that may differ from the checkpoint's on resume. */
+  allowChanges?: readonly string[];
   /** Dev-set decoding (LIMA: top-p 0.9, temperature 0.7, repetition penalty 1.2), or false to skip. */
   devGeneration?: (SamplingOptions & { maxNewTokens?: number }) | false;
   roles?: RoleMarkers;
@@ -73,6 +77,23 @@ export interface FinetuneOptions {
   signal?: AbortSignal;
 }
 
+/** The first event: what was loaded and how the run is set up. */
+export interface StartEvent {
+  type: 'start';
+  runId: string;
+  /** The checkpoint this run continues, when resuming. */
+  resumedFrom?: string;
+  trainExamples: number;
+  devExamples: number;
+  /** Rows cut to `maxLength` tokens. */
+  truncated: { train: number; dev: number };
+  /** Rows left out with skipBadRows. */
+  skippedRows: { train: number; dev: number };
+  maxLength: number;
+  totalSteps: number;
+  /** Epochs whose weights will be kept for the checkpoint choice. */
+  keepEpochs: number[];
+}
 /** Progress after each optimizer step. */
 export interface StepEvent {
   type: 'step';
@@ -81,6 +102,7 @@ export interface StepEvent {
   totalSteps: number;
   loss: number;
   lr: number;
+  /** Global gradient norm before clipping. */
   gradNorm?: number;
   tokensPerSecond: number;
   etaSeconds: number;
@@ -100,6 +122,13 @@ export interface CheckpointEvent {
   step: number;
   path: string;
 }
+/** The run was stopped through its AbortSignal; `lastCheckpoint` is where `resume` continues. */
+export interface StoppedEvent {
+  type: 'stopped';
+  step: number;
+  epoch: number;
+  lastCheckpoint?: string;
+}
 /** The run ended (finished or aborted). */
 export interface DoneEvent {
   type: 'done';
@@ -107,18 +136,22 @@ export interface DoneEvent {
   steps: number;
   lastCheckpoint?: string;
   report: string;
+  epochsWithWeights: number[];
 }
 /** Everything a run reports. */
-export type FinetuneEvent = StepEvent | EpochEvent | CheckpointEvent | DoneEvent;
+export type FinetuneEvent = StartEvent | StepEvent | EpochEvent | CheckpointEvent | StoppedEvent | DoneEvent;
 
 /** What a finished run returns. */
 export interface FinetuneResult {
+  runId: string;
   aborted: boolean;
   steps: number;
   epochs: EpochReport[];
   lastCheckpoint?: string;
   report: string;
   skippedRows: number;
+  /** Epochs whose checkpoint holds model weights. */
+  epochsWithWeights: number[];
 }
 
 /** A running fine-tune: iterate it for events; `result` settles when it ends. */
@@ -126,11 +159,54 @@ export interface FinetuneRun extends AsyncIterable<FinetuneEvent> {
   result: Promise<FinetuneResult>;
 }
 
+/** A run-level failure with a stable `code` (ERR_LIMA_OUTDIR_IN_USE, ERR_LIMA_DIVERGED, …). */
+export class FinetuneError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'FinetuneError';
+  }
+}
+
+/** The settings a run is defined by; stored in the trainer state and compared on resume. */
+export interface Hparams {
+  model: string;
+  data: string;
+  devData: string | number | null;
+  trainExamples: number;
+  epochs: number;
+  batchSize: number;
+  lr: number;
+  lrFinal: number;
+  warmupSteps: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  dropout: number;
+  maxLength: number;
+  seed: number;
+  gradClip: number | null;
+  trainOnPrompt: boolean;
+  roles: RoleMarkers | null;
+  /** sha256 of the chat template, or null for the plain layout. */
+  chatTemplate: string | null;
+  devGeneration: (SamplingOptions & { maxNewTokens?: number }) | false;
+}
+
 interface TrainerState {
-  version: 1;
+  version: 2;
+  runId: string;
+  hparams: Hparams;
+  changes: { step: number; key: string; from: unknown; to: unknown }[];
   globalStep: number;
-  epoch: number; // epochs completed
+  epoch: number; // epochs whose training is complete
   batchInEpoch: number; // next batch of the current epoch
+  /** Epoch `epoch` finished training but its dev evaluation and generations are not done yet. */
+  devPending: boolean;
   totalSteps: number;
   seed: number;
   batchSize: number;
@@ -141,6 +217,10 @@ interface TrainerState {
 
 const STATE_FILE = 'trainer-state.json';
 const OPTIM_FILE = 'optimizer.safetensors';
+const WEIGHTS_FILE = 'model.safetensors';
+const LOCK_FILE = '.lima-run.lock';
+// Settings that decide which examples form which batch: changing them mid-epoch has no meaning.
+const EPOCH_BOUNDARY_ONLY = new Set(['data', 'devData', 'trainExamples', 'batchSize', 'seed', 'maxLength', 'trainOnPrompt', 'roles', 'chatTemplate']);
 
 /** Starts fine-tuning; returns at once with a run handle. */
 export function finetune(options: FinetuneOptions): FinetuneRun {
@@ -179,179 +259,573 @@ export function learningRate(s: number, S: number, lr: number, lrFinal: number, 
   return span <= 0 ? lr : lr + ((lrFinal - lr) * (s - warmup)) / span;
 }
 
-async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promise<FinetuneResult> {
+/**
+ * Epochs whose weights LIMA's manual choice needs: the paper read dev generations of epochs 5–10;
+ * a shorter run clips the window to its own epochs (a 3-epoch run keeps epoch 3).
+ */
+export function selectionEpochs(epochs: number): number[] {
+  const first = Math.min(LIMA.selectionEpochs.first, epochs);
+  const last = Math.min(LIMA.selectionEpochs.last, epochs);
+  return Array.from({ length: last - first + 1 }, (_, i) => first + i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: options
+
+interface Settings {
+  outDir: string;
+  epochs: number;
+  batchSize: number;
+  lr: number;
+  lrFinal: number;
+  warmup: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  pMax: number;
+  seed: number;
+  gradClip?: number;
+  every: 'epoch' | number;
+  keepEpochs: Set<number>;
+  keepLast: number;
+  genOpts: (SamplingOptions & { maxNewTokens?: number }) | null;
+  allowChanges: Set<string>;
+}
+
+function resolveOptions(o: FinetuneOptions): Settings {
   if (typeof o !== 'object' || o === null) fail('an options object', 'finetune', o);
   if (typeof o.data !== 'string') fail('a JSONL file path', 'data', o.data);
   if (typeof o.outDir !== 'string' || !o.outDir) fail('a folder path', 'outDir', o.outDir);
-  const epochs = expectInt(o.epochs ?? LIMA_DEFAULTS.epochs, 'epochs', 1);
-  const batchSize = expectInt(o.batchSize ?? LIMA_DEFAULTS.batchSize, 'batchSize', 1);
-  const lr = expectNumber(o.lr ?? LIMA_DEFAULTS.lr, 'lr', { min: 0 });
-  const lrFinal = expectNumber(o.lrFinal ?? LIMA_DEFAULTS.lrFinal, 'lrFinal', { min: 0 });
-  const warmup = expectInt(o.warmupSteps ?? 0, 'warmupSteps', 0);
-  const beta1 = expectNumber(o.beta1 ?? LIMA_DEFAULTS.beta1, 'beta1', { min: 0, max: 1, exclusiveMax: true });
-  const beta2 = expectNumber(o.beta2 ?? LIMA_DEFAULTS.beta2, 'beta2', { min: 0, max: 1, exclusiveMax: true });
-  const eps = expectNumber(o.eps ?? LIMA_DEFAULTS.eps, 'eps', { min: 0 });
-  const weightDecay = expectNumber(o.weightDecay ?? LIMA_DEFAULTS.weightDecay, 'weightDecay', { min: 0 });
-  const pMax = expectNumber(o.dropout ?? LIMA_DEFAULTS.dropout, 'dropout', { min: 0, max: 1, exclusiveMax: true });
-  const seed = expectInt(o.seed ?? 0, 'seed', 0, 0xffffffff);
-  const gradClip = o.gradClip === undefined ? undefined : expectNumber(o.gradClip, 'gradClip', { min: Number.MIN_VALUE });
+  if (o.resume && o.overwrite) fail('at most one of resume and overwrite', 'overwrite', o.overwrite);
+  const epochs = expectInt(o.epochs ?? LIMA.epochs, 'epochs', 1);
   const every = o.checkpointEvery ?? 'epoch';
   if (every !== 'epoch') expectInt(every, 'checkpointEvery', 1);
-  const keepLast = o.keepLast === undefined ? undefined : expectInt(o.keepLast, 'keepLast', 1);
-  const genOpts = o.devGeneration === false ? null : { ...LIMA_DEFAULTS.devGeneration, ...(o.devGeneration ?? {}) };
+  let keepEpochs: number[];
+  if (o.keepEpochs === 'all') keepEpochs = Array.from({ length: epochs }, (_, i) => i + 1);
+  else if (o.keepEpochs === undefined) keepEpochs = selectionEpochs(epochs);
+  else {
+    if (!Array.isArray(o.keepEpochs)) fail('an array of epoch numbers or "all"', 'keepEpochs', o.keepEpochs);
+    keepEpochs = o.keepEpochs.map((e, i) => expectInt(e, `keepEpochs[${i}]`, 1));
+  }
+  const allow = o.allowChanges ?? [];
+  if (!Array.isArray(allow)) fail('an array of hyper-parameter names', 'allowChanges', allow);
+  for (const [i, k] of allow.entries()) if (!HPARAM_KEYS.includes(k as keyof Hparams)) fail(`one of ${HPARAM_KEYS.join(', ')}`, `allowChanges[${i}]`, k);
+  const genOpts = o.devGeneration === false ? null : { ...LIMA.decoding, ...(o.devGeneration ?? {}) };
   if (genOpts) resolveSampling(genOpts);
+  return {
+    outDir: o.outDir,
+    epochs,
+    batchSize: expectInt(o.batchSize ?? LIMA.batchSize, 'batchSize', 1),
+    lr: expectNumber(o.lr ?? LIMA.lr, 'lr', { min: 0 }),
+    lrFinal: expectNumber(o.lrFinal ?? LIMA.lrFinal, 'lrFinal', { min: 0 }),
+    warmup: expectInt(o.warmupSteps ?? LIMA.warmupSteps, 'warmupSteps', 0),
+    beta1: expectNumber(o.beta1 ?? LIMA.beta1, 'beta1', { min: 0, max: 1, exclusiveMax: true }),
+    beta2: expectNumber(o.beta2 ?? LIMA.beta2, 'beta2', { min: 0, max: 1, exclusiveMax: true }),
+    eps: expectNumber(o.eps ?? LIMA.eps, 'eps', { min: 0 }),
+    weightDecay: expectNumber(o.weightDecay ?? LIMA.weightDecay, 'weightDecay', { min: 0 }),
+    pMax: expectNumber(o.dropout ?? LIMA.dropout, 'dropout', { min: 0, max: 1, exclusiveMax: true }),
+    seed: expectInt(o.seed ?? LIMA.seed, 'seed', 0, 0xffffffff),
+    gradClip: o.gradClip === undefined ? undefined : expectNumber(o.gradClip, 'gradClip', { min: Number.MIN_VALUE }),
+    every,
+    keepEpochs: new Set(keepEpochs),
+    keepLast: expectInt(o.keepLast ?? 1, 'keepLast', 1),
+    genOpts,
+    allowChanges: new Set(allow),
+  };
+}
 
-  let ownModel = typeof o.model === 'string';
-  let model = typeof o.model === 'string'
-    ? o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model) : await LlamaModel.fromPretrained(o.model)
-    : o.model;
-  if (!(model instanceof LlamaModel)) fail('a LlamaModel or a model path', 'model', o.model);
+const HPARAM_KEYS: (keyof Hparams)[] = [
+  'model', 'data', 'devData', 'trainExamples', 'epochs', 'batchSize', 'lr', 'lrFinal', 'warmupSteps', 'beta1', 'beta2', 'eps',
+  'weightDecay', 'dropout', 'maxLength', 'seed', 'gradClip', 'trainOnPrompt', 'roles', 'chatTemplate', 'devGeneration',
+];
+
+function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExamples: number): Hparams {
+  return {
+    model: typeof o.model === 'string' ? resolve(o.model) : '(a LlamaModel object)',
+    data: resolve(o.data),
+    devData: typeof o.devData === 'string' ? resolve(o.devData) : (o.devData ?? null),
+    trainExamples,
+    epochs: s.epochs,
+    batchSize: s.batchSize,
+    lr: s.lr,
+    lrFinal: s.lrFinal,
+    warmupSteps: s.warmup,
+    beta1: s.beta1,
+    beta2: s.beta2,
+    eps: s.eps,
+    weightDecay: s.weightDecay,
+    dropout: s.pMax,
+    maxLength,
+    seed: s.seed,
+    gradClip: s.gradClip ?? null,
+    trainOnPrompt: o.trainOnPrompt ?? false,
+    roles: o.roles ?? null,
+    chatTemplate: o.chatTemplate === undefined ? null : createHash('sha256').update(o.chatTemplate).digest('hex'),
+    devGeneration: s.genOpts ?? false,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: the output folder (lock, leftovers of a killed run, another run's checkpoints)
+
+interface CheckpointInfo {
+  dir: string;
+  name: string;
+  state: TrainerState;
+  hasWeights: boolean;
+  hasOptimizer: boolean;
+}
+
+async function exists(p: string): Promise<boolean> {
+  return stat(p).then(
+    () => true,
+    () => false,
+  );
+}
+
+function pidAlive(pid: number): boolean {
   try {
-    await mkdir(o.outDir, { recursive: true });
-    let state: TrainerState | null = null;
-    let resumeDir: string | undefined;
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+// One run per folder at a time, so cleaning up temporary folders never hits a live writer.
+async function lockOutDir(outDir: string): Promise<() => Promise<void>> {
+  const path = join(outDir, LOCK_FILE);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const fh = await open(path, 'wx');
+      await fh.writeFile(String(process.pid));
+      await fh.close();
+      return () => rm(path, { force: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      const pid = Number((await readFile(path, 'utf8').catch(() => '')).trim());
+      if (Number.isInteger(pid) && pid > 0 && pidAlive(pid))
+        throw new FinetuneError('ERR_LIMA_OUTDIR_LOCKED', `${outDir} is in use by another fine-tuning run (process ${pid}, lock file ${path})`);
+      await rm(path, { force: true }); // left by a process that no longer runs
+    }
+  }
+  throw new FinetuneError('ERR_LIMA_OUTDIR_LOCKED', `${outDir}: cannot take the lock file ${path}`);
+}
+
+// A kill can leave `.name.tmp-PID` folders (a checkpoint being written), `.name.old-PID` (the
+// previous copy during its replacement) and `file.tmp-PID` files. An `.old` folder whose final
+// name is missing is the only copy of that checkpoint, so it is put back, never deleted.
+async function cleanLeftovers(outDir: string): Promise<string[]> {
+  const removed: string[] = [];
+  for (const e of await readdir(outDir, { withFileTypes: true })) {
+    const old = /^\.(.+)\.old-\d+$/.exec(e.name);
+    if (!old || !e.isDirectory()) continue;
+    const final = join(outDir, old[1]);
+    if (await exists(final)) await rm(join(outDir, e.name), { recursive: true, force: true });
+    else await rename(join(outDir, e.name), final);
+    removed.push(e.name);
+  }
+  for (const e of await readdir(outDir, { withFileTypes: true })) {
+    if (/\.tmp-\d+$/.test(e.name)) {
+      await rm(join(outDir, e.name), { recursive: true, force: true });
+      removed.push(e.name);
+    } else if (e.isDirectory() && !e.name.startsWith('.')) {
+      for (const f of await readdir(join(outDir, e.name)).catch(() => [] as string[]))
+        if (/\.tmp-\d+$/.test(f)) await rm(join(outDir, e.name, f), { recursive: true, force: true });
+    }
+  }
+  return removed;
+}
+
+function stateError(file: string, what: string, field: string, v: unknown): never {
+  throw new FinetuneError(
+    'ERR_LIMA_STATE',
+    `${file}: Expected ${what} for ${field} but received ${JSON.stringify(v) ?? 'undefined'} (the trainer state is damaged; move that checkpoint folder away to resume from the one before it, or start afresh with overwrite)`,
+  );
+}
+
+/** Reads and checks a trainer state; nulls (NaN/Inf written as JSON) and missing fields are errors naming the field. */
+async function readState(dir: string): Promise<TrainerState> {
+  const file = join(dir, STATE_FILE);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(await readFile(file, 'utf8'));
+  } catch (e) {
+    throw new FinetuneError('ERR_LIMA_STATE', `${file}: cannot read the trainer state (${(e as Error).message})`, { cause: e });
+  }
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) stateError(file, 'an object', 'the file', raw);
+  const s = raw as Record<string, unknown>;
+  const int = (k: string) => {
+    if (!Number.isSafeInteger(s[k]) || (s[k] as number) < 0) stateError(file, 'an integer >= 0', k, s[k]);
+  };
+  for (const k of ['globalStep', 'epoch', 'batchInEpoch', 'totalSteps', 'seed', 'batchSize', 'trainExamples']) int(k);
+  if (!Array.isArray(s.steps)) stateError(file, 'an array', 'steps', s.steps);
+  s.steps.forEach((p: unknown, i) => {
+    const q = p as StepPoint | null;
+    if (!q || !Number.isSafeInteger(q.step)) stateError(file, 'an integer', `steps[${i}].step`, q?.step);
+    if (typeof q.loss !== 'number' || !Number.isFinite(q.loss)) stateError(file, 'a finite number', `steps[${i}].loss`, q.loss);
+  });
+  if (!Array.isArray(s.epochs)) stateError(file, 'an array', 'epochs', s.epochs);
+  s.epochs.forEach((p: unknown, i) => {
+    const r = p as EpochReport | null;
+    if (!r || !Number.isSafeInteger(r.epoch)) stateError(file, 'an integer', `epochs[${i}].epoch`, r?.epoch);
+    if (typeof r.trainLoss !== 'number' || !Number.isFinite(r.trainLoss)) stateError(file, 'a finite number', `epochs[${i}].trainLoss`, r.trainLoss);
+    for (const k of ['devLoss', 'devPerplexity'] as const)
+      if (r[k] !== undefined && (typeof r[k] !== 'number' || !Number.isFinite(r[k]))) stateError(file, 'a finite number or no value', `epochs[${i}].${k}`, r[k]);
+    if (!Array.isArray(r.generations)) stateError(file, 'an array', `epochs[${i}].generations`, r.generations);
+  });
+  if (s.version === 2) {
+    if (typeof s.runId !== 'string' || !s.runId) stateError(file, 'a run id', 'runId', s.runId);
+    if (typeof s.hparams !== 'object' || s.hparams === null) stateError(file, 'an object', 'hparams', s.hparams);
+    if (typeof s.devPending !== 'boolean') stateError(file, 'true or false', 'devPending', s.devPending);
+    if (!Array.isArray(s.changes)) stateError(file, 'an array', 'changes', s.changes);
+  } else if (s.version !== 1) stateError(file, 'version 1 or 2', 'version', s.version);
+  return s as unknown as TrainerState;
+}
+
+/** Checkpoints in outDir (folders with a readable trainer state), oldest first. */
+async function listCheckpoints(outDir: string): Promise<CheckpointInfo[]> {
+  const out: CheckpointInfo[] = [];
+  for (const e of await readdir(outDir, { withFileTypes: true }).catch(() => [])) {
+    if (!e.isDirectory() || e.name.startsWith('.')) continue;
+    const dir = join(outDir, e.name);
+    if (!(await exists(join(dir, STATE_FILE)))) continue;
+    let state: TrainerState;
+    try {
+      state = await readState(dir);
+    } catch {
+      continue; // damaged: reported when it is resumed from, never pruned
+    }
+    out.push({ dir, name: e.name, state, hasWeights: await exists(join(dir, WEIGHTS_FILE)), hasOptimizer: await exists(join(dir, OPTIM_FILE)) });
+  }
+  return out.sort((a, b) => a.state.globalStep - b.state.globalStep || (a.name.startsWith('epoch-') ? 1 : 0) - (b.name.startsWith('epoch-') ? 1 : 0));
+}
+
+interface OutDir {
+  release: () => Promise<void>;
+  /** Checkpoint to resume from (latest with weights and optimizer state). */
+  resumeFrom?: CheckpointInfo;
+}
+
+async function openOutDir(o: FinetuneOptions): Promise<OutDir> {
+  const outDir = o.outDir;
+  await mkdir(outDir, { recursive: true });
+  const release = await lockOutDir(outDir);
+  try {
+    await cleanLeftovers(outDir);
+    const existing = await listCheckpoints(outDir);
+    // Damaged state files count as a run too: overwriting must be asked for.
+    const stateDirs = [];
+    for (const e of await readdir(outDir, { withFileTypes: true }))
+      if (e.isDirectory() && !e.name.startsWith('.') && (await exists(join(outDir, e.name, STATE_FILE)))) stateDirs.push(e.name);
     if (o.resume) {
-      resumeDir = await latestCheckpoint(o.outDir);
-      if (resumeDir) {
-        state = JSON.parse(await readFile(join(resumeDir, STATE_FILE), 'utf8')) as TrainerState;
-        if (ownModel) await model.dispose();
-        model = await LlamaModel.fromPretrained(resumeDir);
-        ownModel = true;
+      const resumable = existing.filter((c) => c.hasWeights && c.hasOptimizer);
+      const from = resumable.at(-1);
+      if (!from) {
+        const damaged = stateDirs.find((n) => !existing.some((c) => c.name === n));
+        if (damaged) await readState(join(outDir, damaged)); // throws the field-level error
+        throw new FinetuneError('ERR_LIMA_NOTHING_TO_RESUME', `${outDir}: nothing to resume from (no checkpoint with model weights, optimizer state and a trainer state); start without resume`);
       }
+      // A newer checkpoint whose state cannot be read must not be skipped silently.
+      const newer = stateDirs.filter((n) => {
+        if (existing.some((c) => c.name === n)) return false;
+        const m = /^(epoch|step)-(\d+)$/.exec(n);
+        return m !== null && Number(m[2]) > (m[1] === 'epoch' ? from.state.epoch : from.state.globalStep);
+      });
+      if (newer.length) await readState(join(outDir, newer[0]));
+      return { release, resumeFrom: from };
     }
+    if (stateDirs.length) {
+      if (!o.overwrite)
+        throw new FinetuneError(
+          'ERR_LIMA_OUTDIR_IN_USE',
+          `${outDir} already holds checkpoints of another run (${stateDirs.sort().join(', ')}); continue it with resume (--resume), ` +
+            `replace it with overwrite (--overwrite), or choose another output folder`,
+        );
+      for (const n of stateDirs) await rm(join(outDir, n), { recursive: true, force: true });
+      for (const f of ['report.html', 'loss-curve.svg']) await rm(join(outDir, f), { force: true });
+    }
+    return { release };
+  } catch (e) {
+    await release();
+    throw e;
+  }
+}
 
-    const tokenizer = model.tokenizer ?? undefined;
-    const data = await loadTrainDev(o.data, {
-      tokenizer,
-      dev: o.devData,
-      seed,
-      roles: o.roles,
-      chatTemplate: o.chatTemplate,
-      trainOnPrompt: o.trainOnPrompt,
-      maxLength: o.maxLength ?? LIMA_DEFAULTS.maxLength,
-      skipBadRows: o.skipBadRows,
-      vocabSize: tokenizer ? undefined : model.config.vocabSize,
-    });
-    if (tokenizer && tokenizer.vocabSize > model.config.vocabSize) await model.resizeVocab(tokenizer.vocabSize);
-    const train = data.train;
-    if (train.length === 0) fail('at least one training example', 'data', o.data);
-    if (state && (state.batchSize !== batchSize || state.seed !== seed || state.trainExamples !== train.length))
-      throw new Error(
-        `${resumeDir}: cannot resume with different data or options (checkpoint: batchSize ${state.batchSize}, seed ${state.seed}, ` +
-          `${state.trainExamples} examples; now: ${batchSize}, ${seed}, ${train.length})`,
-      );
-    const stepsPerEpoch = Math.ceil(train.length / batchSize);
-    const totalSteps = epochs * stepsPerEpoch;
-    const longest = train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
-    const micro = o.microBatchSize !== undefined
-      ? expectInt(o.microBatchSize, 'microBatchSize', 1)
-      : autoMicroBatch(model, batchSize, longest, o.memoryBudget);
-    if (state) {
-      // Moments were saved with the weights; restoring them keeps the resumed run bit-identical.
-      const r = await SafetensorsReader.open(join(resumeDir!, OPTIM_FILE));
-      try {
-        for (const p of model.params) {
-          await model.setMoment(p.name, 1, await r.read(`m.${p.name}`));
-          await model.setMoment(p.name, 2, await r.read(`v.${p.name}`));
-        }
-      } finally {
-        await r.close();
+// ---------------------------------------------------------------------------------------------
+// Phase 3: resume checks
+
+function compareHparams(saved: Hparams, now: Hparams, allow: Set<string>, from: string, midEpoch: boolean): { key: string; from: unknown; to: unknown }[] {
+  const changes: { key: string; from: unknown; to: unknown }[] = [];
+  for (const k of HPARAM_KEYS) {
+    const a = saved[k] === undefined ? null : saved[k];
+    const b = now[k] === undefined ? null : now[k];
+    if (JSON.stringify(a) !== JSON.stringify(b)) changes.push({ key: k, from: a, to: b });
+  }
+  const refused = changes.filter((c) => !allow.has(c.key));
+  const fmt = (c: { key: string; from: unknown; to: unknown }) => `${c.key}: ${JSON.stringify(c.from)} → ${JSON.stringify(c.to)}`;
+  if (refused.length)
+    throw new FinetuneError(
+      'ERR_LIMA_RESUME_CHANGED',
+      `cannot resume ${from} with different settings (${refused.map(fmt).join('; ')}); accept them with ` +
+        `allowChanges: [${refused.map((c) => `'${c.key}'`).join(', ')}] (--allow-changes ${refused.map((c) => c.key).join(',')}) or run with the checkpoint's settings`,
+    );
+  const boundary = changes.filter((c) => EPOCH_BOUNDARY_ONLY.has(c.key));
+  if (midEpoch && boundary.length)
+    throw new FinetuneError(
+      'ERR_LIMA_RESUME_CHANGED',
+      `cannot resume ${from} mid-epoch with changed ${boundary.map(fmt).join('; ')}: they change the epoch's batches; resume from an epoch checkpoint instead`,
+    );
+  return changes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+interface Ctx {
+  o: FinetuneOptions;
+  s: Settings;
+  model: LlamaModel;
+  data: TrainDev;
+  st: TrainerState;
+  micro: number;
+  stepsPerEpoch: number;
+  totalSteps: number;
+  emit: (e: FinetuneEvent) => void;
+  lastCheckpoint?: string;
+  /** globalStep of the newest checkpoint (0 before the first). */
+  savedStep: number;
+  stepTimes: number[];
+}
+
+async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promise<FinetuneResult> {
+  const s = resolveOptions(o);
+  if (typeof o.model !== 'string' && !(o.model instanceof LlamaModel)) fail('a LlamaModel or a model path', 'model', o.model);
+  const out = await openOutDir(o);
+  let model: LlamaModel | undefined;
+  let ownModel = false;
+  try {
+    const from = out.resumeFrom;
+    const resumed = from?.state ?? null;
+    if (from) {
+      model = await LlamaModel.fromPretrained(from.dir);
+      ownModel = true;
+    } else if (typeof o.model === 'string') {
+      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model) : await LlamaModel.fromPretrained(o.model);
+      ownModel = true;
+    } else model = o.model;
+
+    const { data, maxLength } = await loadData(o, model);
+    const stepsPerEpoch = Math.ceil(data.train.length / s.batchSize);
+    const totalSteps = s.epochs * stepsPerEpoch;
+    const hparams = hparamsOf(o, s, maxLength, data.train.length);
+    let st: TrainerState;
+    if (resumed) {
+      if (resumed.version === 2) {
+        const changes = compareHparams(resumed.hparams, hparams, s.allowChanges, from!.dir, resumed.batchInEpoch > 0);
+        resumed.changes.push(...changes.map((c) => ({ step: resumed.globalStep, ...c })));
+      } else if (resumed.batchSize !== s.batchSize || resumed.seed !== s.seed || resumed.trainExamples !== data.train.length) {
+        throw new FinetuneError(
+          'ERR_LIMA_RESUME_CHANGED',
+          `cannot resume ${from!.dir} with different data or options (checkpoint: batchSize ${resumed.batchSize}, seed ${resumed.seed}, ` +
+            `${resumed.trainExamples} examples; now: ${s.batchSize}, ${s.seed}, ${data.train.length})`,
+        );
       }
+      st = {
+        ...resumed, version: 2, runId: resumed.runId ?? randomUUID(), hparams, changes: resumed.changes ?? [], devPending: resumed.devPending ?? false,
+        batchSize: s.batchSize, seed: s.seed, trainExamples: data.train.length,
+      };
+      await restoreMoments(model, from!.dir);
+    } else {
+      st = {
+        version: 2, runId: randomUUID(), hparams, changes: [], globalStep: 0, epoch: 0, batchInEpoch: 0, devPending: false, totalSteps,
+        seed: s.seed, batchSize: s.batchSize, trainExamples: data.train.length, steps: [], epochs: [],
+      };
     }
-    const st: TrainerState = state ?? {
-      version: 1, globalStep: 0, epoch: 0, batchInEpoch: 0, totalSteps, seed, batchSize,
-      trainExamples: train.length, steps: [], epochs: [],
-    };
     st.totalSteps = totalSteps;
+    const longest = data.train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
+    const micro = o.microBatchSize !== undefined ? expectInt(o.microBatchSize, 'microBatchSize', 1) : autoMicroBatch(model, s.batchSize, longest, o.memoryBudget);
+    const ctx: Ctx = { o, s, model, data, st, micro, stepsPerEpoch, totalSteps, emit, lastCheckpoint: from?.dir, savedStep: st.globalStep, stepTimes: [] };
+    emit({
+      type: 'start', runId: st.runId, resumedFrom: from?.dir, trainExamples: data.train.length, devExamples: data.dev.length,
+      truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
+      keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b),
+    });
 
-    const reportPath = join(o.outDir, 'report.html');
-    const writeReport = async () => {
-      await writeAtomic(join(o.outDir, 'loss-curve.svg'), lossCurveSvg(st.steps, st.epochs, stepsPerEpoch));
-      await writeAtomic(reportPath, reportHtml(`lima-native fine-tune: ${o.outDir}`, st.steps, st.epochs, stepsPerEpoch));
-    };
-
-    let lastCheckpoint = resumeDir;
-    const stepTimes: number[] = [];
     let aborted = false;
-    outer: for (let e = st.epoch; e < epochs; e++) {
-      const batches = epochBatches(train, { batchSize, seed, epoch: e });
-      let epochLossSum = 0;
-      let epochSteps = 0;
-      for (const p of st.steps.slice(st.steps.length - st.batchInEpoch)) {
-        epochLossSum += p.loss;
-        epochSteps++;
+    if (st.devPending) aborted = !(await devPhase(ctx, ctx.lastCheckpoint!)); // an epoch stopped during its dev generations
+    for (let e = st.epoch; !aborted && e < s.epochs; e++) {
+      if (!(await trainEpoch(ctx, e))) {
+        aborted = true;
+        await saveProgress(ctx);
+        break;
       }
-      for (let b = st.batchInEpoch; b < batches.length; b++) {
-        if (o.signal?.aborted) {
-          aborted = true;
-          break outer;
-        }
-        const t0 = performance.now();
-        const s = st.globalStep;
-        const lrS = learningRate(s, totalSteps, lr, lrFinal, warmup);
-        const split = microBatches(batches[b], micro);
-        await model.zeroGrads();
-        let loss = 0;
-        const tokens = batches[b].reduce((n, ex) => n + ex.inputIds.length, 0); // real tokens, not padding
-        for (const mb of split.microBatches) {
-          if (o.signal?.aborted) {
-            aborted = true;
-            break outer;
-          }
-          loss += await model.trainStep(mb, { norm: split.targets, dropout: { pMax, seed, step: s, rowOffset: mb.rowOffset } });
-        }
-        let gradNorm: number | undefined;
-        let gradScale = 1;
-        if (gradClip !== undefined) {
-          gradNorm = await model.gradNorm();
-          if (gradNorm > gradClip) gradScale = gradClip / gradNorm;
-        }
-        await model.adamwStep({ lr: lrS, beta1, beta2, eps, weightDecay, step: s + 1, gradScale });
-        st.globalStep++;
-        st.batchInEpoch = b + 1;
-        st.steps.push({ step: st.globalStep, loss });
-        epochLossSum += loss;
-        epochSteps++;
-        const dt = (performance.now() - t0) / 1000;
-        stepTimes.push(dt);
-        const recent = stepTimes.slice(-20);
-        const mean = recent.reduce((a, x) => a + x, 0) / recent.length;
-        emit({
-          type: 'step', epoch: e + 1, step: st.globalStep, totalSteps, loss, lr: lrS, gradNorm,
-          tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep),
-        });
-        if (every !== 'epoch' && st.globalStep % every === 0 && b + 1 < batches.length) {
-          const path = await checkpoint(model, o.outDir, `step-${st.globalStep}`, st, null, keepLast);
-          lastCheckpoint = path;
-          emit({ type: 'checkpoint', step: st.globalStep, path });
-        }
-      }
-      // Epoch end: dev metrics, dev generations, checkpoint, report.
-      const rep: EpochReport = { epoch: e + 1, trainLoss: epochSteps ? epochLossSum / epochSteps : NaN, generations: [] };
-      if (data.dev.length) {
-        const ev = await model.evaluate(data.dev.map((d) => ({ inputIds: d.inputIds, labels: d.labels })), { batchSize: Math.max(1, micro) });
-        rep.devLoss = ev.loss;
-        rep.devPerplexity = ev.perplexity;
-        if (genOpts) rep.generations = await devGenerations(model, data.dev, genOpts, seed + e, o.signal);
-      }
-      st.epoch = e + 1;
-      st.batchInEpoch = 0;
-      st.epochs.push(rep);
-      const path = await checkpoint(model, o.outDir, `epoch-${e + 1}`, st, rep, keepLast);
-      rep.checkpoint = path;
-      lastCheckpoint = path;
-      await writeReport();
-      emit({ type: 'epoch', epoch: e + 1, trainLoss: rep.trainLoss, devLoss: rep.devLoss, devPerplexity: rep.devPerplexity, checkpoint: path });
+      const path = await endEpoch(ctx, e);
+      if (!(await devPhase(ctx, path))) aborted = true;
     }
-    await writeReport();
-    emit({ type: 'done', aborted, steps: st.globalStep, lastCheckpoint, report: reportPath });
+    await writeReport(ctx);
+    const epochsWithWeights = await weightEpochs(s.outDir, st.runId);
+    if (aborted) emit({ type: 'stopped', step: st.globalStep, epoch: st.epoch + (st.batchInEpoch ? 1 : 0), lastCheckpoint: ctx.lastCheckpoint });
+    const report = join(s.outDir, 'report.html');
+    emit({ type: 'done', aborted, steps: st.globalStep, lastCheckpoint: ctx.lastCheckpoint, report, epochsWithWeights });
     return {
-      aborted, steps: st.globalStep, epochs: st.epochs, lastCheckpoint, report: reportPath,
-      skippedRows: data.skipped.train.length + data.skipped.dev.length,
+      runId: st.runId, aborted, steps: st.globalStep, epochs: st.epochs, lastCheckpoint: ctx.lastCheckpoint, report,
+      skippedRows: data.skipped.train.length + data.skipped.dev.length, epochsWithWeights,
     };
   } finally {
-    if (ownModel) await model.dispose();
+    if (ownModel) await model?.dispose();
+    await out.release();
   }
+}
+
+// Phase: data. Rows are checked against the model's positions here, before any training.
+async function loadData(o: FinetuneOptions, model: LlamaModel): Promise<{ data: TrainDev; maxLength: number }> {
+  const positions = model.config.maxPositionEmbeddings;
+  const maxLength = o.maxLength === undefined ? Math.min(LIMA.maxLength, positions) : expectInt(o.maxLength, 'maxLength', 2);
+  if (maxLength > positions)
+    throw new LimaArgumentError(`Expected maxLength <= the model's max_position_embeddings (${positions}) but received ${maxLength}`);
+  const tokenizer = model.tokenizer ?? undefined;
+  const data = await loadTrainDev(o.data, {
+    tokenizer, dev: o.devData, seed: o.seed ?? LIMA.seed, roles: o.roles, chatTemplate: o.chatTemplate, trainOnPrompt: o.trainOnPrompt,
+    maxLength, maxPositions: positions, skipBadRows: o.skipBadRows, vocabSize: tokenizer ? undefined : model.config.vocabSize,
+  });
+  if (tokenizer && tokenizer.vocabSize > model.config.vocabSize) await model.resizeVocab(tokenizer.vocabSize);
+  if (data.train.length === 0) fail('at least one training example', 'data', o.data);
+  return { data, maxLength };
+}
+
+// Moments were saved with the weights; restoring them keeps the resumed run bit-identical.
+async function restoreMoments(model: LlamaModel, dir: string): Promise<void> {
+  const r = await SafetensorsReader.open(join(dir, OPTIM_FILE));
+  try {
+    for (const p of model.params) {
+      await model.setMoment(p.name, 1, await r.read(`m.${p.name}`));
+      await model.setMoment(p.name, 2, await r.read(`v.${p.name}`));
+    }
+  } finally {
+    await r.close();
+  }
+}
+
+// Phase: one epoch's optimizer steps. Returns false when aborted.
+async function trainEpoch(ctx: Ctx, e: number): Promise<boolean> {
+  const { o, s, model, st, totalSteps } = ctx;
+  const batches = epochBatches(ctx.data.train, { batchSize: s.batchSize, seed: s.seed, epoch: e });
+  for (let b = st.batchInEpoch; b < batches.length; b++) {
+    if (o.signal?.aborted) return false;
+    const t0 = performance.now();
+    const step = st.globalStep;
+    const lrS = learningRate(step, totalSteps, s.lr, s.lrFinal, s.warmup);
+    const split = microBatches(batches[b], ctx.micro);
+    await model.zeroGrads();
+    let loss = 0;
+    const tokens = batches[b].reduce((n, ex) => n + ex.inputIds.length, 0); // real tokens, not padding
+    for (const mb of split.microBatches) {
+      if (o.signal?.aborted) return false;
+      loss += await model.trainStep(mb, { norm: split.targets, dropout: { pMax: s.pMax, seed: s.seed, step, rowOffset: mb.rowOffset } });
+    }
+    // Checked before the update, so the weights (and any later checkpoint) never take a bad step.
+    const gradNorm = await model.gradNorm();
+    if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) await diverged(ctx, e, b, !Number.isFinite(loss) ? `the loss is ${loss}` : `the gradient norm is ${gradNorm}`);
+    const gradScale = s.gradClip !== undefined && gradNorm > s.gradClip ? s.gradClip / gradNorm : 1;
+    await model.adamwStep({ lr: lrS, beta1: s.beta1, beta2: s.beta2, eps: s.eps, weightDecay: s.weightDecay, step: step + 1, gradScale });
+    st.globalStep++;
+    st.batchInEpoch = b + 1;
+    st.steps.push({ step: st.globalStep, loss });
+    const dt = (performance.now() - t0) / 1000;
+    ctx.stepTimes.push(dt);
+    const recent = ctx.stepTimes.slice(-20);
+    const mean = recent.reduce((a, x) => a + x, 0) / recent.length;
+    ctx.emit({
+      type: 'step', epoch: e + 1, step: st.globalStep, totalSteps, loss, lr: lrS, gradNorm,
+      tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep),
+    });
+    if (s.every !== 'epoch' && st.globalStep % s.every === 0 && b + 1 < batches.length) {
+      const path = await checkpoint(ctx, `step-${st.globalStep}`);
+      ctx.emit({ type: 'checkpoint', step: st.globalStep, path });
+    }
+  }
+  return true;
+}
+
+// Steps done since the newest checkpoint are saved as `step-N` (weights and moments are those of
+// the last completed step, so resuming from it is exact) rather than thrown away.
+async function saveProgress(ctx: Ctx): Promise<void> {
+  if (ctx.st.globalStep <= ctx.savedStep) return;
+  const path = await checkpoint(ctx, `step-${ctx.st.globalStep}`);
+  ctx.emit({ type: 'checkpoint', step: ctx.st.globalStep, path });
+}
+
+async function diverged(ctx: Ctx, e: number, b: number, what: string): Promise<never> {
+  await saveProgress(ctx).catch(() => {}); // the bad step was not applied: the state is the last good one
+  await writeReport(ctx).catch(() => {});
+  throw new FinetuneError(
+    'ERR_LIMA_DIVERGED',
+    `training diverged at step ${ctx.st.globalStep + 1} (epoch ${e + 1}, batch ${b + 1}): ${what}; nothing from this step was applied or saved. ` +
+      (ctx.lastCheckpoint ? `The last good checkpoint is ${ctx.lastCheckpoint}` : 'No checkpoint was written yet') +
+      '; try a lower lr, warmupSteps or gradClip',
+  );
+}
+
+// Phase: epoch end. The weights are saved before the dev work, so a failure or an interrupt
+// during generation never costs the epoch's training; the dev results follow in devPhase.
+async function endEpoch(ctx: Ctx, e: number): Promise<string> {
+  const { st } = ctx;
+  let sum = 0;
+  const mine = st.steps.slice(st.steps.length - st.batchInEpoch);
+  for (const p of mine) sum += p.loss;
+  st.epoch = e + 1;
+  st.batchInEpoch = 0;
+  st.devPending = true;
+  st.epochs.push({ epoch: e + 1, trainLoss: sum / Math.max(1, mine.length), generations: [] });
+  return checkpoint(ctx, `epoch-${e + 1}`);
+}
+
+// Phase: dev loss and generations of epoch st.epoch, written into its checkpoint. False when aborted.
+async function devPhase(ctx: Ctx, path: string): Promise<boolean> {
+  const { st, data, model } = ctx;
+  const rep = st.epochs.at(-1)!;
+  rep.checkpoint = path;
+  if (data.dev.length) {
+    const ev = await model.evaluate(data.dev.map((d) => ({ inputIds: d.inputIds, labels: d.labels })), { batchSize: Math.max(1, ctx.micro) });
+    if (Number.isFinite(ev.loss)) {
+      rep.devLoss = ev.loss;
+      rep.devPerplexity = ev.perplexity;
+    }
+    if (ctx.s.genOpts) {
+      const gens = await devGenerations(model, data.dev, ctx.s.genOpts, ctx.s.seed + st.epoch - 1, ctx.o.signal);
+      if (!gens) {
+        await writeReport(ctx);
+        return false;
+      }
+      rep.generations = gens;
+    }
+  }
+  st.devPending = false;
+  await writeFileIn(path, 'dev-generations.jsonl', rep.generations.map((g) => JSON.stringify(g)).join('\n') + (rep.generations.length ? '\n' : ''));
+  await writeFileIn(path, STATE_FILE, JSON.stringify(st));
+  await writeReport(ctx);
+  ctx.emit({ type: 'epoch', epoch: rep.epoch, trainLoss: rep.trainLoss, devLoss: rep.devLoss, devPerplexity: rep.devPerplexity, checkpoint: path });
+  return true;
+}
+
+async function writeFileIn(dir: string, file: string, text: string): Promise<void> {
+  try {
+    await writeAtomic(join(dir, file), text);
+  } catch (e) {
+    throw new FinetuneError('ERR_LIMA_CHECKPOINT_WRITE', `cannot write checkpoint ${dir}: ${file}: ${((e as WriteError).cause as Error)?.message ?? (e as Error).message}`, { cause: e });
+  }
+}
+
+async function writeReport(ctx: Ctx): Promise<void> {
+  const { st, s } = ctx;
+  const weights = await weightEpochs(s.outDir, st.runId);
+  await writeAtomic(join(s.outDir, 'loss-curve.svg'), lossCurveSvg(st.steps, st.epochs, ctx.stepsPerEpoch));
+  await writeAtomic(
+    join(s.outDir, 'report.html'),
+    reportHtml(`lima-native fine-tune: ${s.outDir}`, st.steps, st.epochs, ctx.stepsPerEpoch, { epochsWithWeights: weights, hparams: { ...st.hparams }, changes: st.changes }),
+  );
 }
 
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
@@ -361,18 +835,25 @@ function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, b
   return m;
 }
 
+// Null when aborted: a partial set is never reported as the epoch's generations.
 async function devGenerations(
   model: LlamaModel,
   dev: readonly Example[],
   opts: SamplingOptions & { maxNewTokens?: number },
   seed: number,
   signal?: AbortSignal,
-): Promise<EpochReport['generations']> {
+): Promise<EpochReport['generations'] | null> {
   const tok = model.tokenizer;
   const out: EpochReport['generations'] = [];
   for (const [i, ex] of dev.entries()) {
-    if (signal?.aborted) break;
-    const r = await model.generate(ex.promptIds, { ...opts, seed: seed * 1000 + i });
+    if (signal?.aborted) return null;
+    let r;
+    try {
+      r = await model.generate(ex.promptIds, { ...opts, seed: seed * 1000 + i, signal });
+    } catch (e) {
+      if (signal?.aborted) return null;
+      throw e;
+    }
     const msgs = ex.messages ?? [];
     const lastUser = [...msgs].reverse().find((m) => m.role === 'user');
     const lastAssistant = [...msgs].reverse().find((m) => m.role === 'assistant');
@@ -385,68 +866,78 @@ async function devGenerations(
   return out;
 }
 
-async function writeAtomic(path: string, text: string): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}`;
-  await writeFile(tmp, text);
-  await rename(tmp, path);
-}
-
 /**
  * Writes model + optimizer state + trainer state into `<outDir>/<name>` via a temporary folder
- * renamed at the end, so an interrupted save never leaves a half checkpoint under a final name.
+ * renamed at the end, so an interrupted save never leaves a half checkpoint under a final name;
+ * a failed write names the checkpoint and the file and leaves the previous checkpoints intact.
  */
-async function checkpoint(model: LlamaModel, outDir: string, name: string, st: TrainerState, rep: EpochReport | null, keepLast?: number): Promise<string> {
-  const final = join(outDir, name);
-  const tmp = join(outDir, `.${name}.tmp-${process.pid}`);
-  await rm(tmp, { recursive: true, force: true });
-  await mkdir(tmp, { recursive: true });
-  await model.save(tmp);
-  const moments: TensorToWrite[] = [];
-  for (const p of model.params) {
-    moments.push({ name: `m.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 1) });
-    moments.push({ name: `v.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 2) });
-  }
-  await writeSafetensors(join(tmp, OPTIM_FILE), moments);
-  if (rep) await writeFile(join(tmp, 'dev-generations.jsonl'), rep.generations.map((g) => JSON.stringify(g)).join('\n') + (rep.generations.length ? '\n' : ''));
-  await writeFile(join(tmp, STATE_FILE), JSON.stringify(st));
-  const old = join(outDir, `.${name}.old-${process.pid}`);
-  let hadOld = false;
+async function checkpoint(ctx: Ctx, name: string): Promise<string> {
+  const { model, st, s } = ctx;
+  const final = join(s.outDir, name);
+  const tmp = join(s.outDir, `.${name}.tmp-${process.pid}`);
+  let file = '(folder)';
   try {
-    await rename(final, old);
-    hadOld = true;
-  } catch {
-    // no previous checkpoint of that name
+    await rm(tmp, { recursive: true, force: true });
+    await mkdir(tmp, { recursive: true });
+    file = `${WEIGHTS_FILE}, config.json and tokenizer files`;
+    await model.save(tmp);
+    file = OPTIM_FILE;
+    const moments: TensorToWrite[] = [];
+    for (const p of model.params) {
+      moments.push({ name: `m.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 1) });
+      moments.push({ name: `v.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 2) });
+    }
+    await writeSafetensors(join(tmp, OPTIM_FILE), moments);
+    file = STATE_FILE;
+    await writeAtomic(join(tmp, STATE_FILE), JSON.stringify(st));
+    file = '(renaming into place)';
+    const old = join(s.outDir, `.${name}.old-${process.pid}`);
+    let hadOld = false;
+    try {
+      await rename(final, old);
+      hadOld = true;
+    } catch {
+      // no previous checkpoint of that name
+    }
+    await rename(tmp, final);
+    if (hadOld) await rm(old, { recursive: true, force: true });
+  } catch (e) {
+    await rm(tmp, { recursive: true, force: true }).catch(() => {});
+    const named = e instanceof WriteError ? basename(e.path) : file;
+    const why = e instanceof WriteError ? ((e.cause as Error)?.message ?? e.message) : (e as Error).message;
+    throw new FinetuneError(
+      'ERR_LIMA_CHECKPOINT_WRITE',
+      `cannot write checkpoint ${final}: ${named}: ${why}` + (ctx.lastCheckpoint ? ` (the previous checkpoint ${ctx.lastCheckpoint} is intact)` : ''),
+      { cause: e },
+    );
   }
-  await rename(tmp, final);
-  if (hadOld) await rm(old, { recursive: true, force: true });
-  if (keepLast !== undefined) await prune(outDir, keepLast);
+  ctx.lastCheckpoint = final;
+  ctx.savedStep = st.globalStep;
+  await prune(ctx);
   return final;
 }
 
-/** Complete checkpoints (folders with a trainer state), oldest first. */
-async function checkpoints(outDir: string): Promise<{ dir: string; step: number }[]> {
-  const out: { dir: string; step: number }[] = [];
-  for (const e of await readdir(outDir, { withFileTypes: true })) {
-    if (!e.isDirectory() || e.name.startsWith('.')) continue;
-    try {
-      const s = JSON.parse(await readFile(join(outDir, e.name, STATE_FILE), 'utf8')) as TrainerState;
-      out.push({ dir: join(outDir, e.name), step: s.globalStep });
-    } catch {
-      // not a checkpoint
-    }
+// Keeps, for this run only: full state (weights + optimizer) in the newest checkpoint, weights in
+// the `keepLast` newest and in every epoch of `keepEpochs`; the rest keep their dev generations
+// and trainer state for the report.
+async function prune(ctx: Ctx): Promise<void> {
+  const mine = (await listCheckpoints(ctx.s.outDir)).filter((c) => c.state.runId === ctx.st.runId);
+  for (const [i, c] of mine.entries()) {
+    const fromNewest = mine.length - 1 - i;
+    if (fromNewest === 0) continue;
+    await rm(join(c.dir, OPTIM_FILE), { force: true });
+    const epoch = /^epoch-(\d+)$/.exec(c.name);
+    const keep = fromNewest < ctx.s.keepLast || (epoch !== null && ctx.s.keepEpochs.has(Number(epoch[1])));
+    if (!keep) await rm(join(c.dir, WEIGHTS_FILE), { force: true });
   }
-  return out.sort((a, b) => a.step - b.step);
 }
 
-async function latestCheckpoint(outDir: string): Promise<string | undefined> {
-  return (await checkpoints(outDir)).at(-1)?.dir;
-}
-
-// Drops the weights and optimizer state of all but the newest `keep` checkpoints; their dev
-// generations and state stay for the report.
-async function prune(outDir: string, keep: number): Promise<void> {
-  const all = await checkpoints(outDir);
-  for (const c of all.slice(0, Math.max(0, all.length - keep))) {
-    for (const f of ['model.safetensors', OPTIM_FILE]) await rm(join(c.dir, f), { force: true });
+/** Epochs of the run whose checkpoint holds model weights. */
+async function weightEpochs(outDir: string, runId: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const c of await listCheckpoints(outDir)) {
+    const m = /^epoch-(\d+)$/.exec(c.name);
+    if (m && c.hasWeights && c.state.runId === runId) out.push(Number(m[1]));
   }
+  return out.sort((a, b) => a - b);
 }

@@ -53,8 +53,23 @@ export function lossCurveSvg(steps: readonly StepPoint[], epochs: readonly Epoch
   return parts.join('\n');
 }
 
+/** What the report says about the run besides losses: its settings and which epochs kept weights. */
+export interface RunSummary {
+  /** Epochs whose checkpoint still holds model weights (the others keep only dev generations). */
+  epochsWithWeights: readonly number[];
+  /** The run's hyper-parameters as stored in its trainer state. */
+  hparams?: Readonly<Record<string, unknown>>;
+  /** Settings changed on --resume with allowChanges. */
+  changes?: readonly { step: number; key: string; from: unknown; to: unknown }[];
+}
+
 /** The HTML report: loss curve, an epoch summary table, and dev responses side by side. */
-export function reportHtml(title: string, steps: readonly StepPoint[], epochs: readonly EpochReport[], stepsPerEpoch: number): string {
+export function reportHtml(title: string, steps: readonly StepPoint[], epochs: readonly EpochReport[], stepsPerEpoch: number, run?: RunSummary): string {
+  const kept = run ? `<p>Model weights kept for epochs: ${run.epochsWithWeights.length ? run.epochsWithWeights.join(', ') : 'none yet'} (the other epochs keep their dev responses and trainer state only).</p>` : '';
+  const settings = run?.hparams
+    ? `<h2>Settings</h2>\n<table>${Object.entries(run.hparams).map(([k, v]) => `<tr><th>${esc(k)}</th><td>${esc(JSON.stringify(v) ?? '')}</td></tr>`).join('')}</table>` +
+      (run.changes?.length ? `\n<p>Changed on resume: ${run.changes.map((c) => esc(`${c.key} ${JSON.stringify(c.from)} → ${JSON.stringify(c.to)} at step ${c.step}`)).join('; ')}</p>` : '')
+    : '';
   const prompts = epochs.find((e) => e.generations.length)?.generations ?? [];
   const summary = epochs
     .map((e) => `<tr><td>${e.epoch}</td><td>${e.trainLoss.toFixed(4)}</td><td>${e.devLoss?.toFixed(4) ?? '–'}</td><td>${e.devPerplexity?.toFixed(2) ?? '–'}</td><td>${esc(e.checkpoint ?? '')}</td></tr>`)
@@ -77,6 +92,8 @@ ${lossCurveSvg(steps, epochs, stepsPerEpoch)}
 <table><tr><th>epoch</th><th>train loss</th><th>dev loss</th><th>dev perplexity</th><th>checkpoint</th></tr>
 ${summary}
 </table>
+${kept}
+${settings}
 <h2>Dev responses by epoch</h2>
 <div class="scroll"><table><tr><th>prompt</th>${withGen.map((e) => `<th>epoch ${e.epoch}</th>`).join('')}</tr>
 ${rows}
