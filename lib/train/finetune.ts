@@ -7,7 +7,7 @@ import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promise
 import { join } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers } from '../data/index.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
-import { LlamaModel } from '../model/llama.js';
+import { LlamaModel, resolvePrecision, type CodePaths, type Precision } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { expectInt, expectNumber, fail } from '../validate.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from './report.js';
@@ -33,6 +33,11 @@ export const LIMA_DEFAULTS = {
 export interface FinetuneOptions {
   /** A loaded model, a Hugging Face folder or a llama2.c `.bin`. */
   model: LlamaModel | string;
+  /**
+   * Compute precision when `model` is a path (a loaded model keeps its own): 'fp32' (default),
+   * 'bf16' mixed precision, or 'auto' (bf16 where this CPU's bf16 products are faster).
+   */
+  precision?: Precision;
   /** Training JSONL (LIMA conversations, chat messages or pre-tokenized rows). */
   data: string;
   /** A dev JSONL file, or the number of training rows to hold out (LIMA: 50). */
@@ -84,6 +89,8 @@ export interface StepEvent {
   gradNorm?: number;
   tokensPerSecond: number;
   etaSeconds: number;
+  /** Which precision and code paths ran this step. */
+  codePaths: CodePaths;
 }
 /** End of an epoch: dev metrics and where the checkpoint went. */
 export interface EpochEvent {
@@ -119,6 +126,8 @@ export interface FinetuneResult {
   lastCheckpoint?: string;
   report: string;
   skippedRows: number;
+  /** The precision and code paths of the run (the last step's). */
+  codePaths: CodePaths;
 }
 
 /** A running fine-tune: iterate it for events; `result` settles when it ends. */
@@ -137,6 +146,8 @@ interface TrainerState {
   trainExamples: number;
   steps: StepPoint[];
   epochs: EpochReport[];
+  /** Precision and code paths of the last step saved (absent in checkpoints before bf16). */
+  codePaths?: CodePaths;
 }
 
 const STATE_FILE = 'trainer-state.json';
@@ -201,11 +212,14 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
   const genOpts = o.devGeneration === false ? null : { ...LIMA_DEFAULTS.devGeneration, ...(o.devGeneration ?? {}) };
   if (genOpts) resolveSampling(genOpts);
 
+  const precision = resolvePrecision(o.precision);
   let ownModel = typeof o.model === 'string';
   let model = typeof o.model === 'string'
-    ? o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model) : await LlamaModel.fromPretrained(o.model)
+    ? o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model, { precision }) : await LlamaModel.fromPretrained(o.model, { precision })
     : o.model;
   if (!(model instanceof LlamaModel)) fail('a LlamaModel or a model path', 'model', o.model);
+  if (o.precision !== undefined && o.precision !== 'auto' && model.precision !== precision)
+    fail(`precision '${model.precision}' (the loaded model's) or no precision`, 'precision', o.precision);
   try {
     await mkdir(o.outDir, { recursive: true });
     let state: TrainerState | null = null;
@@ -214,8 +228,13 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       resumeDir = await latestCheckpoint(o.outDir);
       if (resumeDir) {
         state = JSON.parse(await readFile(join(resumeDir, STATE_FILE), 'utf8')) as TrainerState;
+        // Bit-exact resume needs the precision the checkpoint was trained in (taken from it
+        // unless another one was asked for).
+        const was = state.codePaths?.precision ?? 'fp32';
+        if (o.precision !== undefined && was !== model.precision)
+          throw new Error(`${resumeDir}: trained in ${was}; resume it with precision '${was}' (asked: ${model.precision})`);
         if (ownModel) await model.dispose();
-        model = await LlamaModel.fromPretrained(resumeDir);
+        model = await LlamaModel.fromPretrained(resumeDir, { precision: was });
         ownModel = true;
       }
     }
@@ -246,6 +265,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     const micro = o.microBatchSize !== undefined
       ? expectInt(o.microBatchSize, 'microBatchSize', 1)
       : autoMicroBatch(model, batchSize, longest, o.memoryBudget);
+    const codePaths = () => model.codePaths;
     if (state) {
       // Moments were saved with the weights; restoring them keeps the resumed run bit-identical.
       const r = await SafetensorsReader.open(join(resumeDir!, OPTIM_FILE));
@@ -267,7 +287,9 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     const reportPath = join(o.outDir, 'report.html');
     const writeReport = async () => {
       await writeAtomic(join(o.outDir, 'loss-curve.svg'), lossCurveSvg(st.steps, st.epochs, stepsPerEpoch));
-      await writeAtomic(reportPath, reportHtml(`lima-native fine-tune: ${o.outDir}`, st.steps, st.epochs, stepsPerEpoch));
+      const cp = st.codePaths ?? codePaths();
+      const title = `lima-native fine-tune: ${o.outDir} (${cp.precision}; bf16 path ${cp.bf16Path}, fp32 ${cp.isa})`;
+      await writeAtomic(reportPath, reportHtml(title, st.steps, st.epochs, stepsPerEpoch));
     };
 
     let lastCheckpoint = resumeDir;
@@ -307,6 +329,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
           if (gradNorm > gradClip) gradScale = gradClip / gradNorm;
         }
         await model.adamwStep({ lr: lrS, beta1, beta2, eps, weightDecay, step: s + 1, gradScale });
+        st.codePaths = codePaths();
         st.globalStep++;
         st.batchInEpoch = b + 1;
         st.steps.push({ step: st.globalStep, loss });
@@ -318,7 +341,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
         const mean = recent.reduce((a, x) => a + x, 0) / recent.length;
         emit({
           type: 'step', epoch: e + 1, step: st.globalStep, totalSteps, loss, lr: lrS, gradNorm,
-          tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep),
+          tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep), codePaths: st.codePaths,
         });
         if (every !== 'epoch' && st.globalStep % every === 0 && b + 1 < batches.length) {
           const path = await checkpoint(model, o.outDir, `step-${st.globalStep}`, st, null, keepLast);
@@ -347,7 +370,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     emit({ type: 'done', aborted, steps: st.globalStep, lastCheckpoint, report: reportPath });
     return {
       aborted, steps: st.globalStep, epochs: st.epochs, lastCheckpoint, report: reportPath,
-      skippedRows: data.skipped.train.length + data.skipped.dev.length,
+      skippedRows: data.skipped.train.length + data.skipped.dev.length, codePaths: st.codePaths ?? codePaths(),
     };
   } finally {
     if (ownModel) await model.dispose();
@@ -357,7 +380,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
   const limit = budget ?? Math.min(8 * 2 ** 30, freemem() / 2);
   let m = batchSize;
-  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest) > limit) m = Math.ceil(m / 2);
+  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision) > limit) m = Math.ceil(m / 2);
   return m;
 }
 
