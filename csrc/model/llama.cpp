@@ -37,7 +37,7 @@ struct LlamaModel::Acts {
   Buffer buf;
   struct Saved {
     float *x_in, *rstd1, *att, *lse, *x_mid, *rstd2, *gu;
-    void *h1, *q, *k, *v, *attx, *h2, *act;  // X; attx: att in X (att itself in fp32 mode)
+    void *h1, *q, *k, *v, *h2, *act;  // X
   };
   std::vector<Saved> layers;
   float *x_final, *rstd_f, *h_f;
@@ -62,7 +62,6 @@ struct LlamaModel::Acts {
       f(s ? &s->k : nullptr, N * K, X);
       f(s ? &s->v : nullptr, N * K, X);
       fs(s ? &s->att : nullptr, N * Q);
-      f(s ? &s->attx : nullptr, lo ? N * Q : 0, X);
       fs(s ? &s->lse : nullptr, B * c.H * T);
       fs(s ? &s->x_mid : nullptr, N * c.C);
       fs(s ? &s->rstd2 : nullptr, N);
@@ -306,7 +305,6 @@ void LlamaModel::ensure_acts(int64_t B, int64_t T) {
     cur += (cnt * dtype_size(t) + 63) / 64 * 64;
   });
   if (dt_ == DType::F32) {
-    for (Acts::Saved& s : a.layers) s.attx = s.att;
     a.h_fx = a.h_f;
   }
   a.B = B;
@@ -392,6 +390,7 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   ensure_rope(T);
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
+  auto att_in = [&](const float* att, int64_t n) { return attention_output_in(att, n); };
   be.embedding_forward(a.layers[0].x_in, ids_.i32(), w_.f32(), N, c.C, c.V);
   for (int64_t l = 0; l < c.L; ++l) {
     Acts::Saved& s = a.layers[l];
@@ -417,9 +416,8 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
       be.convert(s.k, X, a.dk, DType::F32, N * K);
       be.convert(s.v, X, a.dv, DType::F32, N * K);
       be.attention_forward(X, s.att, s.lse, s.q, s.k, s.v, ad);
-      be.convert(s.attx, X, s.att, DType::F32, N * Q);
     }
-    be.linear_forward(X, a.tmp, s.attx, W.wo, N, Q, c.C);
+    be.linear_forward(X, a.tmp, att_in(s.att, N * Q), W.wo, N, Q, c.C);
     dropout_add(be, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 0);
     float* h2 = lo ? a.dh : F(s.h2);
@@ -437,6 +435,15 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   const float* wnorm = w_.f32() + info_[1 + c.L * kPerLayer].offset;
   be.rmsnorm_forward(a.h_f, a.rstd_f, a.x_final, wnorm, N, c.C, c.eps);
   if (lo) be.convert(a.h_fx, X, a.h_f, DType::F32, N * c.C);
+}
+
+// The attention output as the o-projection's input: itself in fp32; in bf16 cast into the dq
+// scratch, which is free both when o runs forward (q has been saved) and when its backward runs
+// (attention's backward, which writes dq, comes after).
+const void* LlamaModel::attention_output_in(const float* att, int64_t n) {
+  if (dt_ == DType::F32) return att;
+  be_->convert(acts_->dq, dt_, att, DType::F32, n);
+  return acts_->dq;
 }
 
 double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
@@ -515,6 +522,7 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   const double loss = head_loss(labels, B, T, norm, true, nullptr, nullptr);
   // The upstream gradient of a product, in the product's dtype (cast to bf16 scratch in bf16 mode).
+  auto att_in = [&](const float* att, int64_t n) { return attention_output_in(att, n); };
   auto dy_in = [&](const float* dy, int64_t n) -> const void* {
     if (!lo) return dy;
     be.convert(a.dyb, X, dy, DType::F32, n);
@@ -545,7 +553,7 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
       dropout_grad(be, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 0);
       dO = a.tmp;
     }
-    be.linear_backward(X, a.datt, W.go, dy_in(dO, N * c.C), s.attx, W.wo, N, Q, c.C);
+    be.linear_backward(X, a.datt, W.go, dy_in(dO, N * c.C), att_in(s.att, N * Q), W.wo, N, Q, c.C);
     be.attention_backward(X, a.dq, a.dk, a.dv, dy_in(a.datt, N * Q), s.q, s.k, s.v, s.att, s.lse, ad);
     be.rope_backward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
     be.rope_backward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
@@ -579,6 +587,7 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
   const AttentionDims ad{1, n, P, c.H, c.KV, c.hd};
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   float* x = a.dx;  // residual stream
+  auto att_in = [&](const float* att, int64_t m) { return attention_output_in(att, m); };
   be.embedding_forward(x, ids_.i32(), w_.f32(), n, c.C, c.V);
   for (int64_t l = 0; l < c.L; ++l) {
     const Layer W = layer(l);
@@ -606,8 +615,7 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
       be.convert(at(vc, p0 * K, X), X, a.dv, DType::F32, n * K);
     }
     be.attention_forward(X, s.att, s.lse, s.q, kc, vc, ad);
-    if (lo) be.convert(s.attx, X, s.att, DType::F32, n * Q);
-    be.linear_forward(X, a.tmp, s.attx, W.wo, n, Q, c.C);
+    be.linear_forward(X, a.tmp, att_in(s.att, n * Q), W.wo, n, Q, c.C);
     be.residual_dropout_forward(x, x, a.tmp, n * c.C, DropoutSite{});
     float* h2 = lo ? a.dh : F(s.h2);
     be.rmsnorm_forward(h2, s.rstd2, x, W.ln2, n, c.C, c.eps);
