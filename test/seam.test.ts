@@ -146,6 +146,18 @@ describe('sizes and errors', () => {
     expect(e.message).toMatch(/fits in 64 bits/);
   });
 
+  it('a static native call with absurd sizes throws a coded error instead of aborting', () => {
+    const cfg = parseHfConfig({ vocab_size: 32, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2 }, 'config');
+    let err: { code?: string; message: string } | undefined;
+    try {
+      LlamaModel.activationBytes({ ...cfg, hiddenSize: 2 ** 40 }, 2 ** 20, 2 ** 20);
+    } catch (e) {
+      err = e as { code?: string; message: string };
+    }
+    expect(err?.code).toBe('ERR_LIMA_ARGUMENT');
+    expect(err?.message).toMatch(/fits in 64 bits/);
+  });
+
   it('an impossible batch is ERR_LIMA_OOM with the bytes it needed', async () => {
     await using m = await LlamaModel.create({ vocab_size: 32, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 1 << 16 });
     const T = 1 << 16;

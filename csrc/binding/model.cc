@@ -173,22 +173,25 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
 
   // Parameters cross by name: the binding never sees where the model keeps them.
   Napi::Value Read(const Napi::CallbackInfo& info, ParamKind kind) {
-    const ParamInfo* p = &param(info, 0);
+    const ParamInfo& p = param(info, 0);
     LlamaModel* m = model_.get();
-    return jobs_->enqueue(info.Env(), Value(), [m, p, kind]() -> JobQueue::Result {
-      auto copy = std::make_shared<std::vector<float>>(p->numel);
-      m->read_param(*p, kind, copy->data());
+    const std::string name = p.name;
+    const int64_t n = p.numel;
+    return jobs_->enqueue(info.Env(), Value(), [m, name, n, kind]() -> JobQueue::Result {
+      auto copy = std::make_shared<std::vector<float>>(n);
+      m->read_param(name, kind, copy->data());
       return [copy](Napi::Env env) -> Napi::Value { return copy_out(env, copy->data(), copy->size()); };
     });
   }
 
   Napi::Value Write(const Napi::CallbackInfo& info, ParamKind kind, size_t data_arg) {
-    const ParamInfo* p = &param(info, 0);
-    const float* src = f32(info, data_arg, p->name.c_str(), p->numel);
-    auto data = std::make_shared<std::vector<float>>(src, src + p->numel);
+    const ParamInfo& p = param(info, 0);
+    const float* src = f32(info, data_arg, p.name.c_str(), p.numel);
+    auto data = std::make_shared<std::vector<float>>(src, src + p.numel);
     LlamaModel* m = model_.get();
-    return jobs_->enqueue(info.Env(), Value(), [m, data, p, kind]() -> JobQueue::Result {
-      m->write_param(*p, kind, data->data());
+    const std::string name = p.name;
+    return jobs_->enqueue(info.Env(), Value(), [m, data, name, kind]() -> JobQueue::Result {
+      m->write_param(name, kind, data->data());
       return nullptr;
     });
   }

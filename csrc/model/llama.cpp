@@ -49,41 +49,43 @@ struct LlamaModel::Acts {
   template <class Fn>
   static void layout(const LlamaConfig& c, int64_t B, int64_t T, int64_t head_rows, DType X,
                      std::vector<Saved>* layers, Acts* a, Fn&& f) {
-    const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
+    // Checked products: absurd shapes become a KernelError, never a wrapped size.
+    auto M = [](int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); };
+    const int64_t N = M(B, T), Q = M(c.H, c.hd), K = M(c.KV, c.hd);
     const bool lo = X != DType::F32;
     const DType F32 = DType::F32;
     auto fs = [&](float** s, int64_t n) { f(reinterpret_cast<void**>(s), n, F32); };
     for (int64_t l = 0; l < c.L; ++l) {
       Saved* s = layers ? &(*layers)[l] : nullptr;
-      fs(s ? &s->x_in : nullptr, N * c.C);
+      fs(s ? &s->x_in : nullptr, M(N, c.C));
       fs(s ? &s->rstd1 : nullptr, N);
-      f(s ? &s->h1 : nullptr, N * c.C, X);
-      f(s ? &s->q : nullptr, N * Q, X);
-      f(s ? &s->k : nullptr, N * K, X);
-      f(s ? &s->v : nullptr, N * K, X);
-      fs(s ? &s->att : nullptr, N * Q);
-      fs(s ? &s->lse : nullptr, B * c.H * T);
-      fs(s ? &s->x_mid : nullptr, N * c.C);
+      f(s ? &s->h1 : nullptr, M(N, c.C), X);
+      f(s ? &s->q : nullptr, M(N, Q), X);
+      f(s ? &s->k : nullptr, M(N, K), X);
+      f(s ? &s->v : nullptr, M(N, K), X);
+      fs(s ? &s->att : nullptr, M(N, Q));
+      fs(s ? &s->lse : nullptr, M(M(B, c.H), T));
+      fs(s ? &s->x_mid : nullptr, M(N, c.C));
       fs(s ? &s->rstd2 : nullptr, N);
-      f(s ? &s->h2 : nullptr, N * c.C, X);
-      fs(s ? &s->gu : nullptr, N * 2 * c.F);
-      f(s ? &s->act : nullptr, N * c.F, X);
+      f(s ? &s->h2 : nullptr, M(N, c.C), X);
+      fs(s ? &s->gu : nullptr, M(N, M(2, c.F)));
+      f(s ? &s->act : nullptr, M(N, c.F), X);
     }
-    fs(a ? &a->x_final : nullptr, N * c.C);
+    fs(a ? &a->x_final : nullptr, M(N, c.C));
     fs(a ? &a->rstd_f : nullptr, N);
-    fs(a ? &a->h_f : nullptr, N * c.C);
-    f(a ? &a->h_fx : nullptr, lo ? N * c.C : 0, X);
-    fs(a ? &a->tmp : nullptr, N * std::max(c.C, Q));
-    fs(a ? &a->dx : nullptr, N * c.C);
-    fs(a ? &a->dh : nullptr, N * c.C);
-    fs(a ? &a->dq : nullptr, N * Q);
-    fs(a ? &a->dk : nullptr, N * K);
-    fs(a ? &a->dv : nullptr, N * K);
-    fs(a ? &a->datt : nullptr, N * Q);
-    fs(a ? &a->dgu : nullptr, N * 2 * c.F);
-    fs(a ? &a->dact : nullptr, N * c.F);
-    fs(a ? &a->logits : nullptr, head_rows * c.V);
-    f(a ? &a->dyb : nullptr, lo ? std::max(N * std::max({c.C, Q, 2 * c.F}), head_rows * c.V) : 0, X);
+    fs(a ? &a->h_f : nullptr, M(N, c.C));
+    f(a ? &a->h_fx : nullptr, lo ? M(N, c.C) : 0, X);
+    fs(a ? &a->tmp : nullptr, M(N, std::max(c.C, Q)));
+    fs(a ? &a->dx : nullptr, M(N, c.C));
+    fs(a ? &a->dh : nullptr, M(N, c.C));
+    fs(a ? &a->dq : nullptr, M(N, Q));
+    fs(a ? &a->dk : nullptr, M(N, K));
+    fs(a ? &a->dv : nullptr, M(N, K));
+    fs(a ? &a->datt : nullptr, M(N, Q));
+    fs(a ? &a->dgu : nullptr, M(N, M(2, c.F)));
+    fs(a ? &a->dact : nullptr, M(N, c.F));
+    fs(a ? &a->logits : nullptr, M(head_rows, c.V));
+    f(a ? &a->dyb : nullptr, lo ? std::max(M(N, std::max({c.C, Q, M(2, c.F)})), M(head_rows, c.V)) : 0, X);
   }
 
   static int64_t head_rows_for(const LlamaConfig& c, int64_t N) {
@@ -211,14 +213,22 @@ void LlamaModel::refresh_bf16(const ParamInfo& p) {
     be_->convert(wb_.b16() + p.bf16_offset, DType::BF16, w_.f32() + p.offset, DType::F32, p.numel);
 }
 
-void LlamaModel::read_param(const ParamInfo& p, ParamKind kind, float* host) {
+const ParamInfo& LlamaModel::named(const std::string& name) const {
+  const ParamInfo* p = find(name);
+  if (!p) throw KernelError("Expected the name of a model parameter for name but received \"" + name + "\"");
+  return *p;
+}
+
+void LlamaModel::read_param(const std::string& name, ParamKind kind, float* host) {
+  const ParamInfo& p = named(name);
   const float* src = kind == ParamKind::Weight ? w_.f32()
                      : kind == ParamKind::Grad ? g_.f32()
                                                : opt_->moment(kind == ParamKind::Moment1 ? 1 : 2);
   be_->download(host, src + p.offset, 4 * p.numel);
 }
 
-void LlamaModel::write_param(const ParamInfo& p, ParamKind kind, const float* host) {
+void LlamaModel::write_param(const std::string& name, ParamKind kind, const float* host) {
+  const ParamInfo& p = named(name);
   float* dst = kind == ParamKind::Weight ? w_.f32()
                : kind == ParamKind::Grad ? g_.f32()
                                          : opt_->moment(kind == ParamKind::Moment1 ? 1 : 2);

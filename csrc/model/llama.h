@@ -70,10 +70,11 @@ class LlamaModel {
   const ParamInfo* find(const std::string& name) const;
   int64_t num_params() const { return n_params_; }
 
-  // Copies one parameter's array (numel floats) to / from host memory. Writing weights refreshes
-  // the bf16 working copy; writing a moment allocates the optimizer state if needed.
-  void read_param(const ParamInfo& p, ParamKind kind, float* host) ;
-  void write_param(const ParamInfo& p, ParamKind kind, const float* host);
+  // Copies one parameter's array (numel floats), named as in Hugging Face, to / from host memory:
+  // callers never see where the model keeps it. Writing weights refreshes the bf16 working copy;
+  // a moment is allocated (zeroed) on first use. Throws KernelError for an unknown name.
+  void read_param(const std::string& name, ParamKind kind, float* host);
+  void write_param(const std::string& name, ParamKind kind, const float* host);
 
   void zero_grads();
   // Weights ~ N(0, std²) (norm gains 1) from a counter-based generator: the same seed gives the
@@ -126,6 +127,7 @@ class LlamaModel {
   Layer layer(int64_t l) const;
   const void* attention_output_in(const float* att, int64_t n);
   const void* mat(const ParamInfo& p) const;
+  const ParamInfo& named(const std::string& name) const;
   void refresh_bf16(const ParamInfo& p);
 
   LlamaConfig cfg_;
