@@ -4,7 +4,7 @@
 // OPENBLAS_L2_SIZE are unset for that command only, so OpenBLAS uses its AVX-512 kernels).
 // Each of our runs is a fresh child process, so its peak RSS is its own; it is printed beside
 // the budget 16 bytes/parameter (weights, grads, two Adam moments) + activations.
-// Options: --steps N (default 5), --json.
+// Options: --steps N (default 5), --precision fp32|bf16|auto (ours; default fp32), --json.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,6 +15,7 @@ const root = join(here, '..', '..');
 const args = process.argv.slice(2);
 const opt = (n: string) => (args.includes(`--${n}`) ? args[args.indexOf(`--${n}`) + 1] : undefined);
 const steps = Number(opt('steps') ?? 5);
+const precision = (opt('precision') ?? 'fp32') as 'fp32' | 'bf16' | 'auto';
 
 interface Arch {
   vocab: number;
@@ -37,7 +38,7 @@ async function child(a: Arch): Promise<void> {
   const model = await LlamaModel.create({
     vocab_size: a.vocab, hidden_size: a.hidden, intermediate_size: a.ffn, num_hidden_layers: a.layers,
     num_attention_heads: a.heads, num_key_value_heads: a.kvHeads, max_position_embeddings: T,
-  }, { seed: 0 });
+  }, { seed: 0, precision });
   const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 7919) % a.vocab);
   const batch = { inputIds: ids, labels: ids, batch: B, seqLen: T };
   const step = async (s: number) => {
@@ -58,7 +59,8 @@ async function child(a: Arch): Promise<void> {
     params: model.numParams, stepS: med, tokensPerS: (B * T) / med,
     maxRssBytes: process.resourceUsage().maxRSS * 1024,
     runtimeBytes,
-    budgetBytes: 16 * model.numParams + LlamaModel.activationBytes(model.config, B, T),
+    budgetBytes: 16 * model.numParams + LlamaModel.activationBytes(model.config, B, T, precision),
+    codePaths: model.codePaths,
   }));
   await model.dispose();
 }
@@ -80,16 +82,17 @@ if (opt('child')) {
 } else {
   const rows = [];
   for (const [label, a] of Object.entries(configs)) {
-    const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--steps', String(steps)], { encoding: 'utf8', cwd: root });
+    const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--steps', String(steps), '--precision', precision], { encoding: 'utf8', cwd: root });
     if (r.status !== 0) throw new Error(`child failed: ${r.stderr}`);
-    const ours = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { params: number; stepS: number; tokensPerS: number; maxRssBytes: number; runtimeBytes: number; budgetBytes: number };
+    const ours = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { params: number; stepS: number; tokensPerS: number; maxRssBytes: number; runtimeBytes: number; budgetBytes: number; codePaths: { precision: string; bf16Path: string; isa: string } };
     const ref = torch(a);
     rows.push({ label, ours, ref });
   }
   if (args.includes('--json')) {
     console.log(JSON.stringify({ batch: B, seq: T, steps, rows }));
   } else {
-    console.log(`lima-native training-step benchmark — batch ${B}×${T}, fp32, all cores, median of ${steps} steps (fwd+bwd+AdamW)`);
+    const cp = rows[0]?.ours.codePaths;
+    console.log(`lima-native training-step benchmark — batch ${B}×${T}, ours ${cp ? `${cp.precision} (bf16 path ${cp.bf16Path}, fp32 ${cp.isa})` : precision}, PyTorch fp32, all cores, median of ${steps} steps (fwd+bwd+AdamW)`);
     console.log('config                 params     ours tok/s  PyTorch tok/s   ratio   peak RSS MiB (runtime + model)  budget MiB (16 B/param + activations)');
     for (const { label, ours, ref } of rows) {
       const t = typeof ref === 'string' ? NaN : ref.tokens_per_s;

@@ -6,7 +6,7 @@ import { parseArgs } from 'node:util';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { LlamaModel } from './model/llama.js';
+import { LlamaModel, type Precision } from './model/llama.js';
 import { loadEvalRows } from './data/dataset.js';
 import { ByteTokenizer } from './tokenizer/index.js';
 import { finetune as runFinetune, type FinetuneEvent, type FinetuneOptions } from './train/finetune.js';
@@ -17,16 +17,18 @@ commands:
   convert  --from llama2c <file> --out <dir> [--dtype F32|BF16]
            import a llama2.c checkpoint into a Hugging Face model folder
   generate --model <dir> (--prompt <text> | --prompt-ids 1,2,3) [--greedy | --temperature T --top-p P
-           --top-k K --repetition-penalty R] [--max-new-tokens N] [--seed S] [--json]
-  eval     --model <dir> --data <jsonl> [--batch-size N] [--json]
+           --top-k K --repetition-penalty R] [--max-new-tokens N] [--seed S] [--precision P] [--json]
+  eval     --model <dir> --data <jsonl> [--batch-size N] [--precision P] [--json]
            mean loss and perplexity over target tokens; rows {"input_ids": [...], "labels": [...]}
   init     --config tiny|small --out <dir> [--seed S]
            a randomly initialised model with the built-in byte tokenizer
   finetune --model <dir|llama2c file> --data <jsonl> [--dev <jsonl>|N] --out <dir> [--epochs N
            --batch-size N --micro-batch-size N --lr X --lr-final X --warmup-steps N --weight-decay X
            --dropout X --max-length N --seed S --grad-clip X --checkpoint-every N --keep-last N
-           --dev-max-new-tokens N --no-dev-generation --train-on-prompt --skip-bad-rows --resume --overwrite --allow-changes k1,k2 --json]
-           supervised fine-tuning with the LIMA recipe (its values are the defaults)
+           --dev-max-new-tokens N --no-dev-generation --train-on-prompt --skip-bad-rows --resume --overwrite --allow-changes k1,k2 --json
+           --precision auto|bf16|fp32]
+           supervised fine-tuning with the LIMA recipe (its values are the defaults); --precision bf16
+           is mixed precision (fp32 master weights), auto picks bf16 where the CPU's bf16 units are faster
   demo     [--out <dir>] [--epochs N] [--overwrite] [--json]
            trains a small model from scratch on the bundled LIMA-style sample in a few minutes
 `;
@@ -47,8 +49,13 @@ function num(v: string | undefined, name: string, int = false): number | undefin
   return n;
 }
 
-async function loadModel(path: string): Promise<LlamaModel> {
-  return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path) : LlamaModel.fromPretrained(path);
+function precisionOf(v: string | undefined): Precision | undefined {
+  if (v === undefined || v === 'auto' || v === 'bf16' || v === 'fp32') return v;
+  throw new UsageError(`--precision expects auto, bf16 or fp32, got "${v}"`);
+}
+
+async function loadModel(path: string, precision?: Precision): Promise<LlamaModel> {
+  return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path, { precision }) : LlamaModel.fromPretrained(path, { precision });
 }
 
 async function convert(argv: string[]): Promise<void> {
@@ -80,6 +87,7 @@ async function generate(argv: string[]): Promise<void> {
       'repetition-penalty': { type: 'string' },
       'max-new-tokens': { type: 'string' },
       seed: { type: 'string' },
+      precision: { type: 'string' },
       json: { type: 'boolean' },
     },
   });
@@ -91,7 +99,7 @@ async function generate(argv: string[]): Promise<void> {
     if (!Number.isInteger(n) || n < 0) throw new UsageError(`--prompt-ids expects comma-separated token ids, got "${s}"`);
     return n;
   });
-  await using model = await loadModel(values.model);
+  await using model = await loadModel(values.model, precisionOf(values.precision));
   const opts = {
     greedy: values.greedy ?? false,
     temperature: num(values.temperature, 'temperature'),
@@ -122,10 +130,10 @@ async function generate(argv: string[]): Promise<void> {
 async function evaluate(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
-    options: { model: { type: 'string' }, data: { type: 'string' }, 'batch-size': { type: 'string' }, json: { type: 'boolean' } },
+    options: { model: { type: 'string' }, data: { type: 'string' }, 'batch-size': { type: 'string' }, precision: { type: 'string' }, json: { type: 'boolean' } },
   });
   if (!values.model || !values.data) throw new UsageError('eval needs --model <dir> and --data <jsonl>');
-  await using model = await loadModel(values.model);
+  await using model = await loadModel(values.model, precisionOf(values.precision));
   const rows = await loadEvalRows(values.data, { vocabSize: model.config.vocabSize, maxPositions: model.config.maxPositionEmbeddings });
   const r = await model.evaluate(rows, { batchSize: num(values['batch-size'], 'batch-size', true) });
   if (values.json) console.log(JSON.stringify(r));
@@ -189,6 +197,7 @@ async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Prom
       if (e.type === 'step') {
         const width = 24;
         const done = Math.round((e.step / e.totalSteps) * width);
+        if (e.step === 1) console.log(`precision ${e.codePaths.precision} (bf16 path ${e.codePaths.bf16Path}, fp32 ${e.codePaths.isa})`);
         const line = `[${'#'.repeat(done)}${'.'.repeat(width - done)}] step ${e.step}/${e.totalSteps} epoch ${e.epoch} loss ${e.loss.toFixed(4)} lr ${e.lr.toExponential(2)} ${e.tokensPerSecond.toFixed(0)} tok/s ETA ${fmtTime(e.etaSeconds)}`;
         if (tty) process.stderr.write(`\r${line}\x1b[K`);
         else if (e.step === 1 || e.step % 10 === 0 || e.step === e.totalSteps) console.log(line);
@@ -223,7 +232,7 @@ async function finetuneCmd(argv: string[]): Promise<void> {
       seed: { type: 'string' }, 'grad-clip': { type: 'string' }, 'checkpoint-every': { type: 'string' },
       'keep-last': { type: 'string' }, 'dev-max-new-tokens': { type: 'string' }, 'no-dev-generation': { type: 'boolean' },
       'train-on-prompt': { type: 'boolean' }, 'skip-bad-rows': { type: 'boolean' }, resume: { type: 'boolean' }, json: { type: 'boolean' },
-      overwrite: { type: 'boolean' }, 'allow-changes': { type: 'string' },
+      overwrite: { type: 'boolean' }, 'allow-changes': { type: 'string' }, precision: { type: 'string' },
     },
   });
   if (!values.model || !values.data || !values.out) throw new UsageError('finetune needs --model, --data and --out');
@@ -241,6 +250,7 @@ async function finetuneCmd(argv: string[]): Promise<void> {
     devGeneration: values['no-dev-generation'] ? false : maxNew !== undefined ? { maxNewTokens: maxNew } : undefined,
     trainOnPrompt: values['train-on-prompt'], skipBadRows: values['skip-bad-rows'], resume: values.resume,
     overwrite: values.overwrite, allowChanges: values['allow-changes']?.split(',').map((k) => k.trim()).filter(Boolean),
+    precision: precisionOf(values.precision),
   }, values.json ?? false);
 }
 

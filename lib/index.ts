@@ -12,6 +12,10 @@ export {
   type GenerateResult,
   type GeneratedToken,
   type TokenBatch,
+  type ParamInfo,
+  type Precision,
+  type CodePaths,
+  resolvePrecision,
 } from './model/llama.js';
 export { ConfigError, parseHfConfig, toHfConfig, parameterShapes, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';
 export { resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOptions } from './model/sampling.js';

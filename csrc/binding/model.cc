@@ -7,7 +7,6 @@
 
 #include "binding/util.h"
 #include "binding/worker.h"
-#include "kernels/cpu_features.h"
 #include "model/llama.h"
 
 namespace lima::binding {
@@ -70,38 +69,62 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeLlama",
-                       {InstanceMethod<&NativeLlama::Info>("info"),
-                        InstanceMethod<&NativeLlama::SetTensor>("setTensor"),
-                        InstanceMethod<&NativeLlama::GetTensor>("getTensor"),
-                        InstanceMethod<&NativeLlama::GetGrad>("getGrad"),
-                        InstanceMethod<&NativeLlama::ZeroGrads>("zeroGrads"),
-                        InstanceMethod<&NativeLlama::InitNormal>("initNormal"),
-                        InstanceMethod<&NativeLlama::TrainStep>("trainStep"),
-                        InstanceMethod<&NativeLlama::ForwardLoss>("forwardLoss"),
-                        InstanceMethod<&NativeLlama::Decode>("decode"),
-                        InstanceMethod<&NativeLlama::ResetCache>("resetCache"),
-                        InstanceMethod<&NativeLlama::AdamwStep>("adamwStep"),
-                        InstanceMethod<&NativeLlama::GradSqNorm>("gradSqNorm"),
-                        InstanceMethod<&NativeLlama::GetMoment>("getMoment"),
-                        InstanceMethod<&NativeLlama::SetMoment>("setMoment"),
-                        InstanceMethod<&NativeLlama::Dispose>("dispose"),
-                        StaticMethod<&NativeLlama::ActivationBytes>("activationBytes")});
+                       {InstanceMethod<&NativeLlama::G<&NativeLlama::Info>>("info"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::SetTensor>>("setTensor"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::GetTensor>>("getTensor"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::GetGrad>>("getGrad"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::ZeroGrads>>("zeroGrads"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::InitNormal>>("initNormal"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::TrainStep>>("trainStep"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::ForwardLoss>>("forwardLoss"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::Decode>>("decode"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::ResetCache>>("resetCache"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::AdamwStep>>("adamwStep"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::GradSqNorm>>("gradSqNorm"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::GetMoment>>("getMoment"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::SetMoment>>("setMoment"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::Dispose>>("dispose"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::Paths>>("paths"),
+                        StaticMethod<&guarded<&NativeLlama::ActivationBytes>>("activationBytes")});
   }
 
+  // new NativeLlama(config, precision?: 'fp32' | 'bf16')
   explicit NativeLlama(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLlama>(info) {
+    const LlamaConfig c = parse_config(info[0]);
+    const DType dt = parse_precision(info, 1);
     try {
-      model_ = std::make_unique<LlamaModel>(parse_config(info[0]));
-    } catch (const KernelError& e) {
-      throw_coded(Napi::RangeError::New(info.Env(), e.what()), "ERR_LIMA_ARGUMENT");
+      model_ = std::make_unique<LlamaModel>(c, nullptr, dt);
+    } catch (...) {
+      throw to_js_error(info.Env(), std::current_exception());
     }
     jobs_ = std::make_unique<JobQueue>("lima-native model");
   }
 
  private:
   LlamaModel& model(Napi::Env env) {
-    if (!model_ || jobs_->closed())
-      throw_coded(Napi::Error::New(env, "lima-native: this model has been disposed"), "ERR_LIMA_DISPOSED");
+    if (!model_ || jobs_->closed()) throw disposed_error(env);
     return *model_;
+  }
+
+  static DType parse_precision(const Napi::CallbackInfo& info, size_t i) {
+    Napi::Value v = info[i];
+    if (v.IsUndefined() || v.IsNull()) return DType::F32;
+    const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+    if (s == "fp32") return DType::F32;
+    if (s == "bf16") return DType::BF16;
+    throw_type(info.Env(), "'fp32' | 'bf16'", "precision", v.IsString() ? "'" + s + "'" : describe(v));
+  }
+
+  // Every method runs guarded: no C++ exception reaches N-API (which would abort the process).
+  template <Napi::Value (NativeLlama::*M)(const Napi::CallbackInfo&)>
+  Napi::Value G(const Napi::CallbackInfo& info) {
+    try {
+      return (this->*M)(info);
+    } catch (const Napi::Error&) {
+      throw;
+    } catch (...) {
+      throw to_js_error(info.Env(), std::current_exception());
+    }
   }
 
   const ParamInfo& param(const Napi::CallbackInfo& info, size_t i) {
@@ -124,39 +147,52 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
       Napi::Array shape = Napi::Array::New(env, p.shape.size());
       for (size_t d = 0; d < p.shape.size(); ++d) shape.Set(d, Napi::Number::New(env, static_cast<double>(p.shape[d])));
       o.Set("shape", shape);
-      o.Set("offset", Napi::Number::New(env, static_cast<double>(p.offset)));
       o.Set("numel", Napi::Number::New(env, static_cast<double>(p.numel)));
       o.Set("decay", Napi::Boolean::New(env, p.decay));
       params.Set(i, o);
     }
     out.Set("params", params);
     out.Set("numParams", Napi::Number::New(env, static_cast<double>(m.num_params())));
+    out.Set("precision", Napi::String::New(env, dtype_name(m.compute_dtype())));
     return out;
   }
 
-  Napi::Value SetTensor(const Napi::CallbackInfo& info) {
+  // paths() -> {isa, bf16Path}: the code paths this model's ops take now.
+  Napi::Value Paths(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    LlamaModel& m = model(env);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("isa", m.backend().fp32_path());
+    out.Set("bf16Path", m.backend().bf16_path());
+    return out;
+  }
+
+  Napi::Value SetTensor(const Napi::CallbackInfo& info) { return Write(info, ParamKind::Weight, 1); }
+  Napi::Value GetTensor(const Napi::CallbackInfo& info) { return Read(info, ParamKind::Weight); }
+  Napi::Value GetGrad(const Napi::CallbackInfo& info) { return Read(info, ParamKind::Grad); }
+
+  // Parameters cross by name: the binding never sees where the model keeps them.
+  Napi::Value Read(const Napi::CallbackInfo& info, ParamKind kind) {
     const ParamInfo& p = param(info, 0);
-    const float* src = f32(info, 1, p.name.c_str(), p.numel);
-    auto data = std::make_shared<std::vector<float>>(src, src + p.numel);
     LlamaModel* m = model_.get();
-    const int64_t off = p.offset;
-    return jobs_->enqueue(info.Env(), Value(), [m, data, off]() -> JobQueue::Result {
-      std::memcpy(m->weights() + off, data->data(), sizeof(float) * data->size());
-      return nullptr;
+    const std::string name = p.name;
+    const int64_t n = p.numel;
+    return jobs_->enqueue(info.Env(), Value(), [m, name, n, kind]() -> JobQueue::Result {
+      auto copy = std::make_shared<std::vector<float>>(n);
+      m->read_param(name, kind, copy->data());
+      return [copy](Napi::Env env) -> Napi::Value { return copy_out(env, copy->data(), copy->size()); };
     });
   }
 
-  Napi::Value GetTensor(const Napi::CallbackInfo& info) { return Read(info, false); }
-  Napi::Value GetGrad(const Napi::CallbackInfo& info) { return Read(info, true); }
-
-  Napi::Value Read(const Napi::CallbackInfo& info, bool grad) {
+  Napi::Value Write(const Napi::CallbackInfo& info, ParamKind kind, size_t data_arg) {
     const ParamInfo& p = param(info, 0);
+    const float* src = f32(info, data_arg, p.name.c_str(), p.numel);
+    auto data = std::make_shared<std::vector<float>>(src, src + p.numel);
     LlamaModel* m = model_.get();
-    const int64_t off = p.offset, n = p.numel;
-    return jobs_->enqueue(info.Env(), Value(), [m, off, n, grad]() -> JobQueue::Result {
-      auto copy = std::make_shared<std::vector<float>>(n);
-      std::memcpy(copy->data(), (grad ? m->grads() : m->weights()) + off, sizeof(float) * n);
-      return [copy](Napi::Env env) -> Napi::Value { return copy_out(env, copy->data(), copy->size()); };
+    const std::string name = p.name;
+    return jobs_->enqueue(info.Env(), Value(), [m, data, name, kind]() -> JobQueue::Result {
+      m->write_param(name, kind, data->data());
+      return nullptr;
     });
   }
 
@@ -174,7 +210,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     const uint64_t seed = static_cast<uint64_t>(integer(info, 0, "seed"));
     const float std = static_cast<float>(num(info, 1, "std"));
     return jobs_->enqueue(info.Env(), Value(), [m, seed, std]() -> JobQueue::Result {
-      m->init_normal(default_context(), seed, std);
+      m->init_normal(seed, std);
       return nullptr;
     });
   }
@@ -195,7 +231,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
       d.row_offset = prop_int(o, "rowOffset", 0);
     }
     return jobs_->enqueue(info.Env(), Value(), [m, ids, labels, B, T, norm, d]() -> JobQueue::Result {
-      const double loss = m->train_step(default_context(), ids->data(), labels->data(), B, T, norm, d);
+      const double loss = m->train_step(ids->data(), labels->data(), B, T, norm, d);
       return [loss](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, loss); };
     });
   }
@@ -213,7 +249,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     return jobs_->enqueue(info.Env(), Value(), [m, ids, labels, B, T, want_logits, V]() -> JobQueue::Result {
       auto logits = want_logits ? std::make_shared<std::vector<float>>(B * T * V) : nullptr;
       int64_t count = 0;
-      const double loss = m->forward_loss(default_context(), ids->data(), labels ? labels->data() : nullptr, B, T,
+      const double loss = m->forward_loss(ids->data(), labels ? labels->data() : nullptr, B, T,
                                           &count, logits ? logits->data() : nullptr);
       return [loss, count, logits](Napi::Env env) -> Napi::Value {
         Napi::Object o = Napi::Object::New(env);
@@ -233,7 +269,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     auto ids = std::make_shared<std::vector<int32_t>>(copy_i32(info, 0, "ids", n));
     return jobs_->enqueue(info.Env(), Value(), [m, ids]() -> JobQueue::Result {
       auto logits = std::make_shared<std::vector<float>>(m->config().V);
-      m->decode(default_context(), logits->data(), ids->data(), static_cast<int64_t>(ids->size()));
+      m->decode(logits->data(), ids->data(), static_cast<int64_t>(ids->size()));
       return [logits](Napi::Env env) -> Napi::Value { return copy_out(env, logits->data(), logits->size()); };
     });
   }
@@ -260,7 +296,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     p.step = prop_int(o, "step", 1);
     p.grad_scale = static_cast<float>(prop_num(o, "gradScale"));
     return jobs_->enqueue(info.Env(), Value(), [m, p]() -> JobQueue::Result {
-      m->adamw_step(default_context(), p);
+      m->adamw_step(p);
       return nullptr;
     });
   }
@@ -268,35 +304,20 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
   Napi::Value GradSqNorm(const Napi::CallbackInfo& info) {
     LlamaModel* m = &model(info.Env());
     return jobs_->enqueue(info.Env(), Value(), [m]() -> JobQueue::Result {
-      const double s = m->grad_sq_norm(default_context());
+      const double s = m->grad_sq_norm();
       return [s](Napi::Env env) -> Napi::Value { return Napi::Number::New(env, s); };
     });
   }
 
   // getMoment(name, 1 | 2) / setMoment(name, 1 | 2, data): optimizer state for checkpoints.
   Napi::Value GetMoment(const Napi::CallbackInfo& info) {
-    const ParamInfo& p = param(info, 0);
-    const bool second = integer(info, 1, "moment", 1) == 2;
-    LlamaModel* m = model_.get();
-    const int64_t off = p.offset, n = p.numel;
-    return jobs_->enqueue(info.Env(), Value(), [m, off, n, second]() -> JobQueue::Result {
-      auto copy = std::make_shared<std::vector<float>>(n);
-      std::memcpy(copy->data(), (second ? m->moment2() : m->moment1()) + off, sizeof(float) * n);
-      return [copy](Napi::Env env) -> Napi::Value { return copy_out(env, copy->data(), copy->size()); };
-    });
+    param(info, 0);
+    return Read(info, integer(info, 1, "moment", 1) == 2 ? ParamKind::Moment2 : ParamKind::Moment1);
   }
 
   Napi::Value SetMoment(const Napi::CallbackInfo& info) {
-    const ParamInfo& p = param(info, 0);
-    const bool second = integer(info, 1, "moment", 1) == 2;
-    const float* src = f32(info, 2, p.name.c_str(), p.numel);
-    auto data = std::make_shared<std::vector<float>>(src, src + p.numel);
-    LlamaModel* m = model_.get();
-    const int64_t off = p.offset;
-    return jobs_->enqueue(info.Env(), Value(), [m, data, off, second]() -> JobQueue::Result {
-      std::memcpy((second ? m->moment2() : m->moment1()) + off, data->data(), sizeof(float) * data->size());
-      return nullptr;
-    });
+    param(info, 0);
+    return Write(info, integer(info, 1, "moment", 1) == 2 ? ParamKind::Moment2 : ParamKind::Moment1, 2);
   }
 
   // Frees the model after the queued jobs; later calls reject with ERR_LIMA_DISPOSED.
@@ -319,7 +340,8 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
   static Napi::Value ActivationBytes(const Napi::CallbackInfo& info) {
     const LlamaConfig c = parse_config(info[0]);
     const int64_t B = integer(info, 1, "batch", 1), T = integer(info, 2, "seqLen", 1);
-    return Napi::Number::New(info.Env(), static_cast<double>(LlamaModel::activation_bytes(c, B, T)));
+    const DType dt = parse_precision(info, 3);
+    return Napi::Number::New(info.Env(), static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt)));
   }
 
   std::unique_ptr<LlamaModel> model_;

@@ -5,9 +5,11 @@
 #include <napi.h>
 
 #include <cstdint>
+#include <exception>
 #include <new>
 #include <string>
 
+#include "core/error.h"
 #include "kernels/common.h"
 
 namespace lima::binding {
@@ -84,10 +86,46 @@ inline bool boolean(const Napi::CallbackInfo& info, size_t i, const char* name) 
   return v.As<Napi::Boolean>().Value();
 }
 
-// Runs a binding body; C++ exceptions become JS errors with a stable `code`.
 [[noreturn]] inline void throw_coded(Napi::Error e, const char* code) {
   e.Set("code", Napi::String::New(e.Env(), code));
   throw e;
+}
+
+// The one native -> JS error mapper (binding calls, worker jobs, constructors):
+//   KernelError        RangeError, ERR_LIMA_ARGUMENT, its message kept
+//   OutOfMemory        Error, ERR_LIMA_OOM, with `bytes` and `device`
+//   std::bad_alloc     Error, ERR_LIMA_OOM (size unknown)
+//   other exceptions   Error, ERR_LIMA_NATIVE, their message kept
+inline Napi::Error to_js_error(Napi::Env env, const std::exception_ptr& ep) {
+  auto coded = [&](Napi::Error err, const char* code) {
+    err.Set("code", Napi::String::New(env, code));
+    return err;
+  };
+  try {
+    std::rethrow_exception(ep);
+  } catch (const Napi::Error& e) {
+    return e;
+  } catch (const KernelError& k) {
+    return coded(Napi::RangeError::New(env, k.what()), "ERR_LIMA_ARGUMENT");
+  } catch (const OutOfMemory& m) {
+    Napi::Error e = coded(Napi::Error::New(env, m.what()), "ERR_LIMA_OOM");
+    e.Set("bytes", Napi::Number::New(env, static_cast<double>(m.bytes)));
+    e.Set("device", Napi::String::New(env, m.device));
+    return e;
+  } catch (const std::bad_alloc&) {
+    return coded(Napi::Error::New(env, "lima-native: out of memory in native code"), "ERR_LIMA_OOM");
+  } catch (const std::exception& x) {
+    return coded(Napi::Error::New(env, x.what()), "ERR_LIMA_NATIVE");
+  } catch (...) {
+    return coded(Napi::Error::New(env, "lima-native: unknown native error"), "ERR_LIMA_NATIVE");
+  }
+}
+
+// The one "disposed" error: every call on a disposed object, sync or queued.
+inline Napi::Error disposed_error(Napi::Env env) {
+  Napi::Error e = Napi::Error::New(env, "lima-native: this model has been disposed");
+  e.Set("code", Napi::String::New(env, "ERR_LIMA_DISPOSED"));
+  return e;
 }
 
 template <Napi::Value (*F)(const Napi::CallbackInfo&)>
@@ -97,14 +135,8 @@ Napi::Value guarded(const Napi::CallbackInfo& info) {
     return F(info);
   } catch (const Napi::Error&) {
     throw;
-  } catch (const KernelError& e) {
-    throw_coded(Napi::RangeError::New(env, e.what()), "ERR_LIMA_ARGUMENT");
-  } catch (const std::bad_alloc&) {
-    throw_coded(Napi::Error::New(env, "lima-native: out of memory in a native kernel"), "ERR_LIMA_OOM");
-  } catch (const std::exception& e) {
-    throw_coded(Napi::Error::New(env, e.what()), "ERR_LIMA_NATIVE");
   } catch (...) {
-    throw_coded(Napi::Error::New(env, "lima-native: unknown native error"), "ERR_LIMA_NATIVE");
+    throw to_js_error(env, std::current_exception());
   }
 }
 

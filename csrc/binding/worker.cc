@@ -1,26 +1,10 @@
 #include "binding/worker.h"
 
-#include "kernels/common.h"
+#include "binding/util.h"
 
 namespace lima::binding {
 
-Napi::Error error_from(Napi::Env env, const std::exception_ptr& e) {
-  auto coded = [&](Napi::Error err, const char* code) {
-    err.Set("code", Napi::String::New(env, code));
-    return err;
-  };
-  try {
-    std::rethrow_exception(e);
-  } catch (const KernelError& k) {
-    return coded(Napi::RangeError::New(env, k.what()), "ERR_LIMA_ARGUMENT");
-  } catch (const std::bad_alloc&) {
-    return coded(Napi::Error::New(env, "lima-native: out of memory"), "ERR_LIMA_OOM");
-  } catch (const std::exception& x) {
-    return coded(Napi::Error::New(env, x.what()), "ERR_LIMA_NATIVE");
-  } catch (...) {
-    return coded(Napi::Error::New(env, "lima-native: unknown native error"), "ERR_LIMA_NATIVE");
-  }
-}
+Napi::Error error_from(Napi::Env env, const std::exception_ptr& e) { return to_js_error(env, e); }
 
 JobQueue::~JobQueue() { stop_thread(); }
 
@@ -40,9 +24,7 @@ void JobQueue::stop_thread() {
 Napi::Promise JobQueue::enqueue(Napi::Env env, Napi::Object owner, Work work) {
   auto deferred = Napi::Promise::Deferred::New(env);
   if (closed_) {
-    Napi::Error e = Napi::Error::New(env, "lima-native: this object has been disposed");
-    e.Set("code", Napi::String::New(env, "ERR_LIMA_DISPOSED"));
-    deferred.Reject(e.Value());
+    deferred.Reject(disposed_error(env).Value());
     return deferred.Promise();
   }
   if (in_flight_ == 0) {

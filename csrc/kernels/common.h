@@ -4,11 +4,11 @@
 // activations; tests own their arrays). Kernels may use per-thread scratch that they grow on demand
 // but never keep pointers to caller memory after returning.
 //
-// Backends: every CPU kernel takes a `const CpuContext&` first. The CUDA backend mirrors each
-// signature in namespace lima::cuda with a `const CudaContext&` (device + stream) in that slot, so
-// the model code can be written once against either.
+// Backends: every CPU kernel takes a `const CpuContext&` first. The model does not call kernels
+// directly: it calls a Backend (core/backend.h); CpuBackend maps each op onto these kernels, and a
+// CUDA backend maps them onto its own.
 //
-// Errors: kernels throw lima::KernelError (a std::invalid_argument) for bad arguments *before*
+// Errors: kernels throw lima::KernelError (core/error.h, a std::invalid_argument) for bad arguments *before*
 // any parallel work starts; the binding turns it into a JS error. Nothing here aborts the process.
 #pragma once
 
@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+
+#include "core/error.h"
 
 namespace lima {
 
@@ -45,14 +47,5 @@ struct CpuContext {
 
 // The context the addon uses by default: the process-wide pool and the active ISA.
 CpuContext default_context();
-
-struct KernelError : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
-
-// Throws KernelError("Expected <what> for <name> but received <got>") unless ok.
-inline void expect(bool ok, const char* what, const char* name, const std::string& got) {
-  if (!ok) throw KernelError(std::string("Expected ") + what + " for " + name + " but received " + got);
-}
 
 }  // namespace lima

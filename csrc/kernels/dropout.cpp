@@ -1,4 +1,4 @@
-// Philox4x32-10, the keep rule, the depth schedule, the reference and portable paths, and the
+// The keep rule (Philox4x32-10 itself is core/philox.h), the depth schedule, the reference and portable paths, and the
 // dispatcher of residual dropout.
 //
 // Bit-identity across paths: every path evaluates residual + (x * scale) as two separately rounded
@@ -45,27 +45,6 @@ uint32_t mask_word(const DropoutKey& k, uint64_t i) {
 }
 
 }  // namespace
-
-void philox4x32_10(uint32_t out[4], const uint32_t counter[4], const uint32_t key[2]) {
-  uint32_t c0 = counter[0], c1 = counter[1], c2 = counter[2], c3 = counter[3];
-  uint32_t k0 = key[0], k1 = key[1];
-  for (int round = 0; round < 10; ++round) {
-    if (round > 0) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
-    c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-    c1 = static_cast<uint32_t>(p1);
-    c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c3 = static_cast<uint32_t>(p0);
-  }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
-}
 
 DropoutKey dropout_key(const DropoutSite& s) {
   // p * 2^24 is exact in float; std::round rounds halves away from zero. p < 1 keeps the

@@ -10,6 +10,7 @@
 // (scale 1). Kept values are multiplied by 1 / (1 - p) computed in float.
 #pragma once
 
+#include "core/philox.h"
 #include "kernels/common.h"
 
 namespace lima {
@@ -24,9 +25,6 @@ struct DropoutSite {
   // processed in pieces (one batch row at a time, micro-batches) draws the mask of the whole.
   uint64_t offset = 0;
 };
-
-// Philox4x32 with 10 rounds: the four 32-bit words of block `counter` under `key`.
-void philox4x32_10(uint32_t out[4], const uint32_t counter[4], const uint32_t key[2]);
 
 // The keep decision for one element (reference path and tests).
 bool dropout_keep(const DropoutSite& s, uint64_t index);

@@ -7,9 +7,6 @@
 
 namespace lima {
 
-inline constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
-inline constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
-
 // One call's mask parameters, derived once from a DropoutSite (see dropout.h for the layout).
 struct DropoutKey {
   uint32_t key[2];    // seed

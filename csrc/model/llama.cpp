@@ -2,16 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <new>
 
-#include <unistd.h>
-
-#include "kernels/attention.h"
-#include "kernels/dropout.h"
-#include "kernels/gemm.h"
-#include "kernels/layers.h"
-#include "kernels/threadpool.h"
+#include "backend/cpu/cpu_backend.h"
 
 namespace lima {
 
@@ -21,89 +13,98 @@ constexpr int kPerLayer = 9;  // ln1, q, k, v, o, ln2, gate, up, down
 constexpr int64_t kLogitBytes = 64 << 20;
 constexpr int32_t kIgnore = -100;
 
-int64_t physical_memory_bytes() {
-#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
-  const long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
-  return pages > 0 && size > 0 ? static_cast<int64_t>(pages) * size : 0;
-#else
-  return 0;
-#endif
+// Element i of a buffer of dtype dt.
+inline void* at(void* base, int64_t i, DType dt) { return static_cast<char*>(base) + i * dtype_size(dt); }
+inline const void* at(const void* base, int64_t i, DType dt) {
+  return static_cast<const char*>(base) + i * dtype_size(dt);
 }
-
-std::string fmt_bytes(int64_t b) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%lld bytes (%.1f MiB)", static_cast<long long>(b), b / 1048576.0);
-  return buf;
-}
+inline float* F(void* p) { return static_cast<float*>(p); }
 }  // namespace
 
 struct LlamaModel::Layer {
-  float *ln1, *wq, *wk, *wv, *wo, *ln2, *wgate, *wup, *wdown;
+  const float *ln1, *ln2;
+  const void *wq, *wk, *wv, *wo, *wgate, *wdown;  // in the compute dtype; up follows gate
+  float *gln1, *gq, *gk, *gv, *go, *gln2, *ggate, *gdown;  // gradients
 };
 
 // Activation memory of one (B, T) shape: per-layer tensors saved for backward, plus scratch
-// reused across layers. One allocation, carved into pointers.
+// reused across layers, carved from one buffer that only grows. Slots typed X hold the compute
+// dtype (the inputs of products); everything else is fp32. In bf16 mode the fp32 results of
+// norms, projections and SwiGLU pass through the gradient scratch (unused in forward) before
+// their bf16 casts are saved.
 struct LlamaModel::Acts {
   int64_t B = 0, T = 0, head_rows = 0;
-  std::unique_ptr<float[]> buf;
+  Buffer buf;
   struct Saved {
-    float *x_in, *rstd1, *h1, *q, *k, *v, *att, *lse, *x_mid, *rstd2, *h2, *gu, *act;
+    float *x_in, *rstd1, *att, *lse, *x_mid, *rstd2, *gu;
+    void *h1, *q, *k, *v, *h2, *act;  // X
   };
   std::vector<Saved> layers;
   float *x_final, *rstd_f, *h_f;
+  void* h_fx;  // h_f in X (h_f itself in fp32 mode)
   float *tmp, *dx, *dh, *dq, *dk, *dv, *datt, *dgu, *dact, *logits;
-  std::vector<int32_t> targets;
+  void* dyb;  // bf16 scratch for upstream gradients cast before a product (bf16 mode only)
 
-  // Calls f(ptr_slot, count) for every buffer in a fixed order; used both to size and to carve.
+  // Calls f(slot, count, dtype) for every buffer in a fixed order; used both to size and to carve.
   template <class Fn>
-  static void layout(const LlamaConfig& c, int64_t B, int64_t T, int64_t head_rows,
+  static void layout(const LlamaConfig& c, int64_t B, int64_t T, int64_t head_rows, DType X,
                      std::vector<Saved>* layers, Acts* a, Fn&& f) {
-    const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
+    // Checked products: absurd shapes become a KernelError, never a wrapped size.
+    auto M = [](int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); };
+    const int64_t N = M(B, T), Q = M(c.H, c.hd), K = M(c.KV, c.hd);
+    const bool lo = X != DType::F32;
+    const DType F32 = DType::F32;
+    auto fs = [&](float** s, int64_t n) { f(reinterpret_cast<void**>(s), n, F32); };
     for (int64_t l = 0; l < c.L; ++l) {
       Saved* s = layers ? &(*layers)[l] : nullptr;
-      f(s ? &s->x_in : nullptr, N * c.C);
-      f(s ? &s->rstd1 : nullptr, N);
-      f(s ? &s->h1 : nullptr, N * c.C);
-      f(s ? &s->q : nullptr, N * Q);
-      f(s ? &s->k : nullptr, N * K);
-      f(s ? &s->v : nullptr, N * K);
-      f(s ? &s->att : nullptr, N * Q);
-      f(s ? &s->lse : nullptr, B * c.H * T);
-      f(s ? &s->x_mid : nullptr, N * c.C);
-      f(s ? &s->rstd2 : nullptr, N);
-      f(s ? &s->h2 : nullptr, N * c.C);
-      f(s ? &s->gu : nullptr, N * 2 * c.F);
-      f(s ? &s->act : nullptr, N * c.F);
+      fs(s ? &s->x_in : nullptr, M(N, c.C));
+      fs(s ? &s->rstd1 : nullptr, N);
+      f(s ? &s->h1 : nullptr, M(N, c.C), X);
+      f(s ? &s->q : nullptr, M(N, Q), X);
+      f(s ? &s->k : nullptr, M(N, K), X);
+      f(s ? &s->v : nullptr, M(N, K), X);
+      fs(s ? &s->att : nullptr, M(N, Q));
+      fs(s ? &s->lse : nullptr, M(M(B, c.H), T));
+      fs(s ? &s->x_mid : nullptr, M(N, c.C));
+      fs(s ? &s->rstd2 : nullptr, N);
+      f(s ? &s->h2 : nullptr, M(N, c.C), X);
+      fs(s ? &s->gu : nullptr, M(N, M(2, c.F)));
+      f(s ? &s->act : nullptr, M(N, c.F), X);
     }
-    f(a ? &a->x_final : nullptr, N * c.C);
-    f(a ? &a->rstd_f : nullptr, N);
-    f(a ? &a->h_f : nullptr, N * c.C);
-    f(a ? &a->tmp : nullptr, N * std::max(c.C, Q));
-    f(a ? &a->dx : nullptr, N * c.C);
-    f(a ? &a->dh : nullptr, N * c.C);
-    f(a ? &a->dq : nullptr, N * Q);
-    f(a ? &a->dk : nullptr, N * K);
-    f(a ? &a->dv : nullptr, N * K);
-    f(a ? &a->datt : nullptr, N * Q);
-    f(a ? &a->dgu : nullptr, N * 2 * c.F);
-    f(a ? &a->dact : nullptr, N * c.F);
-    f(a ? &a->logits : nullptr, head_rows * c.V);
+    fs(a ? &a->x_final : nullptr, M(N, c.C));
+    fs(a ? &a->rstd_f : nullptr, N);
+    fs(a ? &a->h_f : nullptr, M(N, c.C));
+    f(a ? &a->h_fx : nullptr, lo ? M(N, c.C) : 0, X);
+    fs(a ? &a->tmp : nullptr, M(N, std::max(c.C, Q)));
+    fs(a ? &a->dx : nullptr, M(N, c.C));
+    fs(a ? &a->dh : nullptr, M(N, c.C));
+    fs(a ? &a->dq : nullptr, M(N, Q));
+    fs(a ? &a->dk : nullptr, M(N, K));
+    fs(a ? &a->dv : nullptr, M(N, K));
+    fs(a ? &a->datt : nullptr, M(N, Q));
+    fs(a ? &a->dgu : nullptr, M(N, M(2, c.F)));
+    fs(a ? &a->dact : nullptr, M(N, c.F));
+    fs(a ? &a->logits : nullptr, M(head_rows, c.V));
+    f(a ? &a->dyb : nullptr, lo ? std::max(M(N, std::max({c.C, Q, M(2, c.F)})), M(head_rows, c.V)) : 0, X);
   }
 
   static int64_t head_rows_for(const LlamaConfig& c, int64_t N) {
     return std::max<int64_t>(1, std::min<int64_t>(N, kLogitBytes / 4 / c.V));
   }
 
-  static int64_t floats(const LlamaConfig& c, int64_t B, int64_t T) {
+  static int64_t bytes(const LlamaConfig& c, int64_t B, int64_t T, DType X) {
     int64_t total = 0;
-    // 16-float rounding keeps every buffer 64-byte aligned.
-    layout(c, B, T, head_rows_for(c, B * T), nullptr, nullptr,
-           [&](float**, int64_t n) { total += (n + 15) / 16 * 16; });
+    // 64-byte rounding keeps every buffer cache-line aligned.
+    layout(c, B, T, head_rows_for(c, checked_mul(B, T, "tokens")), X, nullptr, nullptr,
+           [&](void**, int64_t n, DType t) {
+             total = checked_add(total, (checked_mul(n, dtype_size(t), "activations") + 63) / 64 * 64, "activations");
+           });
     return total;
   }
 };
 
-LlamaModel::LlamaModel(const LlamaConfig& c) : cfg_(c) {
+LlamaModel::LlamaModel(const LlamaConfig& c, std::unique_ptr<Backend> backend, DType compute)
+    : cfg_(c), be_(backend ? std::move(backend) : std::make_unique<CpuBackend>()), dt_(compute) {
   expect(c.V >= 1 && c.C >= 1 && c.F >= 1 && c.L >= 1 && c.H >= 1 && c.KV >= 1, "positive sizes",
          "config", "a zero or negative size");
   expect(c.H % c.KV == 0, "num_key_value_heads dividing num_attention_heads", "config",
@@ -111,13 +112,35 @@ LlamaModel::LlamaModel(const LlamaConfig& c) : cfg_(c) {
   expect(c.hd % 16 == 0 && c.hd <= 256 && c.hd % 2 == 0, "a head dim that is a multiple of 16 up to 256",
          "config.head_dim", std::to_string(c.hd));
   expect(c.eps > 0 && c.theta > 0, "positive rms_norm_eps and rope_theta", "config", "a non-positive value");
-  const int64_t Q = c.H * c.hd, K = c.KV * c.hd;
+  expect(c.max_pos >= 1, "a positive max_position_embeddings", "config", std::to_string(c.max_pos));
+  expect(be_->supports(Op::Linear, dt_) && be_->supports(Op::Attention, dt_),
+         "a compute dtype the backend supports", "precision", dtype_name(dt_));
+  // Sizes in checked 64-bit arithmetic, and the whole model refused before anything is
+  // allocated (or the parameter table built) when it cannot fit.
+  const char* what = "the model's parameter count";
+  const int64_t Q = checked_mul(c.H, c.hd, what), K = checked_mul(c.KV, c.hd, what);
+  const int64_t CC = c.C;
+  int64_t per_layer = checked_add(2 * CC, checked_mul(checked_add(2 * Q, 2 * K, what), CC, what), what);
+  per_layer = checked_add(per_layer, checked_mul(checked_mul(3, c.F, what), CC, what), what);
+  const int64_t embed = checked_mul(c.V, CC, what);
+  int64_t total = checked_add(checked_mul(per_layer, c.L, what), checked_add(embed, CC, what), what);
+  if (!c.tied) total = checked_add(total, embed, what);
+  const int64_t per_param = dt_ == DType::F32 ? 8 : 10;  // fp32 weights + grads (+ bf16 copies)
+  const int64_t need = checked_mul(total, per_param, what);
+  const int64_t mem = be_->memory_bytes();
+  if (mem > 0 && need > mem)
+    throw OutOfMemory("Expected a model whose weights and gradients fit in memory but " + std::to_string(total) +
+                          " parameters need " + format_bytes(need) + " and this machine (" + be_->device() +
+                          ") has " + format_bytes(mem),
+                      need, be_->device());
+
   auto add = [&](std::string name, std::vector<int64_t> shape, bool decay) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    info_.push_back(ParamInfo{std::move(name), std::move(shape), n_params_, n, decay});
+    info_.push_back(ParamInfo{std::move(name), std::move(shape), n_params_, n, decay, -1});
     n_params_ += n;
   };
+  info_.reserve(static_cast<size_t>(2 + c.L * kPerLayer + 1));
   add("model.embed_tokens.weight", {c.V, c.C}, true);
   for (int64_t l = 0; l < c.L; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
@@ -133,18 +156,46 @@ LlamaModel::LlamaModel(const LlamaConfig& c) : cfg_(c) {
   }
   add("model.norm.weight", {c.C}, false);
   if (!c.tied) add("lm_head.weight", {c.V, c.C}, true);
-  try {
-    w_.reset(new float[n_params_]());
-    g_.reset(new float[n_params_]());
-  } catch (const std::bad_alloc&) {
-    throw KernelError("Expected memory for weights and gradients (" + fmt_bytes(8 * n_params_) +
-                      ") for the model but the allocation failed");
+
+  // Weight decay spans (adjacent tensors merged) and, in bf16 mode, the bf16 copies: every
+  // weight matrix; the embedding only when it doubles as the LM head.
+  std::vector<DecaySpan> spans;
+  for (ParamInfo& p : info_) {
+    if (!spans.empty() && spans.back().decay == p.decay) spans.back().end = p.offset + p.numel;
+    else spans.push_back(DecaySpan{p.offset, p.offset + p.numel, p.decay});
+    const bool matrix = p.shape.size() == 2 && (p.name != "model.embed_tokens.weight" || c.tied);
+    if (dt_ != DType::F32 && matrix) {
+      p.bf16_offset = n_bf16_;
+      if (!bf16_copies_.empty() && bf16_copies_.back().src + bf16_copies_.back().n == p.offset &&
+          bf16_copies_.back().dst + bf16_copies_.back().n == n_bf16_)
+        bf16_copies_.back().n += p.numel;
+      else
+        bf16_copies_.push_back(Bf16Copy{p.offset, n_bf16_, p.numel});
+      n_bf16_ += p.numel;
+    }
   }
-  inv_freq_.resize(c.hd / 2);
-  rope_inv_freq(inv_freq_.data(), c.hd, c.theta, c.rope_scaling);
+  w_ = be_->alloc(DType::F32, n_params_, "the model's weights", true);
+  g_ = be_->alloc(DType::F32, n_params_, "the model's gradients", true);
+  if (n_bf16_ > 0) wb_ = be_->alloc(DType::BF16, n_bf16_, "the model's bf16 weight copies", true);
+  opt_ = std::make_unique<AdamWOptimizer>(*be_, n_params_, std::move(spans));
+  // RoPE frequencies: a host computation of D/2 numbers, uploaded once.
+  std::vector<float> inv(static_cast<size_t>(c.hd / 2));
+  rope_inv_freq(inv.data(), c.hd, c.theta, c.rope_scaling);
+  inv_freq_ = be_->alloc(DType::F32, c.hd / 2, "the RoPE frequencies");
+  be_->upload(inv_freq_.data(), inv.data(), 4 * (c.hd / 2));
 }
 
-LlamaModel::~LlamaModel() = default;
+LlamaModel::~LlamaModel() {
+  // Buffers return their memory to the backend, so they go before it.
+  release_buffers();
+  opt_.reset();
+  inv_freq_.reset();
+  rope_cos_.reset();
+  rope_sin_.reset();
+  w_.reset();
+  g_.reset();
+  wb_.reset();
+}
 
 const ParamInfo* LlamaModel::find(const std::string& name) const {
   for (const auto& p : info_)
@@ -152,94 +203,149 @@ const ParamInfo* LlamaModel::find(const std::string& name) const {
   return nullptr;
 }
 
-void LlamaModel::init_normal(const CpuContext& ctx, uint64_t seed, float std) {
-  const uint32_t key[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
-  for (size_t t = 0; t < info_.size(); ++t) {
-    const ParamInfo& p = info_[t];
-    float* w = w_.get() + p.offset;
-    if (!p.decay) {
-      std::fill(w, w + p.numel, 1.0f);
-      continue;
-    }
-    const int64_t blocks = (p.numel + 3) / 4;
-    ctx.pool->parallel_for(blocks, 1 << 12, [&](int64_t b0, int64_t b1, int) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint32_t ctr[4] = {static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), static_cast<uint32_t>(t), 0x494e4954u};
-        uint32_t r[4];
-        philox4x32_10(r, ctr, key);
-        // Box–Muller on two pairs of 32-bit uniforms in (0, 1].
-        for (int j = 0; j < 4; j += 2) {
-          const double u1 = (r[j] + 1.0) / 4294967296.0, u2 = r[j + 1] / 4294967296.0;
-          const double rad = std::sqrt(-2.0 * std::log(u1)), ang = 6.283185307179586 * u2;
-          const int64_t i = 4 * b + j;
-          if (i < p.numel) w[i] = static_cast<float>(std * rad * std::cos(ang));
-          if (i + 1 < p.numel) w[i + 1] = static_cast<float>(std * rad * std::sin(ang));
-        }
-      }
-    });
+const void* LlamaModel::mat(const ParamInfo& p) const {
+  if (dt_ != DType::F32 && p.bf16_offset >= 0) return wb_.b16() + p.bf16_offset;
+  return w_.f32() + p.offset;
+}
+
+void LlamaModel::refresh_bf16(const ParamInfo& p) {
+  if (p.bf16_offset >= 0)
+    be_->convert(wb_.b16() + p.bf16_offset, DType::BF16, w_.f32() + p.offset, DType::F32, p.numel);
+}
+
+const ParamInfo& LlamaModel::named(const std::string& name) const {
+  const ParamInfo* p = find(name);
+  if (!p) throw KernelError("Expected the name of a model parameter for name but received \"" + name + "\"");
+  return *p;
+}
+
+void LlamaModel::read_param(const std::string& name, ParamKind kind, float* host) {
+  const ParamInfo& p = named(name);
+  const float* src = kind == ParamKind::Weight ? w_.f32()
+                     : kind == ParamKind::Grad ? g_.f32()
+                                               : opt_->moment(kind == ParamKind::Moment1 ? 1 : 2);
+  be_->download(host, src + p.offset, 4 * p.numel);
+}
+
+void LlamaModel::write_param(const std::string& name, ParamKind kind, const float* host) {
+  const ParamInfo& p = named(name);
+  float* dst = kind == ParamKind::Weight ? w_.f32()
+               : kind == ParamKind::Grad ? g_.f32()
+                                         : opt_->moment(kind == ParamKind::Moment1 ? 1 : 2);
+  be_->upload(dst + p.offset, host, 4 * p.numel);
+  if (kind == ParamKind::Weight) {
+    refresh_bf16(p);
+    cache_len_ = 0;  // cached keys/values came from the old weights
   }
 }
 
-void LlamaModel::zero_grads() { std::memset(g_.get(), 0, sizeof(float) * n_params_); }
-
-void LlamaModel::release_buffers() {
-  acts_.reset();
-  std::vector<float>().swap(cache_k_);
-  std::vector<float>().swap(cache_v_);
+void LlamaModel::init_normal(uint64_t seed, float std) {
+  for (size_t t = 0; t < info_.size(); ++t) {
+    const ParamInfo& p = info_[t];
+    if (p.decay) be_->init_normal(w_.f32() + p.offset, p.numel, seed, static_cast<uint32_t>(t), std);
+    else be_->fill(w_.f32() + p.offset, 1.0f, p.numel);
+    refresh_bf16(p);
+  }
   cache_len_ = 0;
 }
 
-int64_t LlamaModel::activation_bytes(const LlamaConfig& c, int64_t B, int64_t T) {
-  return 4 * Acts::floats(c, B, T);
+void LlamaModel::zero_grads() { be_->fill(g_.f32(), 0.0f, n_params_); }
+
+void LlamaModel::release_buffers() {
+  acts_.reset();
+  ids_.reset();
+  targets_.reset();
+  cache_k_.reset();
+  cache_v_.reset();
+  cache_len_ = cache_cap_ = 0;
 }
 
-LlamaModel::Layer LlamaModel::layer(int64_t l, float* base) const {
+int64_t LlamaModel::activation_bytes(const LlamaConfig& c, int64_t B, int64_t T, DType compute) {
+  return Acts::bytes(c, B, T, compute);
+}
+
+LlamaModel::Layer LlamaModel::layer(int64_t l) const {
   const ParamInfo* p = &info_[1 + l * kPerLayer];
-  return Layer{base + p[0].offset, base + p[1].offset, base + p[2].offset,
-               base + p[3].offset, base + p[4].offset, base + p[5].offset,
-               base + p[6].offset, base + p[7].offset, base + p[8].offset};
+  float* w = w_.f32();
+  float* g = g_.f32();
+  return Layer{w + p[0].offset, w + p[5].offset, mat(p[1]), mat(p[2]), mat(p[3]), mat(p[4]), mat(p[6]), mat(p[8]),
+               g + p[0].offset, g + p[1].offset, g + p[2].offset, g + p[3].offset, g + p[4].offset,
+               g + p[5].offset, g + p[6].offset, g + p[8].offset};
 }
 
 void LlamaModel::ensure_rope(int64_t P) {
   if (P <= rope_P_) return;
   // Grow geometrically: decoding extends one position at a time.
   const int64_t n = std::max(P, std::min<int64_t>(2 * rope_P_, std::max(P, cfg_.max_pos)));
-  rope_cos_.resize(n * cfg_.hd / 2);
-  rope_sin_.resize(n * cfg_.hd / 2);
-  rope_tables(rope_cos_.data(), rope_sin_.data(), inv_freq_.data(), cfg_.hd, n);
+  const int64_t half = checked_mul(n, cfg_.hd / 2, "the RoPE tables");
+  rope_cos_.reset();
+  rope_sin_.reset();
+  rope_P_ = 0;
+  rope_cos_ = be_->alloc(DType::F32, half, "the RoPE tables");
+  rope_sin_ = be_->alloc(DType::F32, half, "the RoPE tables");
+  be_->rope_tables(rope_cos_.f32(), rope_sin_.f32(), inv_freq_.f32(), cfg_.hd, n);
   rope_P_ = n;
 }
 
 void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
-  acts_.reset();
-  const int64_t n = Acts::floats(cfg_, B, T);
-  // Refuse up front what cannot fit: with overcommit an oversized allocation could "succeed"
-  // and fail only when touched, deep inside the step.
-  const int64_t phys = physical_memory_bytes();
-  if (phys > 0 && 4 * n > phys)
-    throw KernelError("Expected a batch whose activations fit in memory but " + std::to_string(B) + " x " +
-                      std::to_string(T) + " tokens need " + fmt_bytes(4 * n) + " of activations and this machine has " +
-                      fmt_bytes(phys) + " (use smaller micro-batches or sequences)");
-  auto a = std::make_unique<Acts>();
-  try {
-    a->buf.reset(new float[n]);
-  } catch (const std::bad_alloc&) {
-    throw KernelError("Expected " + fmt_bytes(4 * n) + " of activation memory for a batch of " +
-                      std::to_string(B) + " x " + std::to_string(T) +
-                      " tokens but the allocation failed (use smaller micro-batches or sequences)");
+  const int64_t bytes = Acts::bytes(cfg_, B, T, dt_);
+  if (!acts_) acts_ = std::make_unique<Acts>();
+  Acts& a = *acts_;
+  a.B = a.T = 0;
+  const int64_t mem = be_->memory_bytes();
+  if (mem > 0 && bytes > mem)
+    throw OutOfMemory("Expected a batch whose activations fit in memory but " + std::to_string(B) + " x " +
+                          std::to_string(T) + " tokens need " + format_bytes(bytes) +
+                          " of activations and this machine has " + format_bytes(mem) +
+                          " (use smaller micro-batches or sequences)",
+                      bytes, be_->device());
+  if (bytes > a.buf.bytes()) {
+    a.buf.reset();  // never hold the old and the new at once
+    a.buf = be_->alloc_bytes(bytes, DType::F32,
+                             "the activations of a batch of " + std::to_string(B) + " x " + std::to_string(T) +
+                                 " tokens (use smaller micro-batches or sequences)",
+                             false);
   }
-  a->B = B;
-  a->T = T;
-  a->head_rows = Acts::head_rows_for(cfg_, B * T);
-  a->layers.resize(cfg_.L);
-  float* cur = a->buf.get();
-  Acts::layout(cfg_, B, T, a->head_rows, &a->layers, a.get(), [&](float** slot, int64_t cnt) {
-    *slot = cur;
-    cur += (cnt + 15) / 16 * 16;
+  a.head_rows = Acts::head_rows_for(cfg_, B * T);
+  a.layers.resize(static_cast<size_t>(cfg_.L));
+  char* cur = static_cast<char*>(a.buf.data());
+  Acts::layout(cfg_, B, T, a.head_rows, dt_, &a.layers, &a, [&](void** slot, int64_t cnt, DType t) {
+    *slot = cnt > 0 ? cur : nullptr;
+    cur += (cnt * dtype_size(t) + 63) / 64 * 64;
   });
-  a->targets.resize(B * T);
-  acts_ = std::move(a);
+  if (dt_ == DType::F32) {
+    a.h_fx = a.h_f;
+  }
+  a.B = B;
+  a.T = T;
+}
+
+void LlamaModel::ensure_cache(int64_t P) {
+  if (P <= cache_cap_) return;
+  // Geometric growth from what the sequence needs, capped at the model's positions: a long-context
+  // model decoding a short prompt never reserves max_position_embeddings up front.
+  const int64_t cap = std::min(cfg_.max_pos, std::max({P, 2 * cache_cap_, int64_t{64}}));
+  const int64_t K = cfg_.KV * cfg_.hd;
+  const int64_t n = checked_mul(checked_mul(cfg_.L, cap, "the KV cache"), K, "the KV cache");
+  Buffer k = be_->alloc(dt_, n, "the KV cache (" + std::to_string(cap) + " positions)");
+  Buffer v = be_->alloc(dt_, n, "the KV cache (" + std::to_string(cap) + " positions)");
+  const int64_t es = dtype_size(dt_);
+  for (int64_t l = 0; l < cfg_.L && cache_len_ > 0; ++l) {
+    be_->copy(at(k.data(), l * cap * K, dt_), at(cache_k_.data(), l * cache_cap_ * K, dt_), cache_len_ * K * es);
+    be_->copy(at(v.data(), l * cap * K, dt_), at(cache_v_.data(), l * cache_cap_ * K, dt_), cache_len_ * K * es);
+  }
+  cache_k_ = std::move(k);
+  cache_v_ = std::move(v);
+  cache_cap_ = cap;
+}
+
+void LlamaModel::upload_ids(const int32_t* ids, int64_t n) {
+  if (ids_.bytes() < 4 * n) {
+    ids_.reset();
+    ids_ = be_->alloc_i32(n, "token ids");
+  }
+  be_->upload(ids_.data(), ids, 4 * n);
 }
 
 namespace {
@@ -263,238 +369,289 @@ uint64_t row_index_base(int64_t row, int64_t P, int64_t C) {
 
 // out = residual + dropout(x) row by row, with each row's mask drawn at its position in the
 // whole optimizer batch (row_offset + b) so micro-batch splits do not change the masks.
-void dropout_add(const CpuContext& ctx, float* out, const float* residual, const float* x,
-                 int64_t B, int64_t T, int64_t C, int64_t P, float p, const DropoutConfig& d,
-                 uint32_t layer, uint32_t site) {
+void dropout_add(Backend& be, float* out, const float* residual, const float* x, int64_t B, int64_t T,
+                 int64_t C, int64_t P, float p, const DropoutConfig& d, uint32_t layer, uint32_t site) {
   if (p == 0.0f) {
-    residual_dropout_forward(ctx, out, residual, x, B * T * C, DropoutSite{0.0f, 0, 0, 0, 0, 0});
+    be.residual_dropout_forward(out, residual, x, B * T * C, DropoutSite{0.0f, 0, 0, 0, 0, 0});
     return;
   }
   for (int64_t b = 0; b < B; ++b) {
     const DropoutSite s{p, d.seed, d.step, layer, site, row_index_base(d.row_offset + b, P, C)};
-    residual_dropout_forward(ctx, out + b * T * C, residual + b * T * C, x + b * T * C, T * C, s);
+    be.residual_dropout_forward(out + b * T * C, residual + b * T * C, x + b * T * C, T * C, s);
   }
 }
 
-void dropout_grad(const CpuContext& ctx, float* dx, const float* dout, int64_t B, int64_t T,
-                  int64_t C, int64_t P, float p, const DropoutConfig& d, uint32_t layer,
-                  uint32_t site) {
+void dropout_grad(Backend& be, float* dx, const float* dout, int64_t B, int64_t T, int64_t C, int64_t P,
+                  float p, const DropoutConfig& d, uint32_t layer, uint32_t site) {
   for (int64_t b = 0; b < B; ++b) {
     const DropoutSite s{p, d.seed, d.step, layer, site, row_index_base(d.row_offset + b, P, C)};
-    residual_dropout_backward(ctx, dx + b * T * C, dout + b * T * C, T * C, s);
+    be.residual_dropout_backward(dx + b * T * C, dout + b * T * C, T * C, s);
   }
 }
 }  // namespace
 
-void LlamaModel::forward_layers(const CpuContext& ctx, const int32_t* ids, int64_t B, int64_t T,
-                                const DropoutConfig* dropout) {
+void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropout) {
   const LlamaConfig& c = cfg_;
+  Backend& be = *be_;
   Acts& a = *acts_;
+  const DType X = dt_;
+  const bool lo = X != DType::F32;
   const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
   ensure_rope(T);
+  const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
-  float* x = a.layers.empty() ? a.x_final : a.layers[0].x_in;
-  embedding_forward(ctx, x, ids, w_.get(), N, c.C, c.V);
+  auto att_in = [&](const float* att, int64_t n) { return attention_output_in(att, n); };
+  be.embedding_forward(a.layers[0].x_in, ids_.i32(), w_.f32(), N, c.C, c.V);
   for (int64_t l = 0; l < c.L; ++l) {
     Acts::Saved& s = a.layers[l];
-    const Layer W = layer(l, w_.get());
+    const Layer W = layer(l);
     const float p = dropout ? dropout_rate(l, c.L, dropout->p_max) : 0.0f;
-    rmsnorm_forward(ctx, s.h1, s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
-    linear_forward(ctx, s.q, s.h1, W.wq, N, c.C, Q);
-    linear_forward(ctx, s.k, s.h1, W.wk, N, c.C, K);
-    linear_forward(ctx, s.v, s.h1, W.wv, N, c.C, K);
-    rope_forward(ctx, s.q, s.q, rope_cos_.data(), rope_sin_.data(), B, T, c.H, c.hd, 0);
-    rope_forward(ctx, s.k, s.k, rope_cos_.data(), rope_sin_.data(), B, T, c.KV, c.hd, 0);
-    attention_forward(ctx, s.att, s.lse, s.q, s.k, s.v, ad);
-    linear_forward(ctx, a.tmp, s.att, W.wo, N, Q, c.C);
-    dropout_add(ctx, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
+    if (!lo) {
+      be.rmsnorm_forward(F(s.h1), s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
+      be.linear_forward(X, F(s.q), s.h1, W.wq, N, c.C, Q);
+      be.linear_forward(X, F(s.k), s.h1, W.wk, N, c.C, K);
+      be.linear_forward(X, F(s.v), s.h1, W.wv, N, c.C, K);
+      be.rope_forward(F(s.q), F(s.q), cs, sn, B, T, c.H, c.hd, 0);
+      be.rope_forward(F(s.k), F(s.k), cs, sn, B, T, c.KV, c.hd, 0);
+      be.attention_forward(X, s.att, s.lse, s.q, s.k, s.v, ad);
+    } else {
+      be.rmsnorm_forward(a.dh, s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
+      be.convert(s.h1, X, a.dh, DType::F32, N * c.C);
+      be.linear_forward(X, a.dq, s.h1, W.wq, N, c.C, Q);
+      be.linear_forward(X, a.dk, s.h1, W.wk, N, c.C, K);
+      be.linear_forward(X, a.dv, s.h1, W.wv, N, c.C, K);
+      be.rope_forward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
+      be.rope_forward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
+      be.convert(s.q, X, a.dq, DType::F32, N * Q);
+      be.convert(s.k, X, a.dk, DType::F32, N * K);
+      be.convert(s.v, X, a.dv, DType::F32, N * K);
+      be.attention_forward(X, s.att, s.lse, s.q, s.k, s.v, ad);
+    }
+    be.linear_forward(X, a.tmp, att_in(s.att, N * Q), W.wo, N, Q, c.C);
+    dropout_add(be, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 0);
-    rmsnorm_forward(ctx, s.h2, s.rstd2, s.x_mid, W.ln2, N, c.C, c.eps);
-    linear_forward(ctx, s.gu, s.h2, W.wgate, N, c.C, 2 * c.F);  // gate and up stacked
-    swiglu_forward(ctx, s.act, s.gu, s.gu + c.F, N, c.F, 2 * c.F);
-    linear_forward(ctx, a.tmp, s.act, W.wdown, N, c.F, c.C);
+    float* h2 = lo ? a.dh : F(s.h2);
+    be.rmsnorm_forward(h2, s.rstd2, s.x_mid, W.ln2, N, c.C, c.eps);
+    if (lo) be.convert(s.h2, X, h2, DType::F32, N * c.C);
+    be.linear_forward(X, s.gu, s.h2, W.wgate, N, c.C, 2 * c.F);  // gate and up stacked
+    float* act = lo ? a.dact : F(s.act);
+    be.swiglu_forward(act, s.gu, s.gu + c.F, N, c.F, 2 * c.F);
+    if (lo) be.convert(s.act, X, act, DType::F32, N * c.F);
+    be.linear_forward(X, a.tmp, s.act, W.wdown, N, c.F, c.C);
     float* next = l + 1 < c.L ? a.layers[l + 1].x_in : a.x_final;
-    dropout_add(ctx, next, s.x_mid, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
+    dropout_add(be, next, s.x_mid, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 1);
   }
-  const float* wnorm = w_.get() + info_[1 + c.L * kPerLayer].offset;
-  rmsnorm_forward(ctx, a.h_f, a.rstd_f, a.x_final, wnorm, N, c.C, c.eps);
+  const float* wnorm = w_.f32() + info_[1 + c.L * kPerLayer].offset;
+  be.rmsnorm_forward(a.h_f, a.rstd_f, a.x_final, wnorm, N, c.C, c.eps);
+  if (lo) be.convert(a.h_fx, X, a.h_f, DType::F32, N * c.C);
 }
 
-double LlamaModel::head_loss(const CpuContext& ctx, const int32_t* labels, int64_t B, int64_t T,
-                             double norm, bool backward, int64_t* count, float* logits_out) {
+// The attention output as the o-projection's input: itself in fp32; in bf16 cast into the dq
+// scratch, which is free both when o runs forward (q has been saved) and when its backward runs
+// (attention's backward, which writes dq, comes after).
+const void* LlamaModel::attention_output_in(const float* att, int64_t n) {
+  if (dt_ == DType::F32) return att;
+  be_->convert(acts_->dq, dt_, att, DType::F32, n);
+  return acts_->dq;
+}
+
+double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
+                             int64_t* count, float* logits_out) {
   const LlamaConfig& c = cfg_;
+  Backend& be = *be_;
   Acts& a = *acts_;
+  const DType X = dt_;
   const int64_t N = B * T;
   // Position t predicts labels[t + 1]; the last position of each row has no target.
   int64_t n_targets = 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      const int32_t y = t + 1 < T && labels ? labels[b * T + t + 1] : kIgnore;
-      a.targets[b * T + t] = y;
-      n_targets += y != kIgnore;
+  if (labels) {
+    host_targets_.resize(static_cast<size_t>(N));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t y = t + 1 < T ? labels[b * T + t + 1] : kIgnore;
+        host_targets_[b * T + t] = y;
+        n_targets += y != kIgnore;
+      }
+    if (targets_.bytes() < 4 * N) {
+      targets_.reset();
+      targets_ = be.alloc_i32(N, "training targets");
     }
+    be.upload(targets_.data(), host_targets_.data(), 4 * N);
+  }
   if (count) *count = n_targets;
-  const float* whead = w_.get() + (c.tied ? info_[0].offset : info_.back().offset);
-  float* ghead = g_.get() + (c.tied ? info_[0].offset : info_.back().offset);
+  const ParamInfo& head = c.tied ? info_[0] : info_.back();
+  const void* whead = mat(head);
+  float* ghead = g_.f32() + head.offset;
   double loss = 0;
   for (int64_t r0 = 0; r0 < N; r0 += a.head_rows) {
     const int64_t rows = std::min(a.head_rows, N - r0);
-    linear_forward(ctx, a.logits, a.h_f + r0 * c.C, whead, rows, c.C, c.V);
-    if (logits_out) std::memcpy(logits_out + r0 * c.V, a.logits, sizeof(float) * rows * c.V);
+    const void* h = at(a.h_fx, r0 * c.C, X);
+    be.linear_forward(X, a.logits, h, whead, rows, c.C, c.V);
+    if (logits_out) be.download(logits_out + r0 * c.V, a.logits, 4 * rows * c.V);
     if (!labels) continue;
-    loss += cross_entropy_forward_backward(ctx, backward ? a.logits : nullptr, nullptr, a.logits,
-                                           a.targets.data() + r0, rows, c.V, norm);
-    if (backward)
-      linear_backward(ctx, a.dh + r0 * c.C, ghead, a.logits, a.h_f + r0 * c.C, whead, rows, c.C, c.V);
+    loss += be.cross_entropy(backward ? a.logits : nullptr, a.logits, targets_.i32() + r0, rows, c.V, norm);
+    if (!backward) continue;
+    const void* dy = a.logits;
+    if (X != DType::F32) {
+      be.convert(a.dyb, X, a.logits, DType::F32, rows * c.V);
+      dy = a.dyb;
+    }
+    be.linear_backward(X, a.dh + r0 * c.C, ghead, dy, h, whead, rows, c.C, c.V);
   }
   return loss;
 }
 
-double LlamaModel::forward_loss(const CpuContext& ctx, const int32_t* ids, const int32_t* labels,
-                                int64_t B, int64_t T, int64_t* count, float* logits_out) {
+double LlamaModel::forward_loss(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T,
+                                int64_t* count, float* logits_out) {
   expect(B >= 1 && T >= 1, "at least one token", "batch", std::to_string(B) + " x " + std::to_string(T));
-  check_tokens(ids, labels, B * T, cfg_.V);
+  check_tokens(ids, labels, checked_mul(B, T, "batch"), cfg_.V);
   ensure_acts(B, T);
-  forward_layers(ctx, ids, B, T, nullptr);
-  return head_loss(ctx, labels, B, T, 1.0, false, count, logits_out);
+  upload_ids(ids, B * T);
+  forward_layers(B, T, nullptr);
+  return head_loss(labels, B, T, 1.0, false, count, logits_out);
 }
 
-double LlamaModel::train_step(const CpuContext& ctx, const int32_t* ids, const int32_t* labels,
-                              int64_t B, int64_t T, double norm, const DropoutConfig& dropout) {
+double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T, double norm,
+                              const DropoutConfig& dropout) {
   const LlamaConfig& c = cfg_;
+  Backend& be = *be_;
+  const DType X = dt_;
+  const bool lo = X != DType::F32;
   expect(B >= 1 && T >= 1, "at least one token", "batch", std::to_string(B) + " x " + std::to_string(T));
   expect(norm > 0, "a positive loss normaliser", "norm", std::to_string(norm));
   expect(dropout.p_max >= 0 && dropout.p_max < 1, "a dropout rate in [0, 1)", "dropout", std::to_string(dropout.p_max));
-  check_tokens(ids, labels, B * T, c.V);
+  check_tokens(ids, labels, checked_mul(B, T, "batch"), c.V);
   ensure_acts(B, T);
+  upload_ids(ids, B * T);
   cache_len_ = 0;  // the cache is not valid across weight updates
   Acts& a = *acts_;
   const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
   const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
-  forward_layers(ctx, ids, B, T, &dropout);
-  const double loss = head_loss(ctx, labels, B, T, norm, true, nullptr, nullptr);
+  forward_layers(B, T, &dropout);  // also sizes the RoPE tables
+  const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
+  const double loss = head_loss(labels, B, T, norm, true, nullptr, nullptr);
+  // The upstream gradient of a product, in the product's dtype (cast to bf16 scratch in bf16 mode).
+  auto att_in = [&](const float* att, int64_t n) { return attention_output_in(att, n); };
+  auto dy_in = [&](const float* dy, int64_t n) -> const void* {
+    if (!lo) return dy;
+    be.convert(a.dyb, X, dy, DType::F32, n);
+    return a.dyb;
+  };
 
   // Backward. a.dh holds d(final norm output); a.dx carries the residual stream's gradient.
   const ParamInfo& norm_info = info_[1 + c.L * kPerLayer];
-  rmsnorm_backward(ctx, a.dx, g_.get() + norm_info.offset, a.dh, a.x_final,
-                   w_.get() + norm_info.offset, a.rstd_f, N, c.C, false);
+  be.rmsnorm_backward(a.dx, g_.f32() + norm_info.offset, a.dh, a.x_final, w_.f32() + norm_info.offset, a.rstd_f,
+                      N, c.C, false);
   for (int64_t l = c.L - 1; l >= 0; --l) {
     Acts::Saved& s = a.layers[l];
-    const Layer W = layer(l, w_.get());
-    const Layer G = layer(l, g_.get());
+    const Layer W = layer(l);
     const float p = dropout_rate(l, c.L, dropout.p_max);
     // MLP branch: x_next = x_mid + drop(down(swiglu(gate, up)))
     const float* dm = a.dx;
     if (p > 0) {
-      dropout_grad(ctx, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 1);
+      dropout_grad(be, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 1);
       dm = a.tmp;
     }
-    linear_backward(ctx, a.dact, G.wdown, dm, s.act, W.wdown, N, c.F, c.C);
-    swiglu_backward(ctx, a.dgu, a.dgu + c.F, a.dact, s.gu, s.gu + c.F, N, c.F, 2 * c.F);
-    linear_backward(ctx, a.dh, G.wgate, a.dgu, s.h2, W.wgate, N, c.C, 2 * c.F);
-    rmsnorm_backward(ctx, a.dx, G.ln2, a.dh, s.x_mid, W.ln2, s.rstd2, N, c.C, true);
+    be.linear_backward(X, a.dact, W.gdown, dy_in(dm, N * c.C), s.act, W.wdown, N, c.F, c.C);
+    be.swiglu_backward(a.dgu, a.dgu + c.F, a.dact, s.gu, s.gu + c.F, N, c.F, 2 * c.F);
+    be.linear_backward(X, a.dh, W.ggate, dy_in(a.dgu, N * 2 * c.F), s.h2, W.wgate, N, c.C, 2 * c.F);
+    be.rmsnorm_backward(a.dx, W.gln2, a.dh, s.x_mid, W.ln2, s.rstd2, N, c.C, true);
     // Attention branch: x_mid = x_in + drop(o(attn(rope(q), rope(k), v)))
     const float* dO = a.dx;
     if (p > 0) {
-      dropout_grad(ctx, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 0);
+      dropout_grad(be, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 0);
       dO = a.tmp;
     }
-    linear_backward(ctx, a.datt, G.wo, dO, s.att, W.wo, N, Q, c.C);
-    attention_backward(ctx, a.dq, a.dk, a.dv, a.datt, s.q, s.k, s.v, s.att, s.lse, ad);
-    rope_backward(ctx, a.dq, a.dq, rope_cos_.data(), rope_sin_.data(), B, T, c.H, c.hd, 0);
-    rope_backward(ctx, a.dk, a.dk, rope_cos_.data(), rope_sin_.data(), B, T, c.KV, c.hd, 0);
-    linear_backward(ctx, a.dh, G.wq, a.dq, s.h1, W.wq, N, c.C, Q);
-    linear_backward(ctx, a.dh, G.wk, a.dk, s.h1, W.wk, N, c.C, K, true);
-    linear_backward(ctx, a.dh, G.wv, a.dv, s.h1, W.wv, N, c.C, K, true);
-    rmsnorm_backward(ctx, a.dx, G.ln1, a.dh, s.x_in, W.ln1, s.rstd1, N, c.C, true);
+    be.linear_backward(X, a.datt, W.go, dy_in(dO, N * c.C), att_in(s.att, N * Q), W.wo, N, Q, c.C);
+    be.attention_backward(X, a.dq, a.dk, a.dv, dy_in(a.datt, N * Q), s.q, s.k, s.v, s.att, s.lse, ad);
+    be.rope_backward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
+    be.rope_backward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
+    be.linear_backward(X, a.dh, W.gq, dy_in(a.dq, N * Q), s.h1, W.wq, N, c.C, Q);
+    be.linear_backward(X, a.dh, W.gk, dy_in(a.dk, N * K), s.h1, W.wk, N, c.C, K, true);
+    be.linear_backward(X, a.dh, W.gv, dy_in(a.dv, N * K), s.h1, W.wv, N, c.C, K, true);
+    be.rmsnorm_backward(a.dx, W.gln1, a.dh, s.x_in, W.ln1, s.rstd1, N, c.C, true);
   }
-  embedding_backward(ctx, g_.get() + info_[0].offset, a.dx, ids, N, c.C, c.V);
+  be.embedding_backward(g_.f32() + info_[0].offset, a.dx, ids_.i32(), N, c.C, c.V);
   return loss;
 }
 
-void LlamaModel::decode(const CpuContext& ctx, float* last_logits, const int32_t* ids, int64_t n) {
+void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
   const LlamaConfig& c = cfg_;
+  Backend& be = *be_;
+  const DType X = dt_;
+  const bool lo = X != DType::F32;
   expect(n >= 1, "at least one token", "ids", std::to_string(n));
   check_tokens(ids, nullptr, n, c.V);
   const int64_t P = cache_len_ + n;
   expect(P <= c.max_pos, ("a sequence of at most max_position_embeddings (" + std::to_string(c.max_pos) + ") tokens").c_str(),
          "decode", std::to_string(P) + " tokens");
   const int64_t Q = c.H * c.hd, K = c.KV * c.hd;
-  if (cache_k_.empty()) {
-    cache_k_.assign(c.L * c.max_pos * K, 0.0f);
-    cache_v_.assign(c.L * c.max_pos * K, 0.0f);
-  }
+  ensure_cache(P);
   ensure_acts(1, n);
   ensure_rope(P);
+  upload_ids(ids, n);
   Acts& a = *acts_;
   Acts::Saved& s = a.layers[0];  // per-layer buffers reused: nothing is kept for backward
   const int64_t p0 = cache_len_;
   const AttentionDims ad{1, n, P, c.H, c.KV, c.hd};
+  const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   float* x = a.dx;  // residual stream
-  embedding_forward(ctx, x, ids, w_.get(), n, c.C, c.V);
+  auto att_in = [&](const float* att, int64_t m) { return attention_output_in(att, m); };
+  be.embedding_forward(x, ids_.i32(), w_.f32(), n, c.C, c.V);
   for (int64_t l = 0; l < c.L; ++l) {
-    const Layer W = layer(l, w_.get());
-    float* kc = cache_k_.data() + l * c.max_pos * K;
-    float* vc = cache_v_.data() + l * c.max_pos * K;
-    rmsnorm_forward(ctx, s.h1, s.rstd1, x, W.ln1, n, c.C, c.eps);
-    linear_forward(ctx, s.q, s.h1, W.wq, n, c.C, Q);
-    linear_forward(ctx, kc + p0 * K, s.h1, W.wk, n, c.C, K);
-    linear_forward(ctx, vc + p0 * K, s.h1, W.wv, n, c.C, K);
-    rope_forward(ctx, s.q, s.q, rope_cos_.data(), rope_sin_.data(), 1, n, c.H, c.hd, p0);
-    rope_forward(ctx, kc + p0 * K, kc + p0 * K, rope_cos_.data(), rope_sin_.data(), 1, n, c.KV, c.hd, p0);
-    attention_forward(ctx, s.att, s.lse, s.q, kc, vc, ad);
-    linear_forward(ctx, a.tmp, s.att, W.wo, n, Q, c.C);
-    residual_dropout_forward(ctx, x, x, a.tmp, n * c.C, DropoutSite{});
-    rmsnorm_forward(ctx, s.h2, s.rstd2, x, W.ln2, n, c.C, c.eps);
-    linear_forward(ctx, s.gu, s.h2, W.wgate, n, c.C, 2 * c.F);
-    swiglu_forward(ctx, s.act, s.gu, s.gu + c.F, n, c.F, 2 * c.F);
-    linear_forward(ctx, a.tmp, s.act, W.wdown, n, c.F, c.C);
-    residual_dropout_forward(ctx, x, x, a.tmp, n * c.C, DropoutSite{});
+    const Layer W = layer(l);
+    void* kc = at(cache_k_.data(), l * cache_cap_ * K, X);
+    void* vc = at(cache_v_.data(), l * cache_cap_ * K, X);
+    if (!lo) {
+      float* kn = F(kc) + p0 * K;
+      float* vn = F(vc) + p0 * K;
+      be.rmsnorm_forward(F(s.h1), s.rstd1, x, W.ln1, n, c.C, c.eps);
+      be.linear_forward(X, F(s.q), s.h1, W.wq, n, c.C, Q);
+      be.linear_forward(X, kn, s.h1, W.wk, n, c.C, K);
+      be.linear_forward(X, vn, s.h1, W.wv, n, c.C, K);
+      be.rope_forward(F(s.q), F(s.q), cs, sn, 1, n, c.H, c.hd, p0);
+      be.rope_forward(kn, kn, cs, sn, 1, n, c.KV, c.hd, p0);
+    } else {
+      be.rmsnorm_forward(a.dh, s.rstd1, x, W.ln1, n, c.C, c.eps);
+      be.convert(s.h1, X, a.dh, DType::F32, n * c.C);
+      be.linear_forward(X, a.dq, s.h1, W.wq, n, c.C, Q);
+      be.linear_forward(X, a.dk, s.h1, W.wk, n, c.C, K);
+      be.linear_forward(X, a.dv, s.h1, W.wv, n, c.C, K);
+      be.rope_forward(a.dq, a.dq, cs, sn, 1, n, c.H, c.hd, p0);
+      be.rope_forward(a.dk, a.dk, cs, sn, 1, n, c.KV, c.hd, p0);
+      be.convert(s.q, X, a.dq, DType::F32, n * Q);
+      be.convert(at(kc, p0 * K, X), X, a.dk, DType::F32, n * K);
+      be.convert(at(vc, p0 * K, X), X, a.dv, DType::F32, n * K);
+    }
+    be.attention_forward(X, s.att, s.lse, s.q, kc, vc, ad);
+    be.linear_forward(X, a.tmp, att_in(s.att, n * Q), W.wo, n, Q, c.C);
+    be.residual_dropout_forward(x, x, a.tmp, n * c.C, DropoutSite{});
+    float* h2 = lo ? a.dh : F(s.h2);
+    be.rmsnorm_forward(h2, s.rstd2, x, W.ln2, n, c.C, c.eps);
+    if (lo) be.convert(s.h2, X, h2, DType::F32, n * c.C);
+    be.linear_forward(X, s.gu, s.h2, W.wgate, n, c.C, 2 * c.F);
+    float* act = lo ? a.dact : F(s.act);
+    be.swiglu_forward(act, s.gu, s.gu + c.F, n, c.F, 2 * c.F);
+    if (lo) be.convert(s.act, X, act, DType::F32, n * c.F);
+    be.linear_forward(X, a.tmp, s.act, W.wdown, n, c.F, c.C);
+    be.residual_dropout_forward(x, x, a.tmp, n * c.C, DropoutSite{});
   }
-  const float* wnorm = w_.get() + info_[1 + c.L * kPerLayer].offset;
+  const float* wnorm = w_.f32() + info_[1 + c.L * kPerLayer].offset;
   const float* last = x + (n - 1) * c.C;
-  rmsnorm_forward(ctx, a.h_f, a.rstd_f, last, wnorm, 1, c.C, c.eps);
-  const float* whead = w_.get() + (c.tied ? info_[0].offset : info_.back().offset);
-  linear_forward(ctx, last_logits, a.h_f, whead, 1, c.C, c.V);
+  be.rmsnorm_forward(a.h_f, a.rstd_f, last, wnorm, 1, c.C, c.eps);
+  if (lo) be.convert(a.h_fx, X, a.h_f, DType::F32, c.C);
+  const ParamInfo& head = c.tied ? info_[0] : info_.back();
+  be.linear_forward(X, a.logits, a.h_fx, mat(head), 1, c.C, c.V);
+  be.download(last_logits, a.logits, 4 * c.V);
   cache_len_ = P;
 }
 
-float* LlamaModel::moment1() {
-  if (!m1_) {
-    m1_.reset(new float[n_params_]());
-    m2_.reset(new float[n_params_]());
-  }
-  return m1_.get();
+void LlamaModel::adamw_step(const AdamWParams& p) {
+  opt_->step(w_.f32(), g_.f32(), p, wb_ ? wb_.b16() : nullptr, bf16_copies_);
+  cache_len_ = 0;
 }
 
-float* LlamaModel::moment2() {
-  moment1();
-  return m2_.get();
-}
-
-void LlamaModel::adamw_step(const CpuContext& ctx, const AdamWParams& p) {
-  float* m = moment1();
-  float* v = moment2();
-  AdamWParams no_decay = p;
-  no_decay.weight_decay = 0.0f;
-  for (const ParamInfo& t : info_)
-    adamw_update(ctx, w_.get() + t.offset, m + t.offset, v + t.offset, g_.get() + t.offset, t.numel,
-                 t.decay ? p : no_decay);
-}
-
-double LlamaModel::grad_sq_norm(const CpuContext& ctx) const {
-  const int nt = ctx.pool->size();
-  std::vector<double> part(nt, 0.0);
-  const float* g = g_.get();
-  ctx.pool->parallel_for(n_params_, 1 << 16, [&](int64_t b, int64_t e, int th) {
-    double s = 0;
-    for (int64_t i = b; i < e; ++i) s += static_cast<double>(g[i]) * g[i];
-    part[th] += s;
-  });
-  double s = 0;
-  for (double x : part) s += x;
-  return s;
-}
+double LlamaModel::grad_sq_norm() const { return opt_->grad_sq_norm(g_.f32()); }
 
 }  // namespace lima

@@ -1,13 +1,18 @@
-// A LLaMA decoder (Hugging Face LlamaForCausalLM semantics) composed from the CPU kernels.
-// Pure C++: owns its weights, gradients and activation buffers; the binding runs its long calls
-// on a worker thread.
+// A LLaMA decoder (Hugging Face LlamaForCausalLM semantics) written against a Backend
+// (core/backend.h): it owns Buffers and calls backend ops, never touching memory, threads or the
+// machine directly. The binding runs its long calls on a worker thread.
 //
 // Letters: B batch rows, T positions, N = B*T tokens, C hidden size, F intermediate size,
 // V vocabulary, L layers, H query heads, KV key/value heads, hd head dim.
 //
-// Parameters live in one buffer in Hugging Face order without padding, so q/k/v of a layer are
-// adjacent (their weight matrices stack into one [(H+2KV)·hd, C] projection), and so are
-// gate/up ([2F, C]). Gradients mirror that layout; the optimizer walks both as flat arrays.
+// Parameters live in one fp32 buffer in Hugging Face order without padding, so q/k/v of a layer
+// are adjacent and so are gate/up ([2F, C], one fused projection). Gradients mirror that layout;
+// the optimizer walks both as flat arrays.
+//
+// Compute dtype: F32 (exact mode) or BF16 (mixed precision): bf16 copies of the weight matrices
+// and bf16 GEMM/attention inputs, fp32 accumulation, fp32 residual stream, norms, softmax and
+// loss statistics, fp32 parameter gradients, fp32 master weights and moments. The embedding
+// stays fp32 (a gather, not a product).
 #pragma once
 
 #include <cstdint>
@@ -15,9 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/common.h"
-#include "kernels/adamw.h"
-#include "kernels/layers.h"
+#include "core/backend.h"
+#include "model/optimizer.h"
 
 namespace lima {
 
@@ -32,10 +36,14 @@ struct LlamaConfig {
 struct ParamInfo {
   std::string name;
   std::vector<int64_t> shape;
-  int64_t offset = 0;  // in floats, into params()/grads()
+  int64_t offset = 0;       // in floats, into the fp32 weights/grads/moments
   int64_t numel = 0;
-  bool decay = true;  // false for norm gains (no weight decay)
+  bool decay = true;        // false for norm gains (no weight decay)
+  int64_t bf16_offset = -1; // into the bf16 working copies (weight matrices in bf16 mode), else -1
 };
+
+/** Which per-parameter array read_param/write_param address. */
+enum class ParamKind { Weight, Grad, Moment1, Moment2 };
 
 // Residual dropout settings of one training micro-step (rates rise with depth, see dropout.h).
 struct DropoutConfig {
@@ -49,75 +57,94 @@ struct DropoutConfig {
 
 class LlamaModel {
  public:
-  // Throws KernelError for an inconsistent config; allocates weights and gradients (zeroed).
-  explicit LlamaModel(const LlamaConfig& cfg);
+  // Throws KernelError for an inconsistent config and OutOfMemory when weights, gradients (and
+  // bf16 copies) cannot fit; allocates them zeroed. backend null: a CpuBackend.
+  LlamaModel(const LlamaConfig& cfg, std::unique_ptr<Backend> backend = nullptr,
+             DType compute = DType::F32);
   ~LlamaModel();
 
   const LlamaConfig& config() const { return cfg_; }
+  Backend& backend() { return *be_; }
+  DType compute_dtype() const { return dt_; }
   const std::vector<ParamInfo>& params() const { return info_; }
   const ParamInfo* find(const std::string& name) const;
   int64_t num_params() const { return n_params_; }
-  float* weights() { return w_.get(); }
-  float* grads() { return g_.get(); }
+
+  // Copies one parameter's array (numel floats), named as in Hugging Face, to / from host memory:
+  // callers never see where the model keeps it. Writing weights refreshes the bf16 working copy;
+  // a moment is allocated (zeroed) on first use. Throws KernelError for an unknown name.
+  void read_param(const std::string& name, ParamKind kind, float* host);
+  void write_param(const std::string& name, ParamKind kind, const float* host);
+
   void zero_grads();
   // Weights ~ N(0, std²) (norm gains 1) from a counter-based generator: the same seed gives the
   // same model on any thread count, and no full-size buffer is built on the JS side.
-  void init_normal(const CpuContext& ctx, uint64_t seed, float std);
+  void init_normal(uint64_t seed, float std);
 
   // Bytes of activation memory a (B, T) training step needs beyond weights and gradients.
-  static int64_t activation_bytes(const LlamaConfig& cfg, int64_t B, int64_t T);
+  static int64_t activation_bytes(const LlamaConfig& cfg, int64_t B, int64_t T,
+                                  DType compute = DType::F32);
 
-  // Forward + loss + backward for one micro-batch; gradients accumulate (+=) into grads().
-  // ids, labels [B, T]; labels[b, t] is predicted from position t-1 and -100 is ignored.
-  // Returns (sum of token losses) / norm; the gradient is that of the same quantity, so summing
-  // micro-batches with a shared norm gives the gradient of the whole batch.
-  double train_step(const CpuContext& ctx, const int32_t* ids, const int32_t* labels, int64_t B,
-                    int64_t T, double norm, const DropoutConfig& dropout);
+  // Forward + loss + backward for one micro-batch; gradients accumulate (+=) into the grads.
+  // ids, labels [B, T] host arrays; labels[b, t] is predicted from position t-1 and -100 is
+  // ignored. Returns (sum of token losses) / norm; the gradient is that of the same quantity, so
+  // summing micro-batches with a shared norm gives the gradient of the whole batch.
+  double train_step(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T, double norm,
+                    const DropoutConfig& dropout);
 
   // Forward only: sum of token losses over targets (no dropout); *count gets the target count.
-  // logits_out [B, T, V] is filled when non-null (tests and full-sequence scoring).
-  double forward_loss(const CpuContext& ctx, const int32_t* ids, const int32_t* labels, int64_t B,
-                      int64_t T, int64_t* count, float* logits_out);
+  // logits_out [B, T, V] (host) is filled when non-null.
+  double forward_loss(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T,
+                      int64_t* count, float* logits_out);
 
   // KV-cached incremental decoding of one sequence: feeds ids[0..n) at positions
   // cache_len()..cache_len()+n, appends their keys/values, writes the last position's logits
-  // [V]. reset_cache() starts a new sequence.
-  void decode(const CpuContext& ctx, float* last_logits, const int32_t* ids, int64_t n);
+  // [V] (host). The cache grows with the sequence. reset_cache() starts a new sequence.
+  void decode(float* last_logits, const int32_t* ids, int64_t n);
   void reset_cache() { cache_len_ = 0; }
   int64_t cache_len() const { return cache_len_; }
+  int64_t cache_capacity() const { return cache_cap_; }
 
-  // Releases activation and cache buffers (weights and gradients stay).
+  // Releases activation and cache buffers (weights, gradients and optimizer state stay).
   void release_buffers();
 
   // ---- Optimizer (AdamW, decoupled weight decay on every tensor but the norm gains).
-  // Moments are allocated (zeroed) on first use; 16 bytes per parameter with weights and grads.
-  void adamw_step(const CpuContext& ctx, const AdamWParams& p);
-  // Sum of squared gradients over all parameters (for global-norm clipping), in double.
-  double grad_sq_norm(const CpuContext& ctx) const;
-  // First and second moments in the params() layout (allocated if needed).
-  float* moment1();
-  float* moment2();
+  void adamw_step(const AdamWParams& p);
+  // Sum of squared gradients over all parameters (for global-norm clipping), in double, summed
+  // in an order independent of the thread count.
+  double grad_sq_norm() const;
 
  private:
   struct Acts;
   struct Layer;
   void ensure_rope(int64_t P);
   void ensure_acts(int64_t B, int64_t T);
-  void forward_layers(const CpuContext& ctx, const int32_t* ids, int64_t B, int64_t T,
-                      const DropoutConfig* dropout);
-  double head_loss(const CpuContext& ctx, const int32_t* labels, int64_t B, int64_t T,
-                   double norm, bool backward, int64_t* count, float* logits_out);
-  Layer layer(int64_t l, float* base) const;
+  void ensure_cache(int64_t P);
+  void upload_ids(const int32_t* ids, int64_t n);
+  void forward_layers(int64_t B, int64_t T, const DropoutConfig* dropout);
+  double head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
+                   int64_t* count, float* logits_out);
+  Layer layer(int64_t l) const;
+  const void* attention_output_in(const float* att, int64_t n);
+  const void* mat(const ParamInfo& p) const;
+  const ParamInfo& named(const std::string& name) const;
+  void refresh_bf16(const ParamInfo& p);
 
   LlamaConfig cfg_;
+  std::unique_ptr<Backend> be_;
+  DType dt_;
   std::vector<ParamInfo> info_;
-  int64_t n_params_ = 0;
-  std::unique_ptr<float[]> w_, g_, m1_, m2_;
-  std::vector<float> inv_freq_, rope_cos_, rope_sin_;
+  int64_t n_params_ = 0, n_bf16_ = 0;
+  Buffer w_, g_, wb_;  // fp32 weights (the master copy), fp32 grads, bf16 working copies
+  std::vector<Bf16Copy> bf16_copies_;
+  std::unique_ptr<AdamWOptimizer> opt_;
+  Buffer inv_freq_, rope_cos_, rope_sin_;
   int64_t rope_P_ = 0;
   std::unique_ptr<Acts> acts_;
-  std::vector<float> cache_k_, cache_v_;  // [L, max_pos, KV, hd]
-  int64_t cache_len_ = 0;
+  Buffer ids_, targets_;
+  std::vector<int32_t> host_targets_;
+  Buffer cache_k_, cache_v_;  // [L, cache_cap_, KV, hd] in the compute dtype
+  int64_t cache_len_ = 0, cache_cap_ = 0;
 };
 
 }  // namespace lima

@@ -4,7 +4,14 @@ import { expectInt, fail } from '../validate.js';
 /** A compiled code path for the hot kernels. */
 export type Isa = 'avx512' | 'avx2' | 'scalar';
 
+/** A code path of the bf16 matrix products: AMX tiles, AVX512-BF16 (vdpbf16ps), or widen-to-fp32. */
+export type Bf16Path = 'amx' | 'avx512bf16' | 'portable';
+
 interface NativeSystem {
+  bf16Path(): Bf16Path;
+  setBf16Path(path: Bf16Path): void;
+  bf16Paths(): Bf16Path[];
+  preferredPrecision(): ['bf16' | 'fp32', string];
   isa(): Isa;
   setIsa(isa: Isa): void;
   supportedIsas(): Isa[];
@@ -30,6 +37,31 @@ export function supportedIsas(): Isa[] {
 export function setIsa(value: Isa): void {
   if (value !== 'avx512' && value !== 'avx2' && value !== 'scalar') fail("'avx512' | 'avx2' | 'scalar'", 'isa', value);
   native().setIsa(value);
+}
+
+/** The bf16 product path kernels take now (the best the CPU supports unless forced with setBf16Path). */
+export function bf16Path(): Bf16Path {
+  return native().bf16Path();
+}
+
+/** bf16 paths this CPU can run, best first; 'portable' is always there. */
+export function bf16Paths(): Bf16Path[] {
+  return native().bf16Paths();
+}
+
+/** Forces the bf16 product path for all kernels in this process (tests cover every path this way). */
+export function setBf16Path(value: Bf16Path): void {
+  if (value !== 'amx' && value !== 'avx512bf16' && value !== 'portable') fail("'amx' | 'avx512bf16' | 'portable'", 'bf16Path', value);
+  native().setBf16Path(value);
+}
+
+/**
+ * What precision 'auto' picks on this CPU and why: bf16 where its products beat the fp32 FMA path
+ * (AMX-BF16, or AVX512-BF16 on AMD Zen 4/5), fp32 elsewhere.
+ */
+export function preferredPrecision(): { precision: 'bf16' | 'fp32'; reason: string } {
+  const [precision, reason] = native().preferredPrecision();
+  return { precision, reason };
 }
 
 /** Threads of the process-wide pool (all hardware threads unless LIMA_NUM_THREADS or setNumThreads). */

@@ -7,7 +7,8 @@ import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/s
 import { Rng } from '../util/rng.js';
 import { expectI32, expectInt, expectNumber, fail } from '../validate.js';
 import { ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
-import { nativeLlama, type NativeLlama, type NativeParamInfo } from './native-model.js';
+import { nativeLlama, type NativeLlama, type NativePrecision, type ParamInfo } from './native-model.js';
+import { preferredPrecision } from '../kernels/system.js';
 import { resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { padBatch, type TokenBatch } from '../data/batch.js';
@@ -65,13 +66,35 @@ export interface EvalResult {
 }
 
 
+/**
+ * Compute precision of a model. 'fp32': exact mode. 'bf16': mixed precision (bf16 weight copies
+ * and product inputs, fp32 accumulation, residual stream, norms, softmax, gradients, master
+ * weights and moments). 'auto': bf16 where this CPU's bf16 products beat fp32 (AMX-BF16, or
+ * AVX512-BF16 on AMD Zen 4/5), else fp32.
+ */
+export type Precision = 'auto' | 'bf16' | 'fp32';
+
+/** The precision 'auto' (or an explicit one) resolves to on this machine. */
+export function resolvePrecision(p: Precision | undefined): NativePrecision {
+  const v = p ?? 'fp32';
+  if (v !== 'auto' && v !== 'bf16' && v !== 'fp32') fail("'auto' | 'bf16' | 'fp32'", 'precision', v);
+  return v === 'auto' ? preferredPrecision().precision : v;
+}
+
+/** Which code ran: the precision, the fp32 ISA and the bf16 product path. */
+export interface CodePaths {
+  precision: NativePrecision;
+  isa: string;
+  bf16Path: string;
+}
+
 /** A LLaMA decoder with Hugging Face LlamaForCausalLM semantics, trained and run natively. */
 export class LlamaModel implements AsyncDisposable {
   private disposed = false;
   // Generation owns the native KV cache from its first token to its last, and a training step
   // invalidates it: both take turns through this chain (later callers wait, they never interleave).
   private cacheTurn: Promise<void> = Promise.resolve();
-  private info: { params: NativeParamInfo[]; numParams: number };
+  private info: { params: ParamInfo[]; numParams: number; precision: NativePrecision };
 
   private constructor(
     private cfg: LlamaConfig,
@@ -85,22 +108,31 @@ export class LlamaModel implements AsyncDisposable {
   get config(): LlamaConfig {
     return this.cfg;
   }
-  /** Parameter tensors in Hugging Face names and the native layout. */
-  get params(): readonly NativeParamInfo[] {
+  /** Parameter tensors: Hugging Face names, shapes and element counts, in Hugging Face order. */
+  get params(): readonly ParamInfo[] {
     return this.info.params;
   }
   get numParams(): number {
     return this.info.numParams;
   }
-
-  /** Bytes of activation memory one (batch, seqLen) training step needs besides weights and gradients. */
-  static activationBytes(config: LlamaConfig, batch: number, seqLen: number): number {
-    return nativeLlama().activationBytes(config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1));
+  /** The compute precision this model was created with ('auto' already resolved). */
+  get precision(): NativePrecision {
+    return this.info.precision;
+  }
+  /** The precision and the code paths its ops take now (for step events, reports, checkpoints). */
+  get codePaths(): CodePaths {
+    this.check();
+    return { precision: this.info.precision, ...this.native.paths() };
   }
 
-  private static make(config: LlamaConfig, tokenizer: Tokenizer | null): LlamaModel {
+  /** Bytes of activation memory one (batch, seqLen) training step needs besides weights and gradients. */
+  static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision): number {
+    return nativeLlama().activationBytes(config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1), resolvePrecision(precision));
+  }
+
+  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, precision?: Precision): LlamaModel {
     const Native = nativeLlama();
-    return new LlamaModel(config, new Native(config), tokenizer);
+    return new LlamaModel(config, new Native(config, resolvePrecision(precision)), tokenizer);
   }
 
   /**
@@ -109,18 +141,22 @@ export class LlamaModel implements AsyncDisposable {
    */
   static async create(
     config: LlamaConfig | Record<string, unknown>,
-    opts: { seed?: number; std?: number; tokenizer?: Tokenizer | null } = {},
+    opts: { seed?: number; std?: number; tokenizer?: Tokenizer | null; precision?: Precision } = {},
   ): Promise<LlamaModel> {
     const cfg = 'hiddenSize' in config ? (config as LlamaConfig) : parseHfConfig(config, 'config');
     const std = expectNumber(opts.std ?? 0.02, 'std', { min: 0 });
     const seed = expectInt(opts.seed ?? 0, 'seed', 0);
-    const m = LlamaModel.make(cfg, opts.tokenizer ?? null);
+    const m = LlamaModel.make(cfg, opts.tokenizer ?? null, opts.precision);
     await m.native.initNormal(seed, std);
     return m;
   }
 
-  /** Loads a Hugging Face model folder: config.json, model.safetensors or a sharded index, tokenizer files. */
-  static async fromPretrained(dir: string): Promise<LlamaModel> {
+  /**
+   * Loads a Hugging Face model folder: config.json, model.safetensors or a sharded index, tokenizer
+   * files. Weights are kept in fp32 whatever the precision (bf16 copies are derived from them).
+   */
+  static async fromPretrained(dir: string, opts: { precision?: Precision } = {}): Promise<LlamaModel> {
+    const precision = resolvePrecision(opts.precision);
     const cfgPath = join(dir, 'config.json');
     let raw: unknown;
     try {
@@ -146,7 +182,7 @@ export class LlamaModel implements AsyncDisposable {
       throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`);
     }
     const tokenizer = await loadTokenizer(dir);
-    const m = LlamaModel.make(cfg, tokenizer);
+    const m = LlamaModel.make(cfg, tokenizer, precision);
     try {
       const readers = new Map<string, SafetensorsReader>();
       try {
@@ -175,10 +211,11 @@ export class LlamaModel implements AsyncDisposable {
   }
 
   /** Imports a llama2.c checkpoint (.bin, version 0), permuting q/k rows into the HF RoPE layout. */
-  static async fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | null } = {}): Promise<LlamaModel> {
+  static async fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | null; precision?: Precision } = {}): Promise<LlamaModel> {
+    const precision = resolvePrecision(opts.precision);
     const r = await Llama2cReader.open(file);
     try {
-      const m = LlamaModel.make(r.config, opts.tokenizer ?? null);
+      const m = LlamaModel.make(r.config, opts.tokenizer ?? null, precision);
       try {
         for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
       } catch (e) {
@@ -201,10 +238,10 @@ export class LlamaModel implements AsyncDisposable {
   }
 
   private check(): void {
-    if (this.disposed) fail('a live model', 'model', 'a disposed model');
+    if (this.disposed) throw disposedError();
   }
 
-  private param(name: string): NativeParamInfo {
+  private param(name: string): ParamInfo {
     const p = this.params.find((q) => q.name === name);
     if (!p) fail('the name of a model parameter', 'name', name);
     return p;
@@ -401,7 +438,7 @@ export class LlamaModel implements AsyncDisposable {
     expectInt(vocabSize, 'vocabSize', V);
     if (vocabSize === V) return;
     const cfg = { ...this.cfg, vocabSize };
-    const next = new (nativeLlama())(cfg);
+    const next = new (nativeLlama())(cfg, this.precision);
     try {
       for (const p of this.params) {
         const w = await this.native.getTensor(p.name);
@@ -473,6 +510,11 @@ export class LlamaModel implements AsyncDisposable {
   }
 }
 
+/** The error of every call on a disposed model (the native side uses the same code and text). */
+function disposedError(): Error {
+  return Object.assign(new Error('lima-native: this model has been disposed'), { code: 'ERR_LIMA_DISPOSED' });
+}
+
 // A fine-tuning checkpoint whose weights the trainer's keep policy removed: say so and point at
 // the sibling checkpoints that still have weights.
 async function prunedMessage(dir: string): Promise<string> {
@@ -499,4 +541,4 @@ async function exists(p: string): Promise<boolean> {
   }
 }
 
-export { ConfigError };
+export { ConfigError, type ParamInfo };

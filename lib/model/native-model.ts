@@ -2,15 +2,17 @@
 import { loadAddon } from '../native.js';
 import type { LlamaConfig } from './config.js';
 
-/** One parameter tensor as the native model lays it out. */
-export interface NativeParamInfo {
+/** One parameter tensor of a model: Hugging Face name, shape and element count. */
+export interface ParamInfo {
   name: string;
   shape: number[];
-  offset: number;
   numel: number;
   /** false for norm gains, which get no weight decay */
   decay: boolean;
 }
+
+/** The dtype a native model computes in (products and their inputs; state stays fp32). */
+export type NativePrecision = 'fp32' | 'bf16';
 
 /** Residual dropout of one training micro-step. */
 export interface NativeDropout {
@@ -22,7 +24,9 @@ export interface NativeDropout {
 
 /** The native LlamaModel handle (csrc/binding/model.cc); every long call is a Promise. */
 export interface NativeLlama {
-  info(): { numParams: number; params: NativeParamInfo[] };
+  info(): { numParams: number; params: ParamInfo[]; precision: NativePrecision };
+  /** Code paths the model's ops take now: the fp32 ISA and the bf16 product path. */
+  paths(): { isa: string; bf16Path: string };
   setTensor(name: string, data: Float32Array): Promise<void>;
   getTensor(name: string): Promise<Float32Array>;
   getGrad(name: string): Promise<Float32Array>;
@@ -40,8 +44,8 @@ export interface NativeLlama {
 }
 
 interface NativeLlamaCtor {
-  new (config: LlamaConfig): NativeLlama;
-  activationBytes(config: LlamaConfig, batch: number, seqLen: number): number;
+  new (config: LlamaConfig, precision?: NativePrecision): NativeLlama;
+  activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision): number;
 }
 
 /** The constructor of native models (loads the addon on first use). */

@@ -13,7 +13,7 @@ import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promis
 import { basename, join, resolve } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers, type TrainDev } from '../data/index.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
-import { LlamaModel } from '../model/llama.js';
+import { LlamaModel, resolvePrecision, type CodePaths, type Precision } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
 import { writeAtomic, WriteError } from '../util/fs.js';
@@ -27,6 +27,11 @@ export const LIMA_DEFAULTS = LIMA;
 export interface FinetuneOptions {
   /** A loaded model, a Hugging Face folder or a llama2.c `.bin`. */
   model: LlamaModel | string;
+  /**
+   * Compute precision when `model` is a path (a loaded model keeps its own): 'fp32' (default),
+   * 'bf16' mixed precision, or 'auto' (bf16 where this CPU's bf16 products are faster).
+   */
+  precision?: Precision;
   /** Training JSONL (LIMA conversations, chat messages or pre-tokenized rows). */
   data: string;
   /** A dev JSONL file, or the number of training rows to hold out (LIMA: 50). */
@@ -106,6 +111,8 @@ export interface StepEvent {
   gradNorm?: number;
   tokensPerSecond: number;
   etaSeconds: number;
+  /** Which precision and code paths ran this step. */
+  codePaths: CodePaths;
 }
 /** End of an epoch: dev metrics and where the checkpoint went. */
 export interface EpochEvent {
@@ -152,6 +159,8 @@ export interface FinetuneResult {
   skippedRows: number;
   /** Epochs whose checkpoint holds model weights. */
   epochsWithWeights: number[];
+  /** The precision and code paths of the run (the last step's). */
+  codePaths: CodePaths;
 }
 
 /** A running fine-tune: iterate it for events; `result` settles when it ends. */
@@ -213,6 +222,8 @@ interface TrainerState {
   trainExamples: number;
   steps: StepPoint[];
   epochs: EpochReport[];
+  /** Precision and code paths of the last step saved (absent in checkpoints before bf16). */
+  codePaths?: CodePaths;
 }
 
 const STATE_FILE = 'trainer-state.json';
@@ -608,13 +619,23 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
   try {
     const from = out.resumeFrom;
     const resumed = from?.state ?? null;
+    const precision = resolvePrecision(o.precision);
     if (from) {
-      model = await LlamaModel.fromPretrained(from.dir);
+      // Bit-exact resume needs the precision the checkpoint was trained in (taken from it unless
+      // another one was asked for, which is refused).
+      const was = resumed?.codePaths?.precision ?? 'fp32';
+      if (o.precision !== undefined && o.precision !== 'auto' && was !== precision)
+        throw new FinetuneError('ERR_LIMA_RESUME_CHANGED', `${from.dir}: trained in ${was}; resume it with precision '${was}' (asked: ${precision})`);
+      model = await LlamaModel.fromPretrained(from.dir, { precision: was });
       ownModel = true;
     } else if (typeof o.model === 'string') {
-      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model) : await LlamaModel.fromPretrained(o.model);
+      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model, { precision }) : await LlamaModel.fromPretrained(o.model, { precision });
       ownModel = true;
-    } else model = o.model;
+    } else {
+      model = o.model;
+      if (o.precision !== undefined && o.precision !== 'auto' && model.precision !== precision)
+        fail(`precision '${model.precision}' (the loaded model's) or no precision`, 'precision', o.precision);
+    }
 
     const { data, maxLength } = await loadData(o, model);
     const stepsPerEpoch = Math.ceil(data.train.length / s.batchSize);
@@ -671,7 +692,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     emit({ type: 'done', aborted, steps: st.globalStep, lastCheckpoint: ctx.lastCheckpoint, report, epochsWithWeights });
     return {
       runId: st.runId, aborted, steps: st.globalStep, epochs: st.epochs, lastCheckpoint: ctx.lastCheckpoint, report,
-      skippedRows: data.skipped.train.length + data.skipped.dev.length, epochsWithWeights,
+      skippedRows: data.skipped.train.length + data.skipped.dev.length, epochsWithWeights, codePaths: st.codePaths ?? model.codePaths,
     };
   } finally {
     if (ownModel) await model?.dispose();
@@ -730,6 +751,7 @@ async function trainEpoch(ctx: Ctx, e: number): Promise<boolean> {
     if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) await diverged(ctx, e, b, !Number.isFinite(loss) ? `the loss is ${loss}` : `the gradient norm is ${gradNorm}`);
     const gradScale = s.gradClip !== undefined && gradNorm > s.gradClip ? s.gradClip / gradNorm : 1;
     await model.adamwStep({ lr: lrS, beta1: s.beta1, beta2: s.beta2, eps: s.eps, weightDecay: s.weightDecay, step: step + 1, gradScale });
+    st.codePaths = model.codePaths;
     st.globalStep++;
     st.batchInEpoch = b + 1;
     st.steps.push({ step: st.globalStep, loss });
@@ -739,7 +761,7 @@ async function trainEpoch(ctx: Ctx, e: number): Promise<boolean> {
     const mean = recent.reduce((a, x) => a + x, 0) / recent.length;
     ctx.emit({
       type: 'step', epoch: e + 1, step: st.globalStep, totalSteps, loss, lr: lrS, gradNorm,
-      tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep),
+      tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep), codePaths: st.codePaths,
     });
     if (s.every !== 'epoch' && st.globalStep % s.every === 0 && b + 1 < batches.length) {
       const path = await checkpoint(ctx, `step-${st.globalStep}`);
@@ -821,17 +843,18 @@ async function writeFileIn(dir: string, file: string, text: string): Promise<voi
 async function writeReport(ctx: Ctx): Promise<void> {
   const { st, s } = ctx;
   const weights = await weightEpochs(s.outDir, st.runId);
+  const cp = st.codePaths ?? ctx.model.codePaths;
   await writeAtomic(join(s.outDir, 'loss-curve.svg'), lossCurveSvg(st.steps, st.epochs, ctx.stepsPerEpoch));
   await writeAtomic(
     join(s.outDir, 'report.html'),
-    reportHtml(`lima-native fine-tune: ${s.outDir}`, st.steps, st.epochs, ctx.stepsPerEpoch, { epochsWithWeights: weights, hparams: { ...st.hparams }, changes: st.changes }),
+    reportHtml(`lima-native fine-tune: ${s.outDir} (${cp.precision}; bf16 path ${cp.bf16Path}, fp32 ${cp.isa})`, st.steps, st.epochs, ctx.stepsPerEpoch, { epochsWithWeights: weights, hparams: { ...st.hparams }, changes: st.changes }),
   );
 }
 
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
   const limit = budget ?? Math.min(8 * 2 ** 30, freemem() / 2);
   let m = batchSize;
-  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest) > limit) m = Math.ceil(m / 2);
+  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision) > limit) m = Math.ceil(m / 2);
   return m;
 }
 
