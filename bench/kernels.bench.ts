@@ -58,7 +58,7 @@ async function measure(fn: () => void): Promise<number> {
 // Ceilings first and last, so drift during the run shows up as a spread.
 const peak1a = k.measureFmaPeak(isa, 0.5);
 const bwA = k.measureStreamBandwidth(64 << 20, 10);
-const bf16PeakA = Object.fromEntries(bf16Paths.map((p) => [p, k.measureBf16Peak(p, 0.5)]));
+const bf16PeakA = Object.fromEntries(bf16Paths.map((p) => [p, k.measureBf16Peak(p as k.Bf16Path, 0.5)]));
 
 const gemmShapes: [string, number, number, number, boolean, boolean, number][] = [
   ['square', 1024, 1024, 1024, false, false, 0],
@@ -150,7 +150,7 @@ for (const [label, m, n, kk, transA, transB, beta] of bf16Shapes) {
 
 const peak1b = k.measureFmaPeak(isa, 0.5);
 const bwB = k.measureStreamBandwidth(64 << 20, 10);
-const bf16PeakB = Object.fromEntries(bf16Paths.map((p) => [p, k.measureBf16Peak(p, 0.5)]));
+const bf16PeakB = Object.fromEntries(bf16Paths.map((p) => [p, k.measureBf16Peak(p as k.Bf16Path, 0.5)]));
 const bf16Peak = (p: string) => Math.max(bf16PeakA[p] ?? 0, bf16PeakB[p] ?? 0);
 const peak1 = Math.max(peak1a, peak1b);
 const bw = Math.max(bwA, bwB);
