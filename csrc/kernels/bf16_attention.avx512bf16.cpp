@@ -128,6 +128,14 @@ static void transpose_to_bf16(bf16* dst, const float* src) {
     }
 }
 
+// dst[r][0:D] = src[r * ld + 0:D] for r < rows (D a multiple of 16).
+static void copy_rows(bf16* dst, const bf16* src, int64_t ld, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * D + d),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * ld + d)));
+}
+
 // Carves 64-byte aligned pieces out of the task's scratch.
 struct Carver {
   float* at;
@@ -153,17 +161,20 @@ void attention_forward_task(const AttnForward& a, int64_t b, int64_t h, int64_t 
   uint32_t* Kt = cv.take<uint32_t>(T * D / 2);
   uint32_t* Vp = cv.take<uint32_t>(T * D / 2);
   bf16* Pb = cv.take<bf16>(T * T / 2);
+  bf16* Qc = cv.take<bf16>(T * D / 2);
   float* m = cv.take<float>(T);
   float* l = cv.take<float>(T);
   std::memset(O, 0, sizeof(float) * qn * D);
   for (int64_t r = 0; r < qn; ++r) m[r] = -__builtin_inff(), l[r] = 0.0f;
+  // The tile's query rows, contiguous: H·D apart in place, they would fall into a few L1 sets.
+  copy_rows(Qc, q0, ldq, qn, D);
   const float c = kLog2e / __builtin_sqrtf(static_cast<float>(D));
   const __m512 vc = _mm512_set1_ps(c);
   const int64_t jend = imin(s.Tk, i0 + qn + off);  // keys seen by the tile's last row
   for (int64_t j0 = 0; j0 < jend; j0 += T) {
     const int64_t kn = imin(T, jend - j0), kn16 = round_up(kn, 16);
     pack_pairs_cols(Kt, kb + j0 * ldk, ldk, static_cast<int>(kn), D, D / 2, T);
-    tile_mm<false>(S, T, q0, ldq, Kt, T, static_cast<int>(qn), kn16, D / 2);
+    tile_mm<false>(S, T, Qc, D, Kt, T, static_cast<int>(qn), kn16, D / 2);
     for (int64_t r = 0; r < qn; ++r) {
       float* row = S + r * T;
       const int64_t lim = imin(kn, i0 + r + off + 1 - j0);  // visible keys of this row in the tile
@@ -179,8 +190,10 @@ void attention_forward_task(const AttnForward& a, int64_t b, int64_t h, int64_t 
                                   vc);
         mx = _mm512_max_ps(mx, x[v]);
       }
-      const float m_new = m[r] > _mm512_reduce_max_ps(mx) ? m[r] : _mm512_reduce_max_ps(mx);
-      const float alpha = m[r] == -__builtin_inff() ? 0.0f : __builtin_exp2f(m[r] - m_new);
+      const float tile_max = _mm512_reduce_max_ps(mx);
+      const float m_new = m[r] > tile_max ? m[r] : tile_max;
+      // exp2(-inf) is 0 (first tile); no libm call per row.
+      const float alpha = _mm512_cvtss_f32(vexp2(_mm512_set1_ps(m[r] - m_new)));
       __m512 sum = _mm512_setzero_ps();
       for (int v = 0; v < 4; ++v) {
         const __m512 p = vexp2(_mm512_sub_ps(x[v], _mm512_set1_ps(m_new)));
@@ -226,6 +239,8 @@ void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float*
   bf16* dS = cv.take<bf16>(T * T / 2);
   uint32_t* Qp = cv.take<uint32_t>(T * D / 2);  // pairs of queries, for dK
   uint32_t* dOp = cv.take<uint32_t>(T * D / 2);  // pairs of queries, for dV
+  bf16* Qc = cv.take<bf16>(T * D / 2);            // the query tile's rows, contiguous
+  bf16* dOc = cv.take<bf16>(T * D / 2);
   const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(D));
   const __m512 vc = _mm512_set1_ps(scale * kLog2e), vscale = _mm512_set1_ps(scale);
 
@@ -250,8 +265,10 @@ void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float*
       const float* di = a.di + (b * s.H + h) * s.Tq;
       for (int64_t i0 = ifirst; i0 < s.Tq; i0 += T) {
         const int64_t qn = imin(T, s.Tq - i0), q2 = (qn + 1) / 2;
-        tile_mm<false>(P, T, qh + i0 * ldq, ldq, Kt, T, static_cast<int>(qn), kn16, D / 2);
-        tile_mm<false>(dP, T, doh + i0 * ldq, ldq, Vt, T, static_cast<int>(qn), kn16, D / 2);
+        copy_rows(Qc, qh + i0 * ldq, ldq, qn, D);
+        copy_rows(dOc, doh + i0 * ldq, ldq, qn, D);
+        tile_mm<false>(P, T, Qc, D, Kt, T, static_cast<int>(qn), kn16, D / 2);
+        tile_mm<false>(dP, T, dOc, D, Vt, T, static_cast<int>(qn), kn16, D / 2);
         for (int64_t r = 0; r < T; ++r) {
           float* prow = P + r * T;
           float* dsrow = dP + r * T;  // dS overwrites dP
@@ -277,8 +294,8 @@ void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float*
         }
         transpose_to_bf16(Pt, P);
         transpose_to_bf16(dSt, dP);
-        pack_pairs_rows(Qp, qh + i0 * ldq, ldq, static_cast<int>(D), qn, q2, static_cast<int>(D));
-        pack_pairs_rows(dOp, doh + i0 * ldq, ldq, static_cast<int>(D), qn, q2, static_cast<int>(D));
+        pack_pairs_rows(Qp, Qc, D, static_cast<int>(D), qn, q2, static_cast<int>(D));
+        pack_pairs_rows(dOp, dOc, D, static_cast<int>(D), qn, q2, static_cast<int>(D));
         tile_mm<true>(dV, D, Pt, T, dOp, D, static_cast<int>(kn), D, q2);
         tile_mm<true>(dK, D, dSt, T, Qp, D, static_cast<int>(kn), D, q2);
         tile_mm<true>(dqh + i0 * ldq, ldq, dS, T, Kp, D, static_cast<int>(qn), D, (kn + 1) / 2);

@@ -160,13 +160,13 @@ GemmOps gemm_ops() { return {MR, NR, KT, KC, MC, NC, pack_a, pack_b, compute}; }
 
 // Four independent accumulator tiles (tdpbf16ps latency is about four times its issue interval).
 double tile_loop(int64_t iters, float* sink) {
-  alignas(64) static const bf16 ones[16 * 32] = {};
+  alignas(64) static const bf16 zeros[16 * 32] = {};
   alignas(64) float out[16 * 16];
   configure_tiles();
-  _tile_loadd(4, ones, 64);
-  _tile_loadd(5, ones, 64);
-  _tile_loadd(6, ones, 64);
-  _tile_loadd(7, ones, 64);
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  _tile_loadd(7, zeros, 64);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
