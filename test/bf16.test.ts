@@ -352,6 +352,7 @@ const attnCases: ADims[] = [
   { batch: 1, seqLen: 7, kvSeqLen: 33, heads: 2, kvHeads: 1, headDim: 64 },
   { batch: 2, seqLen: 33, kvSeqLen: 129, heads: 4, kvHeads: 4, headDim: 48 },
   { batch: 1, seqLen: 1, kvSeqLen: 129, heads: 4, kvHeads: 2, headDim: 32 },
+  { batch: 1, seqLen: 70, kvSeqLen: 70, heads: 2, kvHeads: 1, headDim: 256 },
 ];
 
 describe.each(paths)('attention bf16 on %s', (path) => {
