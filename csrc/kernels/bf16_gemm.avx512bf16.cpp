@@ -75,6 +75,23 @@ static inline void micro_kernel(int64_t kc2, const uint32_t* __restrict a, const
 
 static void pack_a(uint32_t* dst, const Problem& p, int64_t i0, int64_t rows, int64_t k0, int64_t kc) {
   const int64_t kc2 = (kc + 1) / 2;
+  if (p.trans_a) {
+    // A stored [K, M]: walk each pair of source rows once across all panels (one sequential
+    // stream; panel by panel it would touch a new page per k for every panel, e.g. the LM head's
+    // dW with M = vocab).
+    const int64_t panels = (rows + MR - 1) / MR;
+    for (int64_t q = 0; q < kc2; ++q) {
+      const bf16* r0 = p.A + (k0 + 2 * q) * p.lda + i0;
+      const bf16* r1 = 2 * q + 1 < kc ? r0 + p.lda : nullptr;
+      for (int64_t c = 0; c < panels; ++c) {
+        const int64_t left = rows - c * MR;
+        const int n = static_cast<int>(left < MR ? left : MR);
+        _mm512_mask_storeu_epi32(dst + c * MR * kc2 + q * MR, mask16(MR),
+                                 interleave_rows(r0 + c * MR, r1 ? r1 + c * MR : nullptr, n));
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; r += MR) {
     const int m = static_cast<int>(rows - r < MR ? rows - r : MR);
     uint32_t* d = dst + r * kc2;
