@@ -147,77 +147,109 @@ struct Carver {
   }
 };
 
+// Forward in transposed form, so the softmax statistics are vertical vector operations (queries
+// in lanes, no horizontal reductions per row):
+//   Sᵀ[key][query] = K · Qᵀ      (K rows read in place; Qᵀ packed once per task, pairs along d)
+//   Oᵀ[d][query]  += Vᵀ · Pᵀ     (Vᵀ: the value tile transposed, pairs of keys; Pᵀ packed as
+//                                 pairs of keys straight from the exponentials)
+// and Oᵀ is transposed back into the output rows at the end.
 void attention_forward_task(const AttnForward& a, int64_t b, int64_t h, int64_t qtile, float* scratch) {
   const bf16_detail::AttnShape& s = a.s;
   const int64_t D = s.D, G = s.H / s.KV, g = h / G, off = s.Tk - s.Tq;
   const int64_t ldq = s.H * D, ldk = s.KV * D;
-  const int64_t i0 = qtile * T, qn = imin(T, s.Tq - i0);
+  const int64_t i0 = qtile * T, qn = imin(T, s.Tq - i0), qn16 = round_up(qn, 16), nv = qn16 / 16;
   const bf16* q0 = a.q + ((b * s.Tq + i0) * s.H + h) * D;
   const bf16* kb = a.k + (b * s.Tk * s.KV + g) * D;
   const bf16* vb = a.v + (b * s.Tk * s.KV + g) * D;
   Carver cv{scratch};
-  float* O = cv.take<float>(T * D);
-  float* S = cv.take<float>(T * T);
-  uint32_t* Kt = cv.take<uint32_t>(T * D / 2);
-  uint32_t* Vp = cv.take<uint32_t>(T * D / 2);
-  bf16* Pb = cv.take<bf16>(T * T / 2);
-  bf16* Qc = cv.take<bf16>(T * D / 2);
-  float* m = cv.take<float>(T);
-  float* l = cv.take<float>(T);
-  std::memset(O, 0, sizeof(float) * qn * D);
-  for (int64_t r = 0; r < qn; ++r) m[r] = -__builtin_inff(), l[r] = 0.0f;
-  // The tile's query rows, contiguous: H·D apart in place, they would fall into a few L1 sets.
-  copy_rows(Qc, q0, ldq, qn, D);
+  float* OT = cv.take<float>(T * D);            // Oᵀ [D][64]
+  float* St = cv.take<float>(T * T);            // Sᵀ [64 keys][64 queries]
+  uint32_t* Qp = cv.take<uint32_t>(T * D / 2);  // [D/2][64] pairs along d
+  uint32_t* Vw = cv.take<uint32_t>(T * D / 2);  // [32][D] pairs of keys
+  uint32_t* Vt = cv.take<uint32_t>(T * D / 2);  // [D][32] = Vᵀ bf16 [D][64]
+  uint32_t* Pw = cv.take<uint32_t>(T * T / 2);  // [32][64] pairs of keys
+  std::memset(OT, 0, sizeof(float) * T * D);
+  pack_pairs_cols(Qp, q0, ldq, static_cast<int>(qn), D, D / 2, T);
   const float c = kLog2e / __builtin_sqrtf(static_cast<float>(D));
-  const __m512 vc = _mm512_set1_ps(c);
+  const __m512 vc = _mm512_set1_ps(c), ninf = _mm512_set1_ps(-__builtin_inff());
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 m[4], l[4];
+  for (int v = 0; v < 4; ++v) m[v] = ninf, l[v] = _mm512_setzero_ps();
   const int64_t jend = imin(s.Tk, i0 + qn + off);  // keys seen by the tile's last row
   for (int64_t j0 = 0; j0 < jend; j0 += T) {
-    const int64_t kn = imin(T, jend - j0), kn16 = round_up(kn, 16);
-    pack_pairs_cols(Kt, kb + j0 * ldk, ldk, static_cast<int>(kn), D, D / 2, T);
-    tile_mm<false>(S, T, Qc, D, Kt, T, static_cast<int>(qn), kn16, D / 2);
-    for (int64_t r = 0; r < qn; ++r) {
-      float* row = S + r * T;
-      const int64_t lim = imin(kn, i0 + r + off + 1 - j0);  // visible keys of this row in the tile
-      bf16* prow = Pb + r * T;
-      if (lim <= 0) {
-        std::memset(prow, 0, sizeof(bf16) * T);
-        continue;
-      }
-      __m512 x[4];
-      __m512 mx = _mm512_set1_ps(-__builtin_inff());
-      for (int v = 0; v < 4; ++v) {
-        x[v] = _mm512_mask_mul_ps(_mm512_set1_ps(-__builtin_inff()), mask16(lim - 16 * v), _mm512_loadu_ps(row + 16 * v),
-                                  vc);
-        mx = _mm512_max_ps(mx, x[v]);
-      }
-      const float tile_max = _mm512_reduce_max_ps(mx);
-      const float m_new = m[r] > tile_max ? m[r] : tile_max;
-      // exp2(-inf) is 0 (first tile); no libm call per row.
-      const float alpha = _mm512_cvtss_f32(vexp2(_mm512_set1_ps(m[r] - m_new)));
-      __m512 sum = _mm512_setzero_ps();
-      for (int v = 0; v < 4; ++v) {
-        const __m512 p = vexp2(_mm512_sub_ps(x[v], _mm512_set1_ps(m_new)));
-        sum = _mm512_add_ps(sum, p);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + 16 * v), to_bf16_16(p));
-      }
-      l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
-      m[r] = m_new;
-      if (alpha != 1.0f) {
-        float* o = O + r * D;
-        const __m512 va = _mm512_set1_ps(alpha);
-        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(va, _mm512_loadu_ps(o + d)));
+    const int64_t kn = imin(T, jend - j0), kn2 = (kn + 1) / 2;
+    tile_mm<false>(St, T, kb + j0 * ldk, ldk, Qp, T, static_cast<int>(kn), qn16, D / 2);
+    // Scale and mask: query i sees key j when i >= j - (i0 + off) (and i < qn).
+    __m512 mx[4] = {ninf, ninf, ninf, ninf};
+    for (int64_t j = 0; j < kn; ++j) {
+      const int64_t first = j0 + j - i0 - off;  // first query (tile-relative) that sees key j
+      for (int v = 0; v < nv; ++v) {
+        const __mmask16 ok = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32(static_cast<int>(imax(-1, first - 16 * v)))) &
+                             mask16(qn - 16 * v);
+        const __m512 x = _mm512_mask_mul_ps(ninf, ok, _mm512_loadu_ps(St + j * T + 16 * v), vc);
+        _mm512_storeu_ps(St + j * T + 16 * v, x);
+        mx[v] = _mm512_max_ps(mx[v], x);
       }
     }
-    pack_pairs_rows(Vp, vb + j0 * ldk, ldk, static_cast<int>(D), kn, (kn + 1) / 2, static_cast<int>(D));
-    tile_mm<true>(O, D, Pb, T, Vp, D, static_cast<int>(qn), D, (kn + 1) / 2);
+    __m512 m_new[4], alpha[4];
+    for (int v = 0; v < nv; ++v) {
+      m_new[v] = _mm512_max_ps(m[v], mx[v]);
+      alpha[v] = vexp2(_mm512_sub_ps(m[v], m_new[v]));  // 0 for -inf - x and for NaN lanes
+      l[v] = _mm512_mul_ps(l[v], alpha[v]);
+      m[v] = m_new[v];
+    }
+    // P = 2^(x - m), column sums into l, and pairs of keys packed as words of bf16.
+    for (int64_t p = 0; p < kn2; ++p) {
+      const int64_t j = 2 * p;
+      for (int v = 0; v < nv; ++v) {
+        const __m512 p0 = vexp2(_mm512_sub_ps(_mm512_loadu_ps(St + j * T + 16 * v), m_new[v]));
+        const __m512 p1 = j + 1 < kn ? vexp2(_mm512_sub_ps(_mm512_loadu_ps(St + (j + 1) * T + 16 * v), m_new[v]))
+                                     : _mm512_setzero_ps();
+        l[v] = _mm512_add_ps(l[v], _mm512_add_ps(p0, p1));
+        const __m512i w0 = _mm512_cvtepu16_epi32(to_bf16_16(p0)), w1 = _mm512_cvtepu16_epi32(to_bf16_16(p1));
+        _mm512_storeu_si512(Pw + p * T + 16 * v, _mm512_or_si512(w0, _mm512_slli_epi32(w1, 16)));
+      }
+    }
+    for (int64_t d = 0; d < D; ++d)
+      for (int v = 0; v < nv; ++v) _mm512_storeu_ps(OT + d * T + 16 * v, _mm512_mul_ps(alpha[v], _mm512_loadu_ps(OT + d * T + 16 * v)));
+    // Vᵀ: pairs of keys per column d, then 16 x 16 word transposes into rows of d.
+    pack_pairs_rows(Vw, vb + j0 * ldk, ldk, static_cast<int>(D), kn, 32, static_cast<int>(D));
+    for (int64_t pb = 0; pb < 32; pb += 16)
+      for (int64_t db = 0; db < D; db += 16) {
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(Vw + (pb + i) * D + db);
+        transpose16_words(r);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(Vt + (db + i) * 32 + pb, r[i]);
+      }
+    tile_mm<true>(OT, T, reinterpret_cast<const bf16*>(Vt), T, Pw, T, static_cast<int>(D), qn16, kn2);
   }
-  for (int64_t r = 0; r < qn; ++r) {
-    // Every row sees key 0, so l > 0.
-    const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-    float* dst = a.out + ((b * s.Tq + i0 + r) * s.H + h) * D;
-    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(inv, _mm512_loadu_ps(O + r * D + d)));
-    a.lse[(b * s.H + h) * s.Tq + i0 + r] = (m[r] + __builtin_log2f(l[r])) * kLn2;
+  // out rows = columns of Oᵀ / l; lse = (m + log2 l) ln 2. Every row sees key 0, so l > 0.
+  alignas(64) float inv[T], lse[T];
+  for (int v = 0; v < nv; ++v) {
+    _mm512_store_ps(inv + 16 * v, _mm512_div_ps(_mm512_set1_ps(1.0f), l[v]));
+    // log2 l = exponent + log2(mantissa), mantissa in [1, 2).
+    const __m512 e = _mm512_getexp_ps(l[v]);
+    const __m512 f = _mm512_getmant_ps(l[v], _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+    alignas(64) float fm[16], lg[16];
+    _mm512_store_ps(fm, f);
+    for (int i = 0; i < 16; ++i) lg[i] = __builtin_log2f(fm[i]);
+    _mm512_store_ps(lse + 16 * v,
+                    _mm512_mul_ps(_mm512_add_ps(m[v], _mm512_add_ps(e, _mm512_load_ps(lg))), _mm512_set1_ps(kLn2)));
   }
+  for (int64_t r = 0; r < qn; ++r) a.lse[(b * s.H + h) * s.Tq + i0 + r] = lse[r];
+  for (int64_t ib = 0; ib < qn; ib += 16)
+    for (int64_t db = 0; db < D; db += 16) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(OT + (db + i) * T + ib));
+      transpose16_words(r);
+      for (int64_t i = 0; i < 16 && ib + i < qn; ++i) {
+        float* dst = a.out + ((b * s.Tq + i0 + ib + i) * s.H + h) * D + db;
+        _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_set1_ps(inv[ib + i]), _mm512_castsi512_ps(r[i])));
+      }
+    }
 }
 
 void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float* scratch) {

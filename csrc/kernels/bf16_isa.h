@@ -64,8 +64,7 @@ struct AttnBackward {
 
 // Floats of per-thread scratch one attention task needs (64-byte aligned base).
 static inline int64_t attn_forward_scratch_floats(int64_t D) {
-  return kAttnTileQ * D + kAttnTileQ * kAttnTileK + kAttnTileK * D + kAttnTileQ * kAttnTileK / 2 + kAttnTileQ * D / 2 +
-         4 * kAttnTileQ + 8 * 16;
+  return kAttnTileQ * D + kAttnTileQ * kAttnTileK + 3 * kAttnTileK * D / 2 + kAttnTileQ * kAttnTileK / 2 + 8 * 16;
 }
 static inline int64_t attn_backward_scratch_floats(int64_t D) {
   return 3 * kAttnTileK * D / 2 + 2 * kAttnTileK * D + 2 * kAttnTileQ * kAttnTileK + 3 * kAttnTileQ * kAttnTileK / 2 +
