@@ -340,7 +340,7 @@ void attention_backward_bf16(const CpuContext& ctx, float* dq, float* dk, float*
     }
   });
   const bf16_detail::AttnBackward a{dq, dk, dv, dout, q, k, v, lse, di, {d.B, d.Tq, d.Tk, d.H, d.KV, D}};
-  const int64_t per_thread = round_up(bf16_detail::attn_backward_scratch_floats(D), 16);
+  const int64_t per_thread = round_up(bf16_detail::attn_backward_scratch_floats(D, d.H / d.KV, d.Tq), 16);
   float* const buf = attention_scratch(per_thread * ctx.pool->size());
   // One task per (batch, kv head): it owns that head's dk/dv rows and the dq rows of its query
   // heads, so no two tasks write the same memory and the result does not depend on scheduling.

@@ -276,8 +276,10 @@ void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float*
   const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(D));
   const __m512 vc = _mm512_set1_ps(scale * kLog2e), vscale = _mm512_set1_ps(scale);
 
-  for (int64_t h = g * G; h < (g + 1) * G; ++h)
-    for (int64_t i = 0; i < s.Tq; ++i) std::memset(a.dq + ((b * s.Tq + i) * s.H + h) * D, 0, sizeof(float) * D);
+  // dq of the group's heads accumulates head-major and contiguous ([G][Tq][D], the scratch's
+  // tail): in place its rows are H·D apart and fall into a few L1 sets.
+  float* const dqc = cv.take<float>(G * s.Tq * D);
+  std::memset(dqc, 0, sizeof(float) * G * s.Tq * D);
 
   for (int64_t j0 = 0; j0 < s.Tk; j0 += T) {
     const int64_t kn = imin(T, s.Tk - j0), kn16 = round_up(kn, 16);
@@ -292,7 +294,7 @@ void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float*
     for (int64_t h = g * G; h < (g + 1) * G && ifirst < s.Tq; ++h) {
       const bf16* qh = a.q + (b * s.Tq * s.H + h) * D;
       const bf16* doh = a.dout + (b * s.Tq * s.H + h) * D;
-      float* dqh = a.dq + (b * s.Tq * s.H + h) * D;
+      float* dqh = dqc + (h - g * G) * s.Tq * D;
       const float* lse = a.lse + (b * s.H + h) * s.Tq;
       const float* di = a.di + (b * s.H + h) * s.Tq;
       for (int64_t i0 = ifirst; i0 < s.Tq; i0 += T) {
@@ -330,7 +332,7 @@ void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float*
         pack_pairs_rows(dOp, dOc, D, static_cast<int>(D), qn, q2, static_cast<int>(D));
         tile_mm<true>(dV, D, Pt, T, dOp, D, static_cast<int>(kn), D, q2);
         tile_mm<true>(dK, D, dSt, T, Qp, D, static_cast<int>(kn), D, q2);
-        tile_mm<true>(dqh + i0 * ldq, ldq, dS, T, Kp, D, static_cast<int>(qn), D, (kn + 1) / 2);
+        tile_mm<true>(dqh + i0 * D, D, dS, T, Kp, D, static_cast<int>(qn), D, (kn + 1) / 2);
       }
     }
     for (int64_t j = 0; j < kn; ++j) {
@@ -338,6 +340,9 @@ void attention_backward_task(const AttnBackward& a, int64_t b, int64_t g, float*
       std::memcpy(a.dv + ((b * s.Tk + j0 + j) * s.KV + g) * D, dV + j * D, sizeof(float) * D);
     }
   }
+  for (int64_t hl = 0; hl < G; ++hl)
+    for (int64_t i = 0; i < s.Tq; ++i)
+      std::memcpy(a.dq + ((b * s.Tq + i) * s.H + g * G + hl) * D, dqc + (hl * s.Tq + i) * D, sizeof(float) * D);
 }
 
 }  // namespace lima::avx512bf16

@@ -62,13 +62,14 @@ struct AttnBackward {
   AttnShape s;
 };
 
-// Floats of per-thread scratch one attention task needs (64-byte aligned base).
+// Floats of per-thread scratch one attention task needs (64-byte aligned base); the backward's
+// also holds the dq rows of one kv head's query heads (G = H / KV of them, Tq rows each).
 static inline int64_t attn_forward_scratch_floats(int64_t D) {
   return kAttnTileQ * D + kAttnTileQ * kAttnTileK + 3 * kAttnTileK * D / 2 + kAttnTileQ * kAttnTileK / 2 + 8 * 16;
 }
-static inline int64_t attn_backward_scratch_floats(int64_t D) {
+static inline int64_t attn_backward_scratch_floats(int64_t D, int64_t G, int64_t Tq) {
   return 3 * kAttnTileK * D / 2 + 2 * kAttnTileK * D + 2 * kAttnTileQ * kAttnTileK + 3 * kAttnTileQ * kAttnTileK / 2 +
-         2 * kAttnTileQ * D + 14 * 16;
+         2 * kAttnTileQ * D + G * Tq * D + 15 * 16;
 }
 
 }  // namespace bf16_detail
