@@ -232,6 +232,23 @@ describe.each(paths)('gemmBf16 on %s', (path) => {
       }
   });
 
+  it('gives bit-identical results for any thread count (K is never split between threads)', () => {
+    const c: Case = { m: 300, n: 700, k: 1100, transB: true };
+    const d = dimsOf(c);
+    const A = toBits(randn(d.aRows * d.lda, 11)), B = toBits(randn(d.bRows * d.ldb, 12));
+    const threads = kernels.numThreads();
+    try {
+      const runs = [1, 3, 2].map((n) => {
+        kernels.setNumThreads(n);
+        return Array.from(withPath(path, () => kernels.gemmBf16(A, B, c)));
+      });
+      expect(runs[1]).toEqual(runs[0]);
+      expect(runs[2]).toEqual(runs[0]);
+    } finally {
+      kernels.setNumThreads(threads);
+    }
+  });
+
   it('K = 0 leaves beta·C; beta = 0 ignores NaN in C; empty shapes are no-ops', () => {
     withPath(path, () => {
       const out = new Float32Array([1, 2, 3, 4]);
