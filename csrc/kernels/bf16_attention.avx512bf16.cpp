@@ -1,10 +1,10 @@
 // Flash attention with bf16 q/k/v/dout on vdpbf16ps: every tile product is one register-blocked
-// kernel C (+)= A·B with A bf16 rows read in place (pairs adjacent in the reduced dimension are
-// one broadcast word) and B packed as pair-interleaved words:
-//   forward   S  = Q · Kᵀ    (Kᵀ packed: pairs along d)      O += P · V   (V packed: pairs of keys)
-//   backward  S  = Q · Kᵀ, dP = dO · Vᵀ                       dV += Pᵀ · dO, dK += dSᵀ · Q (pairs
-//             of queries), dQ += dS · K (pairs of keys)
-// (Transposes of P and dS go through 16 x 16 register transposes.)
+// kernel C (+)= A·B with A bf16 rows (pairs adjacent in the reduced dimension are one broadcast
+// word) and B packed as pair-interleaved words:
+//   forward   Sᵀ = K · Qᵀ, Oᵀ += Vᵀ · Pᵀ   (transposed: queries in lanes, see the forward task)
+//   backward  S  = Q · Kᵀ, dP = dO · Vᵀ    (Kᵀ, Vᵀ packed: pairs along d)
+//             dV += Pᵀ · dO, dK += dSᵀ · Q (pairs of queries), dQ += dS · K (pairs of keys)
+// (Pᵀ and dSᵀ go through 16 x 16 register transposes.)
 // Softmax, its statistics and every accumulator are fp32; P and dS are rounded to bf16 only as
 // operands of the second products (as FlashAttention does). Scores are kept in the log2 domain
 // (c = scale·log2 e) so the exponentials are exp2.
