@@ -3,6 +3,9 @@
   #   csrc/kernels/**/*.cpp           portable code, built for the x86-64-v2 baseline (runs anywhere)
   #   csrc/kernels/**/*.avx2.cpp      built with AVX2+FMA, called only after a run-time CPU check
   #   csrc/kernels/**/*.avx512.cpp    built with AVX-512 F/BW/DQ/VL, same rule
+  #   csrc/kernels/**/*.avx512bf16.cpp  AVX-512 plus AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), same rule
+  #   csrc/kernels/**/*.amx.cpp       AVX512-BF16 plus AMX-TILE/AMX-BF16; called only once the CPU
+  #                                   has AMX and the kernel granted the tile state (cpu_features.cpp)
   # ISA translation units must keep every helper `static` or in their ISA namespace so that no
   # inline function compiled with wide instructions can be picked by the linker for baseline code.
   "variables": {
@@ -35,8 +38,24 @@
       }]]
     },
     {
+      "target_name": "lima_isa_avx512bf16",
+      "type": "static_library",
+      "conditions": [["target_arch=='x64'", {
+        "sources": ["<!@(node scripts/gyp-helper.mjs sources avx512bf16)"],
+        "cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"]
+      }]]
+    },
+    {
+      "target_name": "lima_isa_amx",
+      "type": "static_library",
+      "conditions": [["target_arch=='x64'", {
+        "sources": ["<!@(node scripts/gyp-helper.mjs sources amx)"],
+        "cflags_cc": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+      }]]
+    },
+    {
       "target_name": "lima",
-      "dependencies": ["lima_isa_avx2", "lima_isa_avx512"],
+      "dependencies": ["lima_isa_avx2", "lima_isa_avx512", "lima_isa_avx512bf16", "lima_isa_amx"],
       "sources": ["<!@(node scripts/gyp-helper.mjs sources base)"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

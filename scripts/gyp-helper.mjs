@@ -1,5 +1,6 @@
 // Called by binding.gyp at configure time so that adding a kernel file needs no edit of the gyp file.
-//   node scripts/gyp-helper.mjs sources base|avx2|avx512   -> source files of that kind, one per line
+//   node scripts/gyp-helper.mjs sources base|avx2|avx512|avx512bf16|amx
+//                                                           -> source files of that kind, one per line
 //   node scripts/gyp-helper.mjs cflags                      -> extra flags (opt-in -march=native)
 import { readdirSync } from 'node:fs';
 import { join, relative } from 'node:path';
@@ -21,7 +22,10 @@ function walk(dir) {
 
 const [cmd, kind] = process.argv.slice(2);
 if (cmd === 'sources') {
-  const isa = (f) => (/\.avx512\.cpp$/.test(f) ? 'avx512' : /\.avx2\.cpp$/.test(f) ? 'avx2' : 'base');
+  const isa = (f) => {
+    const m = /\.(avx2|avx512|avx512bf16|amx)\.cpp$/.exec(f);
+    return m ? m[1] : 'base';
+  };
   const files = walk(join(root, 'csrc'))
     .filter((f) => isa(f) === kind)
     .map((f) => relative(root, f).split('\\').join('/'))
@@ -31,6 +35,6 @@ if (cmd === 'sources') {
   const v = process.env.LIMA_MARCH_NATIVE;
   process.stdout.write(v && v !== '0' ? '-march=native -mtune=native' : '');
 } else {
-  console.error('usage: gyp-helper.mjs sources base|avx2|avx512 | cflags');
+  console.error('usage: gyp-helper.mjs sources base|avx2|avx512|avx512bf16|amx | cflags');
   process.exit(2);
 }

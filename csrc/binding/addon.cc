@@ -12,6 +12,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   register_optim(env, exports);
   register_layers(env, exports);
   register_model(env, exports);
+  register_bf16(env, exports);
   return exports;
 }
 }  // namespace

@@ -1,4 +1,4 @@
-// Process-wide settings: code paths (fp32 ISA, bf16 product path) and thread count, plus the roofline probes for benches.
+// Process-wide settings: code paths (fp32 ISA, bf16 path) and thread count, plus the roofline probes for benches.
 #include "binding/util.h"
 #include "kernels/cpu_features.h"
 #include "kernels/roofline.h"
@@ -37,14 +37,13 @@ Napi::Value SupportedIsas(const Napi::CallbackInfo& info) {
   return a;
 }
 
-// ---- bf16 product paths (AMX, AVX512-BF16, portable), chosen apart from the fp32 ISA.
 Bf16Path parse_bf16_path(const Napi::CallbackInfo& info, size_t i) {
   Napi::Value v = info[i];
   const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
   if (s == "amx") return Bf16Path::Amx;
   if (s == "avx512bf16") return Bf16Path::Avx512Bf16;
   if (s == "portable") return Bf16Path::Portable;
-  throw_type(info.Env(), "'amx' | 'avx512bf16' | 'portable'", "bf16Path", v.IsString() ? "'" + s + "'" : describe(v));
+  throw_type(info.Env(), "'amx' | 'avx512bf16' | 'portable'", "path", v.IsString() ? "'" + s + "'" : describe(v));
 }
 
 Napi::Value GetBf16Path(const Napi::CallbackInfo& info) {
@@ -52,19 +51,31 @@ Napi::Value GetBf16Path(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SetBf16Path(const Napi::CallbackInfo& info) {
-  const Bf16Path p = parse_bf16_path(info, 0);
-  if (!set_active_bf16_path(p))
-    throw_range(info.Env(), std::string("a bf16 path this CPU supports (best: ") + bf16_path_name(detected_bf16_path()) + ")",
-                "bf16Path", std::string("'") + bf16_path_name(p) + "'");
+  const Bf16Path path = parse_bf16_path(info, 0);
+  if (!set_active_bf16_path(path))
+    throw_range(info.Env(),
+                std::string("a bf16 path this CPU supports (best: ") + bf16_path_name(detected_bf16_path()) + "; " +
+                    bf16_path_note() + ")",
+                "path", std::string("'") + bf16_path_name(path) + "'");
   return info.Env().Undefined();
 }
 
-Napi::Value Bf16Paths(const Napi::CallbackInfo& info) {
+Napi::Value SupportedBf16Paths(const Napi::CallbackInfo& info) {
   Napi::Array a = Napi::Array::New(info.Env());
   uint32_t n = 0;
   for (Bf16Path p : {Bf16Path::Amx, Bf16Path::Avx512Bf16, Bf16Path::Portable})
-    if (static_cast<int>(p) <= static_cast<int>(detected_bf16_path())) a.Set(n++, Napi::String::New(info.Env(), bf16_path_name(p)));
+    if (static_cast<int>(p) <= static_cast<int>(detected_bf16_path()))
+      a.Set(n++, Napi::String::New(info.Env(), bf16_path_name(p)));
   return a;
+}
+
+Napi::Value Bf16PathNote(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), bf16_path_note());
+}
+
+Napi::Value Bf16Peak(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(),
+                           measure_bf16_peak_gflops(parse_bf16_path(info, 0), num(info, 1, "seconds")));
 }
 
 // Whether bf16 products beat the fp32 FMA path on this CPU: AMX tiles always do; vdpbf16ps does
@@ -115,7 +126,9 @@ void register_system(Napi::Env env, Napi::Object exports) {
   export_fn<SupportedIsas>(env, exports, "supportedIsas");
   export_fn<GetBf16Path>(env, exports, "bf16Path");
   export_fn<SetBf16Path>(env, exports, "setBf16Path");
-  export_fn<Bf16Paths>(env, exports, "bf16Paths");
+  export_fn<SupportedBf16Paths>(env, exports, "bf16Paths");
+  export_fn<Bf16PathNote>(env, exports, "bf16PathNote");
+  export_fn<Bf16Peak>(env, exports, "measureBf16Peak");
   export_fn<PreferredPrecision>(env, exports, "preferredPrecision");
   export_fn<SetNumThreads>(env, exports, "setNumThreads");
   export_fn<NumThreads>(env, exports, "numThreads");

@@ -152,5 +152,6 @@ void register_attention(Napi::Env env, Napi::Object exports);
 void register_optim(Napi::Env env, Napi::Object exports);
 void register_layers(Napi::Env env, Napi::Object exports);
 void register_model(Napi::Env env, Napi::Object exports);
+void register_bf16(Napi::Env env, Napi::Object exports);
 
 }  // namespace lima::binding

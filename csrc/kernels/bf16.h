@@ -5,6 +5,12 @@
 // Each op dispatches on ctx.bf16 (Bf16Path): AMX tiles, AVX512-BF16 (vdpbf16ps), or the portable
 // path that widens the operands to fp32 and runs the fp32 kernel. Shapes and letters are those of
 // the fp32 twins in gemm.h and attention.h.
+//   GEMM        Amx: 32 x 32 blocks of four tiles (bf16_gemm.amx.cpp); Avx512Bf16: 14 x 32
+//               register tiles (bf16_gemm.avx512bf16.cpp); both on the blocked, threaded driver
+//               in bf16.cpp.
+//   attention   Avx512Bf16 tile code for head dims that are multiples of 16 up to 256, also on
+//               AMX machines (no AMX attention yet); other head dims take the portable path.
+//   conversions vcvtne2ps2bf16 on both vector paths (bit-identical to f32_to_bf16).
 #pragma once
 
 #include "core/dtype.h"
@@ -38,6 +44,8 @@ void linear_backward_bf16(const CpuContext& ctx, float* dx, float* dW, const bf1
 void attention_forward_bf16(const CpuContext& ctx, float* out, float* lse, const bf16* q,
                             const bf16* k, const bf16* v, const AttentionDims& dims);
 // out: the fp32 output of attention_forward_bf16 (its row sums with dout give the softmax term).
+// On the vector path one task per (batch, kv head) owns its dk/dv rows and its heads' dq rows:
+// results do not depend on the thread count.
 void attention_backward_bf16(const CpuContext& ctx, float* dq, float* dk, float* dv, const bf16* dout,
                              const bf16* q, const bf16* k, const bf16* v, const float* out,
                              const float* lse, const AttentionDims& dims);

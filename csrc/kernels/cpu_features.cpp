@@ -1,6 +1,15 @@
 #include "kernels/cpu_features.h"
 
 #include <atomic>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
 
 #include "kernels/threadpool.h"
 
@@ -66,17 +75,78 @@ bool set_active_isa(Isa isa) {
   return true;
 }
 
+namespace {
+
+// Why detected_bf16_path() is what it is, for bf16_path_note().
+std::string& bf16_note() {
+  static std::string note;
+  return note;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// AMX needs three things: the CPU (CPUID.(7,0):EDX AMX-BF16 bit 22, AMX-TILE bit 24), the OS
+// enabling the tile state in XCR0 (bits 17 XTILECFG and 18 XTILEDATA), and, on Linux, this
+// process's permission for the 8 KiB XTILEDATA state, asked once with
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). Sets the note when AMX is unusable.
+bool amx_usable(std::string& why) {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) || !(edx & (1u << 24))) {
+    why = "the CPU has no AMX-BF16";
+    return false;
+  }
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) {
+    why = "the OS does not enable XSAVE (OSXSAVE), so no AMX tile state";
+    return false;
+  }
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) {
+    why = "the OS does not enable the AMX tile state (XCR0 bits 17/18)";
+    return false;
+  }
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
+    why = "the kernel refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM XTILEDATA failed)";
+    return false;
+  }
+  return true;
+#else
+  why = "AMX permission is only requested on Linux";
+  return false;
+#endif
+}
+#endif
+
+}  // namespace
+
 Bf16Path detected_bf16_path() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const Bf16Path path = [] {
     __builtin_cpu_init();
-    if (detected_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) return Bf16Path::Avx512Bf16;
-    return Bf16Path::Portable;
+    if (detected_isa() != Isa::Avx512 || !__builtin_cpu_supports("avx512bf16")) {
+      bf16_note() = "portable: the CPU has no AVX512-BF16 (bf16 products are widened to fp32)";
+      return Bf16Path::Portable;
+    }
+    std::string why;
+    if (amx_usable(why)) {
+      bf16_note() = "amx: AMX-BF16 tiles for GEMM; attention tiles use AVX512-BF16";
+      return Bf16Path::Amx;
+    }
+    bf16_note() = "avx512bf16: " + why;
+    return Bf16Path::Avx512Bf16;
   }();
   return path;
 #else
+  bf16_note() = "portable: not an x86-64 build";
   return Bf16Path::Portable;
 #endif
+}
+
+const char* bf16_path_note() {
+  detected_bf16_path();
+  return bf16_note().c_str();
 }
 
 namespace {

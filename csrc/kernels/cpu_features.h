@@ -20,6 +20,9 @@ bool set_active_isa(Isa isa);
 Bf16Path detected_bf16_path();
 Bf16Path active_bf16_path();
 bool set_active_bf16_path(Bf16Path path);
+// Why detected_bf16_path() is what it is ("avx512bf16: the CPU has no AMX-BF16", or why AMX
+// was refused: no OS tile state, or the kernel denied the XTILEDATA permission).
+const char* bf16_path_note();
 
 // Whether the addon was compiled with the ISA-specific objects at all (false off x86-64).
 bool isa_compiled(Isa isa);

@@ -7,3 +7,4 @@ export * from './gemm.js';
 export * from './attention.js';
 export * from './optim.js';
 export * from './layers.js';
+export * from './bf16.js';
