@@ -11,18 +11,28 @@ import { fileURLToPath } from 'node:url';
 
 const out = join(dirname(fileURLToPath(import.meta.url)), '..', 'data', 'stories-sft');
 
-// name, pronoun (she/he)
+// name, pronoun (she/he). Many names, each in a few rows only: the model has to copy the
+// requested name instead of learning a handful of favourites.
 const trainNames = [
   ['Mia', 'she'], ['Tom', 'he'], ['Lily', 'she'], ['Ben', 'he'], ['Sue', 'she'], ['Max', 'he'], ['Anna', 'she'],
   ['Sam', 'he'], ['Kim', 'she'], ['Bob', 'he'], ['Amy', 'she'], ['Tim', 'he'], ['Lucy', 'she'], ['Jack', 'he'],
   ['Sara', 'she'], ['Joe', 'he'], ['Emma', 'she'], ['Dan', 'he'], ['Rose', 'she'], ['Finn', 'he'],
+  ['Pip', 'he'], ['Dot', 'she'], ['Kai', 'he'], ['Bea', 'she'], ['Wes', 'he'], ['Tess', 'she'], ['Jed', 'he'],
+  ['Fay', 'she'], ['Ned', 'he'], ['Meg', 'she'], ['Lou', 'he'], ['Jill', 'she'], ['Ted', 'he'], ['Ann', 'she'],
+  ['Roy', 'he'], ['Eve', 'she'], ['Al', 'he'], ['Liz', 'she'], ['Ken', 'he'], ['Pam', 'she'], ['Bill', 'he'],
+  ['Jen', 'she'], ['Walt', 'he'], ['Kate', 'she'], ['Mark', 'he'], ['Beth', 'she'], ['Carl', 'he'], ['Jane', 'she'],
+  ['Paul', 'he'], ['Molly', 'she'], ['Will', 'he'], ['Polly', 'she'], ['Fred', 'he'], ['Daisy', 'she'],
 ];
 // object, colour or size word
 const trainObjects = [
   ['boat', 'yellow'], ['ball', 'red'], ['kite', 'blue'], ['hat', 'green'], ['cup', 'pink'], ['box', 'big'],
   ['car', 'little'], ['bell', 'shiny'], ['book', 'old'], ['drum', 'loud'], ['shoe', 'white'], ['bike', 'fast'],
   ['doll', 'soft'], ['toy', 'new'], ['cake', 'sweet'], ['bag', 'brown'], ['rock', 'smooth'], ['key', 'gold'],
-  ['flower', 'purple'], ['sock', 'warm'],
+  ['flower', 'purple'], ['sock', 'warm'], ['bear', 'fluffy'], ['frog', 'green'], ['star', 'bright'], ['bowl', 'blue'],
+  ['pen', 'red'], ['fish', 'orange'], ['bird', 'little'], ['leaf', 'yellow'], ['ring', 'shiny'], ['cap', 'black'],
+  ['map', 'old'], ['pot', 'big'], ['bus', 'red'], ['egg', 'white'], ['hen', 'brown'], ['duck', 'yellow'],
+  ['fan', 'blue'], ['mug', 'green'], ['bed', 'soft'], ['chair', 'tall'], ['coat', 'warm'], ['horn', 'loud'],
+  ['wagon', 'red'], ['sled', 'fast'], ['puppy', 'happy'], ['pie', 'warm'], ['ship', 'big'], ['truck', 'blue'],
 ];
 const devNames = [
   ['Zoe', 'she'], ['Leo', 'he'], ['Ivy', 'she'], ['Rex', 'he'], ['Nora', 'she'], ['Otto', 'he'], ['Ruby', 'she'],
@@ -77,7 +87,7 @@ function rows(names, objects, count, seed, withFollowUps) {
   const out = [];
   for (let i = 0; i < count; i++) {
     const [n, p] = names[(i * 7 + seed) % names.length];
-    const [o, c] = objects[(i * 3 + seed * 5 + Math.floor(i / objects.length)) % objects.length];
+    const [o, c] = objects[(i * 5 + seed * 3 + Math.floor(i / objects.length)) % objects.length];
     const req = requests[(i + seed) % requests.length](n, o, c);
     const story = stories[(i * 5 + seed) % stories.length](n, p, o, c);
     const conv = [req, story];

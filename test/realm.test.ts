@@ -14,6 +14,7 @@ import { HfTokenizer } from '../lib/tokenizer/index.js';
 import { countParameters, memoryPlan, planFinetune } from '../lib/train/plan.js';
 import { RunCTokenizer } from './llama2c-encode.js';
 import { tempDirs } from './helpers.js';
+import { reportHtml } from '../lib/train/report.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const MODEL = join(ROOT, 'models', 'stories260K', 'stories260K.bin');
@@ -211,6 +212,19 @@ describe('demo metrics', () => {
     expect(demoShares(gens, reqs)).toEqual({ n: 4, endedWithEot: 2, usedNameAndObject: 2, usedName: 3, usedObject: 3 });
     expect(() => demoShares(gens, reqs.slice(1))).toThrow('Expected one request per generation (4) but received 3');
     expect(fmtShare(15, 24)).toBe('15/24 (63 %)');
+  });
+
+  it('the report shows the baseline column and the shares of every epoch', () => {
+    const gen = (response: string) => ({ prompt: 'Write about Zoe and a kite.', response, stopReason: 'stop-token' });
+    const html = reportHtml('demo', [{ step: 1, loss: 2 }], [
+      { epoch: 0, trainLoss: NaN, devLoss: 1.8, generations: [gen('rambling <on>')], metrics: { 'ends with EOT': '0/1 (0 %)' } },
+      { epoch: 1, trainLoss: 1.2, devLoss: 0.9, generations: [gen('Zoe had a kite.')], metrics: { 'ends with EOT': '1/1 (100 %)' } },
+    ], 1);
+    expect(html).toContain('<th>ends with EOT</th>');
+    expect(html).toContain('<td>0/1 (0 %)</td>');
+    expect(html).toContain('before training<br><small>ends with EOT: 0/1 (0 %)</small>');
+    expect(html).toContain('epoch 1<br><small>ends with EOT: 1/1 (100 %)</small>');
+    expect(html).toContain('rambling &lt;on&gt;');
   });
 
   it('the bundled data keep their promises: >= 100 requests, multi-turn rows, unseen dev names and objects', () => {

@@ -12,7 +12,7 @@ import { LlamaModel } from '../model/llama.js';
 import { packageRoot } from '../native.js';
 import { finetune, type FinetuneEvent } from '../train/finetune.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from '../train/report.js';
-import { demoShares, fmtShare, type DemoShares, type StoryRequest } from './metrics.js';
+import { demoShares, fmtShare, type DemoShares, type ScoredGeneration, type StoryRequest } from './metrics.js';
 
 /** Where the bundled base model and data set live inside the package. */
 export const STORIES_DEMO_FILES = {
@@ -47,6 +47,8 @@ export const STORIES_DEMO_RECIPE = {
 export interface StoriesDemoOptions {
   outDir: string;
   epochs?: number;
+  /** Changes to the recipe (e.g. to try another learning rate). */
+  recipe?: Partial<Record<keyof typeof STORIES_DEMO_RECIPE, number>>;
   seed?: number;
   /** Called with each finetune event (progress display). */
   onEvent?: (e: FinetuneEvent) => void;
@@ -89,7 +91,7 @@ async function requestsByPrompt(file: string): Promise<Map<string, StoryRequest>
 export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesDemoResult> {
   const t0 = performance.now();
   const log = opts.log ?? (() => {});
-  const R = { ...STORIES_DEMO_RECIPE, epochs: opts.epochs ?? STORIES_DEMO_RECIPE.epochs };
+  const R = { ...STORIES_DEMO_RECIPE, ...opts.recipe, epochs: opts.epochs ?? opts.recipe?.epochs ?? STORIES_DEMO_RECIPE.epochs };
   const seed = opts.seed ?? 0;
   const files = STORIES_DEMO_FILES;
 
@@ -150,16 +152,21 @@ export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesD
     lr: R.lr, lrFinal: R.lrFinal, weightDecay: R.weightDecay, dropout: R.dropout, maxLength: R.maxLength,
     seed, devGeneration: gen, keepLast: 1, signal: opts.signal,
   });
-  const epochs: EpochReport[] = [];
   for await (const e of run) {
     opts.onEvent?.(e);
     if (e.type === 'step') steps.push({ step: e.step, loss: e.loss });
+    if (e.type === 'epoch') {
+      // The checkpoint holds this epoch's dev responses; score them as the run goes on.
+      const gens = (await readFile(join(e.checkpoint, 'dev-generations.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as ScoredGeneration);
+      const s = demoShares(gens, devRequests);
+      log(`epoch ${e.epoch}: train loss ${e.trainLoss.toFixed(4)}, dev loss ${e.devLoss?.toFixed(4)}; ends with EOT ${fmtShare(s.endedWithEot, s.n)}; uses name and object ${fmtShare(s.usedNameAndObject, s.n)}`);
+    }
   }
   const result = await run.result;
+  const epochs: EpochReport[] = [];
   for (const e of result.epochs) {
-    const s = score(e);
+    score(e);
     epochs.push(e);
-    log(`epoch ${e.epoch}: dev loss ${e.devLoss?.toFixed(4)}; ends with EOT ${fmtShare(s.endedWithEot, s.n)}; uses name and object ${fmtShare(s.usedNameAndObject, s.n)}`);
   }
 
   // The report of the run, rewritten with the baseline column and the shares of every epoch.
