@@ -7,6 +7,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { demoShares, fmtShare, usesWord } from '../lib/demo/metrics.js';
+import { runStoriesDemo, sharesTable, STORIES_DEMO_FILES } from '../lib/demo/stories.js';
 import { loadLlama2cTokenizer, llama2cTokenizerJson, readLlama2cTokenizer } from '../lib/io/llama2c-tokenizer.js';
 import { parseHfConfig } from '../lib/model/config.js';
 import { LlamaModel } from '../lib/model/llama.js';
@@ -244,6 +245,30 @@ describe('demo metrics', () => {
       expect(usesWord(text, r.request.object), r.request.object).toBe(false);
     }
   });
+});
+
+describe('the stories260K demo', () => {
+  it('measures the base model, fine-tunes, scores every epoch and writes the report (1 short epoch)', async () => {
+    const out = tmp();
+    const lines: string[] = [];
+    const r = await runStoriesDemo({ outDir: out, epochs: 1, recipe: { maxNewTokens: 24 }, log: (l) => lines.push(l) });
+    expect(r.shares.map((s) => s.epoch)).toEqual([0, 1]);
+    expect(r.shares[0].n).toBe(24);
+    // The base model has never seen the EOT token, so it never ends a response with it.
+    expect(r.shares[0].endedWithEot).toBe(0);
+    expect(r.shares[1].devLoss!).toBeLessThan(r.shares[0].devLoss!);
+    // The shares are recomputed from the saved responses by the tested metric.
+    const gens = readFileSync(join(out, 'run', 'epoch-1', 'dev-generations.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { response: string; stopReason: string });
+    const reqs = readFileSync(STORIES_DEMO_FILES.dev, 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { request: { name: string; object: string } }).request);
+    expect(r.shares[1]).toMatchObject(demoShares(gens, reqs));
+    const html = readFileSync(r.report, 'utf8');
+    expect(html).toContain('before training<br><small>ends with EOT:');
+    expect(html).toContain('epoch 1<br><small>ends with EOT:');
+    expect(JSON.parse(readFileSync(join(out, 'run', 'demo-shares.json'), 'utf8'))).toEqual(r.shares);
+    expect(existsSync(join(out, 'base', 'tokenizer.json'))).toBe(true);
+    expect(lines.join('\n')).toMatch(/lr 0\.001 -> 0\.0001 linear, 1 epochs, batch 8, residual dropout 0 -> 0\.2 by depth/);
+    expect(sharesTable(r.shares)).toMatch(/before training .*\n.*after epoch 1/s);
+  }, 300_000);
 });
 
 describe('planFinetune', () => {
