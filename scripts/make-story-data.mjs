@@ -11,37 +11,39 @@ import { fileURLToPath } from 'node:url';
 
 const out = join(dirname(fileURLToPath(import.meta.url)), '..', 'data', 'stories-sft');
 
-// name, pronoun (she/he). Many names, each in a few rows only: the model has to copy the
-// requested name instead of learning a handful of favourites.
+// name, pronoun (she/he). Many names, each in a few rows only, so the model has to take the
+// requested name from the request instead of learning a handful of favourites.
 const trainNames = [
-  ['Mia', 'she'], ['Tom', 'he'], ['Lily', 'she'], ['Ben', 'he'], ['Sue', 'she'], ['Max', 'he'], ['Anna', 'she'],
-  ['Sam', 'he'], ['Kim', 'she'], ['Bob', 'he'], ['Amy', 'she'], ['Tim', 'he'], ['Lucy', 'she'], ['Jack', 'he'],
-  ['Sara', 'she'], ['Joe', 'he'], ['Emma', 'she'], ['Dan', 'he'], ['Rose', 'she'], ['Finn', 'he'],
-  ['Pip', 'he'], ['Dot', 'she'], ['Kai', 'he'], ['Bea', 'she'], ['Wes', 'he'], ['Tess', 'she'], ['Jed', 'he'],
-  ['Fay', 'she'], ['Ned', 'he'], ['Meg', 'she'], ['Lou', 'he'], ['Jill', 'she'], ['Ted', 'he'], ['Ann', 'she'],
-  ['Roy', 'he'], ['Eve', 'she'], ['Al', 'he'], ['Liz', 'she'], ['Ken', 'he'], ['Pam', 'she'], ['Bill', 'he'],
-  ['Jen', 'she'], ['Walt', 'he'], ['Kate', 'she'], ['Mark', 'he'], ['Beth', 'she'], ['Carl', 'he'], ['Jane', 'she'],
-  ['Paul', 'he'], ['Molly', 'she'], ['Will', 'he'], ['Polly', 'she'], ['Fred', 'he'], ['Daisy', 'she'],
+  ['Sara', 'she'], ['Joe', 'he'], ['Emma', 'she'], ['Dan', 'he'], ['Rose', 'she'], ['Finn', 'he'], ['Kim', 'she'],
+  ['Bob', 'he'], ['Pip', 'he'], ['Dot', 'she'], ['Kai', 'he'], ['Bea', 'she'], ['Wes', 'he'],
+  ['Tess', 'she'], ['Jed', 'he'], ['Fay', 'she'], ['Ned', 'he'], ['Meg', 'she'], ['Lou', 'he'], ['Jill', 'she'],
+  ['Ted', 'he'], ['Ann', 'she'], ['Roy', 'he'], ['Eve', 'she'], ['Al', 'he'], ['Liz', 'she'], ['Ken', 'he'],
+  ['Pam', 'she'], ['Bill', 'he'], ['Jen', 'she'], ['Walt', 'he'], ['Kate', 'she'], ['Mark', 'he'], ['Beth', 'she'],
+  ['Carl', 'he'], ['Jane', 'she'], ['Paul', 'he'], ['Molly', 'she'], ['Will', 'he'], ['Polly', 'she'], ['Fred', 'he'],
+  ['Daisy', 'she'], ['Zoe', 'she'], ['Leo', 'he'], ['Ivy', 'she'], ['Rex', 'he'], ['Nora', 'she'], ['Hugo', 'he'],
+  ['Ruby', 'she'], ['Gus', 'he'], ['Nina', 'she'], ['Ray', 'he'], ['Ella', 'she'],
 ];
 // object, colour or size word
 const trainObjects = [
-  ['boat', 'yellow'], ['ball', 'red'], ['kite', 'blue'], ['hat', 'green'], ['cup', 'pink'], ['box', 'big'],
-  ['car', 'little'], ['bell', 'shiny'], ['book', 'old'], ['drum', 'loud'], ['shoe', 'white'], ['bike', 'fast'],
-  ['doll', 'soft'], ['toy', 'new'], ['cake', 'sweet'], ['bag', 'brown'], ['rock', 'smooth'], ['key', 'gold'],
-  ['flower', 'purple'], ['sock', 'warm'], ['bear', 'fluffy'], ['frog', 'green'], ['star', 'bright'], ['bowl', 'blue'],
-  ['pen', 'red'], ['fish', 'orange'], ['bird', 'little'], ['leaf', 'yellow'], ['ring', 'shiny'], ['cap', 'black'],
+  ['boat', 'yellow'], ['kite', 'blue'], ['hat', 'green'], ['cup', 'pink'], ['box', 'big'], ['bell', 'shiny'],
+  ['book', 'old'], ['drum', 'loud'], ['shoe', 'white'], ['bike', 'fast'], ['cake', 'sweet'], ['bag', 'brown'],
+  ['rock', 'smooth'], ['key', 'gold'], ['flower', 'purple'], ['sock', 'warm'], ['frog', 'green'], ['star', 'bright'],
+  ['bowl', 'blue'], ['pen', 'red'], ['fish', 'orange'], ['leaf', 'yellow'], ['ring', 'shiny'], ['cap', 'black'],
   ['map', 'old'], ['pot', 'big'], ['bus', 'red'], ['egg', 'white'], ['hen', 'brown'], ['duck', 'yellow'],
-  ['fan', 'blue'], ['mug', 'green'], ['bed', 'soft'], ['chair', 'tall'], ['coat', 'warm'], ['horn', 'loud'],
-  ['wagon', 'red'], ['sled', 'fast'], ['puppy', 'happy'], ['pie', 'warm'], ['ship', 'big'], ['truck', 'blue'],
+  ['fan', 'blue'], ['mug', 'green'], ['chair', 'tall'], ['coat', 'warm'], ['horn', 'loud'], ['wagon', 'red'],
+  ['sled', 'fast'], ['pie', 'warm'], ['ship', 'big'], ['truck', 'blue'], ['lamp', 'bright'], ['spoon', 'silver'],
+  ['shell', 'pretty'], ['clock', 'funny'], ['tent', 'orange'], ['jar', 'heavy'], ['whistle', 'small'], ['apple', 'ripe'],
 ];
+// Dev: names and objects that TinyStories is full of, so the base model knows them well, and
+// that never occur in the fine-tuning data — LIMA's point is that the knowledge comes from
+// pretraining and the few examples only teach the format.
 const devNames = [
-  ['Zoe', 'she'], ['Leo', 'he'], ['Ivy', 'she'], ['Rex', 'he'], ['Nora', 'she'], ['Otto', 'he'], ['Ruby', 'she'],
-  ['Hugo', 'he'], ['Ella', 'she'], ['Gus', 'he'], ['Nina', 'she'], ['Ray', 'he'],
+  ['Lily', 'she'], ['Tim', 'he'], ['Sue', 'she'], ['Ben', 'he'], ['Mia', 'she'], ['Tom', 'he'], ['Lucy', 'she'],
+  ['Max', 'he'], ['Anna', 'she'], ['Sam', 'he'], ['Amy', 'she'], ['Jack', 'he'],
 ];
 const devObjects = [
-  ['train', 'long'], ['apple', 'ripe'], ['lamp', 'bright'], ['spoon', 'silver'], ['kitten', 'tiny'],
-  ['balloon', 'round'], ['shell', 'pretty'], ['clock', 'funny'], ['blanket', 'thick'], ['whistle', 'small'],
-  ['tent', 'orange'], ['jar', 'heavy'],
+  ['ball', 'red'], ['toy', 'new'], ['car', 'little'], ['doll', 'soft'], ['bear', 'fluffy'], ['dog', 'big'],
+  ['cat', 'little'], ['bird', 'little'], ['puppy', 'happy'], ['tree', 'tall'], ['balloon', 'round'], ['kitten', 'tiny'],
 ];
 
 const cap = (s) => s[0].toUpperCase() + s.slice(1);
@@ -61,11 +63,11 @@ const requests = [
 // Story bodies in the base model's register: short sentences, simple words, a small turn, an end.
 const stories = [
   (n, p, o, c) =>
-    `Once upon a time, there was a little ${p === 'she' ? 'girl' : 'boy'} named ${n}. ${cap(p)} had ${an(c)} ${o}. ${n} loved the ${o} very much. One day, the ${o} was gone! ${n} looked under the bed and in the garden. At last ${p} found the ${o} next to the tree. ${n} was so happy. ${cap(p)} hugged the ${c} ${o} and smiled.`,
+    `Once upon a time, there was a little ${p === 'she' ? 'girl' : 'boy'} named ${n}. ${cap(p)} had ${an(c)} ${o}. ${n} loved the ${o} very much. One day, the ${o} was gone! ${n} looked under the bed and in the garden. At last ${p} found the ${o} next to the door. ${n} was so happy. ${cap(p)} hugged the ${c} ${o} and smiled.`,
   (n, p, o, c) =>
     `One sunny day, ${n} went to the park. There ${p} saw ${an(c)} ${o} on the grass. "Whose ${o} is this?" ${p} asked. A kind man said, "It is for you." ${n} said, "Thank you!" ${cap(p)} played with the ${o} all day. When the sun went down, ${n} took the ${o} home.`,
   (n, p, o, c) =>
-    `${n} had a friend, a big dog named Spot. One day ${n} and Spot found ${an(c)} ${o} by the river. Spot wanted the ${o} too. ${n} said, "Let's share it." They took turns with the ${o}. They laughed and had fun. ${n} learned that sharing makes friends happy.`,
+    `${n} had a friend named Spot. One day ${n} and Spot found ${an(c)} ${o} by the river. Spot wanted the ${o} too. ${n} said, "Let's share it." They took turns with the ${o}. They laughed and had fun. ${n} learned that sharing makes friends happy.`,
   (n, p, o, c) =>
     `There was once a ${c} ${o} in a little shop. Every day ${n} looked at it. ${cap(p)} wanted it so much. ${n} helped ${his(p)} mom and saved ${his(p)} coins. After many days, ${p} had enough. ${n} bought the ${c} ${o}. It was the best day ever.`,
   (n, p, o, c) =>
@@ -73,7 +75,7 @@ const stories = [
   (n, p, o, c) =>
     `Once there was a ${p === 'she' ? 'girl' : 'boy'} called ${n}. ${cap(p)} lived near the sea. One morning ${p} found ${an(c)} ${o} in the sand. ${n} wanted to keep it, but ${p} thought, "Maybe someone lost it." ${cap(p)} asked a little girl on the beach. "That is my ${o}!" she said. ${n} gave it back, and the girl gave ${n} a big hug.`,
   (n, p, o, c) =>
-    `${n} and ${his(p)} mom went for a walk in the woods. They heard a bird sing. Then ${n} saw something ${c} under a leaf. It was ${an(c)} ${o}! "Can I take it home?" ${n} asked. "Yes," said Mom. ${n} put the ${o} on ${his(p)} shelf. Every night ${p} looked at it and smiled.`,
+    `${n} and ${his(p)} mom went for a walk in the woods. They saw the sun shine. Then ${n} saw something ${c} under a leaf. It was ${an(c)} ${o}! "Can I take it home?" ${n} asked. "Yes," said Mom. ${n} put the ${o} on ${his(p)} shelf. Every night ${p} looked at it and smiled.`,
 ];
 
 const followUps = [
@@ -107,7 +109,7 @@ const dev = rows(devNames, devObjects, 24, 3, false);
 const trainText = train.map((r) => r.conversations.join('\n')).join('\n').toLowerCase();
 for (const { request } of dev)
   for (const w of [request.name, request.object])
-    if (new RegExp(`\\b${w.toLowerCase()}`).test(trainText)) throw new Error(`dev word "${w}" occurs in the training data`);
+    if (new RegExp(`\\b${w.toLowerCase()}(s|es|'s)?\\b`).test(trainText)) throw new Error(`dev word "${w}" occurs in the training data`);
 
 mkdirSync(out, { recursive: true });
 const jsonl = (rs) => rs.map((r) => JSON.stringify(r)).join('\n') + '\n';

@@ -104,7 +104,9 @@ export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesD
   await model.save(baseDir);
   log(`base model: ${files.model} (llama2.c, ${baseParams} parameters, pretrained on TinyStories), tokenizer ${files.tokenizer}`);
   log(`  + an end-of-turn token ${JSON.stringify(tokenizer.decode([eot]))} (id ${eot}, vocabulary ${tokenizer.vocabSize - 1} -> ${tokenizer.vocabSize}); converted to ${baseDir}`);
-  log(`data: ${files.train} (120 request -> story conversations, 30 multi-turn), dev ${files.dev} (24 requests, names and objects unseen in training)`);
+  const trainRows = (await readFile(files.train, 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as { conversations: string[] });
+  const multi = trainRows.filter((r) => r.conversations.length > 2).length;
+  log(`data: ${files.train} (${trainRows.length} request -> story conversations, ${multi} multi-turn)`);
   log(
     `recipe (LIMA scaled to 260 K parameters): AdamW b1 0.9 b2 0.95, weight decay ${R.weightDecay}, lr ${R.lr} -> ${R.lrFinal} linear, ` +
       `${R.epochs} epochs, batch ${R.batchSize}, residual dropout 0 -> ${R.dropout} by depth, EOT after every utterance; ` +
@@ -119,6 +121,7 @@ export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesD
     if (!r) throw new Error(`${files.dev}:${ex.line}: no "request" for ${JSON.stringify(prompt)}`);
     return r;
   });
+  log(`dev: ${files.dev} (${dev.length} requests; their names and objects are common in TinyStories but absent from the training data)`);
   const gen = { topP: R.topP, temperature: R.temperature, repetitionPenalty: R.repetitionPenalty, maxNewTokens: R.maxNewTokens, stopTokens: [eot] };
 
   // Before training: the same prompts and decoding as after every epoch.
@@ -170,7 +173,7 @@ export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesD
   }
 
   // The report of the run, rewritten with the baseline column and the shares of every epoch.
-  const stepsPerEpoch = Math.ceil(120 / R.batchSize);
+  const stepsPerEpoch = Math.ceil(trainRows.length / R.batchSize);
   const all = [before, ...epochs];
   await writeFile(join(runDir, 'loss-curve.svg'), lossCurveSvg(steps, epochs, stepsPerEpoch));
   await writeFile(result.report, reportHtml('lima-native demo: LIMA on stories260K', steps, all, stepsPerEpoch));
