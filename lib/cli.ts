@@ -12,6 +12,7 @@ import { ByteTokenizer } from './tokenizer/index.js';
 import { finetune as runFinetune, type FinetuneEvent, type FinetuneOptions } from './train/finetune.js';
 import { formatPlan, planFinetune } from './train/plan.js';
 import { loadLlama2cTokenizer } from './io/llama2c-tokenizer.js';
+import { Llama2cReader } from './io/llama2c.js';
 import { runStoriesDemo, sharesTable } from './demo/stories.js';
 
 const USAGE = `usage: lima-native <command> [options]
@@ -62,7 +63,6 @@ async function convert(argv: string[]): Promise<void> {
   const dtype = (values.dtype ?? 'F32').toUpperCase();
   if (dtype !== 'F32' && dtype !== 'BF16') throw new UsageError(`--dtype expects F32 or BF16, got "${values.dtype}"`);
   // A llama2.c .bin holds no vocabulary: run.c reads it from a separate tokenizer.bin.
-  const { Llama2cReader } = await import('./io/llama2c.js');
   const header = await Llama2cReader.open(positionals[0]);
   await header.close();
   const tokenizer = values.tokenizer ? await loadLlama2cTokenizer(values.tokenizer, header.config.vocabSize) : null;

@@ -64,7 +64,7 @@ export function reportHtml(title: string, steps: readonly StepPoint[], epochs: r
   const prompts = epochs.find((e) => e.generations.length)?.generations ?? [];
   const metricKeys = [...new Set(epochs.flatMap((e) => Object.keys(e.metrics ?? {})))];
   const summary = epochs
-    .map((e) => `<tr><td>${e.epoch}</td><td>${Number.isFinite(e.trainLoss) ? e.trainLoss.toFixed(4) : '–'}</td><td>${e.devLoss?.toFixed(4) ?? '–'}</td><td>${e.devPerplexity?.toFixed(2) ?? '–'}</td>${metricKeys.map((k) => `<td>${esc(e.metrics?.[k] ?? '–')}</td>`).join('')}<td>${esc(e.checkpoint ?? '')}</td></tr>`)
+    .map((e) => `<tr><td>${e.epoch === 0 ? 'before' : e.epoch}</td><td>${Number.isFinite(e.trainLoss) ? e.trainLoss.toFixed(4) : '–'}</td><td>${e.devLoss?.toFixed(4) ?? '–'}</td><td>${e.devPerplexity?.toFixed(2) ?? '–'}</td>${metricKeys.map((k) => `<td>${esc(e.metrics?.[k] ?? '–')}</td>`).join('')}<td>${esc(e.checkpoint ?? '')}</td></tr>`)
     .join('\n');
   const withGen = epochs.filter((e) => e.generations.length);
   const rows = prompts
