@@ -14,13 +14,15 @@ import { LlamaModel } from '../lib/model/llama.js';
 import { HfTokenizer } from '../lib/tokenizer/index.js';
 import { countParameters, memoryPlan, planFinetune } from '../lib/train/plan.js';
 import { RunCTokenizer } from './llama2c-encode.js';
-import { tempDirs } from './helpers.js';
+import { isas, restoreIsaAfterAll, tempDirs } from './helpers.js';
+import * as kernels from '../lib/kernels/index.js';
 import { reportHtml } from '../lib/train/report.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const MODEL = join(ROOT, 'models', 'stories260K', 'stories260K.bin');
 const TOK = join(ROOT, 'models', 'stories260K', 'tok512.bin');
 const tmp = tempDirs('lima-realm-');
+restoreIsaAfterAll();
 const cli = (...args: string[]) =>
   spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), ...args], { encoding: 'utf8', cwd: ROOT, timeout: 300_000 });
 
@@ -119,6 +121,21 @@ describe('the shipped stories260K model', () => {
     const b = await m.generate([1], { greedy: true, repetitionPenalty: 1, maxNewTokens: 10, stopTokens: [] });
     expect(b.ids).toEqual(KNOWN_FROM_BOS);
   });
+
+  // Head dim 8 runs the padded attention path; every code path this CPU has must agree.
+  for (const isa of isas)
+    it(`generates the known text with the ${isa} kernels`, async () => {
+      const tokenizer = await loadLlama2cTokenizer(TOK, 512);
+      await using m = await LlamaModel.fromLlama2c(MODEL, { tokenizer });
+      const before = kernels.isa();
+      kernels.setIsa(isa);
+      try {
+        const r = await m.generate('Once upon a time', { greedy: true, repetitionPenalty: 1, maxNewTokens: 60, stopTokens: [] });
+        expect('Once upon a time' + r.text).toBe(KNOWN_TEXT);
+      } finally {
+        kernels.setIsa(before);
+      }
+    });
 
   it('round trips llama2.c -> Hugging Face folder (convert --tokenizer) -> generate --prompt', async () => {
     const out = join(tmp(), 'stories');
