@@ -10,11 +10,11 @@ import { demoShares, fmtShare, usesWord } from '../lib/demo/metrics.js';
 import { runStoriesDemo, sharesTable, STORIES_DEMO_FILES } from '../lib/demo/stories.js';
 import { loadLlama2cTokenizer, llama2cTokenizerJson, readLlama2cTokenizer } from '../lib/io/llama2c-tokenizer.js';
 import { parseHfConfig } from '../lib/model/config.js';
-import { LlamaModel } from '../lib/model/llama.js';
+import { LlamaModel, padBatch } from '../lib/model/llama.js';
 import { HfTokenizer } from '../lib/tokenizer/index.js';
 import { countParameters, memoryPlan, planFinetune } from '../lib/train/plan.js';
 import { RunCTokenizer } from './llama2c-encode.js';
-import { isas, restoreIsaAfterAll, tempDirs } from './helpers.js';
+import { isas, maxErrOverScale, readAllTensors, restoreIsaAfterAll, tempDirs } from './helpers.js';
 import * as kernels from '../lib/kernels/index.js';
 import { reportHtml } from '../lib/train/report.js';
 
@@ -199,6 +199,30 @@ describe('configs of every LLaMA shape', () => {
     await using back = await LlamaModel.fromPretrained(dir);
     expect(back.config.headDim).toBe(24);
   });
+});
+
+describe('padded head dims in the model on every ISA path', () => {
+  // The PyTorch fixtures' logits and gradients (test/model.test.ts checks them on the best path).
+  for (const name of ['hd8-gqa2-tied', 'hd24-gqa2-untied', 'hd40-mha-untied'])
+    for (const isa of isas)
+      it(`${name}: logits and every gradient match PyTorch on ${isa}`, async () => {
+        const dir = join(ROOT, 'test', 'fixtures', name);
+        const rows = readFileSync(join(dir, 'data.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { input_ids: number[]; labels: number[] });
+        const b = padBatch(rows.map((r) => ({ inputIds: r.input_ids, labels: r.labels })), 1 << 30);
+        const exp = await readAllTensors(join(dir, 'expected.safetensors'));
+        await using m = await LlamaModel.fromPretrained(dir);
+        const before = kernels.isa();
+        kernels.setIsa(isa);
+        try {
+          const f = await m.forward(b, { logits: true });
+          expect(maxErrOverScale(f.logits!, exp.get('logits')!)).toBeLessThan(1e-4);
+          await m.zeroGrads();
+          await m.trainStep(b, { norm: f.count });
+          for (const p of m.params) expect(maxErrOverScale(await m.getGrad(p.name), exp.get('grad.' + p.name)!), p.name).toBeLessThan(1e-4);
+        } finally {
+          kernels.setIsa(before);
+        }
+      });
 });
 
 describe('demo metrics', () => {
