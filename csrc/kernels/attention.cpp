@@ -145,9 +145,19 @@ void unpad_rows(const CpuContext& ctx, float* dst, const float* src, int64_t row
   });
 }
 
-// A bad_alloc here reaches the binding as ERR_LIMA_OOM, like the tile loops' own scratch.
-std::unique_ptr<float[]> padded_block(int64_t floats) {
-  return std::unique_ptr<float[]>(new float[static_cast<size_t>(floats)]);
+// The padded copies live in a second per-thread block, kept between calls like thread_block's
+// (fresh allocations of this size were returned to the OS and faulted back in on every call); the
+// tile loops' own buffers stay in thread_block. A bad_alloc reaches the binding as ERR_LIMA_OOM.
+float* padded_block(int64_t floats) {
+  thread_local std::unique_ptr<float[]> block;
+  thread_local int64_t capacity = 0;
+  if (capacity < floats) {
+    block.reset();
+    capacity = 0;
+    block.reset(new float[static_cast<size_t>(floats)]);
+    capacity = floats;
+  }
+  return block.get();
 }
 
 void forward_tiles(const CpuContext& ctx, float* out, float* lse, const float* q, const float* k,
@@ -170,8 +180,7 @@ void attention_forward(const CpuContext& ctx, float* out, float* lse, const floa
   const int64_t D = dims.D, Dp = attn::round_up(D, 16);
   const int64_t qrows = dims.B * dims.Tq * dims.H, kvrows = dims.B * dims.Tk * dims.KV;
   const int64_t ql = attn::round_up(qrows * Dp, 16), kvl = attn::round_up(kvrows * Dp, 16);
-  std::unique_ptr<float[]> mem = padded_block(2 * ql + 2 * kvl);
-  float *qp = mem.get(), *op = qp + ql, *kp = op + ql, *vp = kp + kvl;
+  float *qp = padded_block(2 * ql + 2 * kvl), *op = qp + ql, *kp = op + ql, *vp = kp + kvl;
   const float up = std::sqrt(static_cast<float>(Dp) / static_cast<float>(D));
   pad_rows(ctx, qp, q, qrows, D, Dp, up);
   pad_rows(ctx, kp, k, kvrows, D, Dp, 1.0f);
@@ -199,8 +208,7 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
   const int64_t D = dims.D, Dp = attn::round_up(D, 16);
   const int64_t qrows = dims.B * dims.Tq * dims.H, kvrows = dims.B * dims.Tk * dims.KV;
   const int64_t ql = attn::round_up(qrows * Dp, 16), kvl = attn::round_up(kvrows * Dp, 16);
-  std::unique_ptr<float[]> mem = padded_block(4 * ql + 4 * kvl);
-  float *qp = mem.get(), *op = qp + ql, *dop = op + ql, *dqp = dop + ql;
+  float *qp = padded_block(4 * ql + 4 * kvl), *op = qp + ql, *dop = op + ql, *dqp = dop + ql;
   float *kp = dqp + ql, *vp = kp + kvl, *dkp = vp + kvl, *dvp = dkp + kvl;
   // The padded q is q * up (see pad_rows), so dL/dq = up * dL/d(padded q); k, v are not rescaled.
   const float up = std::sqrt(static_cast<float>(Dp) / static_cast<float>(D));
