@@ -10,12 +10,16 @@ import { LlamaModel, type Precision } from './model/llama.js';
 import { loadEvalRows } from './data/dataset.js';
 import { ByteTokenizer } from './tokenizer/index.js';
 import { finetune as runFinetune, type FinetuneEvent, type FinetuneOptions } from './train/finetune.js';
+import { formatPlan, planFinetune } from './train/plan.js';
+import { loadLlama2cTokenizer } from './io/llama2c-tokenizer.js';
+import { Llama2cReader } from './io/llama2c.js';
+import { runStoriesDemo, sharesTable } from './demo/stories.js';
 
 const USAGE = `usage: lima-native <command> [options]
 
 commands:
-  convert  --from llama2c <file> --out <dir> [--dtype F32|BF16]
-           import a llama2.c checkpoint into a Hugging Face model folder
+  convert  --from llama2c <file> --tokenizer <tokenizer.bin> --out <dir> [--dtype F32|BF16]
+           import a llama2.c checkpoint (and its tokenizer) into a Hugging Face model folder
   generate --model <dir> (--prompt <text> | --prompt-ids 1,2,3) [--greedy | --temperature T --top-p P
            --top-k K --repetition-penalty R] [--max-new-tokens N] [--seed S] [--precision P] [--json]
   eval     --model <dir> --data <jsonl> [--batch-size N] [--precision P] [--json]
@@ -26,11 +30,14 @@ commands:
            --batch-size N --micro-batch-size N --lr X --lr-final X --warmup-steps N --weight-decay X
            --dropout X --max-length N --seed S --grad-clip X --checkpoint-every N --keep-last N
            --dev-max-new-tokens N --no-dev-generation --train-on-prompt --skip-bad-rows --resume --overwrite --allow-changes k1,k2 --json
-           --precision auto|bf16|fp32]
+           --precision auto|bf16|fp32 --dry-run]
            supervised fine-tuning with the LIMA recipe (its values are the defaults); --precision bf16
-           is mixed precision (fp32 master weights), auto picks bf16 where the CPU's bf16 units are faster
-  demo     [--out <dir>] [--epochs N] [--overwrite] [--json]
-           trains a small model from scratch on the bundled LIMA-style sample in a few minutes
+           is mixed precision (fp32 master weights), auto picks bf16 where the CPU's bf16 units are faster;
+           --dry-run prints parameters, memory per precision, tokens per epoch and measured time per epoch
+  demo     [--out <dir>] [--epochs N] [--overwrite] [--json] [--from-scratch]
+           LIMA in miniature: aligns the bundled pretrained stories260K model on request -> story
+           conversations, measuring EOT endings and request use before and after each epoch;
+           --from-scratch trains a small model from scratch on the bundled LIMA-style sample instead
 `;
 
 class UsageError extends Error {}
@@ -61,16 +68,26 @@ async function loadModel(path: string, precision?: Precision): Promise<LlamaMode
 async function convert(argv: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
     args: argv,
-    options: { from: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' } },
+    options: { from: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' }, tokenizer: { type: 'string' } },
     allowPositionals: true,
   });
   if (values.from !== 'llama2c') throw new UsageError('convert needs --from llama2c');
   if (positionals.length !== 1 || !values.out) throw new UsageError('convert needs one input file and --out <dir>');
   const dtype = (values.dtype ?? 'F32').toUpperCase();
   if (dtype !== 'F32' && dtype !== 'BF16') throw new UsageError(`--dtype expects F32 or BF16, got "${values.dtype}"`);
-  await using model = await LlamaModel.fromLlama2c(positionals[0]);
+  // A llama2.c .bin holds no vocabulary: run.c reads it from a separate tokenizer.bin.
+  const header = await Llama2cReader.open(positionals[0]);
+  await header.close();
+  const tokenizer = values.tokenizer ? await loadLlama2cTokenizer(values.tokenizer, header.config.vocabSize) : null;
+  await using model = await LlamaModel.fromLlama2c(positionals[0], { tokenizer });
   await model.save(values.out, { dtype });
-  console.log(`wrote ${values.out} (${model.numParams} parameters, ${dtype})`);
+  console.log(`wrote ${values.out} (${model.numParams} parameters, ${dtype}${tokenizer ? `, tokenizer.json from ${values.tokenizer}` : ''})`);
+  if (!tokenizer)
+    process.stderr.write(
+      `note: no --tokenizer given, so ${values.out} has no tokenizer.json: text prompts and text data will not work ` +
+        `(only --prompt-ids and pre-tokenized rows). A llama2.c .bin holds no vocabulary; pass its tokenizer file, ` +
+        `e.g. --tokenizer tokenizer.bin (or tok512.bin for stories260K).\n`,
+    );
 }
 
 async function generate(argv: string[]): Promise<void> {
@@ -232,14 +249,14 @@ async function finetuneCmd(argv: string[]): Promise<void> {
       seed: { type: 'string' }, 'grad-clip': { type: 'string' }, 'checkpoint-every': { type: 'string' },
       'keep-last': { type: 'string' }, 'dev-max-new-tokens': { type: 'string' }, 'no-dev-generation': { type: 'boolean' },
       'train-on-prompt': { type: 'boolean' }, 'skip-bad-rows': { type: 'boolean' }, resume: { type: 'boolean' }, json: { type: 'boolean' },
-      overwrite: { type: 'boolean' }, 'allow-changes': { type: 'string' }, precision: { type: 'string' },
+      overwrite: { type: 'boolean' }, 'allow-changes': { type: 'string' }, precision: { type: 'string' }, 'dry-run': { type: 'boolean' },
     },
   });
-  if (!values.model || !values.data || !values.out) throw new UsageError('finetune needs --model, --data and --out');
+  if (!values.model || !values.data || (!values.out && !values['dry-run'])) throw new UsageError('finetune needs --model, --data and --out');
   const dev = values.dev === undefined ? undefined : /^\d+$/.test(values.dev) ? Number(values.dev) : values.dev;
   const maxNew = num(values['dev-max-new-tokens'], 'dev-max-new-tokens', true);
-  await drive({
-    model: values.model, data: values.data, devData: dev, outDir: values.out,
+  const opts: Omit<FinetuneOptions, 'signal'> = {
+    model: values.model, data: values.data, devData: dev, outDir: values.out ?? '',
     epochs: num(values.epochs, 'epochs', true), batchSize: num(values['batch-size'], 'batch-size', true),
     microBatchSize: num(values['micro-batch-size'], 'micro-batch-size', true), lr: num(values.lr, 'lr'),
     lrFinal: num(values['lr-final'], 'lr-final'), warmupSteps: num(values['warmup-steps'], 'warmup-steps', true),
@@ -251,7 +268,13 @@ async function finetuneCmd(argv: string[]): Promise<void> {
     trainOnPrompt: values['train-on-prompt'], skipBadRows: values['skip-bad-rows'], resume: values.resume,
     overwrite: values.overwrite, allowChanges: values['allow-changes']?.split(',').map((k) => k.trim()).filter(Boolean),
     precision: precisionOf(values.precision),
-  }, values.json ?? false);
+  };
+  if (values['dry-run']) {
+    const plan = await planFinetune(opts);
+    console.log(values.json ? JSON.stringify(plan) : formatPlan(plan));
+    return;
+  }
+  await drive(opts, values.json ?? false);
 }
 
 /** The bundled LIMA-style sample (written for this project). */
@@ -260,7 +283,11 @@ export function sampleDataDir(): string {
 }
 
 async function demo(argv: string[]): Promise<void> {
-  const { values } = parseArgs({ args: argv, options: { out: { type: 'string' }, epochs: { type: 'string' }, json: { type: 'boolean' }, overwrite: { type: 'boolean' } } });
+  const { values } = parseArgs({
+    args: argv,
+    options: { out: { type: 'string' }, epochs: { type: 'string' }, json: { type: 'boolean' }, overwrite: { type: 'boolean' }, 'from-scratch': { type: 'boolean' } },
+  });
+  if (!values['from-scratch']) return storiesDemo(values.out ?? 'lima-demo', num(values.epochs, 'epochs', true), values.json ?? false, values.overwrite);
   const out = values.out ?? 'lima-demo';
   const data = sampleDataDir();
   if (!existsSync(join(data, 'train.jsonl'))) throw new Error(`bundled sample data not found at ${data}`);
@@ -284,6 +311,29 @@ async function demo(argv: string[]): Promise<void> {
     }
     console.log(`\nopen ${join(out, 'run', 'report.html')} to compare dev responses across epochs`);
   }
+}
+
+// The default demo: LIMA on the bundled pretrained stories260K (see lib/demo/stories.ts).
+async function storiesDemo(out: string, epochs: number | undefined, json: boolean, overwrite?: boolean): Promise<void> {
+  const t0 = process.cpuUsage();
+  const tty = !json && process.stderr.isTTY;
+  const r = await runStoriesDemo({
+    outDir: out, epochs, overwrite,
+    log: json ? undefined : (l) => console.log(l),
+    onEvent: (e) => {
+      if (json) console.log(JSON.stringify(e));
+      else if (e.type === 'step' && tty) process.stderr.write(`\r  step ${e.step}/${e.totalSteps} epoch ${e.epoch} loss ${e.loss.toFixed(4)} lr ${e.lr.toExponential(2)}\x1b[K`);
+      else if (e.type === 'epoch' && tty) process.stderr.write('\r\x1b[K');
+    },
+  });
+  const cpu = process.cpuUsage(t0);
+  if (json) {
+    console.log(JSON.stringify({ type: 'demo', shares: r.shares, report: r.report, seconds: r.seconds, userCpuSeconds: cpu.user / 1e6 }));
+    return;
+  }
+  console.log(`\n${sharesTable(r.shares)}\n`);
+  console.log(`${r.seconds.toFixed(1)} s wall, ${(cpu.user / 1e6).toFixed(1)} s user CPU`);
+  console.log(`open ${r.report} to read every dev response of every epoch next to these shares`);
 }
 
 const commands: Record<string, (argv: string[]) => Promise<void>> = { convert, generate, eval: evaluate, init, finetune: finetuneCmd, demo };

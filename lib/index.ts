@@ -82,3 +82,7 @@ export {
   type CheckpointEvent,
   type DoneEvent,
 } from './train/finetune.js';
+export { planFinetune, formatPlan, countParameters, memoryPlan, type FinetunePlan, type MemoryPlan, type PlanOptions } from './train/plan.js';
+export { readLlama2cTokenizer, llama2cTokenizerJson, loadLlama2cTokenizer, type Llama2cVocab } from './io/llama2c-tokenizer.js';
+export { runStoriesDemo, sharesTable, STORIES_DEMO_RECIPE, STORIES_DEMO_FILES, type StoriesDemoOptions, type StoriesDemoResult, type DemoEpochShares } from './demo/stories.js';
+export { demoShares, usesWord, fmtShare, type DemoShares, type StoryRequest, type ScoredGeneration } from './demo/metrics.js';

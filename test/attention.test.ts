@@ -87,6 +87,13 @@ const forwardCases: Case[] = [
   [1, 5, 70, 4, 2, 64], // a few new queries against a KV cache
   [2, 1, 129, 2, 1, 32], // one-token decode
   [1, 100, 300, 2, 2, 16],
+  // Head dims that are not multiples of 16 run on zero-padded copies.
+  [1, 70, 70, 4, 2, 8],
+  [2, 33, 33, 2, 1, 24],
+  [1, 129, 129, 4, 4, 40],
+  [1, 5, 70, 4, 2, 40],
+  [1, 9, 9, 2, 1, 1],
+  [1, 40, 40, 2, 1, 250],
 ];
 
 describe('attentionForward', () => {
@@ -155,6 +162,12 @@ const backwardCases: Case[] = [
   [1, 512, 512, 2, 1, 64], // several key chunks per kv head
   [4, 100, 100, 4, 4, 32], // one task per (batch, kv head)
   [4, 40, 150, 2, 2, 32], // the same with a KV cache
+  [1, 70, 70, 4, 2, 8], // padded head dims from here on
+  [2, 33, 33, 2, 1, 24],
+  [1, 129, 129, 4, 2, 40],
+  [1, 70, 70, 2, 1, 96],
+  [1, 300, 300, 4, 2, 24], // several key chunks
+  [1, 5, 70, 4, 2, 8], // KV cache
 ];
 
 describe('attentionBackward', () => {
@@ -179,6 +192,9 @@ describe('attentionBackward', () => {
     [1, 7, 7, 2, 1, 32],
     [1, 70, 70, 4, 2, 32], // two tiles each way, GQA 2
     [1, 9, 40, 4, 1, 16], // KV cache, GQA 4
+    [1, 7, 7, 2, 1, 8], // padded head dims
+    [1, 70, 70, 4, 2, 24],
+    [1, 9, 40, 4, 1, 40],
   ];
   for (const c of fdCases) {
     const data = inputs(c, 90 + c[1]);
@@ -272,9 +288,12 @@ describe('attention argument errors', () => {
     );
   });
 
-  it('rejects head dims that are not a multiple of 16 and bad sequence lengths', () => {
-    expect(() => K.attentionForward(data.q, data.k, data.v, { ...dims, headDim: 40 })).toThrow(
-      'Expected a multiple of 16 in [16, 256] for dims.headDim but received 40',
+  it('rejects head dims outside [1, 256] and bad sequence lengths', () => {
+    expect(() => K.attentionForward(data.q, data.k, data.v, { ...dims, headDim: 0 })).toThrow(
+      'Expected an integer in [1, 256] for dims.headDim but received 0',
+    );
+    expect(() => K.attentionForward(data.q, data.k, data.v, { ...dims, headDim: 257 })).toThrow(
+      'Expected an integer in [1, 256] for dims.headDim but received 257',
     );
     expect(() => K.attentionForward(data.q, data.k, data.v, { ...dims, kvSeqLen: 4 })).toThrow(
       'Expected an integer >= 8 for dims.kvSeqLen but received 4',
@@ -319,5 +338,10 @@ describe('attention argument errors', () => {
     expect(err).toBeInstanceOf(RangeError);
     expect((err as RangeError & { code?: string }).code).toBe('ERR_LIMA_ARGUMENT');
     expect((err as Error).message).toBe('Expected a divisor of H (4) for KV but received 3');
+    const q257 = new Float32Array(8 * 4 * 257);
+    const kv257 = new Float32Array(8 * 2 * 257);
+    expect(() => native.attentionForward(new Float32Array(q257.length), lse, q257, kv257, kv257, 1, 8, 8, 4, 2, 257)).toThrow(
+      'Expected an integer in [1, 256] for D but received 257',
+    );
   });
 });

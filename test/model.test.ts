@@ -10,7 +10,9 @@ import { SafetensorsReader, writeSafetensors } from '../lib/io/safetensors.js';
 import { maxErrOverScale , readAllTensors, tempDirs } from './helpers.js';
 
 const FIX = join(import.meta.dirname, 'fixtures');
-const fixtures = ['gqa1-untied', 'gqa2-tied', 'gqa4-untied', 'hd32-gqa2-tied'];
+const fixtures = ['gqa1-untied', 'gqa2-tied', 'gqa4-untied', 'hd32-gqa2-tied',
+  // head dims that are not multiples of 16 (the attention pads them), odd vocabularies
+  'hd8-gqa2-tied', 'hd24-gqa2-untied', 'hd40-mha-untied', 'hd80-gqa2-tied', 'hd96-gqa2-untied'];
 const tmp = tempDirs('lima-model-');
 const readAll = readAllTensors;
 

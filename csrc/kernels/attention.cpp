@@ -27,8 +27,7 @@ void check_dims(const AttentionDims& d) {
   expect(d.H >= 1, "an integer >= 1", "H", std::to_string(d.H));
   expect(d.KV >= 1 && d.H % d.KV == 0, ("a divisor of H (" + std::to_string(d.H) + ")").c_str(),
          "KV", std::to_string(d.KV));
-  expect(d.D >= 16 && d.D <= 256 && d.D % 16 == 0, "a multiple of 16 in [16, 256]", "D",
-         std::to_string(d.D));
+  expect(d.D >= 1 && d.D <= 256, "an integer in [1, 256]", "D", std::to_string(d.D));
 }
 
 void check_ptr(const void* p, const char* name) { expect(p != nullptr, "a buffer", name, "null"); }
@@ -118,6 +117,55 @@ std::vector<int64_t> plan_chunks(const attn::Shape& s, int64_t chunks) {
   return bounds;
 }
 
+// The tile loops work in 16-float vectors, so they see head dims that are multiples of 16 only.
+// Other head dims run on copies padded with zero columns to the next multiple of 16: a zero column
+// changes no dot product and no output column that is kept. The tile loops scale scores by
+// 1/sqrt(padded D), so the padded q is multiplied by sqrt(Dp / D) to keep the real 1/sqrt(D).
+// The copies cost one extra pass over q, k, v (and dout, out) against O(T) passes in the loops.
+//
+// dst[r][:Dp] = scale * src[r][:D] followed by zeros.
+void pad_rows(const CpuContext& ctx, float* dst, const float* src, int64_t rows, int64_t D,
+              int64_t Dp, float scale) {
+  ctx.pool->parallel_for(rows, 256, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t r = lo; r < hi; ++r) {
+      float* d = dst + r * Dp;
+      const float* x = src + r * D;
+      for (int64_t i = 0; i < D; ++i) d[i] = scale * x[i];
+      for (int64_t i = D; i < Dp; ++i) d[i] = 0.0f;
+    }
+  });
+}
+
+// dst[r][:D] = scale * src[r][:D] (src rows Dp long).
+void unpad_rows(const CpuContext& ctx, float* dst, const float* src, int64_t rows, int64_t D,
+                int64_t Dp, float scale) {
+  ctx.pool->parallel_for(rows, 256, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t r = lo; r < hi; ++r)
+      for (int64_t i = 0; i < D; ++i) dst[r * D + i] = scale * src[r * Dp + i];
+  });
+}
+
+// The padded copies live in a second per-thread block, kept between calls like thread_block's
+// (fresh allocations of this size were returned to the OS and faulted back in on every call); the
+// tile loops' own buffers stay in thread_block. A bad_alloc reaches the binding as ERR_LIMA_OOM.
+float* padded_block(int64_t floats) {
+  thread_local std::unique_ptr<float[]> block;
+  thread_local int64_t capacity = 0;
+  if (capacity < floats) {
+    block.reset();
+    capacity = 0;
+    block.reset(new float[static_cast<size_t>(floats)]);
+    capacity = floats;
+  }
+  return block.get();
+}
+
+void forward_tiles(const CpuContext& ctx, float* out, float* lse, const float* q, const float* k,
+                   const float* v, const AttentionDims& dims);
+void backward_tiles(const CpuContext& ctx, float* dq, float* dk, float* dv, const float* dout,
+                    const float* q, const float* k, const float* v, const float* out,
+                    const float* lse, const AttentionDims& dims);
+
 }  // namespace
 
 void attention_forward(const CpuContext& ctx, float* out, float* lse, const float* q,
@@ -128,6 +176,60 @@ void attention_forward(const CpuContext& ctx, float* out, float* lse, const floa
   check_ptr(q, "q");
   check_ptr(k, "k");
   check_ptr(v, "v");
+  if (dims.D % 16 == 0) return forward_tiles(ctx, out, lse, q, k, v, dims);
+  const int64_t D = dims.D, Dp = attn::round_up(D, 16);
+  const int64_t qrows = dims.B * dims.Tq * dims.H, kvrows = dims.B * dims.Tk * dims.KV;
+  const int64_t ql = attn::round_up(qrows * Dp, 16), kvl = attn::round_up(kvrows * Dp, 16);
+  float *qp = padded_block(2 * ql + 2 * kvl), *op = qp + ql, *kp = op + ql, *vp = kp + kvl;
+  const float up = std::sqrt(static_cast<float>(Dp) / static_cast<float>(D));
+  pad_rows(ctx, qp, q, qrows, D, Dp, up);
+  pad_rows(ctx, kp, k, kvrows, D, Dp, 1.0f);
+  pad_rows(ctx, vp, v, kvrows, D, Dp, 1.0f);
+  AttentionDims pd = dims;
+  pd.D = Dp;
+  forward_tiles(ctx, op, lse, qp, kp, vp, pd);
+  unpad_rows(ctx, out, op, qrows, D, Dp, 1.0f);
+}
+
+void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, const float* dout,
+                        const float* q, const float* k, const float* v, const float* out,
+                        const float* lse, const AttentionDims& dims) {
+  check_dims(dims);
+  check_ptr(dq, "dq");
+  check_ptr(dk, "dk");
+  check_ptr(dv, "dv");
+  check_ptr(dout, "dout");
+  check_ptr(q, "q");
+  check_ptr(k, "k");
+  check_ptr(v, "v");
+  check_ptr(out, "out");
+  check_ptr(lse, "lse");
+  if (dims.D % 16 == 0) return backward_tiles(ctx, dq, dk, dv, dout, q, k, v, out, lse, dims);
+  const int64_t D = dims.D, Dp = attn::round_up(D, 16);
+  const int64_t qrows = dims.B * dims.Tq * dims.H, kvrows = dims.B * dims.Tk * dims.KV;
+  const int64_t ql = attn::round_up(qrows * Dp, 16), kvl = attn::round_up(kvrows * Dp, 16);
+  float *qp = padded_block(4 * ql + 4 * kvl), *op = qp + ql, *dop = op + ql, *dqp = dop + ql;
+  float *kp = dqp + ql, *vp = kp + kvl, *dkp = vp + kvl, *dvp = dkp + kvl;
+  // The padded q is q * up (see pad_rows), so dL/dq = up * dL/d(padded q); k, v are not rescaled.
+  const float up = std::sqrt(static_cast<float>(Dp) / static_cast<float>(D));
+  pad_rows(ctx, qp, q, qrows, D, Dp, up);
+  pad_rows(ctx, op, out, qrows, D, Dp, 1.0f);
+  pad_rows(ctx, dop, dout, qrows, D, Dp, 1.0f);
+  pad_rows(ctx, kp, k, kvrows, D, Dp, 1.0f);
+  pad_rows(ctx, vp, v, kvrows, D, Dp, 1.0f);
+  AttentionDims pd = dims;
+  pd.D = Dp;
+  backward_tiles(ctx, dqp, dkp, dvp, dop, qp, kp, vp, op, lse, pd);
+  unpad_rows(ctx, dq, dqp, qrows, D, Dp, up);
+  unpad_rows(ctx, dk, dkp, kvrows, D, Dp, 1.0f);
+  unpad_rows(ctx, dv, dvp, kvrows, D, Dp, 1.0f);
+}
+
+namespace {
+
+// The tile-loop forward for head dims that are multiples of 16 (arguments already checked).
+void forward_tiles(const CpuContext& ctx, float* out, float* lse, const float* q, const float* k,
+                   const float* v, const AttentionDims& dims) {
   const attn::Shape s = shape_of(dims);
   // Every query tile sweeps its head's keys; with several kv heads their rows are strided, so
   // they are gathered head-major once when more than one query tile will sweep them.
@@ -156,19 +258,10 @@ void attention_forward(const CpuContext& ctx, float* out, float* lse, const floa
   });
 }
 
-void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, const float* dout,
-                        const float* q, const float* k, const float* v, const float* out,
-                        const float* lse, const AttentionDims& dims) {
-  check_dims(dims);
-  check_ptr(dq, "dq");
-  check_ptr(dk, "dk");
-  check_ptr(dv, "dv");
-  check_ptr(dout, "dout");
-  check_ptr(q, "q");
-  check_ptr(k, "k");
-  check_ptr(v, "v");
-  check_ptr(out, "out");
-  check_ptr(lse, "lse");
+// The tile-loop backward for head dims that are multiples of 16 (arguments already checked).
+void backward_tiles(const CpuContext& ctx, float* dq, float* dk, float* dv, const float* dout,
+                    const float* q, const float* k, const float* v, const float* out,
+                    const float* lse, const AttentionDims& dims) {
   const attn::Shape s = shape_of(dims);
   const int64_t D = s.D, rows = s.B * s.Tq, row_len = s.H * D, q_len = rows * row_len;
   const int64_t tiles = (s.Tk + kTileK - 1) / kTileK;
@@ -263,6 +356,8 @@ void attention_backward(const CpuContext& ctx, float* dq, float* dk, float* dv, 
     });
   }
 }
+
+}  // namespace
 
 void attention_forward_reference(float* out, float* lse, const float* q, const float* k,
                                  const float* v, const AttentionDims& dims) {

@@ -19,7 +19,8 @@ struct AttentionDims {
   int64_t B = 1, Tq = 0, Tk = 0, H = 1, KV = 1, D = 64;
 };
 
-// Supports any Tq >= 1, Tk >= Tq, D a multiple of 16 up to 256 (32, 48, 64, 80, 96, 128, ...).
+// Supports any Tq >= 1, Tk >= Tq, D in [1, 256]. Multiples of 16 run the tile loops directly;
+// other head dims run them on zero-padded copies (exact, a little slower).
 void attention_forward(const CpuContext& ctx, float* out, float* lse, const float* q,
                        const float* k, const float* v, const AttentionDims& dims);
 

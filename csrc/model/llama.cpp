@@ -109,7 +109,8 @@ LlamaModel::LlamaModel(const LlamaConfig& c, std::unique_ptr<Backend> backend, D
          "config", "a zero or negative size");
   expect(c.H % c.KV == 0, "num_key_value_heads dividing num_attention_heads", "config",
          std::to_string(c.KV) + " kv heads for " + std::to_string(c.H) + " heads");
-  expect(c.hd % 16 == 0 && c.hd <= 256 && c.hd % 2 == 0, "a head dim that is a multiple of 16 up to 256",
+  // Attention takes any head dim up to 256; RoPE rotates pairs, so it must be even.
+  expect(c.hd >= 2 && c.hd <= 256 && c.hd % 2 == 0, "an even head dim from 2 to 256",
          "config.head_dim", std::to_string(c.hd));
   expect(c.eps > 0 && c.theta > 0, "positive rms_norm_eps and rope_theta", "config", "a non-positive value");
   expect(c.max_pos >= 1, "a positive max_position_embeddings", "config", std::to_string(c.max_pos));

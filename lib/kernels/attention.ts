@@ -19,7 +19,10 @@ export interface AttentionDims {
   heads: number;
   /** Key/value heads; query head h reads kv head floor(h / (heads / kvHeads)). */
   kvHeads: number;
-  /** A multiple of 16 in [16, 256] (the micro-kernels work in 16-float vectors). */
+  /**
+   * 1 to 256. Multiples of 16 run the vector tile loops directly; other sizes run them on copies
+   * zero-padded to the next multiple of 16 (same results, an extra copy of the inputs).
+   */
   headDim: number;
   kvSeqLen?: number;
 }
@@ -110,8 +113,7 @@ function checkDims(dims: unknown): Checked {
   const heads = expectInt(d.heads, 'dims.heads', 1);
   const kvHeads = expectInt(d.kvHeads, 'dims.kvHeads', 1);
   if (heads % kvHeads !== 0) fail(`a divisor of dims.heads (${heads})`, 'dims.kvHeads', kvHeads);
-  const headDim = expectInt(d.headDim, 'dims.headDim', 16, 256);
-  if (headDim % 16 !== 0) fail('a multiple of 16 in [16, 256]', 'dims.headDim', headDim);
+  const headDim = expectInt(d.headDim, 'dims.headDim', 1, 256);
   const kvSeqLen = d.kvSeqLen === undefined ? seqLen : expectInt(d.kvSeqLen, 'dims.kvSeqLen', seqLen);
   return {
     args: [batch, seqLen, kvSeqLen, heads, kvHeads, headDim],

@@ -38,7 +38,9 @@ export class ConfigError extends Error {
   }
 }
 
-const HEAD_DIMS_NOTE = 'a multiple of 16 up to 256';
+// RoPE rotates pairs of dimensions: transformers' rotate_half fails on an odd head dim, so an odd
+// one is refused here instead of computing something no reference computes.
+const HEAD_DIMS_NOTE = 'an even head dim from 2 to 256 (RoPE rotates pairs of dimensions)';
 
 /** Parses and validates a Hugging Face config object; `source` names it in errors. */
 export function parseHfConfig(raw: unknown, source = 'config.json'): LlamaConfig {
@@ -75,10 +77,15 @@ export function parseHfConfig(raw: unknown, source = 'config.json'): LlamaConfig
   const numKvHeads = int('num_key_value_heads', 1, numHeads);
   if (numHeads % numKvHeads !== 0)
     bad('num_key_value_heads', `a divisor of num_attention_heads (${numHeads})`, numKvHeads);
-  const headDim = c.head_dim === undefined || c.head_dim === null ? hiddenSize / numHeads : (c.head_dim as number);
-  if (!Number.isSafeInteger(headDim) || headDim * numHeads !== hiddenSize)
-    bad('head_dim', `hidden_size / num_attention_heads (${hiddenSize / numHeads}, an integer)`, c.head_dim ?? headDim);
-  if (headDim % 16 !== 0 || headDim > 256) bad('head_dim', HEAD_DIMS_NOTE, headDim);
+  // Like transformers' LlamaConfig: an explicit head_dim wins (q_proj is then heads * head_dim
+  // rows, whatever hidden_size is); otherwise hidden_size // num_attention_heads.
+  const explicit = c.head_dim !== undefined && c.head_dim !== null;
+  const headDim = explicit ? (c.head_dim as number) : Math.floor(hiddenSize / numHeads);
+  if (explicit && (typeof headDim !== 'number' || !Number.isSafeInteger(headDim) || headDim < 1))
+    bad('head_dim', 'a positive integer', c.head_dim);
+  if (!explicit && headDim < 1)
+    bad('num_attention_heads', `at most hidden_size (${hiddenSize}) heads, or an explicit head_dim`, numHeads);
+  if (headDim % 2 !== 0 || headDim > 256) bad('head_dim', HEAD_DIMS_NOTE, headDim);
 
   let ropeScaling: Llama3RopeScaling | null = null;
   if (c.rope_scaling !== undefined && c.rope_scaling !== null) {

@@ -74,7 +74,7 @@ export interface FinetuneOptions {
   /** Hyper-parameter names (see `hparams` in the report) that may differ from the checkpoint's on resume. */
   allowChanges?: readonly string[];
   /** Dev-set decoding (LIMA: top-p 0.9, temperature 0.7, repetition penalty 1.2), or false to skip. */
-  devGeneration?: (SamplingOptions & { maxNewTokens?: number }) | false;
+  devGeneration?: (SamplingOptions & { maxNewTokens?: number; stopTokens?: number[] }) | false;
   roles?: RoleMarkers;
   chatTemplate?: string;
   trainOnPrompt?: boolean;
@@ -862,7 +862,7 @@ function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, b
 async function devGenerations(
   model: LlamaModel,
   dev: readonly Example[],
-  opts: SamplingOptions & { maxNewTokens?: number },
+  opts: SamplingOptions & { maxNewTokens?: number; stopTokens?: number[] },
   seed: number,
   signal?: AbortSignal,
 ): Promise<EpochReport['generations'] | null> {
@@ -884,6 +884,7 @@ async function devGenerations(
       prompt: lastUser?.content ?? (tok ? tok.decode(ex.promptIds) : ex.promptIds.join(',')),
       reference: lastAssistant?.content,
       response: r.text ?? r.ids.join(','),
+      stopReason: r.stopReason,
     });
   }
   return out;

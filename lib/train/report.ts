@@ -14,8 +14,14 @@ export interface EpochReport {
   devLoss?: number;
   devPerplexity?: number;
   checkpoint?: string;
-  generations: { prompt: string; reference?: string; response: string }[];
+  /** Why each generation stopped ('stop-token' = it emitted a stop token before any limit). */
+  generations: { prompt: string; reference?: string; response: string; stopReason?: string }[];
+  /** Extra per-epoch figures shown as columns and above the responses (e.g. the demo's shares). */
+  metrics?: Record<string, string>;
 }
+
+// Epoch 0 is the model before training (the demo's baseline).
+const epochLabel = (e: EpochReport) => (e.epoch === 0 ? 'before training' : `epoch ${e.epoch}`);
 
 const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
 
@@ -71,8 +77,9 @@ export function reportHtml(title: string, steps: readonly StepPoint[], epochs: r
       (run.changes?.length ? `\n<p>Changed on resume: ${run.changes.map((c) => esc(`${c.key} ${JSON.stringify(c.from)} → ${JSON.stringify(c.to)} at step ${c.step}`)).join('; ')}</p>` : '')
     : '';
   const prompts = epochs.find((e) => e.generations.length)?.generations ?? [];
+  const metricKeys = [...new Set(epochs.flatMap((e) => Object.keys(e.metrics ?? {})))];
   const summary = epochs
-    .map((e) => `<tr><td>${e.epoch}</td><td>${e.trainLoss.toFixed(4)}</td><td>${e.devLoss?.toFixed(4) ?? '–'}</td><td>${e.devPerplexity?.toFixed(2) ?? '–'}</td><td>${esc(e.checkpoint ?? '')}</td></tr>`)
+    .map((e) => `<tr><td>${e.epoch === 0 ? 'before' : e.epoch}</td><td>${Number.isFinite(e.trainLoss) ? e.trainLoss.toFixed(4) : '–'}</td><td>${e.devLoss?.toFixed(4) ?? '–'}</td><td>${e.devPerplexity?.toFixed(2) ?? '–'}</td>${metricKeys.map((k) => `<td>${esc(e.metrics?.[k] ?? '–')}</td>`).join('')}<td>${esc(e.checkpoint ?? '')}</td></tr>`)
     .join('\n');
   const withGen = epochs.filter((e) => e.generations.length);
   const rows = prompts
@@ -89,13 +96,13 @@ pre{white-space:pre-wrap;margin:0;max-width:40ch;font-size:12px}.scroll{overflow
 <p>LIMA picks the checkpoint by reading these dev responses (the paper chose between epochs 5 and 10), not by the loss alone.</p>
 ${lossCurveSvg(steps, epochs, stepsPerEpoch)}
 <h2>Epochs</h2>
-<table><tr><th>epoch</th><th>train loss</th><th>dev loss</th><th>dev perplexity</th><th>checkpoint</th></tr>
+<table><tr><th>epoch</th><th>train loss</th><th>dev loss</th><th>dev perplexity</th>${metricKeys.map((k) => `<th>${esc(k)}</th>`).join('')}<th>checkpoint</th></tr>
 ${summary}
 </table>
 ${kept}
 ${settings}
 <h2>Dev responses by epoch</h2>
-<div class="scroll"><table><tr><th>prompt</th>${withGen.map((e) => `<th>epoch ${e.epoch}</th>`).join('')}</tr>
+<div class="scroll"><table><tr><th>prompt</th>${withGen.map((e) => `<th>${epochLabel(e)}${Object.entries(e.metrics ?? {}).map(([k, v]) => `<br><small>${esc(k)}: ${esc(v)}</small>`).join('')}</th>`).join('')}</tr>
 ${rows}
 </table></div>
 </body></html>

@@ -1,0 +1,195 @@
+// planFinetune(): what a fine-tune will cost before it starts — parameters, memory per precision,
+// tokens per epoch and, from a few measured optimizer steps, time per epoch — so a user knows
+// whether e.g. TinyLlama-1.1B fits in 24 GB before loading 4 GB of weights and waiting.
+import { readFile } from 'node:fs/promises';
+import { freemem, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
+import { Llama2cReader } from '../io/llama2c.js';
+import { parameterShapes, parseHfConfig, type LlamaConfig } from '../model/config.js';
+import { LlamaModel } from '../model/llama.js';
+import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { expectInt } from '../validate.js';
+import { LIMA_DEFAULTS, type FinetuneOptions } from './finetune.js';
+
+/** Bytes of one training configuration. */
+export interface MemoryPlan {
+  /** fp32 master weights, plus a 2-byte copy per parameter in bf16. */
+  weights: number;
+  gradients: number;
+  /** AdamW first and second moments (fp32). */
+  optimizer: number;
+  /** Activations of one micro-batch at the longest row (bf16: as fp32 for now). */
+  activations: number;
+  total: number;
+  /** total <= this machine's physical memory. */
+  fitsTotal: boolean;
+  /** total <= the memory free right now. */
+  fitsFree: boolean;
+}
+
+/** The result of planFinetune. */
+export interface FinetunePlan {
+  config: LlamaConfig;
+  /** Parameters after the vocabulary grows for the end-of-turn token, if it must. */
+  parameters: number;
+  trainExamples: number;
+  devExamples: number;
+  /** Tokens of the training rows (after truncation), i.e. processed per epoch. */
+  tokensPerEpoch: number;
+  targetTokensPerEpoch: number;
+  longestRow: number;
+  epochs: number;
+  batchSize: number;
+  microBatchSize: number;
+  stepsPerEpoch: number;
+  memory: { fp32: MemoryPlan; bf16: MemoryPlan };
+  machine: { totalBytes: number; freeBytes: number };
+  /** Present when steps were measured (fp32 on this machine). */
+  measured?: { steps: number; seconds: number; tokens: number; tokensPerSecond: number; secondsPerEpoch: number; secondsTotal: number };
+  /** Why no steps were measured, when none were. */
+  notMeasured?: string;
+}
+
+/** Options of planFinetune: finetune's, plus how many optimizer steps to time (0: none). */
+export type PlanOptions = Omit<FinetuneOptions, 'outDir' | 'signal' | 'resume'> & { outDir?: string; measureSteps?: number };
+
+async function readConfig(model: string): Promise<{ config: LlamaConfig; tokenizer: Tokenizer | null }> {
+  if (model.endsWith('.bin')) {
+    const r = await Llama2cReader.open(model);
+    await r.close();
+    return { config: r.config, tokenizer: null };
+  }
+  const path = join(model, 'config.json');
+  let raw: unknown;
+  try {
+    raw = JSON.parse(await readFile(path, 'utf8'));
+  } catch (e) {
+    throw new Error(`${path}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'not found' : (e as Error).message}`);
+  }
+  return { config: parseHfConfig(raw, path), tokenizer: await loadTokenizer(model) };
+}
+
+/** Parameter count of a config (tied heads counted once). */
+export function countParameters(config: LlamaConfig): number {
+  return parameterShapes(config).reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0);
+}
+
+/** Memory of a run: 4-byte weights, gradients and two moments, plus the activations given. */
+export function memoryPlan(parameters: number, activations: number, precision: 'fp32' | 'bf16', machine = { totalBytes: totalmem(), freeBytes: freemem() }): MemoryPlan {
+  const weights = parameters * (precision === 'bf16' ? 6 : 4);
+  const gradients = parameters * 4;
+  const optimizer = parameters * 8;
+  const total = weights + gradients + optimizer + activations;
+  return { weights, gradients, optimizer, activations, total, fitsTotal: total <= machine.totalBytes, fitsFree: total <= machine.freeBytes };
+}
+
+/**
+ * Plans a fine-tune with the same options as finetune(): reads the config (not the weights) and
+ * the data, computes memory, and — when the fp32 run fits in free memory and the model is a path —
+ * loads it and times `measureSteps` (default 3) optimizer steps on the first batches of epoch 1
+ * (in memory only: nothing is written).
+ */
+export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
+  const modelPath = typeof o.model === 'string' ? o.model : undefined;
+  const loaded = typeof o.model === 'string' ? await readConfig(o.model) : { config: o.model.config, tokenizer: o.model.tokenizer };
+  const epochs = expectInt(o.epochs ?? LIMA_DEFAULTS.epochs, 'epochs', 1);
+  const batchSize = expectInt(o.batchSize ?? LIMA_DEFAULTS.batchSize, 'batchSize', 1);
+  const measureSteps = expectInt(o.measureSteps ?? 3, 'measureSteps', 0);
+  const seed = o.seed ?? 0;
+  const tokenizer = loaded.tokenizer ?? undefined;
+  const data = await loadTrainDev(o.data, {
+    tokenizer, dev: o.devData, seed, roles: o.roles, chatTemplate: o.chatTemplate, trainOnPrompt: o.trainOnPrompt,
+    maxLength: o.maxLength ?? LIMA_DEFAULTS.maxLength, skipBadRows: o.skipBadRows,
+    vocabSize: tokenizer ? undefined : loaded.config.vocabSize,
+  });
+  const train = data.train;
+  if (train.length === 0) throw new Error(`${o.data}: no training examples`);
+  const config: LlamaConfig = tokenizer && tokenizer.vocabSize > loaded.config.vocabSize
+    ? { ...loaded.config, vocabSize: tokenizer.vocabSize }
+    : loaded.config;
+  const parameters = countParameters(config);
+  const tokensPerEpoch = train.reduce((n, e) => n + e.inputIds.length, 0);
+  const targetTokensPerEpoch = train.reduce((n, e) => n + e.labels.filter((l) => l >= 0).length, 0);
+  const longestRow = train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
+  const machine = { totalBytes: totalmem(), freeBytes: freemem() };
+  // finetune()'s default micro-batch: halve the batch until its activations fit the budget.
+  const budget = o.memoryBudget ?? Math.min(8 * 2 ** 30, machine.freeBytes / 2);
+  let micro = o.microBatchSize ?? batchSize;
+  if (o.microBatchSize === undefined)
+    while (micro > 1 && LlamaModel.activationBytes(config, micro, longestRow) > budget) micro = Math.ceil(micro / 2);
+  const activations = LlamaModel.activationBytes(config, Math.min(micro, batchSize), longestRow);
+  const stepsPerEpoch = Math.ceil(train.length / batchSize);
+  const plan: FinetunePlan = {
+    config, parameters, trainExamples: train.length, devExamples: data.dev.length, tokensPerEpoch, targetTokensPerEpoch,
+    longestRow, epochs, batchSize, microBatchSize: micro, stepsPerEpoch,
+    memory: { fp32: memoryPlan(parameters, activations, 'fp32', machine), bf16: memoryPlan(parameters, activations, 'bf16', machine) },
+    machine,
+  };
+  if (measureSteps === 0) {
+    plan.notMeasured = 'measureSteps is 0';
+    return plan;
+  }
+  if (modelPath === undefined) {
+    plan.notMeasured = 'timing steps would change the given model (pass a model path to measure)';
+    return plan;
+  }
+  if (!plan.memory.fp32.fitsFree) {
+    plan.notMeasured = 'the fp32 run does not fit in free memory';
+    return plan;
+  }
+
+  const m = modelPath.endsWith('.bin') ? await LlamaModel.fromLlama2c(modelPath) : await LlamaModel.fromPretrained(modelPath);
+  try {
+    if (m.config.vocabSize < config.vocabSize) await m.resizeVocab(config.vocabSize);
+    const batches = epochBatches(train, { batchSize, seed, epoch: 0 }).slice(0, measureSteps);
+    const pMax = o.dropout ?? LIMA_DEFAULTS.dropout;
+    let seconds = 0;
+    let tokens = 0;
+    let timed = 0;
+    // One untimed step first when there are enough batches: the first call grows buffers.
+    for (const [i, batch] of batches.entries()) {
+      const t = performance.now();
+      const split = microBatches(batch, micro);
+      await m.zeroGrads();
+      for (const mb of split.microBatches)
+        await m.trainStep(mb, { norm: split.targets, dropout: { pMax, seed, step: i, rowOffset: mb.rowOffset } });
+      // A real step on a copy in memory; the files are never written.
+      await m.adamwStep({ lr: o.lr ?? LIMA_DEFAULTS.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, step: i + 1 });
+      if (i === 0 && batches.length > 1) continue;
+      seconds += (performance.now() - t) / 1000;
+      tokens += batch.reduce((n, e) => n + e.inputIds.length, 0);
+      timed++;
+    }
+    const tps = tokens / seconds;
+    plan.measured = {
+      steps: timed, seconds, tokens, tokensPerSecond: tps,
+      secondsPerEpoch: tokensPerEpoch / tps, secondsTotal: (epochs * tokensPerEpoch) / tps,
+    };
+  } finally {
+    await m.dispose();
+  }
+  return plan;
+}
+
+const gib = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(2)} GiB` : `${(b / 2 ** 20).toFixed(1)} MiB`);
+const dur = (s: number) => (s >= 3600 ? `${(s / 3600).toFixed(1)} h` : s >= 60 ? `${(s / 60).toFixed(1)} min` : `${s.toFixed(1)} s`);
+
+/** The plan as the lines `finetune --dry-run` prints. */
+export function formatPlan(p: FinetunePlan): string {
+  const c = p.config;
+  const mem = (name: string, m: MemoryPlan) =>
+    `  ${name.padEnd(5)} weights ${gib(m.weights)}, gradients ${gib(m.gradients)}, optimizer ${gib(m.optimizer)}, activations ${gib(m.activations)} = ${gib(m.total)}: ` +
+    (m.fitsFree ? 'fits in free memory' : m.fitsTotal ? 'fits in this machine but not in the memory free now' : 'does NOT fit in this machine');
+  return [
+    `model: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads (${c.numKvHeads} kv, head dim ${c.headDim}), vocab ${c.vocabSize}: ${p.parameters.toLocaleString('en-US')} parameters`,
+    `data: ${p.trainExamples} training examples, ${p.devExamples} dev; ${p.tokensPerEpoch.toLocaleString('en-US')} tokens per epoch (${p.targetTokensPerEpoch.toLocaleString('en-US')} targets), longest row ${p.longestRow}`,
+    `schedule: ${p.epochs} epochs x ${p.stepsPerEpoch} steps of batch ${p.batchSize} (micro-batch ${p.microBatchSize})`,
+    `memory (this machine: ${gib(p.machine.totalBytes)}, ${gib(p.machine.freeBytes)} free):`,
+    mem('fp32', p.memory.fp32),
+    mem('bf16', p.memory.bf16),
+    p.measured
+      ? `time: ${p.measured.tokensPerSecond.toFixed(0)} tokens/s over ${p.measured.steps} measured step(s) -> ~${dur(p.measured.secondsPerEpoch)} per epoch, ~${dur(p.measured.secondsTotal)} in all (fp32)`
+      : `time: not measured (${p.notMeasured})`,
+  ].join('\n');
+}
