@@ -9,13 +9,15 @@ import { fileURLToPath } from 'node:url';
 import { LlamaModel, type EvalRow } from './model/llama.js';
 import { readJsonl } from './io/jsonl.js';
 import { ByteTokenizer } from './tokenizer/index.js';
+import { convertGguf } from './io/gguf.js';
 import { finetune as runFinetune, type FinetuneEvent, type FinetuneOptions } from './train/finetune.js';
 
 const USAGE = `usage: lima-native <command> [options]
 
 commands:
-  convert  --from llama2c <file> --out <dir> [--dtype F32|BF16]
-           import a llama2.c checkpoint into a Hugging Face model folder
+  convert  --from llama2c|gguf <file> --out <dir> [--dtype F32|BF16]
+           import a llama2.c checkpoint or a LLaMA GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+           Q4_K, Q6_K; dequantised) into a Hugging Face model folder with its tokenizer
   generate --model <dir> (--prompt <text> | --prompt-ids 1,2,3) [--greedy | --temperature T --top-p P
            --top-k K --repetition-penalty R] [--max-new-tokens N] [--seed S] [--json]
   eval     --model <dir> --data <jsonl> [--batch-size N] [--json]
@@ -50,10 +52,16 @@ async function convert(argv: string[]): Promise<void> {
     options: { from: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' } },
     allowPositionals: true,
   });
-  if (values.from !== 'llama2c') throw new UsageError('convert needs --from llama2c');
+  if (values.from !== 'llama2c' && values.from !== 'gguf') throw new UsageError('convert needs --from llama2c or --from gguf');
   if (positionals.length !== 1 || !values.out) throw new UsageError('convert needs one input file and --out <dir>');
   const dtype = (values.dtype ?? 'F32').toUpperCase();
   if (dtype !== 'F32' && dtype !== 'BF16') throw new UsageError(`--dtype expects F32 or BF16, got "${values.dtype}"`);
+  if (values.from === 'gguf') {
+    const r = await convertGguf(positionals[0], values.out, { dtype });
+    const types = Object.entries(r.types).map(([t, n]) => `${n} ${t}`).join(', ');
+    console.log(`wrote ${values.out} (${r.numParams} parameters, ${dtype}; from ${types} tensors${r.tokenizer ? `; tokenizer${r.chatTemplate ? ' with chat template' : ''}` : '; no vocabulary in the file'})`);
+    return;
+  }
   await using model = await LlamaModel.fromLlama2c(positionals[0]);
   await model.save(values.out, { dtype });
   console.log(`wrote ${values.out} (${model.numParams} parameters, ${dtype})`);

@@ -181,11 +181,14 @@ export function f32ToBf16(src: Float32Array, dst: Uint16Array): void {
   }
 }
 
-/** A tensor to write: fp32 data stored as `dtype` (default F32). */
+/**
+ * A tensor to write: fp32 data stored as `dtype` (default F32). `data` may be a function that
+ * produces it when its turn comes, so a converter holds one tensor in memory at a time.
+ */
 export interface TensorToWrite {
   name: string;
   shape: number[];
-  data: Float32Array;
+  data: Float32Array | (() => Promise<Float32Array>);
   dtype?: 'F32' | 'BF16';
 }
 
@@ -203,7 +206,7 @@ export async function writeSafetensors(
   let offset = 0;
   for (const t of tensors) {
     const count = t.shape.reduce((a, d) => a * d, 1);
-    if (count !== t.data.length)
+    if (typeof t.data !== 'function' && count !== t.data.length)
       throw new SafetensorsError(`${path}: tensor "${t.name}" has ${t.data.length} values for shape [${t.shape}]`);
     const bytes = count * (t.dtype === 'BF16' ? 2 : 4);
     header[t.name] = { dtype: t.dtype ?? 'F32', shape: t.shape, data_offsets: [offset, offset + bytes] };
@@ -230,16 +233,19 @@ export async function writeSafetensors(
     await write(len);
     await write(json);
     for (const t of tensors) {
+      const data = typeof t.data === 'function' ? await t.data() : t.data;
+      const count = t.shape.reduce((a, d) => a * d, 1);
+      if (data.length !== count) throw new SafetensorsError(`${path}: tensor "${t.name}" has ${data.length} values for shape [${t.shape}]`);
       if (t.dtype === 'BF16') {
         const chunk = 1 << 20;
-        const buf = new Uint16Array(Math.min(chunk, t.data.length));
-        for (let i = 0; i < t.data.length; i += chunk) {
-          const n = Math.min(chunk, t.data.length - i);
-          f32ToBf16(t.data.subarray(i, i + n), buf);
+        const buf = new Uint16Array(Math.min(chunk, data.length));
+        for (let i = 0; i < data.length; i += chunk) {
+          const n = Math.min(chunk, data.length - i);
+          f32ToBf16(data.subarray(i, i + n), buf);
           await write(new Uint8Array(buf.buffer, 0, n * 2));
         }
       } else {
-        const le = LITTLE_ENDIAN ? t.data : Float32Array.from(t.data);
+        const le = LITTLE_ENDIAN ? data : Float32Array.from(data);
         if (!LITTLE_ENDIAN) byteswap32(le);
         await write(new Uint8Array(le.buffer, le.byteOffset, le.byteLength));
       }
