@@ -279,12 +279,26 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: T
     eos_token: tok.eosId === undefined ? '' : tok.decode([tok.eosId]),
   };
   if (tok.eotId !== undefined) vars.eot_token = tok.decode([tok.eotId]);
-  const render = (k: number, gen: boolean): string => {
+  const renderRaw = (k: number, gen: boolean): string => {
     try {
       return template.render({ ...vars, messages: messages.slice(0, k).map((m) => ({ ...m })), add_generation_prompt: gen });
     } catch (e) {
       throw new RowError(`chat template failed on messages[0..${k - 1}]: ${(e as Error).message}`);
     }
+  };
+  // Some templates (the base Llama 3 one) end every rendering with the assistant header whatever
+  // add_generation_prompt says. That trailer is what an empty conversation renders to; it is cut
+  // from renderings without the generation prompt, so it belongs to the next turn's prompt and
+  // never to an answer's target span.
+  let trailer = '';
+  try {
+    trailer = template.render({ ...vars, messages: [], add_generation_prompt: false });
+  } catch {
+    trailer = '';
+  }
+  const render = (k: number, gen: boolean): string => {
+    const text = renderRaw(k, gen);
+    return !gen && trailer && text.endsWith(trailer) ? text.slice(0, text.length - trailer.length) : text;
   };
   const extend = (prev: string, next: string, what: string): string => {
     if (!next.startsWith(prev))
@@ -323,7 +337,9 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: T
  * rendered for messages 0..k for every k (and with the generation prompt before each assistant
  * turn) and each rendered increment is tokenized on its own, so the assistant increments (content
  * plus whatever the template closes the turn with) are exact target spans. The template decides
- * BOS and end-of-turn tokens itself; it sees `bos_token`, `eos_token` and `eot_token`.
+ * BOS and end-of-turn tokens itself; it sees `bos_token`, `eos_token` and `eot_token`. A trailer
+ * the template renders even for no messages (an always-on assistant header) starts the next turn,
+ * so it is never part of a target.
  * Throws RowError for a template that fails or is not incremental.
  */
 export function formatConversation(messages: readonly Message[], opts: FormatOptions): FormattedConversation {
