@@ -8,8 +8,10 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LlamaModel, type EvalRow } from './model/llama.js';
 import { readJsonl } from './io/jsonl.js';
-import { ByteTokenizer } from './tokenizer/index.js';
+import { ByteTokenizer, loadTokenizer } from './tokenizer/index.js';
 import { convertGguf } from './io/gguf.js';
+import { resolveChatTemplate } from './data/format.js';
+import { previewDataset } from './data/preview.js';
 import { finetune as runFinetune, type FinetuneEvent, type FinetuneOptions } from './train/finetune.js';
 
 const USAGE = `usage: lima-native <command> [options]
@@ -28,7 +30,11 @@ commands:
            --batch-size N --micro-batch-size N --lr X --lr-final X --warmup-steps N --weight-decay X
            --dropout X --max-length N --seed S --grad-clip X --checkpoint-every N --keep-last N
            --dev-max-new-tokens N --no-dev-generation --train-on-prompt --skip-bad-rows --resume --json]
+           [--chat-template tokenizer|<file.jinja>]
            supervised fine-tuning with the LIMA recipe (its values are the defaults)
+  data     --model <dir> --data <jsonl> [--chat-template tokenizer|<file.jinja>] [--max-length N]
+           [--limit N] [--train-on-prompt] [--skip-bad-rows] [--json]
+           rows formatted as finetune will train on them, trained tokens marked, and totals
   demo     [--out <dir>] [--epochs N] [--json]
            trains a small model from scratch on the bundled LIMA-style sample in a few minutes
 `;
@@ -220,9 +226,11 @@ async function finetuneCmd(argv: string[]): Promise<void> {
       seed: { type: 'string' }, 'grad-clip': { type: 'string' }, 'checkpoint-every': { type: 'string' },
       'keep-last': { type: 'string' }, 'dev-max-new-tokens': { type: 'string' }, 'no-dev-generation': { type: 'boolean' },
       'train-on-prompt': { type: 'boolean' }, 'skip-bad-rows': { type: 'boolean' }, resume: { type: 'boolean' }, json: { type: 'boolean' },
+      'chat-template': { type: 'string' },
     },
   });
   if (!values.model || !values.data || !values.out) throw new UsageError('finetune needs --model, --data and --out');
+  const chatTemplate = values['chat-template'] === undefined ? undefined : await resolveChatTemplate(values['chat-template'], values.model);
   const dev = values.dev === undefined ? undefined : /^\d+$/.test(values.dev) ? Number(values.dev) : values.dev;
   const maxNew = num(values['dev-max-new-tokens'], 'dev-max-new-tokens', true);
   await drive({
@@ -235,7 +243,7 @@ async function finetuneCmd(argv: string[]): Promise<void> {
     gradClip: num(values['grad-clip'], 'grad-clip'), checkpointEvery: num(values['checkpoint-every'], 'checkpoint-every', true),
     keepLast: num(values['keep-last'], 'keep-last', true),
     devGeneration: values['no-dev-generation'] ? false : maxNew !== undefined ? { maxNewTokens: maxNew } : undefined,
-    trainOnPrompt: values['train-on-prompt'], skipBadRows: values['skip-bad-rows'], resume: values.resume,
+    trainOnPrompt: values['train-on-prompt'], skipBadRows: values['skip-bad-rows'], resume: values.resume, chatTemplate,
   }, values.json ?? false);
 }
 
@@ -271,7 +279,33 @@ async function demo(argv: string[]): Promise<void> {
   }
 }
 
-const commands: Record<string, (argv: string[]) => Promise<void>> = { convert, generate, eval: evaluate, init, finetune: finetuneCmd, demo };
+// `data`: the formatting preview; its logic lives in lib/data/preview.ts.
+async function dataCmd(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      model: { type: 'string' }, data: { type: 'string' }, 'chat-template': { type: 'string' }, 'max-length': { type: 'string' },
+      limit: { type: 'string' }, 'train-on-prompt': { type: 'boolean' }, 'skip-bad-rows': { type: 'boolean' }, json: { type: 'boolean' },
+    },
+  });
+  if (!values.model || !values.data) throw new UsageError('data needs --model <dir> and --data <jsonl>');
+  const tokenizer = await loadTokenizer(values.model);
+  if (!tokenizer) throw new Error(`${values.model}: no tokenizer (tokenizer.json or lima-tokenizer.json) to format the data with`);
+  const chatTemplate = values['chat-template'] === undefined ? undefined : await resolveChatTemplate(values['chat-template'], values.model);
+  const p = await previewDataset(values.data, {
+    tokenizer, chatTemplate, maxLength: num(values['max-length'], 'max-length', true), limit: num(values.limit, 'limit', true),
+    trainOnPrompt: values['train-on-prompt'], skipBadRows: values['skip-bad-rows'], color: !values.json && process.stdout.isTTY,
+  });
+  if (values.json) {
+    console.log(JSON.stringify(p));
+    return;
+  }
+  for (const t of p.text) console.log(`${t}\n`);
+  console.log(`rows ${p.rows}  examples ${p.examples}  tokens ${p.tokens}  target tokens ${p.targetTokens}  truncated rows ${p.truncated}` +
+    `${p.skipped.length ? `  skipped rows ${p.skipped.length}` : ''}  longest ${p.longest}${p.eotAdded ? '  (EOT token added to the vocabulary)' : ''}`);
+}
+
+const commands: Record<string, (argv: string[]) => Promise<void>> = { convert, generate, eval: evaluate, init, finetune: finetuneCmd, demo, data: dataCmd };
 
 /** Runs one CLI command; returns the exit code (0 ok, 1 failure, 2 usage) instead of exiting, for tests. */
 export async function main(argv: string[]): Promise<number> {

@@ -18,6 +18,11 @@ export { resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOpti
 export { ByteTokenizer, HfTokenizer, loadTokenizer, DEFAULT_EOT, type Tokenizer } from './tokenizer/index.js';
 export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo, type TensorToWrite, type SafetensorsDtype } from './io/safetensors.js';
 export { Llama2cReader, Llama2cError } from './io/llama2c.js';
+export { GgufReader, GgufError, convertGguf, type GgufTensor, type GgufConversion } from './io/gguf.js';
+export { dequantize, GgmlType, GGML_TYPE_INFO, ggmlTypeName } from './io/ggml-quants.js';
+export { ggufToHfTokenizer, GgufVocabError, type HfTokenizerFiles } from './tokenizer/gguf-vocab.js';
+export { resolveChatTemplate, ChatTemplateError } from './data/format.js';
+export { previewDataset, renderExample, type PreviewOptions, type DatasetPreview } from './data/preview.js';
 export { readJsonl, JsonlError } from './io/jsonl.js';
 export { Rng } from './util/rng.js';
 export {

@@ -34,6 +34,8 @@ export interface Example {
   source?: string;
   /** 1-based line in the file. */
   line: number;
+  /** Set when the example was cut to maxLength. */
+  truncated?: boolean;
 }
 
 /** A row left out with `skipBadRows`, and why. */
@@ -166,6 +168,7 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
         if (ex.inputIds.length > maxLength) {
           ex.inputIds = ex.inputIds.slice(0, maxLength);
           ex.labels = ex.labels.slice(0, maxLength);
+          ex.truncated = true;
           if (answered && countTargets(ex.labels) === 0) {
             bad(line, `no target tokens left after truncation to maxLength ${maxLength} (the prompt is too long)`);
             continue;

@@ -217,6 +217,55 @@ export async function loadChatTemplate(dir: string): Promise<string | undefined>
   throw new Error(`${path}: Expected a string or a list of {name, template} for chat_template but received ${describe(t)}`);
 }
 
+/** A chat template that cannot be found or compiled; the message names the file. */
+export class ChatTemplateError extends Error {
+  readonly code = 'ERR_LIMA_CHAT_TEMPLATE';
+  constructor(message: string) {
+    super(message);
+    this.name = 'ChatTemplateError';
+  }
+}
+
+/**
+ * Resolves a `--chat-template` spec to template source: `tokenizer` takes the model folder's
+ * tokenizer_config.json chat_template, anything else is read as a Jinja file. The template is
+ * compiled here so a syntax error names its file before any data is read.
+ */
+export async function resolveChatTemplate(spec: string, modelDir: string): Promise<string> {
+  if (typeof spec !== 'string' || !spec) fail('"tokenizer" or a path to a Jinja file', 'chatTemplate', spec);
+  let source: string;
+  let origin: string;
+  if (spec === 'tokenizer') {
+    origin = join(modelDir, 'tokenizer_config.json');
+    let t: string | undefined;
+    try {
+      t = await loadChatTemplate(modelDir);
+    } catch (e) {
+      throw new ChatTemplateError((e as Error).message);
+    }
+    if (t === undefined)
+      throw new ChatTemplateError(`${origin}: no "chat_template" (the model has no chat template; pass --chat-template <file.jinja>)`);
+    source = t;
+  } else {
+    origin = spec;
+    try {
+      source = await readFile(spec, 'utf8');
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      throw new ChatTemplateError(
+        code === 'ENOENT' ? `${spec}: chat template file not found (expected "tokenizer" or a path to a Jinja file)` : `${spec}: cannot read chat template (${(e as Error).message})`,
+      );
+    }
+    if (!source.trim()) throw new ChatTemplateError(`${spec}: chat template file is empty`);
+  }
+  try {
+    compileChatTemplate(source);
+  } catch (e) {
+    throw new ChatTemplateError(`${origin}: ${(e as Error).message}`);
+  }
+  return source;
+}
+
 // Special tokens by their text, so template output like "<s>" becomes the special id for every
 // tokenizer (the byte tokenizer would otherwise spell it out byte by byte).
 function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
