@@ -88,6 +88,31 @@ describe('dequantisation matches llama.cpp', () => {
     expect(y6[1]).toBe(-96); // q = 0 → (0 - 32)·3
   });
 
+  it('a file written by llama.cpp\'s gguf-py: every type equals gguf-py\'s own dequantize', async () => {
+    // test/fixtures/gguf/make-fixture.py: tensors quantised by gguf-py, and "expected.<name>" F32 tensors.
+    const { gguf } = await import('@huggingface/gguf');
+    const path = join(FIX, 'gguf', 'quants.gguf');
+    const parsed = await gguf(path, { allowLocalFile: true });
+    const file = readFileSync(path);
+    const base = Number(parsed.tensorDataOffset);
+    const get = (name: string) => {
+      const t = parsed.tensorInfos.find((x) => x.name === name)!;
+      const n = t.shape.reduce((a, d) => a * Number(d), 1);
+      return { type: Number(t.dtype), n, bytes: file.subarray(base + Number(t.offset)) };
+    };
+    const names = parsed.tensorInfos.map((t) => t.name).filter((n) => !n.startsWith('expected.'));
+    expect(names.sort()).toEqual(['bf16', 'f16', 'f32', 'q4_0', 'q4_1', 'q4_k', 'q6_k', 'q8_0']);
+    for (const name of names) {
+      const t = get(name);
+      const e = get('expected.' + name);
+      const got = dequantize(t.type, new Uint8Array(t.bytes), t.n);
+      const want = dequantize(GgmlType.F32, new Uint8Array(e.bytes), e.n);
+      let worst = 0;
+      for (let i = 0; i < t.n; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]) / Math.max(Math.abs(want[i]), 1e-30));
+      expect(worst, name).toBe(0); // bit-identical to llama.cpp's Python reference
+    }
+  });
+
   it('rejects short buffers and partial blocks', () => {
     expect(() => dequantize(GgmlType.Q4_K, new Uint8Array(100), 256)).toThrow(/144 bytes/);
     expect(() => dequantize(GgmlType.Q8_0, new Uint8Array(34), 30)).toThrow(/whole number of Q8_0 blocks/);
