@@ -49,6 +49,7 @@ function num(v: string | undefined, name: string, int = false): number | undefin
 }
 
 async function loadModel(path: string): Promise<LlamaModel> {
+  if (path.endsWith('.gguf')) return LlamaModel.fromGguf(path);
   return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path) : LlamaModel.fromPretrained(path);
 }
 

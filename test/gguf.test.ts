@@ -9,6 +9,7 @@ import { dequantize, GgmlType } from '../lib/io/ggml-quants.js';
 import { convertGguf, GgufReader, llama3ScalingFromFactors } from '../lib/io/gguf.js';
 import { SafetensorsReader } from '../lib/io/safetensors.js';
 import { main } from '../lib/cli.js';
+import { resolveChatTemplate } from '../lib/data/format.js';
 import { readAllTensors, randn, rng, tempDirs } from './helpers.js';
 import {
   arr, bool, f32, llamaCppPermute, plain, quantQ4_0, quantQ4_1, quantQ4_K, quantQ6_K, quantQ8_0, str, u32, VT,
@@ -271,6 +272,14 @@ describe('convert --from gguf', () => {
     const tc = JSON.parse(readFileSync(join(out, 'tokenizer_config.json'), 'utf8')) as Record<string, unknown>;
     expect(tc.bos_token).toBe('<s>');
     expect(tc.chat_template).toContain("m['role']");
+    expect(await resolveChatTemplate('tokenizer', out)).toBe(tc.chat_template);
+    expect(await resolveChatTemplate('tokenizer', file)).toBe(tc.chat_template);
+
+    // Loading the GGUF directly gives the same model and tokenizer.
+    await using direct = await LlamaModel.fromGguf(file);
+    const g = await direct.forward(padBatch(rows.map((r) => ({ inputIds: r.input_ids, labels: r.labels })), 1 << 30), { logits: true });
+    expect(Array.from(g.logits!)).toEqual(Array.from(f.logits!));
+    expect(direct.tokenizer?.encode('the abing')).toEqual([37, 33, 39]);
   });
 
   it('every tensor type in one file, dequantised and unpermuted exactly', async () => {

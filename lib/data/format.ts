@@ -228,14 +228,23 @@ export class ChatTemplateError extends Error {
 
 /**
  * Resolves a `--chat-template` spec to template source: `tokenizer` takes the model folder's
- * tokenizer_config.json chat_template, anything else is read as a Jinja file. The template is
+ * tokenizer_config.json chat_template (or a .gguf model's tokenizer.chat_template), anything else
+ * is read as a Jinja file. The template is
  * compiled here so a syntax error names its file before any data is read.
  */
 export async function resolveChatTemplate(spec: string, modelDir: string): Promise<string> {
   if (typeof spec !== 'string' || !spec) fail('"tokenizer" or a path to a Jinja file', 'chatTemplate', spec);
   let source: string;
   let origin: string;
-  if (spec === 'tokenizer') {
+  if (spec === 'tokenizer' && modelDir.endsWith('.gguf')) {
+    origin = `${modelDir} (tokenizer.chat_template)`;
+    const { GgufReader } = await import('../io/gguf.js');
+    const r = await GgufReader.open(modelDir);
+    const t = r.metadata['tokenizer.chat_template'];
+    await r.close();
+    if (typeof t !== 'string') throw new ChatTemplateError(`${modelDir}: no "tokenizer.chat_template" (pass --chat-template <file.jinja>)`);
+    source = t;
+  } else if (spec === 'tokenizer') {
     origin = join(modelDir, 'tokenizer_config.json');
     let t: string | undefined;
     try {

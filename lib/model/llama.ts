@@ -3,13 +3,14 @@
 import { mkdir, readFile, rename, writeFile, access } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Llama2cReader } from '../io/llama2c.js';
+import { GgufReader } from '../io/gguf.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../util/rng.js';
 import { expectI32, expectInt, expectNumber, fail } from '../validate.js';
 import { ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
 import { nativeLlama, type NativeLlama, type NativeParamInfo } from './native-model.js';
 import { resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
-import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { HfTokenizer, loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { padRows } from '../data/batch.js';
 
 /** A model file set that cannot be loaded; the message names the file and the tensor. */
@@ -181,6 +182,30 @@ export class LlamaModel implements AsyncDisposable {
     const r = await Llama2cReader.open(file);
     try {
       const m = LlamaModel.make(r.config, opts.tokenizer ?? null);
+      try {
+        for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
+      } catch (e) {
+        await m.dispose();
+        throw e;
+      }
+      return m;
+    } finally {
+      await r.close();
+    }
+  }
+
+  /**
+   * Loads a LLaMA-architecture GGUF file directly (dequantised to fp32, q/k rows in the Hugging Face
+   * RoPE layout, the embedded vocabulary as its tokenizer). `convertGguf` writes the same model
+   * as a Hugging Face folder instead.
+   */
+  static async fromGguf(file: string): Promise<LlamaModel> {
+    const r = await GgufReader.open(file);
+    try {
+      // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
+      const cfg = parseHfConfig(toHfConfig(r.config), file);
+      const tok = r.tokenizerFiles();
+      const m = LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null);
       try {
         for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
       } catch (e) {

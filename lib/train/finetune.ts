@@ -203,7 +203,8 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
 
   let ownModel = typeof o.model === 'string';
   let model = typeof o.model === 'string'
-    ? o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model) : await LlamaModel.fromPretrained(o.model)
+    ? o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model)
+      : o.model.endsWith('.gguf') ? await LlamaModel.fromGguf(o.model) : await LlamaModel.fromPretrained(o.model)
     : o.model;
   if (!(model instanceof LlamaModel)) fail('a LlamaModel or a model path', 'model', o.model);
   try {
