@@ -405,6 +405,8 @@ describe('convert --from gguf', () => {
     const noHeads = { ...llamaKv(m.config) };
     delete noHeads['llama.attention.head_count'];
     expect(await err(write('heads.gguf', noHeads, good))).toMatch(/heads\.gguf: missing metadata "llama\.attention\.head_count"/);
+    const shard = { ...llamaKv(m.config), 'split.no': u32(0), 'split.count': u32(3) };
+    expect(await err(write('shard.gguf', shard, good.slice(0, 4)))).toMatch(/shard\.gguf: is shard 1 of 3 of a split GGUF; merge the shards first/);
     // Truncated data and a file that is not GGUF at all.
     const full = write('trunc.gguf', llamaKv(m.config), good);
     const bytes = readFileSync(full);

@@ -85,65 +85,68 @@ export function dequantize(type: number, src: Uint8Array, n: number, dst: Float3
   const bytes = ggmlByteSize(type, n);
   if (src.length < bytes) throw new RangeError(`${ggmlTypeName(type)}: ${n} elements need ${bytes} bytes but ${src.length} were given`);
   if (dst.length < n) throw new RangeError(`destination holds ${dst.length} elements, ${n} needed`);
-  const dv = new DataView(src.buffer, src.byteOffset, src.byteLength);
   const H = halfTable();
-  const half = (off: number) => H[dv.getUint16(off, true)];
+  // Storing into a Float32Array rounds to fp32, so only intermediate products need Math.fround.
   switch (type) {
-    case GgmlType.F32:
-      for (let i = 0; i < n; i++) dst[i] = dv.getFloat32(i * 4, true);
+    case GgmlType.F32: {
+      if (src.byteOffset % 4 === 0) dst.set(new Float32Array(src.buffer, src.byteOffset, n));
+      else {
+        const dv = new DataView(src.buffer, src.byteOffset, bytes);
+        for (let i = 0; i < n; i++) dst[i] = dv.getFloat32(i * 4, true);
+      }
       break;
+    }
     case GgmlType.F16:
-      for (let i = 0; i < n; i++) dst[i] = H[dv.getUint16(i * 2, true)];
+      for (let i = 0; i < n; i++) dst[i] = H[src[2 * i] | (src[2 * i + 1] << 8)];
       break;
     case GgmlType.BF16: {
       const d = new Uint32Array(dst.buffer, dst.byteOffset, n);
-      for (let i = 0; i < n; i++) d[i] = dv.getUint16(i * 2, true) << 16;
+      for (let i = 0; i < n; i++) d[i] = ((src[2 * i] | (src[2 * i + 1] << 8)) << 16) >>> 0;
       break;
     }
     case GgmlType.Q4_0:
       for (let o = 0, y = 0; y < n; o += 18, y += 32) {
-        const d = half(o);
+        const d = H[src[o] | (src[o + 1] << 8)];
         for (let j = 0; j < 16; j++) {
           const q = src[o + 2 + j];
-          dst[y + j] = fr(((q & 0xf) - 8) * d);
-          dst[y + j + 16] = fr(((q >> 4) - 8) * d);
+          dst[y + j] = ((q & 0xf) - 8) * d;
+          dst[y + j + 16] = ((q >> 4) - 8) * d;
         }
       }
       break;
     case GgmlType.Q4_1:
       for (let o = 0, y = 0; y < n; o += 20, y += 32) {
-        const d = half(o);
-        const m = half(o + 2);
+        const d = H[src[o] | (src[o + 1] << 8)];
+        const m = H[src[o + 2] | (src[o + 3] << 8)];
         for (let j = 0; j < 16; j++) {
           const q = src[o + 4 + j];
-          dst[y + j] = fr(fr((q & 0xf) * d) + m);
-          dst[y + j + 16] = fr(fr((q >> 4) * d) + m);
+          dst[y + j] = fr((q & 0xf) * d) + m;
+          dst[y + j + 16] = fr((q >> 4) * d) + m;
         }
       }
       break;
     case GgmlType.Q8_0:
       for (let o = 0, y = 0; y < n; o += 34, y += 32) {
-        const d = half(o);
-        for (let j = 0; j < 32; j++) dst[y + j] = fr(((src[o + 2 + j] << 24) >> 24) * d);
+        const d = H[src[o] | (src[o + 1] << 8)];
+        for (let j = 0; j < 32; j++) dst[y + j] = ((src[o + 2 + j] << 24) >> 24) * d;
       }
       break;
     case GgmlType.Q4_K:
       // d, dmin (f16), scales[12] (8 six-bit scale/min pairs), qs[128] (two 4-bit quants a byte).
       for (let o = 0, y = 0; y < n; o += 144, y += QK_K) {
-        const d = half(o);
-        const dmin = half(o + 2);
+        const d = H[src[o] | (src[o + 1] << 8)];
+        const dmin = H[src[o + 2] | (src[o + 3] << 8)];
         const sc = o + 4;
-        let q = o + 16;
-        for (let j = 0, is = 0; j < QK_K; j += 64, is += 2, q += 32) {
-          const [s1, m1] = scaleMinK4(src, sc, is);
-          const [s2, m2] = scaleMinK4(src, sc, is + 1);
-          const d1 = fr(d * s1);
-          const mm1 = fr(dmin * m1);
-          const d2 = fr(d * s2);
-          const mm2 = fr(dmin * m2);
+        for (let j = 0, is = 0, q = o + 16; j < QK_K; j += 64, is += 2, q += 32) {
+          const d1 = fr(d * scaleK4(src, sc, is));
+          const m1 = fr(dmin * minK4(src, sc, is));
+          const d2 = fr(d * scaleK4(src, sc, is + 1));
+          const m2 = fr(dmin * minK4(src, sc, is + 1));
+          const y1 = y + j;
           for (let l = 0; l < 32; l++) {
-            dst[y + j + l] = fr(fr(d1 * (src[q + l] & 0xf)) - mm1);
-            dst[y + j + 32 + l] = fr(fr(d2 * (src[q + l] >> 4)) - mm2);
+            const b = src[q + l];
+            dst[y1 + l] = fr(d1 * (b & 0xf)) - m1;
+            dst[y1 + 32 + l] = fr(d2 * (b >> 4)) - m2;
           }
         }
       }
@@ -151,24 +154,27 @@ export function dequantize(type: number, src: Uint8Array, n: number, dst: Float3
     case GgmlType.Q6_K:
       // ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d (f16).
       for (let o = 0, y = 0; y < n; o += 210, y += QK_K) {
-        const d = half(o + 208);
+        const d = H[src[o + 208] | (src[o + 209] << 8)];
         for (let c = 0; c < 2; c++) {
           const ql = o + 64 * c;
           const qh = o + 128 + 32 * c;
           const sc = o + 192 + 8 * c;
           const base = y + 128 * c;
-          for (let l = 0; l < 32; l++) {
-            const is = l >> 4;
-            const h = src[qh + l];
-            const q1 = ((src[ql + l] & 0xf) | ((h & 3) << 4)) - 32;
-            const q2 = ((src[ql + l + 32] & 0xf) | (((h >> 2) & 3) << 4)) - 32;
-            const q3 = ((src[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32;
-            const q4 = ((src[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32;
-            const s = (k: number) => (src[sc + is + k] << 24) >> 24;
-            dst[base + l] = fr(fr(d * s(0)) * q1);
-            dst[base + l + 32] = fr(fr(d * s(2)) * q2);
-            dst[base + l + 64] = fr(fr(d * s(4)) * q3);
-            dst[base + l + 96] = fr(fr(d * s(6)) * q4);
+          for (let half = 0; half < 2; half++) {
+            // l in [16·half, 16·half + 16) uses scales sc[half + 0, 2, 4, 6].
+            const s0 = fr(d * ((src[sc + half] << 24) >> 24));
+            const s2 = fr(d * ((src[sc + half + 2] << 24) >> 24));
+            const s4 = fr(d * ((src[sc + half + 4] << 24) >> 24));
+            const s6 = fr(d * ((src[sc + half + 6] << 24) >> 24));
+            for (let l = 16 * half; l < 16 * half + 16; l++) {
+              const h = src[qh + l];
+              const a = src[ql + l];
+              const b = src[ql + l + 32];
+              dst[base + l] = s0 * (((a & 0xf) | ((h & 3) << 4)) - 32);
+              dst[base + l + 32] = s2 * (((b & 0xf) | (((h >> 2) & 3) << 4)) - 32);
+              dst[base + l + 64] = s4 * (((a >> 4) | (((h >> 4) & 3) << 4)) - 32);
+              dst[base + l + 96] = s6 * (((b >> 4) | (((h >> 6) & 3) << 4)) - 32);
+            }
           }
         }
       }
@@ -181,7 +187,9 @@ export function dequantize(type: number, src: Uint8Array, n: number, dst: Float3
 
 // get_scale_min_k4: 6-bit scale and min j of a Q4_K super-block (the top two bits of entries 4..7
 // live in the spare bits of entries 0..3 and 4..7).
-function scaleMinK4(q: Uint8Array, at: number, j: number): [number, number] {
-  if (j < 4) return [q[at + j] & 63, q[at + j + 4] & 63];
-  return [(q[at + j + 4] & 0xf) | ((q[at + j - 4] >> 6) << 4), (q[at + j + 4] >> 4) | ((q[at + j] >> 6) << 4)];
+function scaleK4(q: Uint8Array, at: number, j: number): number {
+  return j < 4 ? q[at + j] & 63 : (q[at + j + 4] & 0xf) | ((q[at + j - 4] >> 6) << 4);
+}
+function minK4(q: Uint8Array, at: number, j: number): number {
+  return j < 4 ? q[at + j + 4] & 63 : (q[at + j + 4] >> 4) | ((q[at + j] >> 6) << 4);
 }

@@ -207,6 +207,9 @@ export class GgufReader {
     }
     const md = parsed.metadata as unknown as Metadata;
     if (!parsed.littleEndian) throw new GgufError(`${path}: big-endian GGUF files are not supported`);
+    const splits = num(md['split.count']);
+    if (typeof splits === 'number' && splits > 1)
+      throw new GgufError(`${path}: is shard ${Number(num(md['split.no']) ?? 0) + 1} of ${splits} of a split GGUF; merge the shards first (llama-gguf-split --merge)`);
     const fh = await open(path, 'r');
     try {
       const { size } = await fh.stat();
