@@ -330,6 +330,31 @@ describe('convert --from gguf', () => {
     await st.close();
   });
 
+  it('an explicit head dim (attention.key_length) that is not hidden / heads', async () => {
+    // D 64, 2 heads of 48 (q: [96, 64]), 1 KV head: what Hugging Face expresses with head_dim.
+    const D = 64;
+    const hd = 48;
+    const tensors = new Map<string, Float32Array>([
+      ['model.embed_tokens.weight', weights(10 * D, 1)], ['model.norm.weight', weights(D, 2)],
+      ['model.layers.0.input_layernorm.weight', weights(D, 3)], ['model.layers.0.self_attn.q_proj.weight', weights(2 * hd * D, 4)],
+      ['model.layers.0.self_attn.k_proj.weight', weights(hd * D, 5)], ['model.layers.0.self_attn.v_proj.weight', weights(hd * D, 6)],
+      ['model.layers.0.self_attn.o_proj.weight', weights(D * 2 * hd, 7)], ['model.layers.0.post_attention_layernorm.weight', weights(D, 8)],
+      ['model.layers.0.mlp.gate_proj.weight', weights(96 * D, 9)], ['model.layers.0.mlp.up_proj.weight', weights(96 * D, 10)],
+      ['model.layers.0.mlp.down_proj.weight', weights(D * 96, 11)],
+    ]);
+    const config = { vocab_size: 10, hidden_size: D, intermediate_size: 96, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, rms_norm_eps: 1e-5, rope_theta: 10000, max_position_embeddings: 128 };
+    const raw = ggufTensors({ config, tensors }, () => 'F32').map((t) => (t.name === 'blk.0.attn_output.weight' ? { ...t, ne: [2 * hd, D] } : t));
+    const dir = tmp();
+    const file = join(dir, 'hd48.gguf');
+    writeGguf(file, { ...llamaKv(config), 'llama.attention.key_length': u32(hd), 'llama.attention.value_length': u32(hd), 'llama.rope.dimension_count': u32(hd) }, raw);
+    const r = await convertGguf(file, join(dir, 'hf'));
+    expect(r.config.headDim).toBe(hd);
+    const cfg = JSON.parse(readFileSync(join(dir, 'hf', 'config.json'), 'utf8')) as Record<string, unknown>;
+    expect(cfg.head_dim).toBe(hd);
+    const conv = await readAllTensors(join(dir, 'hf', 'model.safetensors'));
+    for (const [k, w] of tensors) expect(conv.get(k), k).toEqual(w);
+  });
+
   it('Llama 3 RoPE scaling comes back from rope_freqs.weight', async () => {
     // rope_freqs as llama.cpp's converter computes it for rope_scaling {factor 8, low 1, high 4, original 8192}.
     const hd = 64;
