@@ -8,8 +8,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LlamaModel, type EvalRow } from './model/llama.js';
 import { readJsonl } from './io/jsonl.js';
-import { ByteTokenizer, loadTokenizer } from './tokenizer/index.js';
-import { convertGguf } from './io/gguf.js';
+import { ByteTokenizer, HfTokenizer, loadTokenizer } from './tokenizer/index.js';
+import { convertGguf, GgufReader } from './io/gguf.js';
 import { resolveChatTemplate } from './data/format.js';
 import { previewDataset } from './data/preview.js';
 import { finetune as runFinetune, type FinetuneEvent, type FinetuneOptions } from './train/finetune.js';
@@ -280,6 +280,16 @@ async function demo(argv: string[]): Promise<void> {
   }
 }
 
+async function ggufTokenizer(file: string): Promise<HfTokenizer | null> {
+  const r = await GgufReader.open(file);
+  try {
+    const t = r.tokenizerFiles();
+    return t && new HfTokenizer(t.tokenizer, t.config);
+  } finally {
+    await r.close();
+  }
+}
+
 // `data`: the formatting preview; its logic lives in lib/data/preview.ts.
 async function dataCmd(argv: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -290,7 +300,7 @@ async function dataCmd(argv: string[]): Promise<void> {
     },
   });
   if (!values.model || !values.data) throw new UsageError('data needs --model <dir> and --data <jsonl>');
-  const tokenizer = await loadTokenizer(values.model);
+  const tokenizer = values.model.endsWith('.gguf') ? await ggufTokenizer(values.model) : await loadTokenizer(values.model);
   if (!tokenizer) throw new Error(`${values.model}: no tokenizer (tokenizer.json or lima-tokenizer.json) to format the data with`);
   const chatTemplate = values['chat-template'] === undefined ? undefined : await resolveChatTemplate(values['chat-template'], values.model);
   const p = await previewDataset(values.data, {

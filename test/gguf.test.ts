@@ -2,9 +2,9 @@
 // whole files written by the test writer and converted through `convert --from gguf`, the
 // converted model's logits against the PyTorch reference fixtures, and embedded vocabularies
 // turned into tokenizer.json files that encode like the real tokenizers.
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { dequantize, GgmlType } from '../lib/io/ggml-quants.js';
 import { convertGguf, GgufReader, llama3ScalingFromFactors } from '../lib/io/gguf.js';
 import { SafetensorsReader } from '../lib/io/safetensors.js';
@@ -232,7 +232,7 @@ function miniSpmKv(V: number): Record<string, Kv> {
     'tokenizer.ggml.eos_token_id': u32(2),
     'tokenizer.ggml.unknown_token_id': u32(0),
     'tokenizer.ggml.add_bos_token': bool(true),
-    'tokenizer.chat_template': str("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"),
+    'tokenizer.chat_template': str("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
   };
 }
 
@@ -271,9 +271,18 @@ describe('convert --from gguf', () => {
     expect(model.tokenizer?.decode([37, 33, 39])).toBe('the abing');
     const tc = JSON.parse(readFileSync(join(out, 'tokenizer_config.json'), 'utf8')) as Record<string, unknown>;
     expect(tc.bos_token).toBe('<s>');
-    expect(tc.chat_template).toContain("m['role']");
+    expect(tc.chat_template).toContain("m['role'] == 'user'");
     expect(await resolveChatTemplate('tokenizer', out)).toBe(tc.chat_template);
     expect(await resolveChatTemplate('tokenizer', file)).toBe(tc.chat_template);
+    // `data` reads the vocabulary and template straight from the .gguf.
+    const rowsFile = join(dir, 'rows.jsonl');
+    writeFileSync(rowsFile, JSON.stringify({ conversations: ['the ab', 'abing'] }) + '\n');
+    const printed: string[] = [];
+    const spy = vi.spyOn(console, 'log').mockImplementation((s: string) => void printed.push(s));
+    expect(await main(['data', '--model', file, '--data', rowsFile, '--chat-template', 'tokenizer'])).toBe(0);
+    spy.mockRestore();
+    expect(printed.join('\n')).toMatch(/^<s> the ab\[\[ +abing<\/s>\]\]$/m);
+    expect(printed.join('\n')).toMatch(/rows 1 {2}examples 1 {2}tokens \d+ {2}target tokens \d+ {2}truncated rows 0/);
 
     // Loading the GGUF directly gives the same model and tokenizer.
     await using direct = await LlamaModel.fromGguf(file);
@@ -435,7 +444,6 @@ describe('convert --from gguf', () => {
     // Truncated data and a file that is not GGUF at all.
     const full = write('trunc.gguf', llamaKv(m.config), good);
     const bytes = readFileSync(full);
-    const { writeFileSync } = await import('node:fs');
     writeFileSync(full, bytes.subarray(0, bytes.length - 1000));
     expect(await err(full)).toMatch(/trunc\.gguf: tensor ".*" ends at byte \d+ but the file has \d+ bytes \(truncated\?\)/);
     writeFileSync(join(dir, 'junk.gguf'), 'hello world, not a model');
