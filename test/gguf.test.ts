@@ -291,6 +291,25 @@ describe('convert --from gguf', () => {
     expect(direct.tokenizer?.encode('the abing')).toEqual([37, 33, 39]);
   });
 
+  it('SentencePiece vocabularies without a space prefix, and without token types', async () => {
+    const { ggufToHfTokenizer } = await import('../lib/tokenizer/gguf-vocab.js');
+    const { HfTokenizer } = await import('../lib/tokenizer/index.js');
+    const md = Object.fromEntries(Object.entries(miniSpmKv(40)).map(([k, v]) => [k, v.value]));
+    const tok = (extra: Record<string, unknown>) => {
+      const f = ggufToHfTokenizer({ ...md, ...extra }, 'v.gguf')!;
+      return new HfTokenizer(f.tokenizer, f.config);
+    };
+    expect(tok({}).encode('the')).toEqual([37]); // ▁the
+    const bare = tok({ 'tokenizer.ggml.add_space_prefix': false });
+    expect(bare.encode('the')).toEqual([23, 36]); // t, he
+    expect(bare.decode([23, 36, 33])).toBe('the ab');
+    const untyped = tok({ 'tokenizer.ggml.token_type': undefined });
+    expect(untyped.encode('the ab', { bos: true })).toEqual([1, 37, 33]);
+    expect(untyped.bosId).toBe(1);
+    expect(() => tok({ 'tokenizer.ggml.scores': undefined })).toThrow(/v\.gguf: expected an array of 40 numbers \(SentencePiece piece scores\) for "tokenizer\.ggml\.scores"/);
+    expect(() => tok({ 'tokenizer.ggml.bos_token_id': 99 })).toThrow(/v\.gguf: expected a token id in \[0, 40\) for "tokenizer\.ggml\.bos_token_id" but found 99/);
+  });
+
   it('every tensor type in one file, dequantised and unpermuted exactly', async () => {
     // A synthetic model whose rows hold whole K-quant super-blocks (256 columns).
     const D = 256;
@@ -436,6 +455,8 @@ describe('convert --from gguf', () => {
     expect(await err(write('shape.gguf', llamaKv(m.config), shape))).toMatch(/tensor "blk\.0\.ffn_up\.weight" has shape \[64,112\] but the metadata needs \[112,64\]/);
     const vocab = { ...llamaKv(m.config), ...miniSpmKv(64), 'tokenizer.ggml.model': str('bert') };
     expect(await err(write('vocab.gguf', vocab, good))).toMatch(/vocab\.gguf: expected "llama" \(SentencePiece\) or "gpt2".*"tokenizer\.ggml\.model" but found "bert"/);
+    const moe = { ...llamaKv(m.config), 'llama.expert_count': u32(8) };
+    expect(await err(write('moe.gguf', moe, good))).toMatch(/moe\.gguf: expected 0 \(mixture-of-experts .*"llama\.expert_count" but found 8/);
     const noHeads = { ...llamaKv(m.config) };
     delete noHeads['llama.attention.head_count'];
     expect(await err(write('heads.gguf', noHeads, good))).toMatch(/heads\.gguf: missing metadata "llama\.attention\.head_count"/);

@@ -95,6 +95,9 @@ export function ggufToLlamaConfig(md: Metadata, tensorShapes: ReadonlyMap<string
     if (typeof v !== 'number' || !(v > 0) || !Number.isFinite(v)) bad(`llama.${key}`, 'a positive number', v);
     return v as number;
   };
+  const experts = num(md['llama.expert_count']);
+  if (typeof experts === 'number' && experts > 0)
+    bad('llama.expert_count', '0 (mixture-of-experts models such as Mixtral are not supported)', experts);
   const hiddenSize = int('embedding_length');
   const numHeads = int('attention.head_count');
   const numKvHeads = int('attention.head_count_kv', numHeads);
