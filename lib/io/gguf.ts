@@ -276,7 +276,7 @@ export class GgufReader {
     const raw = new Uint8Array(t.bytes);
     let done = 0;
     while (done < raw.length) {
-      const { bytesRead } = await this.fh.read(raw, done, raw.length - done, t.offset + done);
+      const { bytesRead } = await this.fh.read(raw, done, Math.min(raw.length - done, 1 << 30), t.offset + done);
       if (bytesRead === 0) throw new GgufError(`${this.path}: unexpected end of file in tensor "${t.ggufName}"`);
       done += bytesRead;
     }

@@ -137,7 +137,7 @@ function byteswap32(a: Float32Array): void {
 async function readFully(fh: FileHandle, dst: Uint8Array, position: number, path: string, name: string): Promise<void> {
   let done = 0;
   while (done < dst.length) {
-    const { bytesRead } = await fh.read(dst, done, dst.length - done, position + done);
+    const { bytesRead } = await fh.read(dst, done, Math.min(dst.length - done, 1 << 30), position + done);
     if (bytesRead === 0) throw new SafetensorsError(`${path}: unexpected end of file while reading tensor "${name}"`);
     done += bytesRead;
   }
@@ -225,7 +225,8 @@ export async function writeSafetensors(
     const write = async (b: Uint8Array) => {
       let done = 0;
       while (done < b.length) {
-        const { bytesWritten } = await fh.write(b, done, b.length - done, pos + done);
+        // One call may move at most 2 GiB - 1 bytes; large embeddings are written in 1 GiB pieces.
+        const { bytesWritten } = await fh.write(b, done, Math.min(b.length - done, 1 << 30), pos + done);
         done += bytesWritten;
       }
       pos += b.length;
