@@ -3,7 +3,7 @@
 // usage errors exit 2.
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LlamaModel, type EvalRow } from './model/llama.js';
@@ -300,7 +300,10 @@ async function dataCmd(argv: string[]): Promise<void> {
     },
   });
   if (!values.model || !values.data) throw new UsageError('data needs --model <dir> and --data <jsonl>');
-  const tokenizer = values.model.endsWith('.gguf') ? await ggufTokenizer(values.model) : await loadTokenizer(values.model);
+  const isFile = existsSync(values.model) && !statSync(values.model).isDirectory();
+  if (isFile && !values.model.endsWith('.gguf'))
+    throw new UsageError(`--model expects a model folder (with tokenizer.json) or a .gguf file, got the file "${values.model}"`);
+  const tokenizer = isFile ? await ggufTokenizer(values.model) : await loadTokenizer(values.model);
   if (!tokenizer) throw new Error(`${values.model}: no tokenizer (tokenizer.json or lima-tokenizer.json) to format the data with`);
   const chatTemplate = values['chat-template'] === undefined ? undefined : await resolveChatTemplate(values['chat-template'], values.model);
   const p = await previewDataset(values.data, {

@@ -116,6 +116,10 @@ describe('data preview', () => {
     expect(await main(['data', '--model', LLAMA3_DIR, '--data', file, '--chat-template', join(dir, 'nope.jinja')])).toBe(1);
     expect(String(err.mock.calls.at(-1)?.[0])).toMatch(/nope\.jinja: chat template file not found/);
     expect(await main(['data', '--model', LLAMA3_DIR])).toBe(2);
+    expect(await main(['data', '--model', file, '--data', file])).toBe(2);
+    expect(String(err.mock.calls.at(-1)?.[0])).toMatch(/--model expects a model folder \(with tokenizer\.json\) or a \.gguf file/);
+    expect(await main(['data', '--model', dir, '--data', file])).toBe(1);
+    expect(String(err.mock.calls.at(-1)?.[0])).toMatch(/no tokenizer/);
   });
 });
 
