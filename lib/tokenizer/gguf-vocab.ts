@@ -39,12 +39,13 @@ const split = (regex: string) => ({ type: 'Split', pattern: { Regex: regex }, be
 
 // tokenizer.ggml.pre → (pre_tokenizer, ignore_merges), for the pre-tokenizers of LLaMA-architecture
 // byte-level models; anything else is refused rather than tokenized differently from llama.cpp.
-const BPE_PRE: Record<string, { pre: Record<string, unknown>; ignoreMerges: boolean }> = {
+const BPE_PRE: Record<string, { pre: Record<string, unknown>; ignoreMerges: boolean; normalizer?: Record<string, unknown> }> = {
   'llama-bpe': { pre: { type: 'Sequence', pretokenizers: [split(LLAMA3_REGEX), byteLevel(false)] }, ignoreMerges: true },
   default: { pre: byteLevel(true), ignoreMerges: false },
   'gpt-2': { pre: byteLevel(true), ignoreMerges: false },
   smollm: { pre: { type: 'Sequence', pretokenizers: [{ type: 'Digits', individual_digits: true }, byteLevel(true)] }, ignoreMerges: false },
-  qwen2: { pre: { type: 'Sequence', pretokenizers: [split(QWEN2_REGEX), byteLevel(false)] }, ignoreMerges: false },
+  // Qwen2's own tokenizer.json also NFC-normalizes.
+  qwen2: { pre: { type: 'Sequence', pretokenizers: [split(QWEN2_REGEX), byteLevel(false)] }, ignoreMerges: false, normalizer: { type: 'NFC' } },
 };
 BPE_PRE.llama3 = BPE_PRE['llama-bpe'];
 BPE_PRE['llama-v3'] = BPE_PRE['llama-bpe'];
@@ -182,7 +183,7 @@ export function ggufToHfTokenizer(md: GgufMetadata, source: string, opts: { cont
       truncation: null,
       padding: null,
       added_tokens: added,
-      normalizer: null,
+      normalizer: pre.normalizer ?? null,
       pre_tokenizer: pre.pre,
       post_processor: postProcessor ?? { type: 'ByteLevel', add_prefix_space: true, trim_offsets: false, use_regex: true },
       decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
