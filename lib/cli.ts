@@ -3,7 +3,7 @@
 // usage errors exit 2.
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LlamaModel, type Precision } from './model/llama.js';
@@ -71,7 +71,7 @@ async function convert(argv: string[]): Promise<void> {
     options: { from: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' }, tokenizer: { type: 'string' } },
     allowPositionals: true,
   });
-  if (values.from !== 'llama2c') throw new UsageError('convert needs --from llama2c');
+  if (values.from !== 'llama2c' && values.from !== 'gguf') throw new UsageError('convert needs --from llama2c or --from gguf');
   if (positionals.length !== 1 || !values.out) throw new UsageError('convert needs one input file and --out <dir>');
   const dtype = (values.dtype ?? 'F32').toUpperCase();
   if (dtype !== 'F32' && dtype !== 'BF16') throw new UsageError(`--dtype expects F32 or BF16, got "${values.dtype}"`);

@@ -25,6 +25,11 @@ export { Llama2cReader, Llama2cError } from './io/llama2c.js';
 export { readJsonl, JsonlError, type JsonlRow, type ReadJsonlOptions } from './io/jsonl.js';
 export { writeAtomic, WriteError } from './util/fs.js';
 export { LIMA } from './recipe.js';
+export { GgufReader, GgufError, convertGguf, type GgufTensor, type GgufConversion } from './io/gguf.js';
+export { dequantize, GgmlType, GGML_TYPE_INFO, ggmlTypeName } from './io/ggml-quants.js';
+export { ggufToHfTokenizer, GgufVocabError, type HfTokenizerFiles } from './tokenizer/gguf-vocab.js';
+export { resolveChatTemplate, ChatTemplateError } from './data/format.js';
+export { previewDataset, renderExample, type PreviewOptions, type DatasetPreview } from './data/preview.js';
 export { Rng } from './util/rng.js';
 export {
   loadDataset,

@@ -247,6 +247,64 @@ export async function loadChatTemplate(dir: string): Promise<string | undefined>
   throw new Error(`${path}: Expected a string or a list of {name, template} for chat_template but received ${describe(t)}`);
 }
 
+/** A chat template that cannot be found or compiled; the message names the file. */
+export class ChatTemplateError extends Error {
+  readonly code = 'ERR_LIMA_CHAT_TEMPLATE';
+  constructor(message: string) {
+    super(message);
+    this.name = 'ChatTemplateError';
+  }
+}
+
+/**
+ * Resolves a `--chat-template` spec to template source: `tokenizer` takes the model folder's
+ * tokenizer_config.json chat_template (or a .gguf model's tokenizer.chat_template), anything else
+ * is read as a Jinja file. The template is
+ * compiled here so a syntax error names its file before any data is read.
+ */
+export async function resolveChatTemplate(spec: string, modelDir: string): Promise<string> {
+  if (typeof spec !== 'string' || !spec) fail('"tokenizer" or a path to a Jinja file', 'chatTemplate', spec);
+  let source: string;
+  let origin: string;
+  if (spec === 'tokenizer' && modelDir.endsWith('.gguf')) {
+    origin = `${modelDir} (tokenizer.chat_template)`;
+    const { GgufReader } = await import('../io/gguf.js');
+    const r = await GgufReader.open(modelDir);
+    const t = r.metadata['tokenizer.chat_template'];
+    await r.close();
+    if (typeof t !== 'string') throw new ChatTemplateError(`${modelDir}: no "tokenizer.chat_template" (pass --chat-template <file.jinja>)`);
+    source = t;
+  } else if (spec === 'tokenizer') {
+    origin = join(modelDir, 'tokenizer_config.json');
+    let t: string | undefined;
+    try {
+      t = await loadChatTemplate(modelDir);
+    } catch (e) {
+      throw new ChatTemplateError((e as Error).message);
+    }
+    if (t === undefined)
+      throw new ChatTemplateError(`${origin}: no "chat_template" (the model has no chat template; pass --chat-template <file.jinja>)`);
+    source = t;
+  } else {
+    origin = spec;
+    try {
+      source = await readFile(spec, 'utf8');
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      throw new ChatTemplateError(
+        code === 'ENOENT' ? `${spec}: chat template file not found (expected "tokenizer" or a path to a Jinja file)` : `${spec}: cannot read chat template (${(e as Error).message})`,
+      );
+    }
+    if (!source.trim()) throw new ChatTemplateError(`${spec}: chat template file is empty`);
+  }
+  try {
+    compileChatTemplate(source);
+  } catch (e) {
+    throw new ChatTemplateError(`${origin}: ${(e as Error).message}`);
+  }
+  return source;
+}
+
 // Special tokens by their text, so template output like "<s>" becomes the special id for every
 // tokenizer (the byte tokenizer would otherwise spell it out byte by byte).
 function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
@@ -311,12 +369,26 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: T
     eos_token: tok.eosId === undefined ? '' : tok.decode([tok.eosId]),
   };
   if (tok.eotId !== undefined) vars.eot_token = tok.decode([tok.eotId]);
-  const render = (k: number, gen: boolean): string => {
+  const renderRaw = (k: number, gen: boolean): string => {
     try {
       return template.render({ ...vars, messages: messages.slice(0, k).map((m) => ({ ...m })), add_generation_prompt: gen });
     } catch (e) {
       throw new RowError(`chat template failed on messages[0..${k - 1}]: ${(e as Error).message}`);
     }
+  };
+  // Some templates (the base Llama 3 one) end every rendering with the assistant header whatever
+  // add_generation_prompt says. That trailer is what an empty conversation renders to; it is cut
+  // from renderings without the generation prompt, so it belongs to the next turn's prompt and
+  // never to an answer's target span.
+  let trailer = '';
+  try {
+    trailer = template.render({ ...vars, messages: [], add_generation_prompt: false });
+  } catch {
+    trailer = '';
+  }
+  const render = (k: number, gen: boolean): string => {
+    const text = renderRaw(k, gen);
+    return !gen && trailer && text.endsWith(trailer) ? text.slice(0, text.length - trailer.length) : text;
   };
   const extend = (prev: string, next: string, what: string): string => {
     if (!next.startsWith(prev))
@@ -355,7 +427,9 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: T
  * rendered for messages 0..k for every k (and with the generation prompt before each assistant
  * turn) and each rendered increment is tokenized on its own, so the assistant increments (content
  * plus whatever the template closes the turn with) are exact target spans. The template decides
- * BOS and end-of-turn tokens itself; it sees `bos_token`, `eos_token` and `eot_token`.
+ * BOS and end-of-turn tokens itself; it sees `bos_token`, `eos_token` and `eot_token`. A trailer
+ * the template renders even for no messages (an always-on assistant header) starts the next turn,
+ * so it is never part of a target.
  * Throws RowError for a template that fails or is not incremental.
  */
 export function formatConversation(messages: readonly Message[], opts: FormatOptions): FormattedConversation {

@@ -1,7 +1,9 @@
 // Data pipeline: JSONL rows → tokenized, masked, truncated examples → shuffled, padded batches.
 export {
+  ChatTemplateError,
   IGNORE_INDEX,
   RowError,
+  resolveChatTemplate,
   compileChatTemplate,
   detectFormat,
   formatConversation,

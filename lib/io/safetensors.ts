@@ -139,7 +139,7 @@ function byteswap32(a: Float32Array): void {
 async function readFully(fh: FileHandle, dst: Uint8Array, position: number, path: string, name: string): Promise<void> {
   let done = 0;
   while (done < dst.length) {
-    const { bytesRead } = await fh.read(dst, done, dst.length - done, position + done);
+    const { bytesRead } = await fh.read(dst, done, Math.min(dst.length - done, 1 << 30), position + done);
     if (bytesRead === 0) throw new SafetensorsError(`${path}: unexpected end of file while reading tensor "${name}"`);
     done += bytesRead;
   }
@@ -183,11 +183,14 @@ export function f32ToBf16(src: Float32Array, dst: Uint16Array): void {
   }
 }
 
-/** A tensor to write: fp32 data stored as `dtype` (default F32). */
+/**
+ * A tensor to write: fp32 data stored as `dtype` (default F32). `data` may be a function that
+ * produces it when its turn comes, so a converter holds one tensor in memory at a time.
+ */
 export interface TensorToWrite {
   name: string;
   shape: number[];
-  data: Float32Array;
+  data: Float32Array | (() => Promise<Float32Array>);
   dtype?: 'F32' | 'BF16';
 }
 
@@ -205,7 +208,7 @@ export async function writeSafetensors(
   let offset = 0;
   for (const t of tensors) {
     const count = t.shape.reduce((a, d) => a * d, 1);
-    if (count !== t.data.length)
+    if (typeof t.data !== 'function' && count !== t.data.length)
       throw new SafetensorsError(`${path}: tensor "${t.name}" has ${t.data.length} values for shape [${t.shape}]`);
     const bytes = count * (t.dtype === 'BF16' ? 2 : 4);
     header[t.name] = { dtype: t.dtype ?? 'F32', shape: t.shape, data_offsets: [offset, offset + bytes] };
@@ -229,7 +232,8 @@ export async function writeSafetensors(
     const write = async (b: Uint8Array) => {
       let done = 0;
       while (done < b.length) {
-        const { bytesWritten } = await fh.write(b, done, b.length - done, pos + done);
+        // One call may move at most 2 GiB - 1 bytes; large embeddings are written in 1 GiB pieces.
+        const { bytesWritten } = await fh.write(b, done, Math.min(b.length - done, 1 << 30), pos + done);
         done += bytesWritten;
       }
       pos += b.length;
@@ -237,16 +241,19 @@ export async function writeSafetensors(
     await write(len);
     await write(json);
     for (const t of tensors) {
+      const data = typeof t.data === 'function' ? await t.data() : t.data;
+      const count = t.shape.reduce((a, d) => a * d, 1);
+      if (data.length !== count) throw new SafetensorsError(`${path}: tensor "${t.name}" has ${data.length} values for shape [${t.shape}]`);
       if (t.dtype === 'BF16') {
         const chunk = 1 << 20;
-        const buf = new Uint16Array(Math.min(chunk, t.data.length));
-        for (let i = 0; i < t.data.length; i += chunk) {
-          const n = Math.min(chunk, t.data.length - i);
-          f32ToBf16(t.data.subarray(i, i + n), buf);
+        const buf = new Uint16Array(Math.min(chunk, data.length));
+        for (let i = 0; i < data.length; i += chunk) {
+          const n = Math.min(chunk, data.length - i);
+          f32ToBf16(data.subarray(i, i + n), buf);
           await write(new Uint8Array(buf.buffer, 0, n * 2));
         }
       } else {
-        const le = LITTLE_ENDIAN ? t.data : Float32Array.from(t.data);
+        const le = LITTLE_ENDIAN ? data : Float32Array.from(data);
         if (!LITTLE_ENDIAN) byteswap32(le);
         await write(new Uint8Array(le.buffer, le.byteOffset, le.byteLength));
       }

@@ -3,6 +3,7 @@
 import { mkdir, readFile, readdir, access } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { Llama2cReader } from '../io/llama2c.js';
+import { GgufReader } from '../io/gguf.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../util/rng.js';
 import { expectI32, expectInt, expectNumber, fail } from '../validate.js';
@@ -10,7 +11,7 @@ import { ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './conf
 import { nativeLlama, type NativeLlama, type NativePrecision, type ParamInfo } from './native-model.js';
 import { preferredPrecision } from '../kernels/system.js';
 import { resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
-import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { HfTokenizer, loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { padBatch, type TokenBatch } from '../data/batch.js';
 import { writeAtomic } from '../util/fs.js';
 
@@ -216,6 +217,31 @@ export class LlamaModel implements AsyncDisposable {
     const r = await Llama2cReader.open(file);
     try {
       const m = LlamaModel.make(r.config, opts.tokenizer ?? null, precision);
+      try {
+        for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
+      } catch (e) {
+        await m.dispose();
+        throw e;
+      }
+      return m;
+    } finally {
+      await r.close();
+    }
+  }
+
+  /**
+   * Loads a LLaMA-architecture GGUF file directly (dequantised to fp32, q/k rows in the Hugging Face
+   * RoPE layout, the embedded vocabulary as its tokenizer). `convertGguf` writes the same model
+   * as a Hugging Face folder instead.
+   */
+  static async fromGguf(file: string, opts: { precision?: Precision } = {}): Promise<LlamaModel> {
+    const precision = resolvePrecision(opts.precision);
+    const r = await GgufReader.open(file);
+    try {
+      // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
+      const cfg = parseHfConfig(toHfConfig(r.config), file);
+      const tok = r.tokenizerFiles();
+      const m = LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, precision);
       try {
         for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
       } catch (e) {

@@ -629,7 +629,8 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       model = await LlamaModel.fromPretrained(from.dir, { precision: was });
       ownModel = true;
     } else if (typeof o.model === 'string') {
-      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model, { precision }) : await LlamaModel.fromPretrained(o.model, { precision });
+      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model, { precision })
+        : o.model.endsWith('.gguf') ? await LlamaModel.fromGguf(o.model, { precision }) : await LlamaModel.fromPretrained(o.model, { precision });
       ownModel = true;
     } else {
       model = o.model;
