@@ -74,6 +74,18 @@ export class Llama2cReader {
       const hd = dim / H;
       const kvDim = KV * hd;
 
+      // The size the header implies, in BigInt and before anything is allocated: a 28-byte file
+      // claiming 2^20 layers must fail here, not after building millions of slice entries.
+      {
+        const [d, hi, l, v, sl, h, kv] = [dim, hidden, L, V, seqLen, hd, kvDim].map(BigInt);
+        const perLayer = 2n * d + d * d + 2n * kv * d + d * d + 3n * hi * d;
+        const need = 28n + 4n * (v * d + l * perLayer + d + sl * h + (shared ? 0n : v * d));
+        if (BigInt(size) < need)
+          throw new Llama2cError(
+            `${path}: file has ${size} bytes but its header (dim ${dim}, hidden_dim ${hidden}, ${L} layers, ${H} heads, ${KV} kv heads, ` +
+              `vocab ${V}, seq_len ${seqLen}) needs ${need} (truncated, or not a version-0 llama2.c export?)`,
+          );
+      }
       // Walk the fixed order: each stacked [L, ...] block holds layer l's tensor at l * per.
       const slices = new Map<string, Slice>();
       let pos = 28;
