@@ -11,10 +11,12 @@ export {
   type GenerateOptions,
   type GenerateResult,
   type GeneratedToken,
+  type Prompt,
   type TokenBatch,
 } from './model/llama.js';
-export { ConfigError, parseHfConfig, toHfConfig, parameterShapes, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';
-export { resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOptions } from './model/sampling.js';
+export { LAYOUT_FILE, readLayout, type ChatLayout, type SpecialTokenPolicy } from './model/layout.js';
+export { ConfigError, parseHfConfig, toHfConfig, parameterShapes, paramCount, checkModelSize, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';
+export { GENERATION_DEFAULTS, resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOptions } from './model/sampling.js';
 export { ByteTokenizer, HfTokenizer, loadTokenizer, DEFAULT_EOT, type Tokenizer } from './tokenizer/index.js';
 export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo, type TensorToWrite, type SafetensorsDtype } from './io/safetensors.js';
 export { Llama2cReader, Llama2cError } from './io/llama2c.js';
@@ -68,4 +70,5 @@ export {
   type EpochEvent,
   type CheckpointEvent,
   type DoneEvent,
+  type DevPhaseEvent,
 } from './train/finetune.js';

@@ -217,9 +217,11 @@ export async function loadChatTemplate(dir: string): Promise<string | undefined>
   throw new Error(`${path}: Expected a string or a list of {name, template} for chat_template but received ${describe(t)}`);
 }
 
-// Special tokens by their text, so template output like "<s>" becomes the special id for every
-// tokenizer (the byte tokenizer would otherwise spell it out byte by byte).
-function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
+/**
+ * Special tokens by their text, longest first, so template output like "<s>" becomes the special
+ * id for every tokenizer (the byte tokenizer would otherwise spell it out byte by byte).
+ */
+export function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
   const out: { text: string; id: number }[] = [];
   for (const id of [tok.bosId, tok.eosId, tok.eotId]) {
     if (id === undefined) continue;
@@ -229,7 +231,8 @@ function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
   return out.sort((a, b) => b.text.length - a.text.length);
 }
 
-function encodeWithSpecials(tok: Tokenizer, text: string, specials: { text: string; id: number }[]): number[] {
+/** Encodes text, turning each occurrence of a special token's text into its id. */
+export function encodeWithSpecials(tok: Tokenizer, text: string, specials: { text: string; id: number }[]): number[] {
   const ids: number[] = [];
   let rest = text;
   while (rest) {

@@ -16,15 +16,30 @@ export interface SamplingOptions {
   seed?: number;
 }
 
+/**
+ * LIMA's decoding settings: the single source of the defaults of model.generate/stream, the
+ * trainer's dev generations and the `generate`/`chat` commands (whose --help shows them).
+ */
+export const GENERATION_DEFAULTS = {
+  greedy: false,
+  temperature: 0.7,
+  topP: 0.9,
+  topK: 0,
+  repetitionPenalty: 1.2,
+  seed: 0,
+  maxNewTokens: 2048,
+} as const;
+
 /** Fills the LIMA defaults and validates the ranges. */
 export function resolveSampling(o: SamplingOptions = {}): Required<SamplingOptions> {
+  const d = GENERATION_DEFAULTS;
   return {
-    greedy: o.greedy ?? false,
-    temperature: expectNumber(o.temperature ?? 0.7, 'temperature', { min: 1e-6 }),
-    topP: expectNumber(o.topP ?? 0.9, 'topP', { min: 1e-9, max: 1 }),
-    topK: expectInt(o.topK ?? 0, 'topK', 0),
-    repetitionPenalty: expectNumber(o.repetitionPenalty ?? 1.2, 'repetitionPenalty', { min: 1e-6 }),
-    seed: expectInt(o.seed ?? 0, 'seed', 0),
+    greedy: o.greedy ?? d.greedy,
+    temperature: expectNumber(o.temperature ?? d.temperature, 'temperature', { min: 1e-6 }),
+    topP: expectNumber(o.topP ?? d.topP, 'topP', { min: 1e-9, max: 1 }),
+    topK: expectInt(o.topK ?? d.topK, 'topK', 0),
+    repetitionPenalty: expectNumber(o.repetitionPenalty ?? d.repetitionPenalty, 'repetitionPenalty', { min: 1e-6 }),
+    seed: expectInt(o.seed ?? d.seed, 'seed', 0),
   };
 }
 

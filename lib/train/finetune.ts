@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers } from '../data/index.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { LlamaModel } from '../model/llama.js';
-import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
+import { GENERATION_DEFAULTS, resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { expectInt, expectNumber, fail } from '../validate.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from './report.js';
 
@@ -26,7 +26,12 @@ export const LIMA_DEFAULTS = {
   dropout: 0.3,
   maxLength: 2048,
   seed: 0,
-  devGeneration: { topP: 0.9, temperature: 0.7, repetitionPenalty: 1.2, maxNewTokens: 2048 },
+  devGeneration: {
+    topP: GENERATION_DEFAULTS.topP,
+    temperature: GENERATION_DEFAULTS.temperature,
+    repetitionPenalty: GENERATION_DEFAULTS.repetitionPenalty,
+    maxNewTokens: GENERATION_DEFAULTS.maxNewTokens,
+  },
 } as const;
 
 /** Options of finetune(); unset fields take the LIMA defaults. */
@@ -108,8 +113,19 @@ export interface DoneEvent {
   lastCheckpoint?: string;
   report: string;
 }
+/**
+ * The end-of-epoch dev phase: `eval` once when the dev loss starts, `generate` before each dev
+ * prompt (`done` of `total` finished), so progress displays can show it and count it in the ETA.
+ */
+export interface DevPhaseEvent {
+  type: 'dev';
+  epoch: number;
+  phase: 'eval' | 'generate';
+  done: number;
+  total: number;
+}
 /** Everything a run reports. */
-export type FinetuneEvent = StepEvent | EpochEvent | CheckpointEvent | DoneEvent;
+export type FinetuneEvent = StepEvent | EpochEvent | CheckpointEvent | DevPhaseEvent | DoneEvent;
 
 /** What a finished run returns. */
 export interface FinetuneResult {
@@ -221,6 +237,8 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     }
 
     const tokenizer = model.tokenizer ?? undefined;
+    // Saved with every checkpoint, so generate/chat format prompts exactly as the dev generations.
+    if (tokenizer) model.layout = { roles: o.roles, chatTemplate: o.chatTemplate };
     const data = await loadTrainDev(o.data, {
       tokenizer,
       dev: o.devData,
@@ -329,10 +347,14 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       // Epoch end: dev metrics, dev generations, checkpoint, report.
       const rep: EpochReport = { epoch: e + 1, trainLoss: epochSteps ? epochLossSum / epochSteps : NaN, generations: [] };
       if (data.dev.length) {
+        emit({ type: 'dev', epoch: e + 1, phase: 'eval', done: 0, total: data.dev.length });
         const ev = await model.evaluate(data.dev.map((d) => ({ inputIds: d.inputIds, labels: d.labels })), { batchSize: Math.max(1, micro) });
         rep.devLoss = ev.loss;
         rep.devPerplexity = ev.perplexity;
-        if (genOpts) rep.generations = await devGenerations(model, data.dev, genOpts, seed + e, o.signal);
+        if (genOpts)
+          rep.generations = await devGenerations(model, data.dev, genOpts, seed + e, o.signal, (done) =>
+            emit({ type: 'dev', epoch: e + 1, phase: 'generate', done, total: data.dev.length }),
+          );
       }
       st.epoch = e + 1;
       st.batchInEpoch = 0;
@@ -367,11 +389,13 @@ async function devGenerations(
   opts: SamplingOptions & { maxNewTokens?: number },
   seed: number,
   signal?: AbortSignal,
+  progress?: (done: number) => void,
 ): Promise<EpochReport['generations']> {
   const tok = model.tokenizer;
   const out: EpochReport['generations'] = [];
   for (const [i, ex] of dev.entries()) {
     if (signal?.aborted) break;
+    progress?.(i);
     const r = await model.generate(ex.promptIds, { ...opts, seed: seed * 1000 + i });
     const msgs = ex.messages ?? [];
     const lastUser = [...msgs].reverse().find((m) => m.role === 'user');
