@@ -96,9 +96,10 @@ describe('commander CLI', () => {
     const o = toFinetuneOptions(v);
     expect(o).toMatchObject({
       model: 'm', data: 'd.jsonl', devData: 50, outDir: 'o', beta1: 0.8, beta2: 0.99, eps: 1e-6, keepLast: 3, checkpointEvery: 20, gradClip: 1,
-      memoryBudget: 1_000_000, trainOnPrompt: true, roles: { user: 'User: ', assistant: 'Bot: ' }, epochs: 15, lr: 1e-5, batchSize: 32,
-      devGeneration: { topP: 0.5, temperature: 0.7, repetitionPenalty: 1.2, maxNewTokens: LIMA_DEFAULTS.devGeneration.maxNewTokens },
+      memoryBudget: 1_000_000, trainOnPrompt: true, roles: { user: 'User: ', assistant: 'Bot: ' }, devGeneration: { topP: 0.5 },
     });
+    // Unset flags stay unset, so finetune() applies its own (LIMA) defaults: one source.
+    for (const k of ['epochs', 'lr', 'batchSize', 'maxLength', 'dropout']) expect(o, k).not.toHaveProperty(k);
     // Nothing CLI-only leaks into the trainer's options.
     for (const k of ['dev', 'out', 'json', 'roleUser', 'devTopP']) expect(o, k).not.toHaveProperty(k);
     expect(toFinetuneOptions(await parsed(finetuneCommand, ['--model', 'm', '--data', 'd', '--out', 'o', '--dev', 'dev.jsonl', '--no-dev-generation'])))

@@ -2,7 +2,7 @@
 // truncation, bad-row reporting (fail fast with file:line, or skip and count), dev split.
 import { createReadStream } from 'node:fs';
 import { createInterface } from 'node:readline';
-import type { Template } from '@huggingface/jinja';
+import type { CompiledTemplate } from './format.js';
 import { JsonlError } from '../io/jsonl.js';
 import type { Tokenizer } from '../tokenizer/index.js';
 import { Rng } from '../util/rng.js';
@@ -108,7 +108,7 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
   checkOptions(opts);
   const tok = opts.tokenizer;
   const maxLength = opts.maxLength ?? DEFAULT_MAX_LENGTH;
-  let template: Template | undefined;
+  let template: CompiledTemplate | undefined;
   if (opts.chatTemplate !== undefined) {
     try {
       template = compileChatTemplate(opts.chatTemplate);

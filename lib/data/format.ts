@@ -156,7 +156,7 @@ export interface FormatOptions {
   /** Role markers of the plain layout; ignored with a chat template. */
   roles?: RoleMarkers;
   /** A Jinja chat template (source or compiled); replaces the plain layout. */
-  chatTemplate?: string | Template;
+  chatTemplate?: string | CompiledTemplate;
   /** Make every token a target instead of only the assistant turns and their end-of-turn. */
   trainOnPrompt?: boolean;
 }
@@ -176,10 +176,18 @@ interface Span {
   target: boolean;
 }
 
+/**
+ * A compiled Jinja chat template. Our own structural type, so the published .d.ts does not
+ * depend on @huggingface/jinja's declarations (which do not compile under NodeNext).
+ */
+export interface CompiledTemplate {
+  render(items: Record<string, unknown>): string;
+}
+
 const templateCache = new Map<string, Template>();
 
 /** Compiles a chat template (cached), reporting syntax errors by name. */
-export function compileChatTemplate(source: string): Template {
+export function compileChatTemplate(source: string): CompiledTemplate {
   let t = templateCache.get(source);
   if (!t) {
     try {
@@ -275,7 +283,7 @@ function plainSpans(messages: readonly Message[], tok: Tokenizer, roles: RoleMar
   return { spans, promptEnd };
 }
 
-function templateSpans(messages: readonly Message[], tok: Tokenizer, template: Template): { spans: Span[]; promptEnd: number } {
+function templateSpans(messages: readonly Message[], tok: Tokenizer, template: CompiledTemplate): { spans: Span[]; promptEnd: number } {
   const specials = specialTexts(tok);
   const vars: Record<string, unknown> = {
     bos_token: tok.bosId === undefined ? '' : tok.decode([tok.bosId]),

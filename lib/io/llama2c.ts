@@ -4,6 +4,7 @@
 // (2i, 2i+1); Hugging Face rotates halves (i, i + hd/2), so q/k rows are permuted on import.
 import { open, type FileHandle } from 'node:fs/promises';
 import type { LlamaConfig } from '../model/config.js';
+import { LimaDisposedError } from '../validate.js';
 
 /** A malformed llama2.c file; the message names the file and what is wrong. */
 export class Llama2cError extends Error {
@@ -138,6 +139,7 @@ export class Llama2cReader {
 
   /** Reads one tensor (Hugging Face name and layout) as fp32. */
   async read(name: string): Promise<Float32Array> {
+    if (this.closed) throw new LimaDisposedError(`${this.path}: the file has been closed`);
     const s = this.slices.get(name);
     if (!s) throw new Llama2cError(`${this.path}: no tensor named "${name}"`);
     const a = new Float32Array(s.count);
@@ -151,8 +153,12 @@ export class Llama2cReader {
     return s.permuteHeads ? permuteRopeRows(a, s.permuteHeads, this.config.headDim, this.config.hiddenSize) : a;
   }
 
-  /** Closes the file descriptor. */
+  private closed = false;
+
+  /** Closes the file descriptor; later reads throw ERR_LIMA_DISPOSED. A second close is a no-op. */
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.fh.close();
   }
 }

@@ -3,6 +3,7 @@
 // writing streams tensors to a temporary file that is renamed into place only when complete.
 import { constants } from 'node:fs';
 import { open, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { LimaDisposedError } from '../validate.js';
 
 /** Tensor element types we read; everything is held as fp32 on the CPU. */
 export type SafetensorsDtype = 'F32' | 'F16' | 'BF16';
@@ -106,6 +107,7 @@ export class SafetensorsReader {
 
   /** Reads one tensor converted to fp32, into `out` when given (its length must match). */
   async read(name: string, out?: Float32Array): Promise<Float32Array> {
+    if (this.closed) throw new LimaDisposedError(`${this.path}: the file has been closed`);
     const info = this.tensors.get(name);
     if (!info) throw new SafetensorsError(`${this.path}: no tensor named "${name}"`);
     const count = (info.end - info.begin) / DTYPE_BYTES[info.dtype];
@@ -130,8 +132,12 @@ export class SafetensorsReader {
     return dst;
   }
 
-  /** Closes the file descriptor. */
+  private closed = false;
+
+  /** Closes the file descriptor; later reads throw ERR_LIMA_DISPOSED. A second close is a no-op. */
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.fh.close();
   }
 }

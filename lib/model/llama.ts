@@ -6,7 +6,7 @@ import { totalmem } from 'node:os';
 import { Llama2cReader } from '../io/llama2c.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../util/rng.js';
-import { expectI32, expectInt, expectNumber, fail } from '../validate.js';
+import { expectI32, expectInt, expectNumber, fail, LimaDisposedError } from '../validate.js';
 import { checkModelSize, ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
 import { nativeLlama, type NativeLlama, type NativeParamInfo } from './native-model.js';
 import { GENERATION_DEFAULTS, resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
@@ -222,7 +222,7 @@ export class LlamaModel implements AsyncDisposable {
   }
 
   private check(): void {
-    if (this.disposed) fail('a live model', 'model', 'a disposed model');
+    if (this.disposed) throw new LimaDisposedError('lima-native: this model has been disposed');
   }
 
   private param(name: string): NativeParamInfo {
@@ -381,6 +381,7 @@ export class LlamaModel implements AsyncDisposable {
 
   /** The token ids generation starts from: a string or messages laid out with `layout`, or ids as given. */
   promptIds(prompt: Prompt, opts: Pick<GenerateOptions, 'raw' | 'specialTokens'> = {}): number[] {
+    this.check();
     const policy = opts.specialTokens ?? 'error';
     const isMessages = Array.isArray(prompt) && prompt.length > 0 && typeof prompt[0] === 'object';
     if (typeof prompt === 'string' || isMessages) {

@@ -1,11 +1,10 @@
 // `finetune` and the run driver `demo` shares: every option of finetune() is a flag whose
 // commander name is the option's own (--batch-size → batchSize), so a new trainer option is one
 // `.option(...)` line here; the few that differ are mapped in toFinetuneOptions.
-import { Command, Option } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 import { finetune, LIMA_DEFAULTS, type FinetuneEvent, type FinetuneOptions } from '../../train/finetune.js';
 import { ProgressDisplay } from '../progress.js';
 import { int, num, parseInteger, UsageError } from '../options.js';
-import { InvalidArgumentError } from 'commander';
 
 // Flags that are not finetune() options, or carry a different name there.
 const CLI_ONLY = new Set(['model', 'data', 'dev', 'out', 'json', 'devGeneration', 'devMaxNewTokens', 'devTemperature', 'devTopP', 'devRepetitionPenalty', 'roleSystem', 'roleUser', 'roleAssistant']);
@@ -33,7 +32,11 @@ export function toFinetuneOptions(v: Record<string, unknown>): FinetuneOptions {
       .map((r) => [r, v[`role${r[0].toUpperCase()}${r.slice(1)}`]] as const)
       .filter(([, m]) => m !== undefined),
   );
-  const d = LIMA_DEFAULTS.devGeneration;
+  const gen = Object.fromEntries(
+    ([['maxNewTokens', v.devMaxNewTokens], ['temperature', v.devTemperature], ['topP', v.devTopP], ['repetitionPenalty', v.devRepetitionPenalty]] as const).filter(
+      ([, x]) => x !== undefined,
+    ),
+  );
   return {
     ...(o as Partial<FinetuneOptions>),
     model: v.model as string,
@@ -41,15 +44,8 @@ export function toFinetuneOptions(v: Record<string, unknown>): FinetuneOptions {
     devData: v.dev as string | number | undefined,
     outDir: v.out as string,
     ...(Object.keys(roles).length ? { roles } : {}),
-    devGeneration:
-      v.devGeneration === false
-        ? false
-        : {
-            maxNewTokens: (v.devMaxNewTokens as number | undefined) ?? d.maxNewTokens,
-            temperature: (v.devTemperature as number | undefined) ?? d.temperature,
-            topP: (v.devTopP as number | undefined) ?? d.topP,
-            repetitionPenalty: (v.devRepetitionPenalty as number | undefined) ?? d.repetitionPenalty,
-          },
+    // Unset sampling values keep finetune()'s LIMA defaults.
+    ...(v.devGeneration === false ? { devGeneration: false as const } : Object.keys(gen).length ? { devGeneration: gen } : {}),
   };
 }
 
@@ -84,6 +80,16 @@ export async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean
   }
 }
 
+/**
+ * An option whose help shows finetune()'s default without the CLI passing it: unset flags stay
+ * undefined so finetune() applies its own defaults (one source, and ones that depend on the
+ * model, like the maximum length, stay right).
+ */
+function opt(flags: string, description: string, parse: (v: string) => unknown, shownDefault?: unknown): Option {
+  const text = shownDefault === undefined ? description : `${description} (default: ${typeof shownDefault === 'string' ? shownDefault : String(shownDefault)})`;
+  return new Option(flags, text).argParser(parse);
+}
+
 /** The `finetune` command. */
 export function finetuneCommand(): Command {
   const L = LIMA_DEFAULTS;
@@ -95,38 +101,38 @@ export function finetuneCommand(): Command {
       .requiredOption('--data <jsonl>', 'training rows: {"conversations"}, {"messages"} or {"input_ids", "labels"}')
       .option('--dev <jsonl|n>', 'dev rows (a JSONL file) or how many training rows to hold out (LIMA: 50)', devArg)
       .requiredOption('--out <dir>', 'run folder: checkpoints, report.html, loss-curve.svg')
-      .addOption(new Option('--epochs <n>', 'epochs').argParser(int({ min: 1 })).default(L.epochs))
-      .addOption(new Option('--batch-size <n>', 'examples per optimizer step').argParser(int({ min: 1 })).default(L.batchSize))
-      .addOption(new Option('--micro-batch-size <n>', 'rows per forward/backward (default: what fits --memory-budget)').argParser(int({ min: 1 })))
-      .addOption(new Option('--memory-budget <bytes>', 'activation memory a micro-batch may use (default: half the free memory, at most 8 GiB)').argParser(int({ min: 1 })))
-      .addOption(new Option('--lr <x>', 'peak learning rate').argParser(num({ min: 0 })).default(L.lr))
-      .addOption(new Option('--lr-final <x>', 'learning rate at the last step (linear decay)').argParser(num({ min: 0 })).default(L.lrFinal))
-      .addOption(new Option('--warmup-steps <n>', 'linear warmup steps').argParser(int()).default(L.warmupSteps))
-      .addOption(new Option('--beta1 <x>', 'AdamW beta1').argParser(num({ min: 0, lt: 1 })).default(L.beta1))
-      .addOption(new Option('--beta2 <x>', 'AdamW beta2').argParser(num({ min: 0, lt: 1 })).default(L.beta2))
-      .addOption(new Option('--eps <x>', 'AdamW epsilon').argParser(num({ min: 0 })).default(L.eps))
-      .addOption(new Option('--weight-decay <x>', 'AdamW weight decay (never on norm gains)').argParser(num({ min: 0 })).default(L.weightDecay))
-      .addOption(new Option('--dropout <p>', 'residual dropout at the top layer, rising linearly from 0 at the bottom').argParser(num({ min: 0, lt: 1 })).default(L.dropout))
-      .addOption(new Option('--max-length <n>', 'tokens per example (longer ones are cut)').argParser(int({ min: 1 })).default(L.maxLength))
-      .addOption(new Option('--seed <s>', 'data order, dropout and dev sampling seed').argParser(int({ min: 0, max: 0xffffffff })).default(L.seed))
-      .addOption(new Option('--grad-clip <x>', 'clip the global gradient norm to this (off by default)').argParser(num({ gt: 0 })))
-      .addOption(new Option('--checkpoint-every <n|epoch>', 'also checkpoint every n optimizer steps').argParser(checkpointEveryArg).default('epoch'))
-      .addOption(new Option('--keep-last <n>', 'keep weights of only the newest n checkpoints (default: all)').argParser(int({ min: 1 })))
+      .addOption(opt('--epochs <n>', 'epochs', int({ min: 1 }), L.epochs))
+      .addOption(opt('--batch-size <n>', 'examples per optimizer step', int({ min: 1 }), L.batchSize))
+      .addOption(opt('--micro-batch-size <n>', 'rows per forward/backward (default: what fits --memory-budget)', int({ min: 1 })))
+      .addOption(opt('--memory-budget <bytes>', 'activation memory a micro-batch may use (default: half the free memory, at most 8 GiB)', int({ min: 1 })))
+      .addOption(opt('--lr <x>', 'peak learning rate', num({ min: 0 }), L.lr))
+      .addOption(opt('--lr-final <x>', 'learning rate at the last step (linear decay)', num({ min: 0 }), L.lrFinal))
+      .addOption(opt('--warmup-steps <n>', 'linear warmup steps', int(), L.warmupSteps))
+      .addOption(opt('--beta1 <x>', 'AdamW beta1', num({ min: 0, lt: 1 }), L.beta1))
+      .addOption(opt('--beta2 <x>', 'AdamW beta2', num({ min: 0, lt: 1 }), L.beta2))
+      .addOption(opt('--eps <x>', 'AdamW epsilon', num({ min: 0 }), L.eps))
+      .addOption(opt('--weight-decay <x>', 'AdamW weight decay (never on norm gains)', num({ min: 0 }), L.weightDecay))
+      .addOption(opt('--dropout <p>', 'residual dropout at the top layer, rising linearly from 0 at the bottom', num({ min: 0, lt: 1 }), L.dropout))
+      .addOption(opt('--max-length <n>', 'tokens per example (longer ones are cut)', int({ min: 1 }), L.maxLength))
+      .addOption(opt('--seed <s>', 'data order, dropout and dev sampling seed', int({ min: 0, max: 0xffffffff }), L.seed))
+      .addOption(opt('--grad-clip <x>', 'clip the global gradient norm to this (off by default)', num({ gt: 0 })))
+      .addOption(opt('--checkpoint-every <n|epoch>', 'also checkpoint every n optimizer steps', checkpointEveryArg, 'epoch'))
+      .addOption(opt('--keep-last <n>', 'keep weights of only the newest n checkpoints (default: all)', int({ min: 1 })))
       .option('--role-system <text>', 'text before each system utterance (plain layout; LIMA used none)')
       .option('--role-user <text>', 'text before each user utterance (plain layout)')
       .option('--role-assistant <text>', 'text before each assistant utterance (plain layout)')
-      .addOption(new Option('--dev-max-new-tokens <n>', 'longest dev generation').argParser(int()).default(d.maxNewTokens))
-      .addOption(new Option('--dev-temperature <t>', 'dev generation temperature').argParser(num({ gt: 0 })).default(d.temperature))
-      .addOption(new Option('--dev-top-p <p>', 'dev generation nucleus mass').argParser(num({ gt: 0, max: 1 })).default(d.topP))
-      .addOption(new Option('--dev-repetition-penalty <r>', 'dev generation repetition penalty').argParser(num({ gt: 0 })).default(d.repetitionPenalty))
+      .addOption(opt('--dev-max-new-tokens <n>', 'longest dev generation', int(), d.maxNewTokens))
+      .addOption(opt('--dev-temperature <t>', 'dev generation temperature', num({ gt: 0 }), d.temperature))
+      .addOption(opt('--dev-top-p <p>', 'dev generation nucleus mass', num({ gt: 0, max: 1 }), d.topP))
+      .addOption(opt('--dev-repetition-penalty <r>', 'dev generation repetition penalty', num({ gt: 0 }), d.repetitionPenalty))
       .option('--no-dev-generation', 'skip the dev generations (dev loss only)')
       .option('--train-on-prompt', 'train on every token, not only the assistant turns')
       .option('--skip-bad-rows', 'skip and count unusable rows instead of failing on the first')
       .option('--resume', 'continue from the latest checkpoint in --out')
       .option('--json', 'print one JSON event per line instead of a progress bar')
-      .action(async (v: Record<string, unknown>, cmd: Command) => {
+      .action(async (v: Record<string, unknown>) => {
         if (v.devGeneration === false) {
-          const given = ['devMaxNewTokens', 'devTemperature', 'devTopP', 'devRepetitionPenalty'].find((k) => cmd.getOptionValueSource(k) === 'cli');
+          const given = ['devMaxNewTokens', 'devTemperature', 'devTopP', 'devRepetitionPenalty'].find((k) => v[k] !== undefined);
           if (given) throw new UsageError(`--${given.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} has no effect with --no-dev-generation`);
         }
         await drive(toFinetuneOptions(v), (v.json as boolean | undefined) ?? false);
