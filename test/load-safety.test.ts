@@ -8,6 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { LlamaModel } from '../lib/model/llama.js';
 import { checkModelSize, paramCount, parseHfConfig } from '../lib/model/config.js';
 import { SafetensorsReader } from '../lib/io/safetensors.js';
+import { ByteTokenizer } from '../lib/tokenizer/index.js';
 import { tempDirs } from './helpers.js';
 
 const tmp = tempDirs('lima-load-');
@@ -125,6 +126,23 @@ describe('sharded checkpoints', () => {
     await expect(LlamaModel.fromPretrained(dir)).rejects.toThrow(/model\.safetensors\.index\.json: expected a "weight_map" object/);
     writeFileSync(join(dir, 'model.safetensors.index.json'), '{"weight_map": {"x": 3}}');
     await expect(LlamaModel.fromPretrained(dir)).rejects.toThrow(/weight_map\["x"\] must be a shard file name/);
+  });
+});
+
+describe('JSON files of a model folder', () => {
+  it('a broken lima-tokenizer.json or lima-chat-layout.json is named in the error', async () => {
+    const dir = join(tmp(), 'm');
+    {
+      await using m = await LlamaModel.create({ ...TINY, vocab_size: 259 }, { seed: 1, tokenizer: new ByteTokenizer() });
+      m.layout = {};
+      await m.save(dir);
+    }
+    writeFileSync(join(dir, 'lima-chat-layout.json'), '{"roles": 3}');
+    await expect(LlamaModel.fromPretrained(dir)).rejects.toThrow(/lima-chat-layout\.json: Expected an object for roles/);
+    writeFileSync(join(dir, 'lima-chat-layout.json'), '{');
+    await expect(LlamaModel.fromPretrained(dir)).rejects.toThrow(/lima-chat-layout\.json: not valid JSON/);
+    writeFileSync(join(dir, 'lima-tokenizer.json'), '{"type": "bytes",');
+    await expect(LlamaModel.fromPretrained(dir)).rejects.toThrow(/lima-tokenizer\.json: not valid JSON/);
   });
 });
 

@@ -111,6 +111,5 @@ export function samplingFrom(v: Record<string, unknown>): GenerateOptions {
  * which could move the cursor, retitle the window or hide output, are shown as \xNN escapes.
  */
 export function terminalSafe(text: string): string {
-  // eslint-disable-next-line no-control-regex
   return text.replace(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }

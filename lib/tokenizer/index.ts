@@ -223,7 +223,14 @@ export class HfTokenizer implements Tokenizer {
 /** The tokenizer stored in a model folder, or null when it has none. */
 export async function loadTokenizer(dir: string): Promise<Tokenizer | null> {
   try {
-    const raw = JSON.parse(await readFile(join(dir, 'lima-tokenizer.json'), 'utf8')) as Json;
+    const path = join(dir, 'lima-tokenizer.json');
+    const text = await readFile(path, 'utf8');
+    let raw: Json;
+    try {
+      raw = JSON.parse(text) as Json;
+    } catch (e) {
+      throw new Error(`${path}: not valid JSON (${(e as Error).message})`);
+    }
     if (raw.type !== 'bytes' || !Array.isArray(raw.special_tokens))
       throw new Error(`${join(dir, 'lima-tokenizer.json')}: expected {"type": "bytes", "special_tokens": [...]}`);
     return new ByteTokenizer(raw.special_tokens as string[]);
