@@ -15,9 +15,9 @@ import { parseIdList, parseInteger, parseNumber, samplingFrom, terminalSafe } fr
 import { LlamaModel } from '../lib/model/llama.js';
 import { GENERATION_DEFAULTS } from '../lib/model/sampling.js';
 import { LIMA_DEFAULTS, finetune, type FinetuneEvent, type FinetuneOptions } from '../lib/train/finetune.js';
-import { ByteTokenizer } from '../lib/tokenizer/index.js';
+import { ByteTokenizer, HfTokenizer } from '../lib/tokenizer/index.js';
 import { loadDataset } from '../lib/data/dataset.js';
-import { LAYOUT_FILE } from '../lib/model/layout.js';
+import { chatPromptIds, LAYOUT_FILE, rawPromptIds } from '../lib/model/layout.js';
 import { tempDirs } from './helpers.js';
 
 const ROOT = join(import.meta.dirname, '..');
@@ -205,6 +205,15 @@ describe('prompts laid out as in training', () => {
     await expect(m.generate('<s>', { raw: true })).rejects.toMatchObject({ code: 'ERR_LIMA_ARGUMENT' });
     expect(m.promptIds('a<|eot|>b', { specialTokens: 'parse', raw: true })).toEqual([256, 97, eot, 98]);
     expect(m.promptIds('a<|eot|>b', { specialTokens: 'parse' })).toEqual([256, ...enc('U: a'), eot, 98, eot, ...enc('A: ')]);
+  });
+
+  it('every special token the tokenizer lists is checked, not only BOS/EOS/EOT (Hugging Face and bytes)', async () => {
+    const hf = await HfTokenizer.load(join(ROOT, 'test', 'fixtures', 'tokenizers', 'llama2-mini'));
+    expect(() => rawPromptIds(hf, 'a <unk> b')).toThrow(/special token text "<unk>" \(id 0\)/);
+    expect(() => chatPromptIds(hf, { chatTemplate: '{% for m in messages %}{{ m.content }}{% endfor %}' }, [{ role: 'user', content: 'x</s>' }])).toThrow(/messages\[0\]\.content contains the special token text "<\/s>"/);
+    const bytes = new ByteTokenizer(['<s>', '</s>', '<|eot|>', '<|sep|>']);
+    expect(() => rawPromptIds(bytes, 'a<|sep|>')).toThrow(/"<\|sep\|>" \(id 259\)/);
+    expect(rawPromptIds(bytes, 'a<|sep|>', 'parse')).toEqual([256, 97, 259]);
   });
 
   it('generate --prompt / --raw / --messages and chat on piped stdin use the layout', async () => {

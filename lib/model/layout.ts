@@ -84,7 +84,7 @@ export function layoutJson(layout: ChatLayout): string {
 function checkSpecials(tok: Tokenizer, texts: readonly { where: string; text: string }[], policy: SpecialTokenPolicy): void {
   if (policy === 'parse') return;
   if (policy !== 'error') fail('"error" or "parse"', 'specialTokens', policy);
-  for (const s of specialTexts(tok))
+  for (const s of allSpecials(tok))
     for (const t of texts)
       if (t.text.includes(s.text))
         throw new LimaArgumentError(
@@ -93,9 +93,16 @@ function checkSpecials(tok: Tokenizer, texts: readonly { where: string; text: st
         );
 }
 
+// BOS/EOS/EOT plus every other special token the tokenizer lists, longest first.
+function allSpecials(tok: Tokenizer): { text: string; id: number }[] {
+  const out = specialTexts(tok);
+  for (const s of tok.specialTokens?.() ?? []) if (s.text && !out.some((o) => o.text === s.text)) out.push(s);
+  return out.sort((a, b) => b.text.length - a.text.length);
+}
+
 // A view of the tokenizer whose encode() maps special-token text to ids (the 'parse' policy).
 function parsingTokenizer(tok: Tokenizer): Tokenizer {
-  const specials = specialTexts(tok);
+  const specials = allSpecials(tok);
   const view = Object.create(tok) as Tokenizer;
   view.encode = (text: string, o?: { bos?: boolean }) => {
     const ids = encodeWithSpecials(tok, text, specials);

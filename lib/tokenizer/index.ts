@@ -26,6 +26,8 @@ export interface Tokenizer {
   tokenToId(token: string): number | undefined;
   /** Adds a special token (no-op when present) and returns its id. */
   addSpecialToken(content: string): number;
+  /** Every special token's text and id (so text typed by a user can be checked for them). */
+  specialTokens?(): { text: string; id: number }[];
   /** Makes sure an EOT token exists (reusing a known chat one) and returns its id. */
   ensureEot(content?: string): number;
   /** Writes the tokenizer files into a model folder. */
@@ -92,6 +94,10 @@ export class ByteTokenizer implements Tokenizer {
     return i < 0 ? undefined : 256 + i;
   }
 
+  specialTokens(): { text: string; id: number }[] {
+    return this.specials.map((text, i) => ({ text, id: 256 + i }));
+  }
+
   addSpecialToken(content: string): number {
     const id = this.tokenToId(content);
     if (id !== undefined) return id;
@@ -153,6 +159,10 @@ export class HfTokenizer implements Tokenizer {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${join(dir, 'tokenizer_config.json')}: ${(e as Error).message}`);
     }
     return new HfTokenizer(json, cfg);
+  }
+
+  specialTokens(): { text: string; id: number }[] {
+    return this.added().filter((t) => t.special).map((t) => ({ text: t.content, id: t.id }));
   }
 
   private added(): AddedTokenJson[] {
