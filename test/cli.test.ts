@@ -316,7 +316,7 @@ describe('progress display', () => {
     const statuses = writes.filter((w) => w.ch === 'status' && w.text !== '\n').map((w) => w.text.replace(/^\r/, '').replace(/\x1b\[K$/, ''));
     expect(statuses.length).toBeGreaterThan(10);
     for (const s of statuses) expect(s.length, s).toBeLessThan(80);
-    expect(statuses.some((s) => s.includes('epoch 1: dev loss on 4 examples'))).toBe(true);
+    expect(statuses.some((s) => s.includes('epoch 1: dev loss on 4 examples ETA ?'))).toBe(true);
     expect(statuses.some((s) => s.includes('dev generation 3/4'))).toBe(true);
     // Epoch 2: 9 steps of 1 s plus epoch 2's dev phase (30 s measured in epoch 1) = 39 s.
     expect(statuses.at(-1)).toContain('ETA 39s');

@@ -22,17 +22,18 @@ export function fmtTime(s: number): string {
   return `${Math.floor(r / 3600)}h${String(Math.floor((r % 3600) / 60)).padStart(2, '0')}m`;
 }
 
-/** Fits parts (most important first) into `width` columns: a bar that shrinks, then drops the tail. */
+/**
+ * Fits a bar and parts (most important first) into `width` columns. The bar's width depends on
+ * the terminal only, so it does not jitter as numbers grow; parts are dropped from the end.
+ */
 export function fitLine(bar: (width: number) => string, parts: readonly string[], width: number): string {
   const max = Math.max(10, width - 1); // the last column would wrap on some terminals
-  const maxBar = 24;
+  const barWidth = Math.max(8, Math.min(24, max - 62));
   for (let n = parts.length; n >= 1; n--) {
     const text = parts.slice(0, n).join(' ');
-    const room = max - text.length - 1;
-    if (room >= 10) return `${bar(Math.min(maxBar, room - 2))} ${text}`;
-    if (n === 1) return text.slice(0, max);
+    if (barWidth + 3 + text.length <= max) return `${bar(barWidth)} ${text}`;
   }
-  return '';
+  return parts.join(' ').slice(0, max);
 }
 
 /** Renders finetune events for a person; `now` (ms) is injectable for tests. */
@@ -63,8 +64,9 @@ export class ProgressDisplay {
   /** Mean dev-phase seconds, or an estimate from the phase in progress. */
   private devEstimate(cur?: { done: number; total: number; elapsed: number }): number {
     if (this.devSeconds.length) return this.devSeconds.reduce((a, b) => a + b, 0) / this.devSeconds.length;
-    if (cur && cur.done > 0) return (cur.elapsed / cur.done) * cur.total;
-    return 0;
+    if (cur) return cur.done > 0 ? (cur.elapsed / cur.done) * cur.total : NaN; // '?' until one is done
+    return 0; // before the first dev phase its length is unknown: the ETA counts the steps only
+
   }
 
   /** Seconds left: remaining steps plus a dev phase for every epoch whose phase has not finished. */
