@@ -1,6 +1,6 @@
 /** lima-native: fine-tune LLaMA-family models from Node.js with the LIMA recipe. */
 export * as kernels from './kernels/index.js';
-export { LimaArgumentError } from './validate.js';
+export { LimaArgumentError, LimaDisposedError } from './validate.js';
 export { NativeLoadError } from './native.js';
 export {
   LlamaModel,
@@ -11,14 +11,16 @@ export {
   type GenerateOptions,
   type GenerateResult,
   type GeneratedToken,
+  type Prompt,
   type TokenBatch,
   type ParamInfo,
   type Precision,
   type CodePaths,
   resolvePrecision,
 } from './model/llama.js';
-export { ConfigError, parseHfConfig, toHfConfig, parameterShapes, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';
-export { resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOptions } from './model/sampling.js';
+export { LAYOUT_FILE, readLayout, type ChatLayout, type SpecialTokenPolicy } from './model/layout.js';
+export { ConfigError, parseHfConfig, toHfConfig, parameterShapes, paramCount, checkModelSize, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';
+export { GENERATION_DEFAULTS, resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOptions } from './model/sampling.js';
 export { ByteTokenizer, HfTokenizer, loadTokenizer, DEFAULT_EOT, type Tokenizer } from './tokenizer/index.js';
 export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo, type TensorToWrite, type SafetensorsDtype } from './io/safetensors.js';
 export { Llama2cReader, Llama2cError } from './io/llama2c.js';
@@ -86,6 +88,7 @@ export {
   type EpochEvent,
   type CheckpointEvent,
   type DoneEvent,
+  type DevPhaseEvent,
 } from './train/finetune.js';
 export { planFinetune, formatPlan, countParameters, memoryPlan, type FinetunePlan, type MemoryPlan, type PlanOptions } from './train/plan.js';
 export { readLlama2cTokenizer, llama2cTokenizerJson, loadLlama2cTokenizer, type Llama2cVocab } from './io/llama2c-tokenizer.js';

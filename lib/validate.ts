@@ -10,6 +10,18 @@ export class LimaArgumentError extends TypeError {
   }
 }
 
+/**
+ * Thrown by every call on a model or an open file after dispose()/close(), whether the TypeScript
+ * layer or the native one notices first: one code for one condition.
+ */
+export class LimaDisposedError extends Error {
+  readonly code = 'ERR_LIMA_DISPOSED';
+  constructor(message: string) {
+    super(message);
+    this.name = 'LimaDisposedError';
+  }
+}
+
 /** Short human description of a received value for error messages. */
 export function describe(v: unknown): string {
   if (v === null) return 'null';

@@ -1,6 +1,6 @@
 // Loading a JSONL dataset into training examples: per-row format detection, tokenization,
 // truncation, bad-row reporting (fail fast with file:line, or skip and count), dev split.
-import type { Template } from '@huggingface/jinja';
+import type { CompiledTemplate } from './format.js';
 import { JsonlError, readJsonl } from '../io/jsonl.js';
 import { LIMA } from '../recipe.js';
 import type { Tokenizer } from '../tokenizer/index.js';
@@ -126,7 +126,7 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
   const maxLength = opts.maxLength ?? Math.min(DEFAULT_MAX_LENGTH, opts.maxPositions ?? Infinity);
   // Dev prompts are checked against the positions later, so they are tokenized that far.
   const maxTokens = Math.max(maxLength, opts.maxPositions ?? 0);
-  let template: Template | undefined;
+  let template: CompiledTemplate | undefined;
   if (opts.chatTemplate !== undefined) {
     try {
       template = compileChatTemplate(opts.chatTemplate);

@@ -156,7 +156,7 @@ export interface FormatOptions {
   /** Role markers of the plain layout; ignored with a chat template. */
   roles?: RoleMarkers;
   /** A Jinja chat template (source or compiled); replaces the plain layout. */
-  chatTemplate?: string | Template;
+  chatTemplate?: string | CompiledTemplate;
   /** Make every token a target instead of only the assistant turns and their end-of-turn. */
   trainOnPrompt?: boolean;
   /**
@@ -180,6 +180,14 @@ export interface FormattedConversation {
 interface Span {
   ids: number[];
   target: boolean;
+}
+
+/**
+ * A compiled Jinja chat template. Our own structural type, so the published .d.ts does not
+ * depend on @huggingface/jinja's declarations (which do not compile under NodeNext).
+ */
+export interface CompiledTemplate {
+  render(items: Record<string, unknown>): string;
 }
 
 const templateCache = new Map<string, Template>();
@@ -209,7 +217,7 @@ function budgeted(tok: Tokenizer, budget: number | undefined): (text: string) =>
 }
 
 /** Compiles a chat template (cached), reporting syntax errors by name. */
-export function compileChatTemplate(source: string): Template {
+export function compileChatTemplate(source: string): CompiledTemplate {
   let t = templateCache.get(source);
   if (!t) {
     try {
@@ -305,9 +313,11 @@ export async function resolveChatTemplate(spec: string, modelDir: string): Promi
   return source;
 }
 
-// Special tokens by their text, so template output like "<s>" becomes the special id for every
-// tokenizer (the byte tokenizer would otherwise spell it out byte by byte).
-function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
+/**
+ * Special tokens by their text, longest first, so template output like "<s>" becomes the special
+ * id for every tokenizer (the byte tokenizer would otherwise spell it out byte by byte).
+ */
+export function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
   const out: { text: string; id: number }[] = [];
   for (const id of [tok.bosId, tok.eosId, tok.eotId]) {
     if (id === undefined) continue;
@@ -317,7 +327,8 @@ function specialTexts(tok: Tokenizer): { text: string; id: number }[] {
   return out.sort((a, b) => b.text.length - a.text.length);
 }
 
-function encodeWithSpecials(encode: (text: string) => number[], text: string, specials: { text: string; id: number }[]): number[] {
+/** Encodes text, turning each occurrence of a special token's text into its id. */
+export function encodeWithSpecials(encode: (text: string) => number[], text: string, specials: { text: string; id: number }[]): number[] {
   const ids: number[] = [];
   let rest = text;
   while (rest) {
@@ -361,7 +372,7 @@ function plainSpans(messages: readonly Message[], tok: Tokenizer, roles: RoleMar
   return { spans, promptEnd };
 }
 
-function templateSpans(messages: readonly Message[], tok: Tokenizer, template: Template, maxTokens?: number): { spans: Span[]; promptEnd: number } {
+function templateSpans(messages: readonly Message[], tok: Tokenizer, template: CompiledTemplate, maxTokens?: number): { spans: Span[]; promptEnd: number } {
   const specials = specialTexts(tok);
   const encode = budgeted(tok, maxTokens);
   const vars: Record<string, unknown> = {

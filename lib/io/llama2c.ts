@@ -4,6 +4,7 @@
 // (2i, 2i+1); Hugging Face rotates halves (i, i + hd/2), so q/k rows are permuted on import.
 import { open, type FileHandle } from 'node:fs/promises';
 import type { LlamaConfig } from '../model/config.js';
+import { LimaDisposedError } from '../validate.js';
 
 /** A malformed llama2.c file; the message names the file and what is wrong. */
 export class Llama2cError extends Error {
@@ -74,6 +75,18 @@ export class Llama2cReader {
       const hd = dim / H;
       const kvDim = KV * hd;
 
+      // The size the header implies, in BigInt and before anything is allocated: a 28-byte file
+      // claiming 2^20 layers must fail here, not after building millions of slice entries.
+      {
+        const [d, hi, l, v, sl, h, kv] = [dim, hidden, L, V, seqLen, hd, kvDim].map(BigInt);
+        const perLayer = 2n * d + d * d + 2n * kv * d + d * d + 3n * hi * d;
+        const need = 28n + 4n * (v * d + l * perLayer + d + sl * h + (shared ? 0n : v * d));
+        if (BigInt(size) < need)
+          throw new Llama2cError(
+            `${path}: file has ${size} bytes but its header (dim ${dim}, hidden_dim ${hidden}, ${L} layers, ${H} heads, ${KV} kv heads, ` +
+              `vocab ${V}, seq_len ${seqLen}) needs ${need} (truncated, or not a version-0 llama2.c export?)`,
+          );
+      }
       // Walk the fixed order: each stacked [L, ...] block holds layer l's tensor at l * per.
       const slices = new Map<string, Slice>();
       let pos = 28;
@@ -126,6 +139,7 @@ export class Llama2cReader {
 
   /** Reads one tensor (Hugging Face name and layout) as fp32. */
   async read(name: string): Promise<Float32Array> {
+    if (this.closed) throw new LimaDisposedError(`${this.path}: the file has been closed`);
     const s = this.slices.get(name);
     if (!s) throw new Llama2cError(`${this.path}: no tensor named "${name}"`);
     const a = new Float32Array(s.count);
@@ -139,8 +153,12 @@ export class Llama2cReader {
     return s.permuteHeads ? permuteRopeRows(a, s.permuteHeads, this.config.headDim, this.config.hiddenSize) : a;
   }
 
-  /** Closes the file descriptor. */
+  private closed = false;
+
+  /** Closes the file descriptor; later reads throw ERR_LIMA_DISPOSED. A second close is a no-op. */
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.fh.close();
   }
 }

@@ -1,9 +1,11 @@
 // safetensors: an 8-byte little-endian header length, a JSON header, then raw tensor bytes.
 // Reading goes one tensor at a time through a file descriptor (model files can be many GiB);
 // writing streams tensors to a temporary file that is renamed into place only when complete.
-import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { syncDir, WriteError } from '../util/fs.js';
+import { LimaDisposedError } from '../validate.js';
 
 /** Tensor element types we read; everything is held as fp32 on the CPU. */
 export type SafetensorsDtype = 'F32' | 'F16' | 'BF16';
@@ -43,7 +45,7 @@ export class SafetensorsReader {
 
   /** Opens and validates the header (lengths, dtypes, shapes, offsets within the file). */
   static async open(path: string): Promise<SafetensorsReader> {
-    const fh = await open(path, 'r');
+    const fh = await openRegularFile(path, (why) => new SafetensorsError(`${path}: ${why}`));
     try {
       const { size } = await fh.stat();
       const bad = (why: string): never => {
@@ -84,12 +86,20 @@ export class SafetensorsReader {
         if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((d) => Number.isSafeInteger(d) && d >= 0) || offs[0] > offs[1])
           bad(`tensor "${name}": data_offsets ${JSON.stringify(offs)} is not [begin, end]`);
         const [b, en] = offs as [number, number];
-        const want = shape.reduce((a, d) => a * d, 1) * DTYPE_BYTES[dtype];
-        if (en - b !== want) bad(`tensor "${name}": ${en - b} bytes for shape [${shape}] of ${dtype} (expected ${want})`);
+        // BigInt: a hostile shape must not wrap around to a plausible byte count.
+        const want = shape.reduce((a, d) => a * BigInt(d), 1n) * BigInt(DTYPE_BYTES[dtype]);
+        if (BigInt(en - b) !== want) bad(`tensor "${name}": ${en - b} bytes for shape [${shape}] of ${dtype} (expected ${want})`);
         if (dataStart + en > size)
           bad(`tensor "${name}": data ends at byte ${dataStart + en} but the file has ${size} bytes (truncated?)`);
         tensors.set(name, { name, dtype, shape, begin: dataStart + b, end: dataStart + en });
       }
+      // Two tensors sharing bytes means a corrupt or crafted header: writes to one would alias the other.
+      const sorted = [...tensors.values()].filter((t) => t.end > t.begin).sort((a, b) => a.begin - b.begin);
+      for (let i = 1; i < sorted.length; i++)
+        if (sorted[i].begin < sorted[i - 1].end)
+          bad(
+            `tensors "${sorted[i - 1].name}" and "${sorted[i].name}" overlap (data_offsets [${sorted[i - 1].begin - dataStart}, ${sorted[i - 1].end - dataStart}] and [${sorted[i].begin - dataStart}, ${sorted[i].end - dataStart}])`,
+          );
       return new SafetensorsReader(path, fh, tensors, metadata);
     } catch (e) {
       await fh.close();
@@ -99,6 +109,7 @@ export class SafetensorsReader {
 
   /** Reads one tensor converted to fp32, into `out` when given (its length must match). */
   async read(name: string, out?: Float32Array): Promise<Float32Array> {
+    if (this.closed) throw new LimaDisposedError(`${this.path}: the file has been closed`);
     const info = this.tensors.get(name);
     if (!info) throw new SafetensorsError(`${this.path}: no tensor named "${name}"`);
     const count = (info.end - info.begin) / DTYPE_BYTES[info.dtype];
@@ -123,10 +134,35 @@ export class SafetensorsReader {
     return dst;
   }
 
-  /** Closes the file descriptor. */
+  private closed = false;
+
+  /** Closes the file descriptor; later reads throw ERR_LIMA_DISPOSED. A second close is a no-op. */
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     await this.fh.close();
   }
+}
+
+/**
+ * Opens a file for reading only if it is a regular file: a FIFO or device would block open() or
+ * read() forever. O_NONBLOCK keeps open() itself from waiting on a FIFO swapped in after stat().
+ */
+export async function openRegularFile(path: string, error: (why: string) => Error): Promise<FileHandle> {
+  let st;
+  try {
+    st = await stat(path);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw error(code === 'ENOENT' ? 'file not found' : `cannot read (${(e as Error).message})`);
+  }
+  if (!st.isFile()) throw error('not a regular file (a FIFO, device or folder cannot hold tensors)');
+  const fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  if (!(await fh.stat()).isFile()) {
+    await fh.close();
+    throw error('not a regular file');
+  }
+  return fh;
 }
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;

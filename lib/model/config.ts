@@ -185,3 +185,47 @@ export function parameterShapes(cfg: LlamaConfig): { name: string; shape: [numbe
   if (!cfg.tieWordEmbeddings) out.push({ name: 'lm_head.weight', shape: [V, D] });
   return out;
 }
+
+/** Every distinct parameter tensor shape, its element count and how many of it there are (BigInt: nothing can wrap). */
+function tensorSizes(cfg: LlamaConfig): { name: string; numel: bigint; copies: bigint }[] {
+  const C = BigInt(cfg.hiddenSize);
+  const I = BigInt(cfg.intermediateSize);
+  const V = BigInt(cfg.vocabSize);
+  const Q = BigInt(cfg.numHeads) * BigInt(cfg.headDim);
+  const K = BigInt(cfg.numKvHeads) * BigInt(cfg.headDim);
+  const L = BigInt(cfg.numLayers);
+  return [
+    { name: 'model.embed_tokens.weight', numel: V * C, copies: cfg.tieWordEmbeddings ? 1n : 2n }, // + lm_head
+    { name: 'model.layers.N.*_layernorm.weight', numel: C, copies: 2n * L },
+    { name: 'model.layers.N.self_attn.q_proj.weight', numel: Q * C, copies: 2n * L }, // + o_proj
+    { name: 'model.layers.N.self_attn.k_proj.weight', numel: K * C, copies: 2n * L }, // + v_proj
+    { name: 'model.layers.N.mlp.gate_proj.weight', numel: I * C, copies: 3n * L }, // + up, down
+    { name: 'model.norm.weight', numel: C, copies: 1n },
+  ];
+}
+
+/** Parameter count of a config, exact for any size (BigInt). */
+export function paramCount(cfg: LlamaConfig): bigint {
+  return tensorSizes(cfg).reduce((a, t) => a + t.numel * t.copies, 0n);
+}
+
+const fmtGiB = (b: bigint) => `${(Number(b) / 2 ** 30).toFixed(b < 2n ** 30n ? 3 : 1)} GiB`;
+
+/**
+ * Refuses a config whose model cannot exist on this machine before anything is allocated: a
+ * tensor larger than a typed array may hold, or weights plus gradients (8 bytes a parameter, what
+ * the native model allocates up front) beyond `memoryBytes`. `source` names the file in errors.
+ */
+export function checkModelSize(cfg: LlamaConfig, source: string, memoryBytes: number): void {
+  for (const t of tensorSizes(cfg))
+    if (t.numel > BigInt(2 ** 32 - 1))
+      throw new ConfigError(`${source}: tensor ${t.name} would have ${t.numel} elements, more than one tensor may hold (2^32 - 1)`);
+  const n = paramCount(cfg);
+  const need = 8n * n;
+  const have = BigInt(Math.floor(memoryBytes));
+  if (need > have)
+    throw new ConfigError(
+      `${source}: the model has ${n} parameters and needs ${fmtGiB(need)} for weights and gradients, ` +
+        `more than this machine's memory (${fmtGiB(have)}); check num_hidden_layers, hidden_size, intermediate_size and vocab_size`,
+    );
+}

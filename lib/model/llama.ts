@@ -1,16 +1,19 @@
 // LlamaModel: the typed face of the native model. Weights live in native memory; loading and
 // saving stream one tensor at a time; every long call runs on the model's own worker thread.
-import { mkdir, readFile, readdir, access } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
+import { mkdir, readFile, readdir, rm, access, realpath } from 'node:fs/promises';
+import { dirname, isAbsolute, join, resolve, sep } from 'node:path';
+import { totalmem } from 'node:os';
 import { Llama2cReader } from '../io/llama2c.js';
 import { GgufReader } from '../io/gguf.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../util/rng.js';
-import { expectI32, expectInt, expectNumber, fail } from '../validate.js';
-import { ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
+import { expectI32, expectInt, expectNumber, fail, LimaDisposedError } from '../validate.js';
+import { checkModelSize, ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
 import { nativeLlama, type NativeLlama, type NativePrecision, type ParamInfo } from './native-model.js';
 import { preferredPrecision } from '../kernels/system.js';
-import { resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
+import { GENERATION_DEFAULTS, resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
+import { chatPromptIds, layoutJson, LAYOUT_FILE, rawPromptIds, readLayout, type ChatLayout, type SpecialTokenPolicy } from './layout.js';
+import type { Message } from '../data/format.js';
 import { HfTokenizer, loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { padBatch, type TokenBatch } from '../data/batch.js';
 import { writeAtomic } from '../util/fs.js';
@@ -30,11 +33,22 @@ export { padBatch, type TokenBatch };
 
 /** Options of LlamaModel.generate / stream. */
 export interface GenerateOptions extends SamplingOptions {
+  /** Default GENERATION_DEFAULTS.maxNewTokens (2048, as LIMA). */
   maxNewTokens?: number;
+  /**
+   * Continue a text prompt as plain text (BOS + text) instead of formatting it as a user turn
+   * with the model's chat layout. Models without a layout always continue.
+   */
+  raw?: boolean;
+  /** Special-token text typed in a prompt: refused ('error', the default) or used as the token ('parse'). */
+  specialTokens?: SpecialTokenPolicy;
   /** Token ids that end generation (default: the tokenizer's EOT and EOS). */
   stopTokens?: number[];
   signal?: AbortSignal;
 }
+
+/** What generation starts from: text (one user turn), a conversation ending with a user turn, or token ids. */
+export type Prompt = string | readonly Message[] | readonly number[];
 
 /** One generated token as streamed. */
 export interface GeneratedToken {
@@ -96,6 +110,11 @@ export class LlamaModel implements AsyncDisposable {
   // invalidates it: both take turns through this chain (later callers wait, they never interleave).
   private cacheTurn: Promise<void> = Promise.resolve();
   private info: { params: ParamInfo[]; numParams: number; precision: NativePrecision };
+  /**
+   * How text prompts are laid out as a conversation (saved as lima-chat-layout.json by `save`,
+   * read back by fromPretrained); null: text prompts are continued as plain text.
+   */
+  layout: ChatLayout | null = null;
 
   private constructor(
     private cfg: LlamaConfig,
@@ -131,7 +150,8 @@ export class LlamaModel implements AsyncDisposable {
     return nativeLlama().activationBytes(config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1), resolvePrecision(precision));
   }
 
-  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, precision?: Precision): LlamaModel {
+  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, precision?: Precision, source = 'config'): LlamaModel {
+    checkModelSize(config, source, totalmem());
     const Native = nativeLlama();
     return new LlamaModel(config, new Native(config, resolvePrecision(precision)), tokenizer);
   }
@@ -170,10 +190,7 @@ export class LlamaModel implements AsyncDisposable {
     const files = new Map<string, string>();
     const indexPath = join(dir, 'model.safetensors.index.json');
     if (await exists(indexPath)) {
-      const index = JSON.parse(await readFile(indexPath, 'utf8')) as { weight_map?: Record<string, string> };
-      if (!index.weight_map || typeof index.weight_map !== 'object')
-        throw new ModelLoadError(`${indexPath}: expected a "weight_map" object`);
-      for (const [name, file] of Object.entries(index.weight_map)) files.set(name, join(dir, file));
+      for (const [name, file] of await readShardIndex(dir, indexPath)) files.set(name, file);
     } else if (await exists(join(dir, 'model.safetensors'))) {
       const r = await SafetensorsReader.open(join(dir, 'model.safetensors'));
       for (const name of r.tensors.keys()) files.set(name, r.path);
@@ -183,7 +200,9 @@ export class LlamaModel implements AsyncDisposable {
       throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`);
     }
     const tokenizer = await loadTokenizer(dir);
-    const m = LlamaModel.make(cfg, tokenizer, precision);
+    const layout = tokenizer ? await readLayout(dir) : null;
+    const m = LlamaModel.make(cfg, tokenizer, precision, cfgPath);
+    m.layout = layout;
     try {
       const readers = new Map<string, SafetensorsReader>();
       try {
@@ -216,7 +235,7 @@ export class LlamaModel implements AsyncDisposable {
     const precision = resolvePrecision(opts.precision);
     const r = await Llama2cReader.open(file);
     try {
-      const m = LlamaModel.make(r.config, opts.tokenizer ?? null, precision);
+      const m = LlamaModel.make(r.config, opts.tokenizer ?? null, precision, file);
       try {
         for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
       } catch (e) {
@@ -241,7 +260,7 @@ export class LlamaModel implements AsyncDisposable {
       // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
       const cfg = parseHfConfig(toHfConfig(r.config), file);
       const tok = r.tokenizerFiles();
-      const m = LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, precision);
+      const m = LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, precision, file);
       try {
         for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
       } catch (e) {
@@ -264,7 +283,7 @@ export class LlamaModel implements AsyncDisposable {
   }
 
   private check(): void {
-    if (this.disposed) throw disposedError();
+    if (this.disposed) throw new LimaDisposedError('lima-native: this model has been disposed');
   }
 
   private param(name: string): ParamInfo {
@@ -365,11 +384,11 @@ export class LlamaModel implements AsyncDisposable {
    * Streams generated tokens one at a time (KV-cached decoding). Concurrent generations and
    * training steps on one model take turns, since they share the native KV cache.
    */
-  async *stream(prompt: readonly number[] | string, opts: GenerateOptions = {}): AsyncGenerator<GeneratedToken, GenerateResult['stopReason']> {
+  async *stream(prompt: Prompt, opts: GenerateOptions = {}): AsyncGenerator<GeneratedToken, GenerateResult['stopReason']> {
     this.check();
-    const ids = this.promptIds(prompt);
+    const ids = this.promptIds(prompt, opts);
     const s = resolveSampling(opts);
-    const maxNew = expectInt(opts.maxNewTokens ?? 2048, 'maxNewTokens', 0);
+    const maxNew = expectInt(opts.maxNewTokens ?? GENERATION_DEFAULTS.maxNewTokens, 'maxNewTokens', 0);
     const stops = new Set(opts.stopTokens ?? this.defaultStops());
     const rng = new Rng(s.seed);
     const context = [...ids];
@@ -405,8 +424,12 @@ export class LlamaModel implements AsyncDisposable {
     }
   }
 
-  /** Generates a completion; LIMA's decoding (top-p 0.9, temperature 0.7, repetition penalty 1.2) by default. */
-  async generate(prompt: readonly number[] | string, opts: GenerateOptions = {}): Promise<GenerateResult> {
+  /**
+   * Generates a reply; LIMA's decoding (top-p 0.9, temperature 0.7, repetition penalty 1.2) by
+   * default. A string is one user turn and messages a conversation, both laid out as in training
+   * (see `layout`) and answered until the end-of-turn token; token ids are used as they are.
+   */
+  async generate(prompt: Prompt, opts: GenerateOptions = {}): Promise<GenerateResult> {
     const ids: number[] = [];
     const it = this.stream(prompt, opts);
     let r = await it.next();
@@ -417,14 +440,27 @@ export class LlamaModel implements AsyncDisposable {
     return { ids, text: this.tokenizer?.decode(ids), stopReason: r.value };
   }
 
-  private promptIds(prompt: readonly number[] | string): number[] {
-    if (typeof prompt === 'string') {
+  /** The token ids generation starts from: a string or messages laid out with `layout`, or ids as given. */
+  promptIds(prompt: Prompt, opts: Pick<GenerateOptions, 'raw' | 'specialTokens'> = {}): number[] {
+    this.check();
+    const policy = opts.specialTokens ?? 'error';
+    const isMessages = Array.isArray(prompt) && prompt.length > 0 && typeof prompt[0] === 'object';
+    if (typeof prompt === 'string' || isMessages) {
       if (!this.tokenizer) fail('token ids (this model has no tokenizer)', 'prompt', prompt);
-      return this.tokenizer.encode(prompt, { bos: true });
+      let ids: number[];
+      if (typeof prompt === 'string' && (opts.raw || !this.layout)) ids = rawPromptIds(this.tokenizer, prompt, policy);
+      else if (opts.raw) fail('a string or token ids with raw: true', 'prompt', prompt);
+      else if (!this.layout) fail("a string (this model has no chat layout: set model.layout, e.g. {} for LIMA's plain layout)", 'prompt', prompt);
+      else {
+        const messages = typeof prompt === 'string' ? [{ role: 'user' as const, content: prompt }] : (prompt as readonly Message[]);
+        ids = chatPromptIds(this.tokenizer, this.layout, messages, policy);
+      }
+      ids.forEach((t, i) => expectInt(t, `prompt token ${i}`, 0, this.config.vocabSize - 1));
+      return ids;
     }
-    if (!Array.isArray(prompt) || prompt.length === 0) fail('a non-empty array of token ids or a string', 'prompt', prompt);
+    if (!Array.isArray(prompt) || prompt.length === 0) fail('a non-empty array of token ids, messages or a string', 'prompt', prompt);
     prompt.forEach((t, i) => expectInt(t, `prompt[${i}]`, 0, this.config.vocabSize - 1));
-    return [...prompt];
+    return [...(prompt as readonly number[])];
   }
 
   private defaultStops(): number[] {
@@ -451,6 +487,8 @@ export class LlamaModel implements AsyncDisposable {
     const extra: Record<string, unknown> = { torch_dtype: opts.dtype === 'BF16' ? 'bfloat16' : 'float32' };
     await writeAtomic(join(dir, 'config.json'), JSON.stringify(toHfConfig(this.config, extra), null, 2) + '\n');
     if (this.tokenizer) await this.tokenizer.save(dir);
+    if (this.layout) await writeAtomic(join(dir, LAYOUT_FILE), layoutJson(this.layout));
+    else await rm(join(dir, LAYOUT_FILE), { force: true });
   }
 
   /**
@@ -536,11 +574,6 @@ export class LlamaModel implements AsyncDisposable {
   }
 }
 
-/** The error of every call on a disposed model (the native side uses the same code and text). */
-function disposedError(): Error {
-  return Object.assign(new Error('lima-native: this model has been disposed'), { code: 'ERR_LIMA_DISPOSED' });
-}
-
 // A fine-tuning checkpoint whose weights the trainer's keep policy removed: say so and point at
 // the sibling checkpoints that still have weights.
 async function prunedMessage(dir: string): Promise<string> {
@@ -556,6 +589,48 @@ async function prunedMessage(dir: string): Promise<string> {
     (kept.length ? `checkpoints with weights: ${kept.join(', ')}` : 'no checkpoint beside it has weights') +
     ' (keep more with the keepEpochs / keepLast options)'
   );
+}
+
+/**
+ * The tensor → file map of a sharded checkpoint. Every shard must be a plain file name or a
+ * relative path that stays inside the model folder (also after resolving symlinks): an index is
+ * data, and a crafted one must not make us open /etc/passwd or a device.
+ */
+async function readShardIndex(dir: string, indexPath: string): Promise<Map<string, string>> {
+  let index: unknown;
+  try {
+    index = JSON.parse(await readFile(indexPath, 'utf8'));
+  } catch (e) {
+    throw new ModelLoadError(`${indexPath}: ${e instanceof SyntaxError ? `not valid JSON (${e.message})` : (e as Error).message}`);
+  }
+  const map = (index as { weight_map?: unknown } | null)?.weight_map;
+  if (typeof map !== 'object' || map === null || Array.isArray(map))
+    throw new ModelLoadError(`${indexPath}: expected a "weight_map" object of tensor name -> shard file`);
+  const root = await realpath(dir);
+  const out = new Map<string, string>();
+  const checked = new Map<string, string>();
+  for (const [name, file] of Object.entries(map as Record<string, unknown>)) {
+    if (typeof file !== 'string' || !file)
+      throw new ModelLoadError(`${indexPath}: weight_map["${name}"] must be a shard file name, got ${JSON.stringify(file)}`);
+    let full = checked.get(file);
+    if (full === undefined) {
+      const lexical = resolve(root, file);
+      const inside = (p: string) => p.startsWith(root + sep);
+      if (isAbsolute(file) || !inside(lexical))
+        throw new ModelLoadError(`${indexPath}: weight_map["${name}"] = "${file}" points outside the model folder ${dir}`);
+      let real: string;
+      try {
+        real = await realpath(lexical);
+      } catch {
+        throw new ModelLoadError(`${indexPath}: shard "${file}" (for tensor "${name}") not found in ${dir}`);
+      }
+      if (!inside(real)) throw new ModelLoadError(`${indexPath}: shard "${file}" is a link that leads outside the model folder ${dir}`);
+      full = lexical;
+      checked.set(file, full);
+    }
+    out.set(name, full);
+  }
+  return out;
 }
 
 async function exists(p: string): Promise<boolean> {

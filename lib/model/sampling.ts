@@ -17,15 +17,30 @@ export interface SamplingOptions {
   seed?: number;
 }
 
+/**
+ * LIMA's decoding settings: the single source of the defaults of model.generate/stream, the
+ * trainer's dev generations and the `generate`/`chat` commands (whose --help shows them).
+ */
+export const GENERATION_DEFAULTS = Object.freeze({
+  greedy: false,
+  temperature: LIMA.decoding.temperature,
+  topP: LIMA.decoding.topP,
+  topK: 0,
+  repetitionPenalty: LIMA.decoding.repetitionPenalty,
+  seed: 0,
+  maxNewTokens: LIMA.decoding.maxNewTokens,
+});
+
 /** Fills the LIMA defaults and validates the ranges. */
 export function resolveSampling(o: SamplingOptions = {}): Required<SamplingOptions> {
+  const d = GENERATION_DEFAULTS;
   return {
-    greedy: o.greedy ?? false,
-    temperature: expectNumber(o.temperature ?? LIMA.decoding.temperature, 'temperature', { min: 1e-6 }),
-    topP: expectNumber(o.topP ?? LIMA.decoding.topP, 'topP', { min: 1e-9, max: 1 }),
-    topK: expectInt(o.topK ?? 0, 'topK', 0),
-    repetitionPenalty: expectNumber(o.repetitionPenalty ?? LIMA.decoding.repetitionPenalty, 'repetitionPenalty', { min: 1e-6 }),
-    seed: expectInt(o.seed ?? 0, 'seed', 0),
+    greedy: o.greedy ?? d.greedy,
+    temperature: expectNumber(o.temperature ?? d.temperature, 'temperature', { min: 1e-6 }),
+    topP: expectNumber(o.topP ?? d.topP, 'topP', { min: 1e-9, max: 1 }),
+    topK: expectInt(o.topK ?? d.topK, 'topK', 0),
+    repetitionPenalty: expectNumber(o.repetitionPenalty ?? d.repetitionPenalty, 'repetitionPenalty', { min: 1e-6 }),
+    seed: expectInt(o.seed ?? d.seed, 'seed', 0),
   };
 }
 

@@ -27,6 +27,8 @@ export interface Tokenizer {
   tokenToId(token: string): number | undefined;
   /** Adds a special token (no-op when present) and returns its id. */
   addSpecialToken(content: string): number;
+  /** Every special token's text and id (so text typed by a user can be checked for them). */
+  specialTokens?(): { text: string; id: number }[];
   /** Makes sure an EOT token exists (reusing a known chat one) and returns its id. */
   ensureEot(content?: string): number;
   /** Writes the tokenizer files into a model folder. */
@@ -86,6 +88,10 @@ export class ByteTokenizer implements Tokenizer {
   tokenToId(token: string): number | undefined {
     const i = this.specials.indexOf(token);
     return i < 0 ? undefined : 256 + i;
+  }
+
+  specialTokens(): { text: string; id: number }[] {
+    return this.specials.map((text, i) => ({ text, id: 256 + i }));
   }
 
   addSpecialToken(content: string): number {
@@ -149,6 +155,10 @@ export class HfTokenizer implements Tokenizer {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new Error(`${join(dir, 'tokenizer_config.json')}: ${(e as Error).message}`);
     }
     return new HfTokenizer(json, cfg);
+  }
+
+  specialTokens(): { text: string; id: number }[] {
+    return this.added().filter((t) => t.special).map((t) => ({ text: t.content, id: t.id }));
   }
 
   private added(): AddedTokenJson[] {
@@ -219,7 +229,14 @@ export class HfTokenizer implements Tokenizer {
 /** The tokenizer stored in a model folder, or null when it has none. */
 export async function loadTokenizer(dir: string): Promise<Tokenizer | null> {
   try {
-    const raw = JSON.parse(await readFile(join(dir, 'lima-tokenizer.json'), 'utf8')) as Json;
+    const path = join(dir, 'lima-tokenizer.json');
+    const text = await readFile(path, 'utf8');
+    let raw: Json;
+    try {
+      raw = JSON.parse(text) as Json;
+    } catch (e) {
+      throw new Error(`${path}: not valid JSON (${(e as Error).message})`);
+    }
     if (raw.type !== 'bytes' || !Array.isArray(raw.special_tokens))
       throw new Error(`${join(dir, 'lima-tokenizer.json')}: expected {"type": "bytes", "special_tokens": [...]}`);
     return new ByteTokenizer(raw.special_tokens as string[]);

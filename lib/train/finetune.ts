@@ -145,8 +145,30 @@ export interface DoneEvent {
   report: string;
   epochsWithWeights: number[];
 }
+/**
+ * The end-of-epoch dev phase: `eval` once when the dev loss starts, `generate` before each dev
+ * prompt (`done` of `total` finished), so progress displays can show it and count it in the ETA.
+ */
+export interface DevPhaseEvent {
+  type: 'dev';
+  epoch: number;
+  phase: 'eval' | 'generate';
+  done: number;
+  total: number;
+}
 /** Everything a run reports. */
-export type FinetuneEvent = StartEvent | StepEvent | EpochEvent | CheckpointEvent | StoppedEvent | DoneEvent;
+/**
+ * The end-of-epoch dev phase: `eval` once when the dev loss starts, `generate` before each dev
+ * prompt (`done` of `total` finished), so progress displays can show it and count it in the ETA.
+ */
+export interface DevPhaseEvent {
+  type: 'dev';
+  epoch: number;
+  phase: 'eval' | 'generate';
+  done: number;
+  total: number;
+}
+export type FinetuneEvent = StartEvent | StepEvent | EpochEvent | CheckpointEvent | DevPhaseEvent | StoppedEvent | DoneEvent;
 
 /** What a finished run returns. */
 export interface FinetuneResult {
@@ -639,6 +661,8 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     }
 
     const { data, maxLength } = await loadData(o, model);
+    // Saved with every checkpoint, so generate/chat format prompts exactly as the dev generations.
+    if (model.tokenizer) model.layout = { roles: o.roles, chatTemplate: o.chatTemplate };
     const stepsPerEpoch = Math.ceil(data.train.length / s.batchSize);
     const totalSteps = s.epochs * stepsPerEpoch;
     const hparams = hparamsOf(o, s, maxLength, data.train.length);
@@ -811,13 +835,16 @@ async function devPhase(ctx: Ctx, path: string): Promise<boolean> {
   const rep = st.epochs.at(-1)!;
   rep.checkpoint = path;
   if (data.dev.length) {
+    ctx.emit({ type: 'dev', epoch: rep.epoch, phase: 'eval', done: 0, total: data.dev.length });
     const ev = await model.evaluate(data.dev.map((d) => ({ inputIds: d.inputIds, labels: d.labels })), { batchSize: Math.max(1, ctx.micro) });
     if (Number.isFinite(ev.loss)) {
       rep.devLoss = ev.loss;
       rep.devPerplexity = ev.perplexity;
     }
     if (ctx.s.genOpts) {
-      const gens = await devGenerations(model, data.dev, ctx.s.genOpts, ctx.s.seed + st.epoch - 1, ctx.o.signal);
+      const gens = await devGenerations(model, data.dev, ctx.s.genOpts, ctx.s.seed + st.epoch - 1, ctx.o.signal, (done) =>
+        ctx.emit({ type: 'dev', epoch: rep.epoch, phase: 'generate', done, total: data.dev.length }),
+      );
       if (!gens) {
         await writeReport(ctx);
         return false;
@@ -866,11 +893,13 @@ async function devGenerations(
   opts: SamplingOptions & { maxNewTokens?: number; stopTokens?: number[] },
   seed: number,
   signal?: AbortSignal,
+  progress?: (done: number) => void,
 ): Promise<EpochReport['generations'] | null> {
   const tok = model.tokenizer;
   const out: EpochReport['generations'] = [];
   for (const [i, ex] of dev.entries()) {
     if (signal?.aborted) return null;
+    progress?.(i);
     let r;
     try {
       r = await model.generate(ex.promptIds, { ...opts, seed: seed * 1000 + i, signal });

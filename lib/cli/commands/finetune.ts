@@ -1,0 +1,141 @@
+// `finetune` and the run driver `demo` shares: every option of finetune() is a flag whose
+// commander name is the option's own (--batch-size → batchSize), so a new trainer option is one
+// `.option(...)` line here; the few that differ are mapped in toFinetuneOptions.
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { finetune, LIMA_DEFAULTS, type FinetuneEvent, type FinetuneOptions } from '../../train/finetune.js';
+import { ProgressDisplay } from '../progress.js';
+import { int, num, parseInteger, UsageError } from '../options.js';
+
+// Flags that are not finetune() options, or carry a different name there.
+const CLI_ONLY = new Set(['model', 'data', 'dev', 'out', 'json', 'devGeneration', 'devMaxNewTokens', 'devTemperature', 'devTopP', 'devRepetitionPenalty', 'roleSystem', 'roleUser', 'roleAssistant']);
+
+/** `--dev` is a JSONL file or a count of training rows to hold out. */
+function devArg(v: string): string | number {
+  return /^\s*[+-]?\d+\s*$/.test(v) ? parseInteger(v, { min: 1 }) : v;
+}
+
+function checkpointEveryArg(v: string): 'epoch' | number {
+  if (v === 'epoch') return 'epoch';
+  try {
+    return parseInteger(v, { min: 1 });
+  } catch {
+    throw new InvalidArgumentError(`expected "epoch" or a whole number of steps >= 1, got ${JSON.stringify(v)}`);
+  }
+}
+
+/** The finetune() options of parsed flags. */
+export function toFinetuneOptions(v: Record<string, unknown>): FinetuneOptions {
+  const o: Record<string, unknown> = {};
+  for (const [k, x] of Object.entries(v)) if (!CLI_ONLY.has(k) && x !== undefined) o[k] = x;
+  const roles = Object.fromEntries(
+    (['system', 'user', 'assistant'] as const)
+      .map((r) => [r, v[`role${r[0].toUpperCase()}${r.slice(1)}`]] as const)
+      .filter(([, m]) => m !== undefined),
+  );
+  const gen = Object.fromEntries(
+    ([['maxNewTokens', v.devMaxNewTokens], ['temperature', v.devTemperature], ['topP', v.devTopP], ['repetitionPenalty', v.devRepetitionPenalty]] as const).filter(
+      ([, x]) => x !== undefined,
+    ),
+  );
+  return {
+    ...(o as Partial<FinetuneOptions>),
+    model: v.model as string,
+    data: v.data as string,
+    devData: v.dev as string | number | undefined,
+    outDir: v.out as string,
+    ...(Object.keys(roles).length ? { roles } : {}),
+    // Unset sampling values keep finetune()'s LIMA defaults.
+    ...(v.devGeneration === false ? { devGeneration: false as const } : Object.keys(gen).length ? { devGeneration: gen } : {}),
+  };
+}
+
+/**
+ * Runs finetune() for a person (progress display) or a program (--json: one event per line).
+ * Ctrl-C stops after the current step, leaving the last checkpoint valid; a second Ctrl-C quits.
+ */
+export async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Promise<void> {
+  const ac = new AbortController();
+  const onSigint = () => {
+    if (ac.signal.aborted) process.exit(130);
+    process.stderr.write('\nstopping after the current step (Ctrl-C again to quit at once)\n');
+    ac.abort();
+  };
+  process.on('SIGINT', onSigint);
+  const tty = !json && process.stderr.isTTY;
+  const display = new ProgressDisplay({
+    status: (t) => process.stderr.write(t),
+    line: (t) => console.log(t),
+    columns: tty ? (process.stderr.columns || 80) : undefined,
+  });
+  try {
+    const run = finetune({ ...opts, signal: ac.signal });
+    for await (const e of run as AsyncIterable<FinetuneEvent>) {
+      if (json) console.log(JSON.stringify(e));
+      else display.update(e);
+    }
+    await run.result;
+  } finally {
+    display.finish();
+    process.off('SIGINT', onSigint);
+  }
+}
+
+/**
+ * An option whose help shows finetune()'s default without the CLI passing it: unset flags stay
+ * undefined so finetune() applies its own defaults (one source, and ones that depend on the
+ * model, like the maximum length, stay right).
+ */
+function opt(flags: string, description: string, parse: (v: string) => unknown, shownDefault?: unknown): Option {
+  const text = shownDefault === undefined ? description : `${description} (default: ${typeof shownDefault === 'string' ? shownDefault : String(shownDefault)})`;
+  return new Option(flags, text).argParser(parse);
+}
+
+/** The `finetune` command. */
+export function finetuneCommand(): Command {
+  const L = LIMA_DEFAULTS;
+  const d = L.devGeneration;
+  return (
+    new Command('finetune')
+      .description('supervised fine-tuning with the LIMA recipe (its values are the defaults)')
+      .requiredOption('--model <dir>', 'model folder or llama2.c .bin to start from')
+      .requiredOption('--data <jsonl>', 'training rows: {"conversations"}, {"messages"} or {"input_ids", "labels"}')
+      .option('--dev <jsonl|n>', 'dev rows (a JSONL file) or how many training rows to hold out (LIMA: 50)', devArg)
+      .requiredOption('--out <dir>', 'run folder: checkpoints, report.html, loss-curve.svg')
+      .addOption(opt('--epochs <n>', 'epochs', int({ min: 1 }), L.epochs))
+      .addOption(opt('--batch-size <n>', 'examples per optimizer step', int({ min: 1 }), L.batchSize))
+      .addOption(opt('--micro-batch-size <n>', 'rows per forward/backward (default: what fits --memory-budget)', int({ min: 1 })))
+      .addOption(opt('--memory-budget <bytes>', 'activation memory a micro-batch may use (default: half the free memory, at most 8 GiB)', int({ min: 1 })))
+      .addOption(opt('--lr <x>', 'peak learning rate', num({ min: 0 }), L.lr))
+      .addOption(opt('--lr-final <x>', 'learning rate at the last step (linear decay)', num({ min: 0 }), L.lrFinal))
+      .addOption(opt('--warmup-steps <n>', 'linear warmup steps', int(), L.warmupSteps))
+      .addOption(opt('--beta1 <x>', 'AdamW beta1', num({ min: 0, lt: 1 }), L.beta1))
+      .addOption(opt('--beta2 <x>', 'AdamW beta2', num({ min: 0, lt: 1 }), L.beta2))
+      .addOption(opt('--eps <x>', 'AdamW epsilon', num({ min: 0 }), L.eps))
+      .addOption(opt('--weight-decay <x>', 'AdamW weight decay (never on norm gains)', num({ min: 0 }), L.weightDecay))
+      .addOption(opt('--dropout <p>', 'residual dropout at the top layer, rising linearly from 0 at the bottom', num({ min: 0, lt: 1 }), L.dropout))
+      .addOption(opt('--max-length <n>', 'tokens per example (longer ones are cut)', int({ min: 1 }), L.maxLength))
+      .addOption(opt('--seed <s>', 'data order, dropout and dev sampling seed', int({ min: 0, max: 0xffffffff }), L.seed))
+      .addOption(opt('--grad-clip <x>', 'clip the global gradient norm to this (off by default)', num({ gt: 0 })))
+      .addOption(opt('--checkpoint-every <n|epoch>', 'also checkpoint every n optimizer steps', checkpointEveryArg, 'epoch'))
+      .addOption(opt('--keep-last <n>', 'keep weights of only the newest n checkpoints (default: all)', int({ min: 1 })))
+      .option('--role-system <text>', 'text before each system utterance (plain layout; LIMA used none)')
+      .option('--role-user <text>', 'text before each user utterance (plain layout)')
+      .option('--role-assistant <text>', 'text before each assistant utterance (plain layout)')
+      .addOption(opt('--dev-max-new-tokens <n>', 'longest dev generation', int(), d.maxNewTokens))
+      .addOption(opt('--dev-temperature <t>', 'dev generation temperature', num({ gt: 0 }), d.temperature))
+      .addOption(opt('--dev-top-p <p>', 'dev generation nucleus mass', num({ gt: 0, max: 1 }), d.topP))
+      .addOption(opt('--dev-repetition-penalty <r>', 'dev generation repetition penalty', num({ gt: 0 }), d.repetitionPenalty))
+      .option('--no-dev-generation', 'skip the dev generations (dev loss only)')
+      .option('--train-on-prompt', 'train on every token, not only the assistant turns')
+      .option('--skip-bad-rows', 'skip and count unusable rows instead of failing on the first')
+      .option('--resume', 'continue from the latest checkpoint in --out')
+      .option('--json', 'print one JSON event per line instead of a progress bar')
+      .action(async (v: Record<string, unknown>) => {
+        if (v.devGeneration === false) {
+          const given = ['devMaxNewTokens', 'devTemperature', 'devTopP', 'devRepetitionPenalty'].find((k) => v[k] !== undefined);
+          if (given) throw new UsageError(`--${given.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} has no effect with --no-dev-generation`);
+        }
+        await drive(toFinetuneOptions(v), (v.json as boolean | undefined) ?? false);
+      })
+  );
+}
