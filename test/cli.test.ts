@@ -110,7 +110,7 @@ describe('commander CLI', () => {
     const s = samplingFrom(await parsed(generateCommand, ['--model', 'm', '--prompt', 'x']));
     const { greedy, temperature, topP, topK, repetitionPenalty, maxNewTokens, seed } = s;
     expect({ greedy, temperature, topP, topK, repetitionPenalty, maxNewTokens, seed }).toEqual(GENERATION_DEFAULTS);
-    expect(LIMA_DEFAULTS.devGeneration).toMatchObject({ topP: GENERATION_DEFAULTS.topP, temperature: GENERATION_DEFAULTS.temperature, repetitionPenalty: GENERATION_DEFAULTS.repetitionPenalty, maxNewTokens: GENERATION_DEFAULTS.maxNewTokens });
+    expect(LIMA_DEFAULTS.decoding).toMatchObject({ topP: GENERATION_DEFAULTS.topP, temperature: GENERATION_DEFAULTS.temperature, repetitionPenalty: GENERATION_DEFAULTS.repetitionPenalty, maxNewTokens: GENERATION_DEFAULTS.maxNewTokens });
   });
 
   it('main() returns 2 with usage for no command and 0 for help', async () => {
@@ -293,6 +293,7 @@ describe('terminal output', () => {
 describe('progress display', () => {
   const step = (step: number, epoch: number, etaSeconds: number, totalSteps = 20): FinetuneEvent => ({
     type: 'step', epoch, step, totalSteps, loss: 2.345678, lr: 1e-5, tokensPerSecond: 1234.5, etaSeconds,
+    codePaths: { precision: 'fp32', isa: 'avx512', bf16Path: 'avx512bf16' },
   });
 
   function run(columns: number | undefined) {
@@ -307,7 +308,7 @@ describe('progress display', () => {
     }
     d.update({ type: 'epoch', epoch: 1, trainLoss: 2.5, devLoss: 2.4, devPerplexity: 11, checkpoint: '/a/very/long/path/to/the/run/epoch-1' });
     d.update(step(11, 2, 9));
-    d.update({ type: 'done', aborted: false, steps: 20, report: '/run/report.html', lastCheckpoint: '/run/epoch-2' });
+    d.update({ type: 'done', aborted: false, steps: 20, report: '/run/report.html', lastCheckpoint: '/run/epoch-2', epochsWithWeights: [] });
     return writes;
   }
 

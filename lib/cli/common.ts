@@ -1,13 +1,26 @@
 // Helpers several commands share: loading a model from a folder or a llama2.c file, and reading
 // a conversation file for `generate --messages`.
 import { readFile } from 'node:fs/promises';
-import { LlamaModel } from '../model/llama.js';
+import { Option } from 'commander';
+import { LlamaModel, type Precision } from '../model/llama.js';
 import type { Message } from '../data/format.js';
 import { UsageError } from './options.js';
 
-/** A Hugging Face folder, or a llama2.c checkpoint when the path ends in .bin. */
-export async function loadModel(path: string): Promise<LlamaModel> {
-  return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path) : LlamaModel.fromPretrained(path);
+/** A Hugging Face folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf), in a compute precision. */
+export async function loadModel(path: string, precision?: Precision): Promise<LlamaModel> {
+  if (path.endsWith('.gguf')) return LlamaModel.fromGguf(path, { precision });
+  return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path, { precision }) : LlamaModel.fromPretrained(path, { precision });
+}
+
+/**
+ * `--precision auto|bf16|fp32`. Left unset it stays undefined, so a resumed run keeps the
+ * precision its checkpoint was trained in; a new model is fp32 (the exact mode).
+ */
+export function precisionOption(): Option {
+  return new Option(
+    '--precision <p>',
+    "compute precision: fp32 (exact), bf16 mixed precision (fp32 master weights), or auto = bf16 where this CPU's bf16 units are faster (default: fp32, or the checkpoint's on --resume)",
+  ).choices(['auto', 'bf16', 'fp32']);
 }
 
 /**

@@ -10,7 +10,8 @@ import { chatCommand } from './commands/chat.js';
 import { convertCommand } from './commands/convert.js';
 import { demoCommand } from './commands/demo.js';
 import { evalCommand } from './commands/eval.js';
-import { finetuneCommand } from './commands/finetune.js';
+import { finetuneCommand, pipe, StoppedError } from './commands/finetune.js';
+import { dataCommand } from './commands/data.js';
 import { generateCommand } from './commands/generate.js';
 import { initCommand } from './commands/init.js';
 
@@ -30,6 +31,7 @@ const COMMANDS: (() => Command)[] = [
   generateCommand,
   chatCommand,
   evalCommand,
+  dataCommand,
   convertCommand,
   initCommand,
 ];
@@ -63,11 +65,12 @@ export async function main(argv: string[]): Promise<number> {
   }
   try {
     await program.parseAsync(argv, { from: 'user' });
-    return 0;
+    return pipe.closed ? 141 : 0; // a closed stdout stops a run quietly, reported as a shell reports SIGPIPE
   } catch (e) {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2; // commander printed the message
     const cmd = program.commands.find((c) => c.name() === argv[0])?.name();
     process.stderr.write(`lima-native${cmd ? ` ${cmd}` : ''}: ${(e as Error).message}\n`);
+    if (e instanceof StoppedError) return 130;
     return e instanceof UsageError ? 2 : 1;
   }
 }

@@ -127,8 +127,19 @@ export class ProgressDisplay {
       );
     } else if (e.type === 'checkpoint') {
       this.line(`checkpoint at step ${e.step} -> ${e.path}`);
+    } else if (e.type === 'start') {
+      const cut = e.truncated.train + e.truncated.dev;
+      const bad = e.skippedRows.train + e.skippedRows.dev;
+      this.line(`precision ${e.codePaths.precision} (bf16 path ${e.codePaths.bf16Path}, fp32 ${e.codePaths.isa})${e.resumedFrom ? `; resuming from ${e.resumedFrom}` : ''}`);
+      if (cut) this.line(`${cut} rows cut to ${e.maxLength} tokens (--max-length)`);
+      if (bad) this.line(`${bad} bad rows skipped (--skip-bad-rows)`);
+    } else if (e.type === 'stopped') {
+      // The done line that follows says where the run stopped.
     } else if (e.type === 'done') {
-      this.line(`${e.aborted ? 'stopped' : 'done'} after ${e.steps} steps; report: ${e.report}${e.lastCheckpoint ? `; last checkpoint: ${e.lastCheckpoint}` : ''}`);
+      this.line(
+        `${e.aborted ? 'stopped' : 'done'} after ${e.steps} steps; report: ${e.report}${e.lastCheckpoint ? `; last checkpoint: ${e.lastCheckpoint}` : ''}` +
+          `${e.epochsWithWeights.length ? `; weights kept for epochs ${e.epochsWithWeights.join(', ')}` : ''}`,
+      );
     } else {
       // Events this display does not know (added later) still end the status line cleanly.
       this.line(JSON.stringify(e));

@@ -38,8 +38,6 @@ export interface Example {
   source?: string;
   /** 1-based line in the file. */
   line: number;
-  /** Set when the example was cut to maxLength. */
-  truncated?: boolean;
 }
 
 /** A row left out with `skipBadRows`, and why. */

@@ -98,6 +98,8 @@ export interface StartEvent {
   totalSteps: number;
   /** Epochs whose weights will be kept for the checkpoint choice. */
   keepEpochs: number[];
+  /** The precision and code paths the run starts with. */
+  codePaths: CodePaths;
 }
 /** Progress after each optimizer step. */
 export interface StepEvent {
@@ -696,7 +698,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     emit({
       type: 'start', runId: st.runId, resumedFrom: from?.dir, trainExamples: data.train.length, devExamples: data.dev.length,
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
-      keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b),
+      keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b), codePaths: model.codePaths,
     });
 
     let aborted = false;

@@ -2,12 +2,42 @@
 // commander name is the option's own (--batch-size → batchSize), so a new trainer option is one
 // `.option(...)` line here; the few that differ are mapped in toFinetuneOptions.
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { resolveChatTemplate } from '../../data/format.js';
 import { finetune, LIMA_DEFAULTS, type FinetuneEvent, type FinetuneOptions } from '../../train/finetune.js';
+import { formatPlan, planFinetune } from '../../train/plan.js';
+import { precisionOption } from '../common.js';
 import { ProgressDisplay } from '../progress.js';
 import { int, num, parseInteger, UsageError } from '../options.js';
 
 // Flags that are not finetune() options, or carry a different name there.
-const CLI_ONLY = new Set(['model', 'data', 'dev', 'out', 'json', 'devGeneration', 'devMaxNewTokens', 'devTemperature', 'devTopP', 'devRepetitionPenalty', 'roleSystem', 'roleUser', 'roleAssistant']);
+const CLI_ONLY = new Set([
+  'model', 'data', 'dev', 'out', 'json', 'dryRun', 'chatTemplate', 'devGeneration', 'devMaxNewTokens', 'devTemperature', 'devTopP',
+  'devRepetitionPenalty', 'roleSystem', 'roleUser', 'roleAssistant',
+]);
+
+/** A run stopped by Ctrl-C (exit code 130): its last checkpoint is valid and --resume continues it. */
+export class StoppedError extends Error {
+  constructor() {
+    super('stopped; continue with --resume');
+    this.name = 'StoppedError';
+  }
+}
+
+/** Set when stdout was closed under a run (`finetune --json | head`): the CLI exits 141 quietly, as a shell reports SIGPIPE. */
+export const pipe = { closed: false };
+
+/** `--allow-changes epochs,lr`: a comma-separated list of hyper-parameter names. */
+function listArg(v: string): string[] {
+  const items = v.split(',').map((k) => k.trim());
+  if (items.some((k) => !k)) throw new InvalidArgumentError(`expected comma-separated names, got ${JSON.stringify(v)}`);
+  return items;
+}
+
+/** `--keep-epochs 5,6,7` or `all`. */
+function keepEpochsArg(v: string): number[] | 'all' {
+  if (v === 'all') return 'all';
+  return listArg(v).map((x) => parseInteger(x, { min: 1 }));
+}
 
 /** `--dev` is a JSONL file or a count of training rows to hold out. */
 function devArg(v: string): string | number {
@@ -23,7 +53,7 @@ function checkpointEveryArg(v: string): 'epoch' | number {
   }
 }
 
-/** The finetune() options of parsed flags. */
+/** The finetune() options of parsed flags (`--chat-template` is resolved to its source by the action). */
 export function toFinetuneOptions(v: Record<string, unknown>): FinetuneOptions {
   const o: Record<string, unknown> = {};
   for (const [k, x] of Object.entries(v)) if (!CLI_ONLY.has(k) && x !== undefined) o[k] = x;
@@ -55,6 +85,13 @@ export function toFinetuneOptions(v: Record<string, unknown>): FinetuneOptions {
  */
 export async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Promise<void> {
   const ac = new AbortController();
+  // A closed pipe (`finetune --json | head`) stops the run after the current step, quietly.
+  const onPipe = (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE' && !pipe.closed) throw err;
+    pipe.closed = true;
+    ac.abort();
+  };
+  process.stdout.on('error', onPipe);
   const onSigint = () => {
     if (ac.signal.aborted) process.exit(130);
     process.stderr.write('\nstopping after the current step (Ctrl-C again to quit at once)\n');
@@ -70,13 +107,15 @@ export async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean
   try {
     const run = finetune({ ...opts, signal: ac.signal });
     for await (const e of run as AsyncIterable<FinetuneEvent>) {
+      if (pipe.closed) continue;
       if (json) console.log(JSON.stringify(e));
       else display.update(e);
     }
-    await run.result;
+    if ((await run.result).aborted && !pipe.closed) throw new StoppedError();
   } finally {
     display.finish();
     process.off('SIGINT', onSigint);
+    if (!pipe.closed) process.stdout.off('error', onPipe); // late write errors of a closed pipe stay quiet
   }
 }
 
@@ -93,14 +132,14 @@ function opt(flags: string, description: string, parse: (v: string) => unknown, 
 /** The `finetune` command. */
 export function finetuneCommand(): Command {
   const L = LIMA_DEFAULTS;
-  const d = L.devGeneration;
+  const d = L.decoding;
   return (
     new Command('finetune')
       .description('supervised fine-tuning with the LIMA recipe (its values are the defaults)')
-      .requiredOption('--model <dir>', 'model folder or llama2.c .bin to start from')
+      .requiredOption('--model <dir>', 'model folder, llama2.c .bin or .gguf to start from')
       .requiredOption('--data <jsonl>', 'training rows: {"conversations"}, {"messages"} or {"input_ids", "labels"}')
       .option('--dev <jsonl|n>', 'dev rows (a JSONL file) or how many training rows to hold out (LIMA: 50)', devArg)
-      .requiredOption('--out <dir>', 'run folder: checkpoints, report.html, loss-curve.svg')
+      .option('--out <dir>', 'run folder: checkpoints, report.html, loss-curve.svg (required unless --dry-run)')
       .addOption(opt('--epochs <n>', 'epochs', int({ min: 1 }), L.epochs))
       .addOption(opt('--batch-size <n>', 'examples per optimizer step', int({ min: 1 }), L.batchSize))
       .addOption(opt('--micro-batch-size <n>', 'rows per forward/backward (default: what fits --memory-budget)', int({ min: 1 })))
@@ -113,11 +152,14 @@ export function finetuneCommand(): Command {
       .addOption(opt('--eps <x>', 'AdamW epsilon', num({ min: 0 }), L.eps))
       .addOption(opt('--weight-decay <x>', 'AdamW weight decay (never on norm gains)', num({ min: 0 }), L.weightDecay))
       .addOption(opt('--dropout <p>', 'residual dropout at the top layer, rising linearly from 0 at the bottom', num({ min: 0, lt: 1 }), L.dropout))
-      .addOption(opt('--max-length <n>', 'tokens per example (longer ones are cut)', int({ min: 1 }), L.maxLength))
+      .addOption(opt('--max-length <n>', "tokens per example (longer ones are cut)", int({ min: 2 }), `min(${L.maxLength}, the model's positions)`))
       .addOption(opt('--seed <s>', 'data order, dropout and dev sampling seed', int({ min: 0, max: 0xffffffff }), L.seed))
       .addOption(opt('--grad-clip <x>', 'clip the global gradient norm to this (off by default)', num({ gt: 0 })))
       .addOption(opt('--checkpoint-every <n|epoch>', 'also checkpoint every n optimizer steps', checkpointEveryArg, 'epoch'))
-      .addOption(opt('--keep-last <n>', 'keep weights of only the newest n checkpoints (default: all)', int({ min: 1 })))
+      .addOption(opt('--keep-last <n>', 'the newest n checkpoints keep their weights (the newest also its optimizer state)', int({ min: 1 }), 1))
+      .addOption(opt('--keep-epochs <list|all>', "epochs whose weights are kept besides the newest (comma-separated, or all)", keepEpochsArg, `LIMA's selection window, epochs ${L.selectionEpochs.first}-${L.selectionEpochs.last}`))
+      .addOption(precisionOption())
+      .option('--chat-template <tokenizer|file>', "lay conversations out with a Jinja chat template: 'tokenizer' (the model's chat_template) or a file; default: LIMA's plain layout (utterance + EOT)")
       .option('--role-system <text>', 'text before each system utterance (plain layout; LIMA used none)')
       .option('--role-user <text>', 'text before each user utterance (plain layout)')
       .option('--role-assistant <text>', 'text before each assistant utterance (plain layout)')
@@ -129,13 +171,24 @@ export function finetuneCommand(): Command {
       .option('--train-on-prompt', 'train on every token, not only the assistant turns')
       .option('--skip-bad-rows', 'skip and count unusable rows instead of failing on the first')
       .option('--resume', 'continue from the latest checkpoint in --out')
+      .option('--overwrite', "start afresh in an --out that holds another run (deletes that run's checkpoints)")
+      .addOption(opt('--allow-changes <names>', 'with --resume: accept these changed settings (comma-separated, e.g. epochs,lr)', listArg))
+      .option('--dry-run', 'print parameters, memory per precision, tokens per epoch and the measured time per epoch; train nothing')
       .option('--json', 'print one JSON event per line instead of a progress bar')
       .action(async (v: Record<string, unknown>) => {
         if (v.devGeneration === false) {
           const given = ['devMaxNewTokens', 'devTemperature', 'devTopP', 'devRepetitionPenalty'].find((k) => v[k] !== undefined);
           if (given) throw new UsageError(`--${given.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)} has no effect with --no-dev-generation`);
         }
-        await drive(toFinetuneOptions(v), (v.json as boolean | undefined) ?? false);
+        const opts = toFinetuneOptions(v);
+        if (typeof v.chatTemplate === 'string') opts.chatTemplate = await resolveChatTemplate(v.chatTemplate, v.model as string);
+        if (v.dryRun) {
+          const plan = await planFinetune(opts);
+          console.log(v.json ? JSON.stringify(plan) : formatPlan(plan));
+          return;
+        }
+        if (!v.out) throw new UsageError("finetune needs --out <dir> (or --dry-run)");
+        await drive(opts, (v.json as boolean | undefined) ?? false);
       })
   );
 }

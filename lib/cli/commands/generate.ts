@@ -1,8 +1,8 @@
 // `generate`: one reply to a prompt (a user turn laid out as in training, unless --raw), to a
 // conversation file, or a continuation of token ids.
 import { Command } from 'commander';
-import type { Prompt } from '../../model/llama.js';
-import { loadModel, readMessagesFile } from '../common.js';
+import type { Precision, Prompt } from '../../model/llama.js';
+import { loadModel, precisionOption, readMessagesFile } from '../common.js';
 import { addSamplingOptions, parseIdList, samplingFrom, terminalSafe, UsageError } from '../options.js';
 
 /** The `generate` command. */
@@ -17,13 +17,14 @@ export function generateCommand(): Command {
     .option('--prompt-ids <ids>', 'comma-separated token ids to continue (no layout applied)', parseIdList)
     .option('--messages <file>', 'a JSON conversation [{"role", "content"}, ...] ending with a user turn')
     .option('--raw', 'continue --prompt as plain text instead of answering it as a user turn')
+    .addOption(precisionOption())
     .option('--json', 'print one JSON object (ids, text, stopReason, promptIds, tokensPerSecond)');
   return addSamplingOptions(cmd).action(async (v: Record<string, unknown>) => {
     const given = [v.prompt, v.promptIds, v.messages].filter((x) => x !== undefined).length;
     if (given !== 1) throw new UsageError('generate needs exactly one of --prompt or --prompt-ids (or --messages <file>)');
     if (v.raw && v.prompt === undefined) throw new UsageError('--raw applies to --prompt only');
     const prompt: Prompt = v.messages !== undefined ? await readMessagesFile(v.messages as string) : ((v.prompt ?? v.promptIds) as Prompt);
-    await using model = await loadModel(v.model as string);
+    await using model = await loadModel(v.model as string, v.precision as Precision | undefined);
     const opts = { ...samplingFrom(v), raw: (v.raw as boolean | undefined) ?? false };
     const promptIds = model.promptIds(prompt, opts);
     const tty = process.stdout.isTTY;
