@@ -1,10 +1,11 @@
-// `npm run bench:train`: full optimizer steps (forward, backward, AdamW) in tokens/s, fp32, all
-// cores, next to the PyTorch reference's step on the same config measured in the same run
-// (../shared/reference/bench_torch.py with Debian's python3-torch; OPENBLAS_CORETYPE and
-// OPENBLAS_L2_SIZE are unset for that command only, so OpenBLAS uses its AVX-512 kernels).
+// `npm run bench:train`: full optimizer steps (forward, backward, AdamW) in tokens/s, all cores, in
+// fp32 and in bf16 mixed precision, next to PyTorch's step on the same config measured in the same
+// run: fp32 eager and bf16 `torch.autocast` (oneDNN, which reaches AMX where present) from
+// ../shared/reference/bench_torch.py with Debian's python3-torch; OPENBLAS_CORETYPE and
+// OPENBLAS_L2_SIZE are unset for that command only, so OpenBLAS uses its AVX-512 kernels.
 // Each of our runs is a fresh child process, so its peak RSS is its own; it is printed beside
 // the budget 16 bytes/parameter (weights, grads, two Adam moments) + activations.
-// Options: --steps N (default 5), --precision fp32|bf16|auto (ours; default fp32), --json.
+// Options: --steps N (default 5), --configs 24M,56M,125M (default all), --no-torch, --json.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,8 +16,8 @@ const root = join(here, '..', '..');
 const args = process.argv.slice(2);
 const opt = (n: string) => (args.includes(`--${n}`) ? args[args.indexOf(`--${n}`) + 1] : undefined);
 const steps = Number(opt('steps') ?? 5);
-const precision = (opt('precision') ?? 'fp32') as 'fp32' | 'bf16' | 'auto';
 
+type Precision = 'fp32' | 'bf16';
 interface Arch {
   vocab: number;
   hidden: number;
@@ -24,21 +25,34 @@ interface Arch {
   layers: number;
   heads: number;
   kvHeads: number;
+  batch: number;
+  seq: number;
 }
 const configs: Record<string, Arch> = {
-  '24M (D288 L6 H6)': { vocab: 32000, hidden: 288, ffn: 768, layers: 6, heads: 6, kvHeads: 6 },
-  '56M (D512 L8 H8/KV4)': { vocab: 32000, hidden: 512, ffn: 1376, layers: 8, heads: 8, kvHeads: 4 },
+  '24M': { vocab: 32000, hidden: 288, ffn: 768, layers: 6, heads: 6, kvHeads: 6, batch: 4, seq: 256 },
+  '56M': { vocab: 32000, hidden: 512, ffn: 1376, layers: 8, heads: 8, kvHeads: 4, batch: 4, seq: 256 },
+  '125M': { vocab: 32000, hidden: 768, ffn: 2048, layers: 12, heads: 12, kvHeads: 12, batch: 2, seq: 512 },
 };
-const B = 4;
-const T = 256;
+const chosen = (opt('configs') ?? Object.keys(configs).join(',')).split(',');
 
-async function child(a: Arch): Promise<void> {
+interface Ours {
+  params: number;
+  stepS: number;
+  tokensPerS: number;
+  maxRssBytes: number;
+  runtimeBytes: number;
+  budgetBytes: number;
+  codePaths: { precision: string; bf16Path: string; isa: string };
+}
+
+async function child(a: Arch, precision: Precision): Promise<void> {
   const { LlamaModel } = await import('../lib/model/llama.js');
   const runtimeBytes = process.resourceUsage().maxRSS * 1024; // Node + tsx + the addon, before the model
   const model = await LlamaModel.create({
     vocab_size: a.vocab, hidden_size: a.hidden, intermediate_size: a.ffn, num_hidden_layers: a.layers,
-    num_attention_heads: a.heads, num_key_value_heads: a.kvHeads, max_position_embeddings: T,
+    num_attention_heads: a.heads, num_key_value_heads: a.kvHeads, max_position_embeddings: a.seq,
   }, { seed: 0, precision });
+  const B = a.batch, T = a.seq;
   const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 7919) % a.vocab);
   const batch = { inputIds: ids, labels: ids, batch: B, seqLen: T };
   const step = async (s: number) => {
@@ -55,55 +69,67 @@ async function child(a: Arch): Promise<void> {
   }
   times.sort((x, y) => x - y);
   const med = times[Math.floor(times.length / 2)];
-  console.log(JSON.stringify({
+  const out: Ours = {
     params: model.numParams, stepS: med, tokensPerS: (B * T) / med,
     maxRssBytes: process.resourceUsage().maxRSS * 1024,
     runtimeBytes,
     budgetBytes: 16 * model.numParams + LlamaModel.activationBytes(model.config, B, T, precision),
     codePaths: model.codePaths,
-  }));
+  };
+  console.log(JSON.stringify(out));
   await model.dispose();
 }
 
-function torch(a: Arch): { tokens_per_s: number; step_s_median: number } | string {
+function ours(a: Arch, precision: Precision): Ours {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--precision', precision, '--steps', String(steps)], { encoding: 'utf8', cwd: root });
+  if (r.status !== 0) throw new Error(`child failed: ${r.stderr}`);
+  return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Ours;
+}
+
+function torch(a: Arch, bf16: boolean): number | string {
+  if (args.includes('--no-torch')) return 'skipped (--no-torch)';
   const script = join(root, '..', 'shared', 'reference', 'bench_torch.py');
   if (!existsSync(script)) return `no ${script}`;
   const r = spawnSync('env', [
     '-u', 'OPENBLAS_CORETYPE', '-u', 'OPENBLAS_L2_SIZE', '/usr/bin/python3', script,
     '--vocab', String(a.vocab), '--hidden', String(a.hidden), '--ffn', String(a.ffn), '--layers', String(a.layers),
-    '--heads', String(a.heads), '--kv-heads', String(a.kvHeads), '--batch', String(B), '--seq', String(T), '--steps', String(steps),
+    '--heads', String(a.heads), '--kv-heads', String(a.kvHeads), '--batch', String(a.batch), '--seq', String(a.seq),
+    '--steps', String(steps), ...(bf16 ? ['--bf16'] : []),
   ], { encoding: 'utf8' });
   if (r.status !== 0) return (r.stderr || 'failed').trim().split('\n').at(-1)!;
-  return JSON.parse(r.stdout.trim().split('\n').at(-1)!);
+  return (JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { tokens_per_s: number }).tokens_per_s;
 }
 
+const num = (x: number | string, d = 0) => (typeof x === 'number' ? x.toFixed(d) : 'n/a');
+const ratio = (x: number, y: number | string) => (typeof y === 'number' ? (x / y).toFixed(2) + '×' : '–');
+const mib = (b: number) => (b / 2 ** 20).toFixed(0);
+
 if (opt('child')) {
-  await child(JSON.parse(opt('child')!) as Arch);
+  await child(JSON.parse(opt('child')!) as Arch, (opt('precision') ?? 'fp32') as Precision);
 } else {
   const rows = [];
-  for (const [label, a] of Object.entries(configs)) {
-    const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--steps', String(steps), '--precision', precision], { encoding: 'utf8', cwd: root });
-    if (r.status !== 0) throw new Error(`child failed: ${r.stderr}`);
-    const ours = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { params: number; stepS: number; tokensPerS: number; maxRssBytes: number; runtimeBytes: number; budgetBytes: number; codePaths: { precision: string; bf16Path: string; isa: string } };
-    const ref = torch(a);
-    rows.push({ label, ours, ref });
+  for (const label of chosen) {
+    const a = configs[label];
+    if (!a) throw new Error(`Expected one of ${Object.keys(configs).join(', ')} for --configs but received "${label}"`);
+    const fp32 = ours(a, 'fp32');
+    const bf16 = ours(a, 'bf16');
+    rows.push({ label, arch: a, fp32, bf16, torchFp32: torch(a, false), torchBf16: torch(a, true) });
   }
   if (args.includes('--json')) {
-    console.log(JSON.stringify({ batch: B, seq: T, steps, rows }));
+    console.log(JSON.stringify({ steps, rows }));
   } else {
-    const cp = rows[0]?.ours.codePaths;
-    console.log(`lima-native training-step benchmark — batch ${B}×${T}, ours ${cp ? `${cp.precision} (bf16 path ${cp.bf16Path}, fp32 ${cp.isa})` : precision}, PyTorch fp32, all cores, median of ${steps} steps (fwd+bwd+AdamW)`);
-    console.log('config                 params     ours tok/s  PyTorch tok/s   ratio   peak RSS MiB (runtime + model)  budget MiB (16 B/param + activations)');
-    for (const { label, ours, ref } of rows) {
-      const t = typeof ref === 'string' ? NaN : ref.tokens_per_s;
+    console.log(`lima-native training-step benchmark — all cores, median of ${steps} optimizer steps (fwd+bwd+AdamW), tokens/s`);
+    console.log(`bf16 path: ${rows[0]?.bf16.codePaths.bf16Path ?? '?'}, fp32 ISA: ${rows[0]?.fp32.codePaths.isa ?? '?'}; PyTorch bf16 = torch.autocast('cpu', bfloat16), weights and AdamW in fp32`);
+    console.log('config  B×T      params   fp32   bf16  bf16/fp32  torch fp32  torch bf16  ours bf16/torch bf16  peak RSS MiB fp32 / bf16 (budget)');
+    for (const { label, arch, fp32, bf16, torchFp32, torchBf16 } of rows) {
       console.log(
-        `${label.padEnd(21)}${String(ours.params).padStart(9)}${ours.tokensPerS.toFixed(0).padStart(13)}${(Number.isNaN(t) ? 'n/a' : t.toFixed(0)).padStart(15)}` +
-          `${(Number.isNaN(t) ? '–' : (ours.tokensPerS / t).toFixed(2) + '×').padStart(8)}` +
-          `${`${(ours.maxRssBytes / 2 ** 20).toFixed(0)} (${(ours.runtimeBytes / 2 ** 20).toFixed(0)} + ${((ours.maxRssBytes - ours.runtimeBytes) / 2 ** 20).toFixed(0)})`.padStart(32)}` +
-          `${(ours.budgetBytes / 2 ** 20).toFixed(0).padStart(12)}`,
+        `${label.padEnd(8)}${`${arch.batch}×${arch.seq}`.padEnd(7)}${String(fp32.params).padStart(10)}${num(fp32.tokensPerS).padStart(7)}${num(bf16.tokensPerS).padStart(7)}` +
+          `${ratio(bf16.tokensPerS, fp32.tokensPerS).padStart(11)}${num(torchFp32).padStart(12)}${num(torchBf16).padStart(12)}${ratio(bf16.tokensPerS, torchBf16).padStart(22)}` +
+          `${`${mib(fp32.maxRssBytes - fp32.runtimeBytes)} / ${mib(bf16.maxRssBytes - bf16.runtimeBytes)} (${mib(fp32.budgetBytes)})`.padStart(36)}`,
       );
-      if (typeof ref === 'string') console.log(`  PyTorch baseline unavailable: ${ref}`);
+      for (const [name, r] of [['fp32', torchFp32], ['bf16', torchBf16]] as const)
+        if (typeof r === 'string') console.log(`  PyTorch ${name} baseline unavailable: ${r}`);
     }
-    console.log('runtime = peak RSS of the child before it creates the model (Node.js, tsx, the addon).');
+    console.log('peak RSS is beyond the runtime (Node.js, tsx, the addon before the model).');
   }
 }

@@ -195,6 +195,6 @@ describe('--precision on the command line', () => {
     expect(step?.type === 'step' && step.codePaths.precision).toBe('bf16');
     const bad = cli(...args, '--precision', 'fp16');
     expect(bad.status).toBe(2);
-    expect(bad.stderr).toMatch(/--precision expects auto, bf16 or fp32, got "fp16"/);
+    expect(bad.stderr).toMatch(/--precision <p>' argument 'fp16' is invalid\. Allowed choices are auto, bf16, fp32/);
   });
 });

@@ -87,7 +87,9 @@ describe('commander CLI', () => {
   it('every recipe value of finetune() is a flag and reaches finetune() under its own name', async () => {
     const cmd = finetuneCommand();
     const attrs = new Set(cmd.options.map((o) => o.attributeName()));
-    for (const k of Object.keys(LIMA_DEFAULTS)) if (k !== 'devGeneration') expect(attrs, k).toContain(k);
+    // decoding is the dev generation's sampling (--dev-* flags); selectionEpochs is what --keep-epochs defaults to.
+    for (const k of Object.keys(LIMA_DEFAULTS)) if (k !== 'decoding' && k !== 'selectionEpochs') expect(attrs, k).toContain(k);
+    expect(attrs).toContain('keepEpochs');
     const v = await parsed(finetuneCommand, [
       '--model', 'm', '--data', 'd.jsonl', '--dev', '50', '--out', 'o', '--beta1', '0.8', '--beta2', '0.99', '--eps', '1e-6',
       '--role-user', 'User: ', '--role-assistant', 'Bot: ', '--keep-last', '3', '--checkpoint-every', '20', '--grad-clip', '1',

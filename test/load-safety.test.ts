@@ -57,12 +57,12 @@ describe('llama2.c header against file size', () => {
 });
 
 describe('config sizes before the native model exists', () => {
-  it('num_hidden_layers 1e8 is refused with a ConfigError naming config.json (no bad_alloc abort)', async () => {
+  it('num_hidden_layers 1e8 is refused with ERR_LIMA_OOM naming config.json (no bad_alloc abort)', async () => {
     const dir = await savedTiny();
     const cfg = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
     writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...cfg, num_hidden_layers: 1e8 }));
-    await expect(LlamaModel.fromPretrained(dir)).rejects.toThrow(/config\.json: the model has \d+ parameters and needs .* GiB .*more than this machine's memory/);
-    await expect(LlamaModel.create({ ...TINY, num_hidden_layers: 1e8 })).rejects.toMatchObject({ code: 'ERR_LIMA_CONFIG' });
+    await expect(LlamaModel.fromPretrained(dir)).rejects.toThrow(/config\.json: the model's \d+ parameters need \d+ bytes \(.* GiB\) .*this machine \(cpu\) has/);
+    await expect(LlamaModel.create({ ...TINY, num_hidden_layers: 1e8 })).rejects.toMatchObject({ code: 'ERR_LIMA_OOM' });
   });
 
   it('parameter counts are exact (BigInt) and match the native count; a single oversized tensor is named', async () => {

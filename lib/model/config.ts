@@ -209,6 +209,20 @@ export function paramCount(cfg: LlamaConfig): bigint {
   return tensorSizes(cfg).reduce((a, t) => a + t.numel * t.copies, 0n);
 }
 
+/** A model that cannot fit in this machine's memory; the same code and fields as the native out-of-memory error. */
+export class ModelMemoryError extends Error {
+  readonly code = 'ERR_LIMA_OOM';
+  readonly device = 'cpu';
+  constructor(
+    message: string,
+    /** Bytes the model would need. */
+    readonly bytes: number,
+  ) {
+    super(message);
+    this.name = 'ModelMemoryError';
+  }
+}
+
 const fmtGiB = (b: bigint) => `${(Number(b) / 2 ** 30).toFixed(b < 2n ** 30n ? 3 : 1)} GiB`;
 
 /**
@@ -224,8 +238,9 @@ export function checkModelSize(cfg: LlamaConfig, source: string, memoryBytes: nu
   const need = 8n * n;
   const have = BigInt(Math.floor(memoryBytes));
   if (need > have)
-    throw new ConfigError(
-      `${source}: the model has ${n} parameters and needs ${fmtGiB(need)} for weights and gradients, ` +
-        `more than this machine's memory (${fmtGiB(have)}); check num_hidden_layers, hidden_size, intermediate_size and vocab_size`,
+    throw new ModelMemoryError(
+      `${source}: the model's ${n} parameters need ${need} bytes (${fmtGiB(need)}) for weights and gradients, ` +
+        `and this machine (cpu) has ${have} bytes (${fmtGiB(have)}); check num_hidden_layers, hidden_size, intermediate_size and vocab_size`,
+      Number(need),
     );
 }
