@@ -188,6 +188,8 @@ const gemmCases: Case[] = [
   { m: 45, n: 65, k: 33, lda: 400, ldb: 400, ldc: 90, alpha: -1.5, beta: 0.25 },
   { m: 130, n: 97, k: 800 },
   { m: 31, n: 1030, k: 19 },
+  { m: 2, n: 2000, k: 301, beta: 1 },
+  { m: 4, n: 130, k: 64, ldb: 300, ldc: 150, alpha: 0.5 },
 ];
 const combos: [boolean, boolean][] = [
   [false, false],
