@@ -188,6 +188,8 @@ const gemmCases: Case[] = [
   { m: 45, n: 65, k: 33, lda: 400, ldb: 400, ldc: 90, alpha: -1.5, beta: 0.25 },
   { m: 130, n: 97, k: 800 },
   { m: 31, n: 1030, k: 19 },
+  { m: 2, n: 2000, k: 301, beta: 1 },
+  { m: 4, n: 130, k: 64, ldb: 300, ldc: 150, alpha: 0.5 },
 ];
 const combos: [boolean, boolean][] = [
   [false, false],
@@ -445,6 +447,39 @@ describe('attention bf16 arguments', () => {
   });
 });
 
+// Runs the same GEMM five times in each of two worker threads at once (each loads the addon
+// itself, so their calls come from threads that never ran a bf16 kernel before).
+function concurrentGemms(path: kernels.Bf16Path, A: Uint16Array, B: Uint16Array, shape: { m: number; n: number; k: number }) {
+  const code = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    const addon = require('node-gyp-build')(workerData.root);
+    addon.setBf16Path(workerData.path);
+    const { m, n, k } = workerData.shape;
+    const out = new Float32Array(m * n);
+    for (let rep = 0; rep < 5; rep++) addon.gemmBf16(out, workerData.A, workerData.B, m, n, k, false, false, 0, 0, 0, 1, 0);
+    parentPort.postMessage(out);
+  `;
+  const root = new URL('..', import.meta.url).pathname;
+  const run = () =>
+    new Promise<Float32Array>((resolve, reject) => {
+      const w = new Worker(code, { eval: true, workerData: { root, path, shape, A, B } });
+      w.once('message', resolve);
+      w.once('error', reject);
+    });
+  return Promise.all([run(), run()]);
+}
+
+describe.each(vectorPaths.filter((p) => p !== 'amx'))('bf16 GEMM from two JS threads on %s', (path) => {
+  it('both get the exact result', async () => {
+    const shape = { m: 300, n: 260, k: 530 };
+    const r = rng(4);
+    const A = new Uint16Array(shape.m * shape.k).map(() => bits(Math.round(r() * 16 - 8)));
+    const B = new Uint16Array(shape.k * shape.n).map(() => bits(Math.round(r() * 16 - 8)));
+    const want = kernels.gemmBf16Reference(A, B, shape);
+    for (const got of await concurrentGemms(path, A, B, shape)) expect(Array.from(got)).toEqual(Array.from(want));
+  });
+});
+
 // ---- AMX state handling ------------------------------------------------------------------------
 // Tile state is per thread (configured by each compute call on the thread that runs it) and the
 // kernel's permission is per process: these runs use threads that never touched AMX before.
@@ -471,24 +506,7 @@ describe.skipIf(!paths.includes('amx'))(`AMX state handling${amxReason}`, () => 
   });
 
   it('two JS threads call AMX GEMMs at once', async () => {
-    const code = `
-      const { parentPort, workerData } = require('node:worker_threads');
-      const addon = require('node-gyp-build')(workerData.root);
-      addon.setBf16Path('amx');
-      const { m, n, k } = workerData.shape;
-      const out = new Float32Array(m * n);
-      for (let rep = 0; rep < 5; rep++) addon.gemmBf16(out, workerData.A, workerData.B, m, n, k, false, false, 0, 0, 0, 1, 0);
-      parentPort.postMessage(out);
-    `;
-    const root = new URL('..', import.meta.url).pathname;
-    const run = () =>
-      new Promise<Float32Array>((resolve, reject) => {
-        const w = new Worker(code, { eval: true, workerData: { root, shape, A, B } });
-        w.once('message', resolve);
-        w.once('error', reject);
-      });
-    const results = await Promise.all([run(), run()]);
-    for (const got of results) expect(Array.from(got)).toEqual(Array.from(want));
+    for (const got of await concurrentGemms('amx', A, B, shape)) expect(Array.from(got)).toEqual(Array.from(want));
   });
 
   it('AMX GEMM on a transposed float problem meets the 2× rule', () => {

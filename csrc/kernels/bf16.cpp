@@ -149,6 +149,27 @@ void run_blocked(const Problem& p, const GemmOps& o, ThreadPool* pool, int threa
   }
 }
 
+// Few rows: B read once in its own layout, columns split between the threads once B is large
+// enough to pay for the hand-over (the fp32 gemm's rule).
+void run_small_m(const Problem& p, const GemmOps& o, ThreadPool* pool, int threads) {
+  const bf16* a = p.A;
+  int64_t lda = p.lda;
+  if (p.trans_a) {
+    bf16* t = static_cast<bf16*>(scratch(0, p.M * p.K * 2));
+    for (int64_t i = 0; i < p.M; ++i)
+      for (int64_t k = 0; k < p.K; ++k) t[i * p.K + k] = p.A[k * p.lda + i];
+    a = t;
+    lda = p.K;
+  }
+  constexpr int64_t kMinParallelB = 1 << 18;
+  constexpr int64_t kMinColumnsPerTask = 64;
+  const bool parallel = threads > 1 && p.N * p.K >= kMinParallelB && p.N >= 2 * kMinColumnsPerTask;
+  const int64_t tasks = parallel ? min64(kTasksPerThread * threads, p.N / kMinColumnsPerTask) : 1;
+  run_tasks(pool, parallel, tasks, [&](int64_t t) {
+    o.small_m(p, a, lda, t * p.N / tasks, (t + 1) * p.N / tasks);
+  });
+}
+
 const GemmOps* fast_ops(Bf16Path path) {
 #if defined(__x86_64__)
   // Each table is filled on first use of its path only: the functions live in objects built for
@@ -205,6 +226,10 @@ void gemm_bf16(const CpuContext& ctx, float* C, const bf16* A, const bf16* B, co
     return;
   }
   if (const GemmOps* o = fast_ops(ctx.bf16)) {
+    if (p.M <= bf16_detail::kSmallM) {
+      const GemmOps* rows = o->small_m ? o : fast_ops(Bf16Path::Avx512Bf16);
+      return run_small_m(p, *rows, ctx.pool, ctx.pool->size());
+    }
     const double flops = 2.0 * static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
     return run_blocked(p, *o, ctx.pool, flops < kMinParallelFlops ? 1 : ctx.pool->size());
   }

@@ -156,7 +156,7 @@ static void compute(const Problem& p, const uint32_t* Ap, const uint32_t* Bp, in
   _tile_release();
 }
 
-GemmOps gemm_ops() { return {MR, NR, KT, KC, MC, NC, pack_a, pack_b, compute}; }
+GemmOps gemm_ops() { return {MR, NR, KT, KC, MC, NC, pack_a, pack_b, compute, nullptr}; }
 
 // Four independent accumulator tiles (tdpbf16ps latency is about four times its issue interval).
 double tile_loop(int64_t iters, float* sink) {

@@ -126,7 +126,86 @@ static void compute(const Problem& p, const uint32_t* Ap, const uint32_t* Bp, in
   }
 }
 
-GemmOps gemm_ops() { return {MR, NR, 2, KC, MC, NC, pack_a, pack_b, compute}; }
+// ---- Few rows (M <= kSmallM): B is read once, in its own layout.
+
+// One output row block: C[i][j] = alpha * acc + beta * C[i][j] for the lanes in mask.
+static inline void store_row(const Problem& p, float* c, __m512 acc, __mmask16 m) {
+  __m512 r = _mm512_mul_ps(_mm512_set1_ps(p.alpha), acc);
+  if (p.beta != 0.0f) r = _mm512_fmadd_ps(_mm512_set1_ps(p.beta), _mm512_maskz_loadu_ps(m, c), r);
+  _mm512_mask_storeu_ps(c, m, r);
+}
+
+// B stored [N, K]: each C element is a dot product along k of two contiguous rows (16-lane
+// partial sums, pairs of k per lane, reduced at the end), one column at a time so that B streams
+// through in order.
+template <int M>
+static void small_m_nt(const Problem& p, const bf16* a, int64_t lda, int64_t j0, int64_t j1) {
+  const int64_t K = p.K, k_full = K - K % 32;
+  const __mmask32 tail = mask32(K - k_full);
+  for (int64_t j = j0; j < j1; ++j) {
+    const bf16* b = p.B + j * p.ldb;
+    __m512 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_full; k += 32) {
+      const __m512bh bv = as_bh(_mm512_loadu_si512(b + k));
+      for (int i = 0; i < M; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], as_bh(_mm512_loadu_si512(a + i * lda + k)), bv);
+    }
+    if (tail) {
+      const __m512bh bv = as_bh(_mm512_maskz_loadu_epi16(tail, b + k_full));
+      for (int i = 0; i < M; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], as_bh(_mm512_maskz_loadu_epi16(tail, a + i * lda + k_full)), bv);
+    }
+    for (int i = 0; i < M; ++i) {
+      float& c = p.C[i * p.ldc + j];
+      const float s = _mm512_reduce_add_ps(acc[i]);
+      c = p.beta == 0.0f ? p.alpha * s : p.alpha * s + p.beta * c;
+    }
+  }
+}
+
+// B stored [K, N]: broadcast pairs of A against pairs of B rows interleaved on the fly; 64
+// columns x M rows of accumulators.
+template <int M>
+static void small_m_nn(const Problem& p, const bf16* a, int64_t lda, int64_t j0, int64_t j1) {
+  const int64_t K = p.K, K2 = (K + 1) / 2;
+  for (int64_t j = j0; j < j1; j += 64) {
+    const int64_t nj = j1 - j < 64 ? j1 - j : 64;
+    const int nv = static_cast<int>((nj + 15) / 16);
+    __m512 acc[M][4];
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < K2; ++q) {
+      const bf16* r0 = p.B + 2 * q * p.ldb + j;
+      const bf16* r1 = 2 * q + 1 < K ? r0 + p.ldb : nullptr;
+      __m512bh b[4];
+      for (int v = 0; v < 4; ++v) {
+        const int64_t left = nj - 16 * v;
+        b[v] = as_bh(v < nv ? interleave_rows(r0 + 16 * v, r1 ? r1 + 16 * v : nullptr, static_cast<int>(left < 16 ? left : 16))
+                            : _mm512_setzero_si512());
+      }
+      for (int i = 0; i < M; ++i) {
+        // The pair (a[2q], a[2q+1]); past an odd K the high half is 0 (never read past the row).
+        uint32_t w = a[i * lda + 2 * q];
+        if (r1) w |= static_cast<uint32_t>(a[i * lda + 2 * q + 1]) << 16;
+        const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(w)));
+        for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], x, b[v]);
+      }
+    }
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < nv; ++v) store_row(p, p.C + i * p.ldc + j + 16 * v, acc[i][v], mask16(nj - 16 * v));
+  }
+}
+
+static void small_m(const Problem& p, const bf16* a, int64_t lda, int64_t j0, int64_t j1) {
+  switch (p.M) {
+    case 1: return p.trans_b ? small_m_nt<1>(p, a, lda, j0, j1) : small_m_nn<1>(p, a, lda, j0, j1);
+    case 2: return p.trans_b ? small_m_nt<2>(p, a, lda, j0, j1) : small_m_nn<2>(p, a, lda, j0, j1);
+    case 3: return p.trans_b ? small_m_nt<3>(p, a, lda, j0, j1) : small_m_nn<3>(p, a, lda, j0, j1);
+    default: return p.trans_b ? small_m_nt<4>(p, a, lda, j0, j1) : small_m_nn<4>(p, a, lda, j0, j1);
+  }
+}
+
+GemmOps gemm_ops() { return {MR, NR, 2, KC, MC, NC, pack_a, pack_b, compute, small_m}; }
 
 // vcvtne2ps2bf16 rounds to nearest even and quiets NaNs like f32_to_bf16, but treats subnormal
 // inputs as zero; a vector holding one is converted with the integer rounding instead.

@@ -37,7 +37,15 @@ struct GemmOps {
   // panels of these rows, Bp those of these columns.
   void (*compute)(const Problem& p, const uint32_t* Ap, const uint32_t* Bp, int64_t i0, int64_t rows,
                   int64_t j0, int64_t cols, int64_t kc, float beta);
+  // Columns [j0, j1) of C for p.M <= kSmallM rows without packing (decoding: one token's row
+  // against a whole weight matrix, which packing would read twice); a holds the rows of op(A)
+  // contiguous in k, lda apart (the caller transposes a stored-transposed A first). Null: the
+  // path has none (AMX machines use the AVX512-BF16 one).
+  void (*small_m)(const Problem& p, const bf16* a, int64_t lda, int64_t j0, int64_t j1);
 };
+
+// Products with at most this many rows of C take GemmOps::small_m.
+constexpr int64_t kSmallM = 4;
 
 // Attention tile sizes (queries, keys) of the vector paths.
 constexpr int64_t kAttnTileQ = 64;
