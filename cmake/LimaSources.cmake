@@ -11,8 +11,10 @@
 #
 # Script mode prints a kind, one path per line relative to the repository root:
 #   cmake -DKIND=base -DDIR=csrc/kernels -P cmake/LimaSources.cmake
+get_filename_component(LIMA_SOURCE_ROOT "${CMAKE_CURRENT_LIST_DIR}/.." ABSOLUTE)
+
 function(lima_sources out kind dir)
-  get_filename_component(root "${CMAKE_CURRENT_LIST_DIR}/.." ABSOLUTE)
+  set(root "${LIMA_SOURCE_ROOT}")
   if(kind STREQUAL "cu")
     file(GLOB found RELATIVE "${root}" "${root}/${dir}/*.cu")
   elseif(kind STREQUAL "cc")
