@@ -45,9 +45,9 @@ try {
   console.error('lima-native: cmake-js is not installed (a devDependency): run `npm install cmake-js@~8.0.0` first.');
   process.exit(ifNvcc ? 0 : 1);
 }
+// configure, then build: `cmake-js build` alone skips configuring when build-cuda/ exists (for
+// instance after a plain-CMake self-test build), and the addon target needs cmake-js's variables.
 const args = [
-  cmakeJs,
-  'build',
   '--out',
   'build-cuda',
   '--parallel',
@@ -58,6 +58,7 @@ if (process.env.LIMA_CUDA_ARCHS) args.push(`--CDCMAKE_CUDA_ARCHITECTURES=${proce
 const ninja = spawnSync('ninja', ['--version']);
 if (ninja.status === 0) args.push('--generator', 'Ninja');
 const t0 = Date.now();
-const r = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit' });
+let r = spawnSync(process.execPath, [cmakeJs, 'configure', ...args], { cwd: root, stdio: 'inherit' });
+if (r.status === 0) r = spawnSync(process.execPath, [cmakeJs, 'build', ...args], { cwd: root, stdio: 'inherit' });
 if (r.status === 0) console.log(`lima-native: CUDA module built in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
 process.exit(r.status ?? 1);
