@@ -110,6 +110,15 @@ void rmsnorm_backward(const CudaContext& ctx, DType dt, void* dx, float* dweight
                       const void* x, const void* weight, const float* rstd, int64_t N, int64_t C,
                       bool accumulate_dx, Workspace& ws);
 
+/**
+ * Fused block boundary: res_out = residual + dropout(x) over [N, C] (element index row * C + c,
+ * the layout of residual_dropout_forward), then norm_out = rmsnorm(res_out) reading res_out as
+ * stored. Equals the two separate calls bit for bit; res_out may alias residual.
+ */
+void residual_dropout_rmsnorm_forward(const CudaContext& ctx, DType dt, void* res_out, void* norm_out,
+                                      float* rstd, const void* residual, const void* x, const void* weight,
+                                      int64_t N, int64_t C, float eps, const DropoutSite& s);
+
 // ---- RoPE (HF rotate_half): x, out [B, T, NH, D] (dt, may alias); cos, sin [P, D/2] fp32.
 void rope_forward(const CudaContext& ctx, DType dt, void* out, const void* x, const float* cos,
                   const float* sin, int64_t B, int64_t T, int64_t NH, int64_t D, int64_t pos0,

@@ -1,44 +1,15 @@
 // Residual dropout-add on the GPU with the counter layout of kernels/dropout.h: one thread per
 // Philox block of 4 elements, so masks equal the CPU's bit for bit. The fp32 product and sum are
 // rounded separately (__fmul_rn/__fadd_rn, never contracted into an FMA) as on the CPU.
-#include <cmath>
-
-#include "core/philox.h"
-#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/dropout_key.cuh"
 
 namespace lima::cuda {
 
 namespace {
 
-struct Key {
-  uint32_t key[2];
-  uint32_t ctr2, ctr3;
-  uint32_t keep_from;  // word >= keep_from keeps the element; 0 keeps all (no draw)
-  float scale;
-  uint64_t block0;
-};
-
-Key make_key(const DropoutSite& s) {
-  expect(s.p >= 0.0f && s.p < 1.0f, "a probability in [0, 1)", "p", std::to_string(s.p));
-  expect(s.layer < 65536, "an integer in [0, 65535]", "layer", std::to_string(s.layer));
-  expect(s.site < 65536, "an integer in [0, 65535]", "site", std::to_string(s.site));
-  expect(s.offset % 4 == 0, "a multiple of 4", "offset", std::to_string(s.offset));
-  // Same expression as dropout_key() on the CPU: round(p * 2^24) in double, halves away from 0.
-  const uint32_t threshold = static_cast<uint32_t>(std::round(static_cast<double>(s.p) * 16777216.0));
-  return Key{{static_cast<uint32_t>(s.seed), static_cast<uint32_t>(s.seed >> 32)},
-             static_cast<uint32_t>(s.step), (s.layer << 16) | s.site, threshold << 8,
-             1.0f / (1.0f - s.p), s.offset >> 2};
-}
-
-__device__ __forceinline__ void words(const Key& k, int64_t block, uint32_t w[4]) {
-  if (k.keep_from == 0) {
-    w[0] = w[1] = w[2] = w[3] = 0;
-    return;
-  }
-  const uint64_t g = k.block0 + static_cast<uint64_t>(block);
-  const uint32_t ctr[4] = {static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), k.ctr2, k.ctr3};
-  philox4x32_10(w, ctr, k.key);
-}
+using detail::Key;
+using detail::make_key;
+using detail::words;
 
 template <class T>
 __global__ void dropout_fwd_kernel(T* out, const T* residual, const T* x, int64_t n, Key k) {

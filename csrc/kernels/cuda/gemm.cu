@@ -211,6 +211,7 @@ void gemm_ours(const CudaContext& ctx, DType ab, DType c, void* C, const void* A
     return;
   }
   if (ab == DType::F32) {
+    expect(g.M <= 65535LL * kF32Tile, "M below the grid limit", "M", str(g.M));
     const dim3 grid(static_cast<unsigned>(ceil_div(N, kF32Tile)), static_cast<unsigned>(ceil_div(M, kF32Tile)));
     LIMA_DISPATCH(c, TC, {
       gemm_f32_kernel<TC><<<grid, 256, 0, ctx.stream>>>(static_cast<TC*>(C), static_cast<const float*>(A),

@@ -38,9 +38,11 @@ bool fast_attention(int64_t D) { return D >= 16 && D <= 256 && D % 16 == 0; }
 
 // Plain double-precision attention for head dims the CPU kernels do not take (D % 16 != 0):
 // one materialised score row per query.
+// Backward takes Di = rowsum(dO * O) from `out_in` when given (as the fast kernels do), so a
+// bf16 caller can pass the rounded forward output its GPU side uses.
 void plain_attention(float* out, float* lse, float* dq, float* dk, float* dv, const float* dout,
                      const float* q, const float* k, const float* v, int64_t B, int64_t Tq, int64_t Tk,
-                     int64_t H, int64_t KV, int64_t D) {
+                     int64_t H, int64_t KV, int64_t D, const float* out_in = nullptr) {
   const int64_t group = H / KV, off = Tk - Tq;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   if (dk) {
@@ -86,6 +88,10 @@ void plain_attention(float* out, float* lse, float* dq, float* dk, float* dv, co
             for (int64_t d = 0; d < D; ++d) a += static_cast<double>(doi[d]) * v[((b * Tk + j) * KV + kvh) * D + d];
             dp[j] = a;
             di += p[j] * a;
+          }
+          if (out_in) {
+            di = 0;
+            for (int64_t d = 0; d < D; ++d) di += static_cast<double>(doi[d]) * out_in[((b * Tq + i) * H + h) * D + d];
           }
           for (int64_t d = 0; d < D; ++d) {
             double a = 0;
@@ -191,7 +197,7 @@ void attention_bwd(float* dq, float* dk, float* dv, const float* dout, const flo
                    int64_t H, int64_t KV, int64_t D) {
   const AttentionDims d = dims(B, Tq, Tk, H, KV, D);
   if (fast_attention(D)) attention_backward(default_context(), dq, dk, dv, dout, q, k, v, out, lse, d);
-  else plain_attention(nullptr, nullptr, dq, dk, dv, dout, q, k, v, B, Tq, Tk, H, KV, D);
+  else plain_attention(nullptr, nullptr, dq, dk, dv, dout, q, k, v, B, Tq, Tk, H, KV, D, out);
 }
 
 }  // namespace lima::selftest::cpu

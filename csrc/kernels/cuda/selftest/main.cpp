@@ -251,6 +251,37 @@ void test_rmsnorm(DType dt, bool quick) {
   }
 }
 
+// The fused dropout-add + RMSNorm against the two separate GPU calls (bit for bit) and the CPU.
+void test_dropout_rmsnorm(DType dt, bool quick) {
+  for (auto [N, C] : quick ? std::vector<std::pair<int64_t, int64_t>>{{7, 200}}
+                           : std::vector<std::pair<int64_t, int64_t>>{{1, 200}, {7, 1001}, {129, 4097}})
+    for (float p : {0.0f, 0.2f}) {
+      const std::string name = std::string("dropout_rmsnorm/") + dn(dt) + "/" + sh({N, C}) + "/p" + std::to_string(p).substr(0, 3);
+      run_case(name, [&] {
+        const int64_t n = N * C;
+        const Vec r = as_dtype(randn(n, 30), dt), x = as_dtype(randn(n, 31), dt), w = as_dtype(randn(C, 32, 0.5f), dt);
+        Vec sum(n), norm(n), rstd(N);
+        cpu::dropout_fwd(sum.data(), r.data(), x.data(), n, p, 99, 7, 2, 0, 16);
+        if (dt == DType::BF16)
+          for (auto& e : sum) e = round_bf16(e);
+        cpu::rmsnorm_fwd(norm.data(), rstd.data(), sum.data(), w.data(), N, C, 1e-5f);
+        const cu::DropoutSite s{p, 99, 7, 2, 0, 16};
+        Buf br = upload(r, dt), bx = upload(x, dt), bw = upload(w, dt), bs = poisoned(n, dt), bn = poisoned(n, dt),
+            brs = poisoned(N, DType::F32), us = poisoned(n, dt), un = poisoned(n, dt), urs = poisoned(N, DType::F32);
+        cu::residual_dropout_rmsnorm_forward(g_ctx, dt, bs.p, bn.p, brs.f(), br.p, bx.p, bw.p, N, C, 1e-5f, s);
+        cu::residual_dropout_forward(g_ctx, dt, us.p, br.p, bx.p, n, s);
+        cu::rmsnorm_forward(g_ctx, dt, un.p, urs.f(), us.p, bw.p, N, C, 1e-5f);
+        const Vec gs = download(bs, n, dt), gn = download(bn, n, dt), gr = download(brs, N, DType::F32);
+        report(name + "/sum", bit_equal(gs, sum), "bit-identical to the CPU dropout-add");
+        report(name + "/equals-unfused",
+               bit_equal(gs, download(us, n, dt)) && bit_equal(gn, download(un, n, dt)) &&
+                   bit_equal(gr, download(urs, N, DType::F32)),
+               "bit-identical to residual_dropout_forward + rmsnorm_forward");
+        check(name + "/norm", gn, norm, dt, 1e-5);
+      });
+    }
+}
+
 void test_rope(DType dt, bool quick) {
   for (int64_t T : quick ? std::vector<int64_t>{7} : std::vector<int64_t>{1, 7, 129})
     for (int64_t D : {64, 20})
@@ -484,14 +515,16 @@ void test_attention(DType dt, bool quick) {
                 dout = as_dtype(randn(nq, 25), dt);
       Vec out(nq), lse(nl), dq(nq), dk(nk), dv(nk);
       cpu::attention_fwd(out.data(), lse.data(), q.data(), k.data(), v.data(), a.B, a.Tq, a.Tk, a.H, a.KV, a.D);
-      cpu::attention_bwd(dq.data(), dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(), out.data(),
-                         lse.data(), a.B, a.Tq, a.Tk, a.H, a.KV, a.D);
       const cu::AttentionDims d{a.B, a.Tq, a.Tk, a.H, a.KV, a.D};
       Buf bq = upload(q, dt), bk = upload(k, dt), bv = upload(v, dt), bo = poisoned(nq, dt), bl = poisoned(nl, DType::F32);
       cu::attention_forward(g_ctx, dt, bo.p, bl.f(), bq.p, bk.p, bv.p, d);
       const Vec gout = download(bo, nq, dt), glse = download(bl, nl, DType::F32);
       check(name + "/out", gout, out, dt, 2e-5);
       check(name + "/lse", glse, lse, DType::F32, dt == DType::F32 ? 2e-5 : 2e-3);
+      // The backward's inputs include O: in bf16 the GPU's backward reads its own rounded O, so the
+      // fp32 reference takes that same O (the rule compares arithmetic on the same inputs).
+      cpu::attention_bwd(dq.data(), dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(),
+                         dt == DType::BF16 ? gout.data() : out.data(), lse.data(), a.B, a.Tq, a.Tk, a.H, a.KV, a.D);
       // Backward from the GPU's own forward (as training does), against the CPU's gradients.
       Buf bd = upload(dout, dt), bdq = poisoned(nq, dt), bdk = poisoned(nk, dt), bdv = poisoned(nk, dt);
       Buf bdq2 = poisoned(nq, dt), bdk2 = poisoned(nk, dt), bdv2 = poisoned(nk, dt);
@@ -683,6 +716,7 @@ int main(int argc, char** argv) {
     for (DType dt : {DType::F32, DType::BF16}) {
       test_dropout(dt, quick);
       test_rmsnorm(dt, quick);
+      test_dropout_rmsnorm(dt, quick);
       test_rope(dt, quick);
       test_swiglu(dt, quick);
       test_embedding(dt, quick);
