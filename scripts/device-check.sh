@@ -9,6 +9,8 @@
 # Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test and memcheck pass.
 #   scripts/device-check.sh [--no-build] [--skip-bench] [--dry-run]
 #   --dry-run: check tools and print the plan, run nothing that needs a GPU
+# Environment: OUT (logs), LIMA_SELFTEST (a carried binary), LIMA_BUILD_DIR, LIMA_CUDA_ARCHS,
+# LIMA_CUBLASLT_LIB / LIMA_CUBLASLT_INC (cuBLASLt library and header), T_BUILD, T_TEST, ... (seconds)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -44,6 +46,30 @@ else
   say "nvidia-smi not found"
 fi
 
+# cuBLASLt: the toolkit's, or the one PyTorch's wheels bring (dlopen needs its directory on
+# LD_LIBRARY_PATH); its header, where found, lets the build check our declarations.
+# LIMA_CUBLASLT_LIB / LIMA_CUBLASLT_INC override the search.
+lt_lib=${LIMA_CUBLASLT_LIB:-$(ldconfig -p 2> /dev/null | grep -o '/[^ ]*libcublasLt\.so\.1[1-9]' | head -1)}
+lt_inc=${LIMA_CUBLASLT_INC:-}
+if [[ -z "$lt_inc" && -n "$nvcc_bin" ]]; then
+  toolkit_inc=$(dirname "$(readlink -f "$nvcc_bin")")/../include
+  [[ -f "$toolkit_inc/cublasLt.h" ]] && lt_inc=$(cd "$toolkit_inc" && pwd)
+fi
+if [[ -n "$python" ]]; then
+  while IFS= read -r f; do
+    case "$f" in
+      *.h) [[ -z "$lt_inc" ]] && lt_inc=$(dirname "$f") ;;
+      *) [[ -z "$lt_lib" ]] && lt_lib=$f ;;
+    esac
+  done < <("$python" scripts/find-cublaslt.py 2> /dev/null)
+fi
+if [[ -n "$lt_lib" ]]; then
+  export LD_LIBRARY_PATH="$(dirname "$lt_lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+say "cuBLASLt library: ${lt_lib:-not found}; header: ${lt_inc:-not found}"
+lt_flag=""
+[[ -n "$lt_inc" ]] && lt_flag="-DLIMA_CUBLASLT_INCLUDE_DIR=$lt_inc"
+
 # ---- 1. build
 selftest=${LIMA_SELFTEST:-}
 if [[ -z "$selftest" ]]; then
@@ -66,10 +92,10 @@ if [[ -z "$selftest" ]]; then
     command -v ninja > /dev/null && gen=(-G Ninja)
     say "configure + build lima_cuda_selftest for sm_$arch in $build"
     if [[ $dry == 1 ]]; then
-      echo "   (dry run) cmake -S . -B $build ${gen[*]} -DCMAKE_CUDA_COMPILER=$nvcc_bin -DCMAKE_CUDA_ARCHITECTURES=$arch"
+      echo "   (dry run) cmake -S . -B $build ${gen[*]} -DCMAKE_CUDA_COMPILER=$nvcc_bin -DCMAKE_CUDA_ARCHITECTURES=$arch $lt_flag"
     else
       if ! timeout "$T_BUILD" bash -c "cmake -S . -B '$build' ${gen[*]} -DCMAKE_BUILD_TYPE=Release \
-          -DCMAKE_CUDA_COMPILER='$nvcc_bin' -DCMAKE_CUDA_ARCHITECTURES='$arch' > '$out/build.log' 2>&1 &&
+          -DCMAKE_CUDA_COMPILER='$nvcc_bin' -DCMAKE_CUDA_ARCHITECTURES='$arch' $lt_flag > '$out/build.log' 2>&1 &&
           cmake --build '$build' --target lima_cuda_selftest -j \$(nproc) >> '$out/build.log' 2>&1"; then
         say "BUILD FAILED (see build.log)"; tail -40 "$out/build.log"; exit 1
       fi

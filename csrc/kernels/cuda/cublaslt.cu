@@ -77,6 +77,8 @@ struct Api {
 #if defined(__has_include)
 #if __has_include(<cublasLt.h>)
 #include <cublasLt.h>
+
+#include <type_traits>
 static_assert(sizeof(lt::MatmulAlgo) == sizeof(cublasLtMatmulAlgo_t), "cublasLtMatmulAlgo_t size");
 static_assert(sizeof(lt::HeuristicResult) == sizeof(cublasLtMatmulHeuristicResult_t), "heuristic result size");
 static_assert(offsetof(lt::HeuristicResult, workspaceSize) == offsetof(cublasLtMatmulHeuristicResult_t, workspaceSize), "workspaceSize offset");
@@ -96,6 +98,9 @@ static_assert(std::is_same<decltype(&cublasLtMatmulDescCreate),
               "cublasLtMatmulDescCreate");
 #define LIMA_CHECKED_CUBLASLT_H 1
 #endif
+#endif
+#if defined(LIMA_REQUIRE_CUBLASLT_H) && !defined(LIMA_CHECKED_CUBLASLT_H)
+#error "LIMA_REQUIRE_CUBLASLT_H: cublasLt.h was not found, so the declarations above went unchecked"
 #endif
 
 namespace {
