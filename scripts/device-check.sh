@@ -12,7 +12,7 @@
 # Environment: OUT (logs), LIMA_SELFTEST (a carried binary), LIMA_BUILD_DIR, LIMA_CUDA_ARCHS,
 # LIMA_CUBLASLT_LIB / LIMA_CUBLASLT_INC (cuBLASLt library and header), T_BUILD, T_TEST, ... (seconds)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 3
 root=$(pwd)
 out=${OUT:-$root/device-check-out}
 mkdir -p "$out"
@@ -64,7 +64,8 @@ if [[ -n "$python" ]]; then
   done < <("$python" scripts/find-cublaslt.py 2> /dev/null)
 fi
 if [[ -n "$lt_lib" ]]; then
-  export LD_LIBRARY_PATH="$(dirname "$lt_lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  lt_dir=$(dirname "$lt_lib")
+  export LD_LIBRARY_PATH="$lt_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 say "cuBLASLt library: ${lt_lib:-not found}; header: ${lt_inc:-not found}"
 lt_flag=""
