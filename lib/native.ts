@@ -50,3 +50,112 @@ export function loadAddon<T>(): T {
   }
   return addon as T;
 }
+
+// ---------------------------------------------------------------- the CUDA module (opt-in)
+
+/** Where computation runs: the CPU addon, the CUDA module, or the GPU when one is usable. */
+export type Device = 'cpu' | 'cuda' | 'auto';
+
+/** Codes of CudaUnavailableError, one per reason the GPU cannot be used. */
+export type CudaUnavailableCode =
+  | 'ERR_LIMA_CUDA_NOT_BUILT' // build-cuda/Release/lima_cuda.node does not exist
+  | 'ERR_LIMA_CUDA_LOAD' // it exists but the dynamic loader refused it
+  | 'ERR_LIMA_NO_DRIVER' // no NVIDIA driver (libcuda.so.1), or one older than the runtime
+  | 'ERR_LIMA_NO_DEVICE' // a driver but no GPU
+  | 'ERR_LIMA_CUDA_CAPABILITY' // a GPU older than compute capability 8.0
+  | 'ERR_LIMA_CUDA'; // any other CUDA failure while initialising
+
+/** Thrown (for device 'cuda') or reported (for 'auto') when the CUDA module cannot be used. */
+export class CudaUnavailableError extends Error {
+  readonly code: CudaUnavailableCode;
+  constructor(code: CudaUnavailableCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'CudaUnavailableError';
+    this.code = code;
+  }
+}
+
+/** What the CUDA module reports about a device (`probe`/`init`). */
+export interface CudaDeviceInfo {
+  ok: boolean;
+  code: 'OK' | CudaUnavailableCode;
+  message: string;
+  device: number;
+  count: number;
+  name: string;
+  major: number;
+  minor: number;
+  smCount: number;
+  totalMemory: number;
+  runtimeVersion: number;
+  driverVersion: number;
+}
+
+/** The slice of lima_cuda.node the loader uses; the backend adds its own. */
+export interface CudaAddon {
+  probe(device?: number): CudaDeviceInfo;
+  init(device?: number): CudaDeviceInfo;
+  cublasLt(): { available: boolean; reason: string };
+  buildArchitectures: string;
+}
+
+/** Path of the CUDA module built by `npm run build:cuda` (cmake-js, out dir build-cuda/). */
+export const cudaModulePath = join(packageRoot, 'build-cuda', 'Release', 'lima_cuda.node');
+
+/** The CUDA module and the device it will use, or why there is none. */
+export type CudaResolution =
+  | { device: 'cuda'; addon: CudaAddon; info: CudaDeviceInfo }
+  | { device: 'cpu'; reason: CudaUnavailableError | null };
+
+let cudaAddon: CudaAddon | CudaUnavailableError | undefined;
+
+function loadCudaModule(path: string): CudaAddon | CudaUnavailableError {
+  if (!existsSync(path))
+    return new CudaUnavailableError(
+      'ERR_LIMA_CUDA_NOT_BUILT',
+      `lima-native: the CUDA module is not built (${path} does not exist). Build it with ` +
+        '`npm run build:cuda` (or `LIMA_CUDA=1 npm install`); it needs nvcc >= 12 and CMake >= 3.18.',
+    );
+  try {
+    return require(path) as CudaAddon;
+  } catch (err) {
+    const cause = err instanceof Error ? err.message.split('\n')[0] : String(err);
+    return new CudaUnavailableError(
+      'ERR_LIMA_CUDA_LOAD',
+      `lima-native: the CUDA module ${path} could not be loaded: ${cause}. Rebuild it with \`npm run build:cuda\`.`,
+      { cause: err },
+    );
+  }
+}
+
+/**
+ * Picks the device for `device`: 'cpu' never touches the CUDA module; 'cuda' returns the module
+ * with an initialised device or throws a CudaUnavailableError saying what is missing (module,
+ * driver, device, compute capability); 'auto' returns the GPU when usable and otherwise the CPU
+ * together with the reason, so callers can say why they fell back. `modulePath` is for tests.
+ */
+export function resolveDevice(device: Device, gpu = 0, modulePath = cudaModulePath): CudaResolution {
+  if (device !== 'cpu' && device !== 'cuda' && device !== 'auto')
+    throw Object.assign(new RangeError(`Expected 'cpu', 'cuda' or 'auto' for device but received ${String(device)}`), {
+      code: 'ERR_LIMA_ARGUMENT',
+    });
+  if (device === 'cpu') return { device: 'cpu', reason: null };
+  const mod = modulePath === cudaModulePath ? (cudaAddon ??= loadCudaModule(modulePath)) : loadCudaModule(modulePath);
+  let failure: CudaUnavailableError;
+  if (mod instanceof CudaUnavailableError) failure = mod;
+  else {
+    const probe = mod.probe(gpu);
+    if (probe.ok) {
+      try {
+        return { device: 'cuda', addon: mod, info: mod.init(gpu) };
+      } catch (err) {
+        const e = err as { code?: string; message?: string };
+        failure = new CudaUnavailableError('ERR_LIMA_CUDA', e.message ?? String(err), { cause: err });
+      }
+    } else {
+      failure = new CudaUnavailableError(probe.code as CudaUnavailableCode, `lima-native: ${probe.message}`);
+    }
+  }
+  if (device === 'cuda') throw failure;
+  return { device: 'cpu', reason: failure };
+}

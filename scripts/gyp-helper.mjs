@@ -1,4 +1,7 @@
 // Called by binding.gyp at configure time so that adding a kernel file needs no edit of the gyp file.
+// The source rule (directories named `cuda` are CMake's; *.avx2.cpp, *.avx512.cpp, *.avx512bf16.cpp
+// and *.amx.cpp are ISA kinds) is shared with cmake/LimaSources.cmake; test/cuda.test.ts checks that
+// both list the same files.
 //   node scripts/gyp-helper.mjs sources base|avx2|avx512|avx512bf16|amx
 //                                                           -> source files of that kind, one per line
 //   node scripts/gyp-helper.mjs cflags                      -> extra flags (opt-in -march=native)

@@ -1,0 +1,72 @@
+// Device-side helpers shared by the .cu files (never included by host-only code).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "kernels/cuda/api.h"
+
+namespace lima::cuda {
+
+/** Element access in fp32 whatever the storage type (bf16 widened exactly, stored rounded). */
+__device__ __forceinline__ float ld(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+/** Sum over a warp, the same tree on every run. */
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+/** Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result. */
+__device__ __forceinline__ float block_sum(float v, float* smem32) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) smem32[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? smem32[lane] : 0.0f;
+  return warp_sum(t);
+}
+__device__ __forceinline__ float block_max(float v, float* smem32) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem32[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? smem32[lane] : -INFINITY;
+  return warp_max(t);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline std::string str(int64_t v) { return std::to_string(v); }
+
+/** Grid x size for a grid-stride loop over n items: enough blocks to fill the device. */
+inline unsigned grid_for(const CudaContext& ctx, int64_t n, int threads) {
+  const int64_t want = ceil_div(n, threads);
+  const int64_t cap = static_cast<int64_t>(ctx.sm_count > 0 ? ctx.sm_count : 132) * 16;
+  return static_cast<unsigned>(want < 1 ? 1 : (want < cap ? want : cap));
+}
+
+}  // namespace lima::cuda
+
+/** Runs BODY with `T` bound to the storage type of dtype DT. */
+#define LIMA_DISPATCH(DT, T, ...)                 \
+  do {                                            \
+    if ((DT) == ::lima::DType::F32) {             \
+      using T = float;                            \
+      __VA_ARGS__;                                \
+    } else {                                      \
+      using T = __nv_bfloat16;                    \
+      __VA_ARGS__;                                \
+    }                                             \
+  } while (0)

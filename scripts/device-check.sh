@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# One prepared check of the CUDA kernels on a GPU machine, in about 6 minutes on an H100. Needs
+# nvcc, CMake and (for the baseline) PyTorch; never Node.
+#   1. build lima_cuda_selftest for this GPU only (or use a carried build: LIMA_SELFTEST=path)
+#   2. the self-test: every CUDA kernel against the CPU kernels ("N passed, N failed")
+#   3. compute-sanitizer memcheck on the reduced set (--quick)
+#   4. kernel benchmarks with the ceilings measured in the same run (D2D copy, cuBLASLt GEMM)
+#   5. PyTorch on the same shapes (SDPA, fused AdamW, matmul, copy) as the side-by-side baseline
+# Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test and memcheck pass.
+#   scripts/device-check.sh [--no-build] [--skip-bench] [--dry-run]
+#   --dry-run: check tools and print the plan, run nothing that needs a GPU
+# Environment: OUT (logs), LIMA_SELFTEST (a carried binary), LIMA_BUILD_DIR, LIMA_CUDA_ARCHS,
+# LIMA_CUBLASLT_LIB / LIMA_CUBLASLT_INC (cuBLASLt library and header), T_BUILD, T_TEST, ... (seconds)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 3
+root=$(pwd)
+out=${OUT:-$root/device-check-out}
+mkdir -p "$out"
+build=${LIMA_BUILD_DIR:-$root/build-selftest}
+no_build=0 skip_bench=0 dry=0
+for a in "$@"; do
+  case "$a" in
+    --no-build) no_build=1 ;;
+    --skip-bench) skip_bench=1 ;;
+    --dry-run) dry=1 ;;
+    *) echo "usage: $0 [--no-build] [--skip-bench] [--dry-run]" >&2; exit 3 ;;
+  esac
+done
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+say() { echo "== [$(elapsed)s] $*" | tee -a "$out/summary.txt"; }
+: > "$out/summary.txt"
+
+# Deadlines per step (seconds) keep the whole run within about 6 minutes.
+T_BUILD=${T_BUILD:-150} T_TEST=${T_TEST:-90} T_MEMCHECK=${T_MEMCHECK:-60} T_BENCH=${T_BENCH:-45} T_TORCH=${T_TORCH:-45}
+
+nvcc_bin=${CUDACXX:-$(command -v nvcc || true)}
+[[ -z "$nvcc_bin" && -x /usr/local/cuda/bin/nvcc ]] && nvcc_bin=/usr/local/cuda/bin/nvcc
+sanitizer=$(command -v compute-sanitizer || true)
+[[ -z "$sanitizer" && -x /usr/local/cuda/bin/compute-sanitizer ]] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
+python=$(command -v python3 || true)
+say "tools: nvcc=${nvcc_bin:-missing} cmake=$(command -v cmake || echo missing) compute-sanitizer=${sanitizer:-missing} python3=${python:-missing}"
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader | tee -a "$out/summary.txt"
+else
+  say "nvidia-smi not found"
+fi
+
+# cuBLASLt: the toolkit's, or the one PyTorch's wheels bring (dlopen needs its directory on
+# LD_LIBRARY_PATH); its header, where found, lets the build check our declarations.
+# LIMA_CUBLASLT_LIB / LIMA_CUBLASLT_INC override the search.
+lt_lib=${LIMA_CUBLASLT_LIB:-$(ldconfig -p 2> /dev/null | grep -o '/[^ ]*libcublasLt\.so\.1[1-9]' | head -1)}
+lt_inc=${LIMA_CUBLASLT_INC:-}
+if [[ -z "$lt_inc" && -n "$nvcc_bin" ]]; then
+  toolkit_inc=$(dirname "$(readlink -f "$nvcc_bin")")/../include
+  [[ -f "$toolkit_inc/cublasLt.h" ]] && lt_inc=$(cd "$toolkit_inc" && pwd)
+fi
+if [[ -n "$python" ]]; then
+  while IFS= read -r f; do
+    case "$f" in
+      *.h) [[ -z "$lt_inc" ]] && lt_inc=$(dirname "$f") ;;
+      *) [[ -z "$lt_lib" ]] && lt_lib=$f ;;
+    esac
+  done < <("$python" scripts/find-cublaslt.py 2> /dev/null)
+fi
+if [[ -n "$lt_lib" ]]; then
+  lt_dir=$(dirname "$lt_lib")
+  export LD_LIBRARY_PATH="$lt_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+say "cuBLASLt library: ${lt_lib:-not found}; header: ${lt_inc:-not found}"
+lt_flag=""
+[[ -n "$lt_inc" ]] && lt_flag="-DLIMA_CUBLASLT_INCLUDE_DIR=$lt_inc"
+
+# ---- 1. build
+selftest=${LIMA_SELFTEST:-}
+if [[ -z "$selftest" ]]; then
+  if [[ $no_build == 1 ]]; then
+    for c in "$build/lima_cuda_selftest" "$root/build-cuda/lima_cuda_selftest"; do
+      [[ -x "$c" ]] && selftest=$c && break
+    done
+    [[ -z "$selftest" ]] && { say "--no-build but no built lima_cuda_selftest found"; exit 3; }
+  else
+    if [[ -z "$nvcc_bin" ]] || ! command -v cmake > /dev/null; then
+      say "cannot build: nvcc and cmake are needed"; exit 3
+    fi
+    # This GPU's architecture only (compute_cap 9.0 -> 90): four times less to compile.
+    arch=${LIMA_CUDA_ARCHS:-}
+    if [[ -z "$arch" ]] && command -v nvidia-smi > /dev/null; then
+      arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
+    fi
+    arch=${arch:-90}
+    gen=()
+    command -v ninja > /dev/null && gen=(-G Ninja)
+    say "configure + build lima_cuda_selftest for sm_$arch in $build"
+    if [[ $dry == 1 ]]; then
+      echo "   (dry run) cmake -S . -B $build ${gen[*]} -DCMAKE_CUDA_COMPILER=$nvcc_bin -DCMAKE_CUDA_ARCHITECTURES=$arch $lt_flag"
+    else
+      if ! timeout "$T_BUILD" bash -c "cmake -S . -B '$build' ${gen[*]} -DCMAKE_BUILD_TYPE=Release \
+          -DCMAKE_CUDA_COMPILER='$nvcc_bin' -DCMAKE_CUDA_ARCHITECTURES='$arch' $lt_flag > '$out/build.log' 2>&1 &&
+          cmake --build '$build' --target lima_cuda_selftest -j \$(nproc) >> '$out/build.log' 2>&1"; then
+        say "BUILD FAILED (see build.log)"; tail -40 "$out/build.log"; exit 1
+      fi
+    fi
+    selftest=$build/lima_cuda_selftest
+  fi
+fi
+say "self-test binary: $selftest"
+if [[ $dry == 1 ]]; then
+  say "(dry run) would run: $selftest; $sanitizer --tool memcheck $selftest --quick; $selftest --bench; $python scripts/torch-baseline.py"
+  exit 0
+fi
+
+# ---- 2. self-test
+say "self-test (full)"
+timeout "$T_TEST" "$selftest" > "$out/selftest.log" 2>&1
+st=$?
+grep -E "^FAIL" "$out/selftest.log" | head -50
+tail -1 "$out/selftest.log" | tee -a "$out/summary.txt"
+say "self-test exit status $st (0 pass, 1 failures, 2 no device, 124 timeout)"
+
+# ---- 3. memcheck on the reduced set
+mc=0
+if [[ -n "$sanitizer" ]]; then
+  say "compute-sanitizer memcheck --quick"
+  timeout "$T_MEMCHECK" "$sanitizer" --tool memcheck --error-exitcode 9 "$selftest" --quick \
+    > "$out/memcheck.log" 2>&1
+  mc=$?
+  grep -E "ERROR SUMMARY|passed, " "$out/memcheck.log" | tail -2 | tee -a "$out/summary.txt"
+  say "memcheck exit status $mc (0 clean, 9 errors found, 124 timeout)"
+else
+  say "compute-sanitizer not found: memcheck skipped"
+fi
+
+# ---- 4/5. benchmarks, ours then PyTorch's on the same shapes
+if [[ $skip_bench == 0 ]]; then
+  say "kernel benchmarks (ceilings measured in the same run)"
+  timeout "$T_BENCH" "$selftest" --bench 2>&1 | tee "$out/bench.log" | grep -E "^BENCH" | tee -a "$out/summary.txt"
+  if [[ -n "$python" ]] && "$python" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+    say "PyTorch baseline"
+    timeout "$T_TORCH" "$python" scripts/torch-baseline.py 2>&1 | tee "$out/torch.log" | grep -E "^TORCH" | tee -a "$out/summary.txt"
+  else
+    say "PyTorch with CUDA not available: baseline skipped"
+  fi
+fi
+say "done in $(elapsed)s; logs in $out"
+[[ $st == 0 && $mc == 0 ]]
