@@ -6,7 +6,8 @@
 #   3. compute-sanitizer memcheck on the reduced set (--quick)
 #   4. kernel benchmarks with the ceilings measured in the same run (D2D copy, cuBLASLt GEMM)
 #   5. PyTorch on the same shapes (SDPA, fused AdamW, matmul, copy) as the side-by-side baseline
-# Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test and memcheck pass.
+# Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test and memcheck pass,
+# 1 when either fails, 2 when there is no usable GPU, 3 when it cannot build or was misused.
 #   scripts/device-check.sh [--no-build] [--skip-bench] [--dry-run]
 #   --dry-run: check tools and print the plan, run nothing that needs a GPU
 # Environment: OUT (logs), LIMA_SELFTEST (a carried binary), LIMA_BUILD_DIR, LIMA_CUDA_ARCHS,
@@ -117,6 +118,11 @@ st=$?
 grep -E "^FAIL" "$out/selftest.log" | head -50
 tail -1 "$out/selftest.log" | tee -a "$out/summary.txt"
 say "self-test exit status $st (0 pass, 1 failures, 2 no device, 124 timeout)"
+if [[ $st == 2 ]]; then
+  grep -m1 "nothing was run" "$out/selftest.log"
+  say "no usable GPU: stopping (exit 2)"
+  exit 2
+fi
 
 # ---- 3. memcheck on the reduced set
 mc=0

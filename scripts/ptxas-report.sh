@@ -16,10 +16,10 @@ trap 'rm -rf "$tmp"' EXIT
     for f in csrc/kernels/cuda/*.cu; do
       echo "## sm_${arch} $(basename "$f")"
       "$NVCC" -std=c++17 -Icsrc -O3 -arch=sm_${arch} -Xptxas -v -c "$f" -o "$tmp/o.o" 2>&1 |
-        grep -E "Compiling entry|Used|spill|stack frame" |
+        { grep -E "Compiling entry|Used|spill|stack frame" || true; } |
         sed -E "s/^ptxas info *: *//; s/for 'sm_[0-9]+'//" |
         sed -E "s/Compiling entry function '([^']+)'/\1/" |
-        sed -E "s/[0-9]+_GLOBAL__N__[0-9a-f]+_[0-9]+_[A-Za-z0-9_]+_cu_[0-9a-f]+/12_GLOBAL__N_1/g" |
+        sed -E "s/[0-9]+_GLOBAL__N__[0-9a-f]+_[0-9]+_[A-Za-z0-9_]+_cu_[0-9a-f]{8}/12_GLOBAL__N_1/g" |
         (if command -v cu++filt > /dev/null; then cu++filt; elif command -v c++filt > /dev/null; then c++filt; else cat; fi) |
         sed -E "s/^/  /"
     done

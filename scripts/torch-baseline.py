@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch on the shapes of `lima_cuda_selftest --bench`, the side-by-side baseline of
 scripts/device-check.sh: D2D copy, bf16 matmul 8192^3, fused AdamW over 256M fp32 params,
-SDPA causal bf16 (T 4096, D 128 / 64, H = 2048 / D) forward and backward. Prints TORCH lines."""
+dropout-add, rms_norm, cross-entropy fwd+bwd, SDPA causal bf16 (T 4096, D 128 / 64,
+H = 2048 / D) forward and backward. Prints TORCH lines; byte counts as in the self-test."""
 import time
 
 import torch
@@ -47,6 +48,27 @@ def main():
     # Same byte count as ours minus the bf16 copy PyTorch does not write: p, m, v, g read; p, m, v written.
     line("fused AdamW 256M params", 28 * (1 << 28) / (ms * 1e6), "GB/s")
     del p, opt
+
+    nd = 1 << 28
+    r = torch.zeros(nd, device=dev, dtype=torch.bfloat16)
+    x = torch.zeros(nd, device=dev, dtype=torch.bfloat16)
+    ms = timed(lambda: r + torch.nn.functional.dropout(x, 0.1), 5)
+    line("dropout-add bf16 256M (eager, unfused)", 3 * 2 * nd / (ms * 1e6), "GB/s")
+    del r, x
+
+    n_rows, c = 16384, 2048
+    xs = torch.randn(n_rows, c, device=dev, dtype=torch.bfloat16)
+    w = torch.ones(c, device=dev, dtype=torch.bfloat16)
+    ms = timed(lambda: torch.nn.functional.rms_norm(xs, (c,), w, 1e-5), 10)
+    line("rms_norm fwd bf16 16384x2048", 2 * 2 * n_rows * c / (ms * 1e6), "GB/s")
+    del xs
+
+    n_rows, v = 8192, 32000
+    logits = torch.zeros(n_rows, v, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    tgt = torch.zeros(n_rows, device=dev, dtype=torch.long)
+    ms = timed(lambda: torch.autograd.grad(torch.nn.functional.cross_entropy(logits, tgt), logits), 5)
+    line("cross_entropy fwd+bwd bf16 8192x32000", 2 * 2 * n_rows * v / (ms * 1e6), "GB/s")
+    del logits
 
     for d in (128, 64):
         h, t = 2048 // d, 4096

@@ -100,6 +100,7 @@ void rmsnorm_backward(const CudaContext& ctx, DType dt, void* dx, float* dweight
     }
     if (dweight) {
       const int64_t P = ceil_div(N, kRowsPerPartial);
+      expect(P <= 65535, "at most 65535 * 64 rows", "N", str(N));
       float* partial = static_cast<float*>(ws.get(checked_mul(P, C, "rmsnorm partials") * 4));
       const dim3 grid(static_cast<unsigned>(ceil_div(C, 128)), static_cast<unsigned>(P));
       rmsnorm_bwd_dw_partial<T><<<grid, 128, 0, ctx.stream>>>(partial, static_cast<const T*>(dout),
