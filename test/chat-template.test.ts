@@ -157,3 +157,26 @@ describe('finetune --chat-template', () => {
     expect(String(err.mock.calls.at(-1)?.[0])).toMatch(/x\.jinja: chat template file not found/);
   });
 });
+
+describe('generate --chat-template', () => {
+  it('lays the prompt out with the template (the same ids as the formatter), and a bad file names itself', { timeout: 120_000 }, async () => {
+    const { LlamaModel } = await import('../lib/model/llama.js');
+    const { formatConversation } = await import('../lib/data/format.js');
+    const dir = tmp();
+    const model = join(dir, 'model');
+    vi.spyOn(console, 'log').mockImplementation(() => undefined);
+    expect(await main(['init', '--config', 'tiny', '--out', model])).toBe(0);
+    const tpl = join(dir, 'chat.jinja');
+    const source = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{{ eot_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+    writeFileSync(tpl, source);
+    await using m = await LlamaModel.fromPretrained(model);
+    const want = formatConversation([{ role: 'user', content: 'Hi there.' }], { tokenizer: m.tokenizer!, chatTemplate: source }).promptIds;
+    const lines: string[] = [];
+    vi.spyOn(console, 'log').mockImplementation((s: string) => void lines.push(s));
+    expect(await main(['generate', '--model', model, '--prompt', 'Hi there.', '--chat-template', tpl, '--greedy', '--max-new-tokens', '2', '--json'])).toBe(0);
+    expect((JSON.parse(lines.at(-1)!) as { promptIds: number[] }).promptIds).toEqual(want);
+    const err = vi.spyOn(process.stderr, 'write').mockImplementation(() => true);
+    expect(await main(['generate', '--model', model, '--prompt', 'Hi', '--chat-template', join(dir, 'x.jinja')])).toBe(1);
+    expect(String(err.mock.calls.at(-1)?.[0])).toMatch(/x\.jinja: chat template file not found/);
+  });
+});

@@ -3,13 +3,27 @@
 import { readFile } from 'node:fs/promises';
 import { Option } from 'commander';
 import { LlamaModel, type Precision } from '../model/llama.js';
-import type { Message } from '../data/format.js';
+import { resolveChatTemplate, type Message } from '../data/format.js';
 import { UsageError } from './options.js';
 
 /** A Hugging Face folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf), in a compute precision. */
 export async function loadModel(path: string, precision?: Precision): Promise<LlamaModel> {
   if (path.endsWith('.gguf')) return LlamaModel.fromGguf(path, { precision });
   return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path, { precision }) : LlamaModel.fromPretrained(path, { precision });
+}
+
+/** `--chat-template tokenizer|<file.jinja>` for generate and chat: overrides the model's saved layout. */
+export function chatTemplateOption(): Option {
+  return new Option(
+    '--chat-template <tokenizer|file>',
+    "lay the conversation out with a Jinja chat template: 'tokenizer' (the model's chat_template) or a file (default: the layout the model was fine-tuned with)",
+  );
+}
+
+/** Applies `--chat-template` to a loaded model: its prompts are then laid out with that template. */
+export async function applyChatTemplate(model: LlamaModel, spec: string | undefined, modelPath: string): Promise<void> {
+  if (spec === undefined) return;
+  model.layout = { chatTemplate: await resolveChatTemplate(spec, modelPath) };
 }
 
 /**

@@ -3,7 +3,7 @@
 import { createInterface } from 'node:readline';
 import { Command } from 'commander';
 import type { Message } from '../../data/format.js';
-import { loadModel } from '../common.js';
+import { applyChatTemplate, chatTemplateOption, loadModel } from '../common.js';
 import { addSamplingOptions, samplingFrom, terminalSafe, UsageError } from '../options.js';
 
 /** The `chat` command. */
@@ -12,9 +12,11 @@ export function chatCommand(): Command {
     .description('talk to a fine-tuned model: one user turn per line on stdin; /reset forgets the conversation, /exit (or end of input) quits')
     .requiredOption('--model <dir>', 'model folder (with the chat layout finetune saved, or a chat template)')
     .option('--system <text>', 'a system message opening the conversation')
+    .addOption(chatTemplateOption())
     .option('--json', 'one JSON object per turn (turn, promptIds, ids, text, stopReason) instead of text');
   return addSamplingOptions(cmd).action(async (v: Record<string, unknown>) => {
     await using model = await loadModel(v.model as string);
+    await applyChatTemplate(model, v.chatTemplate as string | undefined, v.model as string);
     if (!model.tokenizer || !model.layout)
       throw new UsageError(
         `${v.model as string} has no chat layout (no lima-chat-layout.json from finetune and no chat_template); use generate --raw to continue text`,

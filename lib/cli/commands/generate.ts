@@ -2,7 +2,7 @@
 // conversation file, or a continuation of token ids.
 import { Command } from 'commander';
 import type { Precision, Prompt } from '../../model/llama.js';
-import { loadModel, precisionOption, readMessagesFile } from '../common.js';
+import { applyChatTemplate, chatTemplateOption, loadModel, precisionOption, readMessagesFile } from '../common.js';
 import { addSamplingOptions, parseIdList, samplingFrom, terminalSafe, UsageError } from '../options.js';
 
 /** The `generate` command. */
@@ -17,6 +17,7 @@ export function generateCommand(): Command {
     .option('--prompt-ids <ids>', 'comma-separated token ids to continue (no layout applied)', parseIdList)
     .option('--messages <file>', 'a JSON conversation [{"role", "content"}, ...] ending with a user turn')
     .option('--raw', 'continue --prompt as plain text instead of answering it as a user turn')
+    .addOption(chatTemplateOption())
     .addOption(precisionOption())
     .option('--json', 'print one JSON object (ids, text, stopReason, promptIds, tokensPerSecond)');
   return addSamplingOptions(cmd).action(async (v: Record<string, unknown>) => {
@@ -25,6 +26,7 @@ export function generateCommand(): Command {
     if (v.raw && v.prompt === undefined) throw new UsageError('--raw applies to --prompt only');
     const prompt: Prompt = v.messages !== undefined ? await readMessagesFile(v.messages as string) : ((v.prompt ?? v.promptIds) as Prompt);
     await using model = await loadModel(v.model as string, v.precision as Precision | undefined);
+    await applyChatTemplate(model, v.chatTemplate as string | undefined, v.model as string);
     const opts = { ...samplingFrom(v), raw: (v.raw as boolean | undefined) ?? false };
     const promptIds = model.promptIds(prompt, opts);
     const tty = process.stdout.isTTY;
