@@ -266,6 +266,15 @@ describe('swiglu', () => {
           expect(fused.subarray(n * 2 * F, n * 2 * F + F)).toEqual(g.dGate.subarray(n * F, (n + 1) * F));
           expect(fused.subarray(n * 2 * F + F, (n + 1) * 2 * F)).toEqual(g.dUp.subarray(n * F, (n + 1) * F));
         }
+        // In place: the gradient written over the saved gate/up (the bf16 model's backward does
+        // this), in both the fused and the separate layout, bit-identical to out-of-place.
+        const guInPlace = gu.slice();
+        withIsa(isa, () => swigluBackwardFused(dOut, guInPlace, { rows: N, hidden: F, out: guInPlace }));
+        expect(guInPlace, `fused in place ${tag}`).toEqual(fused);
+        const gateInPlace = gate.slice(), upInPlace = up.slice();
+        withIsa(isa, () => swigluBackward(dOut, gateInPlace, upInPlace, { rows: N, hidden: F, dGate: gateInPlace, dUp: upInPlace }));
+        expect(gateInPlace, `dGate in place ${tag}`).toEqual(g.dGate);
+        expect(upInPlace, `dUp in place ${tag}`).toEqual(g.dUp);
         const moderate = gate.map((v) => Math.max(-8, Math.min(8, v)));
         const gm = withIsa(isa, () => swigluBackward(dOut, moderate, up, { rows: N, hidden: F }));
         expectFd(`dGate ${tag}`, gm.dGate, (gg) => dot(swigluF64(gg, up), dOut), moderate);

@@ -51,7 +51,10 @@ void rope_backward_reference(float* dx, const float* dout, const float* cos, con
 // up = gate + F when both come from one fused [N, 2F] projection). out [N, F] contiguous.
 void swiglu_forward(const CpuContext& ctx, float* out, const float* gate, const float* up,
                     int64_t N, int64_t F, int64_t ld);
-// dgate, dup: same layout as gate, up (overwritten); dout [N, F].
+// dgate, dup: same layout as gate, up (overwritten); dout [N, F]. dgate/dup may alias gate/up
+// exactly (dgate == gate, dup == up: the gradient written over the saved values in place); every
+// ISA path reads an element's gate, up and dout before writing its two gradients, and rows are
+// split across threads whole. Partial overlaps are not allowed.
 void swiglu_backward(const CpuContext& ctx, float* dgate, float* dup, const float* dout,
                      const float* gate, const float* up, int64_t N, int64_t F, int64_t ld);
 void swiglu_forward_reference(float* out, const float* gate, const float* up, int64_t N, int64_t F,

@@ -30,20 +30,30 @@ struct LlamaModel::Layer {
 // Activation memory of one (B, T) shape: per-layer tensors saved for backward, plus scratch
 // reused across layers, carved from one buffer that only grows. Slots typed X hold the compute
 // dtype (the inputs of products); everything else is fp32. In bf16 mode the fp32 results of
-// norms, projections and SwiGLU pass through the gradient scratch (unused in forward) before
-// their bf16 casts are saved.
+// norms, projections, attention and SwiGLU pass through the gradient scratch (unused in forward)
+// before their bf16 casts are saved; backward widens gate/up and the attention output back into
+// fp32 scratch where an fp32 kernel needs them.
 struct LlamaModel::Acts {
   int64_t B = 0, T = 0, head_rows = 0;
   Buffer buf;
   struct Saved {
-    float *x_in, *rstd1, *att, *lse, *x_mid, *rstd2, *gu;
-    void *h1, *q, *k, *v, *h2, *act;  // X
+    float *x_in, *rstd1, *lse, *x_mid, *rstd2;
+    void *h1, *q, *k, *v, *att, *h2, *gu, *act;  // X
   };
   std::vector<Saved> layers;
   float *x_final, *rstd_f, *h_f;
   void* h_fx;  // h_f in X (h_f itself in fp32 mode)
   float *tmp, *dx, *dh, *dq, *dk, *dv, *datt, *dgu, *dact, *logits;
   void* dyb;  // bf16 scratch for upstream gradients cast before a product (bf16 mode only)
+
+  // Elements of dyb: the widest per-token gradient a layer casts, N·max(C, Q, 2F), and at least
+  // one row of logits. The LM head casts its dlogits through it in row chunks that fit, so the
+  // head never needs a bf16 copy of all its head_rows·V logits.
+  static int64_t dyb_elems(const LlamaConfig& c, int64_t N) {
+    const int64_t Q = checked_mul(c.H, c.hd, "the activation sizes");
+    const int64_t w = std::max({int64_t{c.C}, Q, checked_mul(2, c.F, "the activation sizes")});
+    return std::max(checked_mul(N, w, "the activation sizes"), int64_t{c.V});
+  }
 
   // Calls f(slot, count, dtype) for every buffer in a fixed order; used both to size and to carve.
   template <class Fn>
@@ -63,12 +73,12 @@ struct LlamaModel::Acts {
       f(s ? &s->q : nullptr, M(N, Q), X);
       f(s ? &s->k : nullptr, M(N, K), X);
       f(s ? &s->v : nullptr, M(N, K), X);
-      fs(s ? &s->att : nullptr, M(N, Q));
+      f(s ? &s->att : nullptr, M(N, Q), X);
       fs(s ? &s->lse : nullptr, M(M(B, c.H), T));
       fs(s ? &s->x_mid : nullptr, M(N, c.C));
       fs(s ? &s->rstd2 : nullptr, N);
       f(s ? &s->h2 : nullptr, M(N, c.C), X);
-      fs(s ? &s->gu : nullptr, M(N, M(2, c.F)));
+      f(s ? &s->gu : nullptr, M(N, M(2, c.F)), X);
       f(s ? &s->act : nullptr, M(N, c.F), X);
     }
     fs(a ? &a->x_final : nullptr, M(N, c.C));
@@ -85,7 +95,7 @@ struct LlamaModel::Acts {
     fs(a ? &a->dgu : nullptr, M(N, M(2, c.F)));
     fs(a ? &a->dact : nullptr, M(N, c.F));
     fs(a ? &a->logits : nullptr, M(head_rows, c.V));
-    f(a ? &a->dyb : nullptr, lo ? std::max(M(N, std::max({c.C, Q, M(2, c.F)})), M(head_rows, c.V)) : 0, X);
+    f(a ? &a->dyb : nullptr, lo ? dyb_elems(c, N) : 0, X);
   }
 
   static int64_t head_rows_for(const LlamaConfig& c, int64_t N) {
@@ -401,7 +411,6 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   ensure_rope(T);
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
-  auto att_in = [&](const float* att, int64_t n) { return attention_output_in(att, n); };
   be.embedding_forward(a.layers[0].x_in, ids_.i32(), w_.f32(), N, c.C, c.V);
   for (int64_t l = 0; l < c.L; ++l) {
     Acts::Saved& s = a.layers[l];
@@ -414,7 +423,7 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
       be.linear_forward(X, F(s.v), s.h1, W.wv, N, c.C, K);
       be.rope_forward(F(s.q), F(s.q), cs, sn, B, T, c.H, c.hd, 0);
       be.rope_forward(F(s.k), F(s.k), cs, sn, B, T, c.KV, c.hd, 0);
-      be.attention_forward(X, s.att, s.lse, s.q, s.k, s.v, ad);
+      be.attention_forward(X, F(s.att), s.lse, s.q, s.k, s.v, ad);
     } else {
       be.rmsnorm_forward(a.dh, s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
       be.convert(s.h1, X, a.dh, DType::F32, N * c.C);
@@ -426,18 +435,25 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
       be.convert(s.q, X, a.dq, DType::F32, N * Q);
       be.convert(s.k, X, a.dk, DType::F32, N * K);
       be.convert(s.v, X, a.dv, DType::F32, N * K);
-      be.attention_forward(X, s.att, s.lse, s.q, s.k, s.v, ad);
+      be.attention_forward(X, a.datt, s.lse, s.q, s.k, s.v, ad);
+      be.convert(s.att, X, a.datt, DType::F32, N * Q);
     }
-    be.linear_forward(X, a.tmp, att_in(s.att, N * Q), W.wo, N, Q, c.C);
+    be.linear_forward(X, a.tmp, s.att, W.wo, N, Q, c.C);
     dropout_add(be, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 0);
     float* h2 = lo ? a.dh : F(s.h2);
     be.rmsnorm_forward(h2, s.rstd2, s.x_mid, W.ln2, N, c.C, c.eps);
     if (lo) be.convert(s.h2, X, h2, DType::F32, N * c.C);
-    be.linear_forward(X, s.gu, s.h2, W.wgate, N, c.C, 2 * c.F);  // gate and up stacked
+    // gate and up stacked; in bf16 mode SwiGLU reads the fp32 product from the dgu scratch and
+    // only its bf16 cast is saved (backward widens it back).
+    float* gu = lo ? a.dgu : F(s.gu);
+    be.linear_forward(X, gu, s.h2, W.wgate, N, c.C, 2 * c.F);
     float* act = lo ? a.dact : F(s.act);
-    be.swiglu_forward(act, s.gu, s.gu + c.F, N, c.F, 2 * c.F);
-    if (lo) be.convert(s.act, X, act, DType::F32, N * c.F);
+    be.swiglu_forward(act, gu, gu + c.F, N, c.F, 2 * c.F);
+    if (lo) {
+      be.convert(s.gu, X, gu, DType::F32, N * 2 * c.F);
+      be.convert(s.act, X, act, DType::F32, N * c.F);
+    }
     be.linear_forward(X, a.tmp, s.act, W.wdown, N, c.F, c.C);
     float* next = l + 1 < c.L ? a.layers[l + 1].x_in : a.x_final;
     dropout_add(be, next, s.x_mid, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
@@ -446,15 +462,6 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   const float* wnorm = w_.f32() + info_[1 + c.L * kPerLayer].offset;
   be.rmsnorm_forward(a.h_f, a.rstd_f, a.x_final, wnorm, N, c.C, c.eps);
   if (lo) be.convert(a.h_fx, X, a.h_f, DType::F32, N * c.C);
-}
-
-// The attention output as the o-projection's input: itself in fp32; in bf16 cast into the dq
-// scratch, which is free both when o runs forward (q has been saved) and when its backward runs
-// (attention's backward, which writes dq, comes after).
-const void* LlamaModel::attention_output_in(const float* att, int64_t n) {
-  if (dt_ == DType::F32) return att;
-  be_->convert(acts_->dq, dt_, att, DType::F32, n);
-  return acts_->dq;
 }
 
 double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
@@ -493,12 +500,17 @@ double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double
     if (!labels) continue;
     loss += be.cross_entropy(backward ? a.logits : nullptr, a.logits, targets_.i32() + r0, rows, c.V, norm);
     if (!backward) continue;
-    const void* dy = a.logits;
-    if (X != DType::F32) {
-      be.convert(a.dyb, X, a.logits, DType::F32, rows * c.V);
-      dy = a.dyb;
+    if (X == DType::F32) {
+      be.linear_backward(X, a.dh + r0 * c.C, ghead, a.logits, h, whead, rows, c.C, c.V);
+      continue;
     }
-    be.linear_backward(X, a.dh + r0 * c.C, ghead, dy, h, whead, rows, c.C, c.V);
+    // bf16: dlogits cast through dyb in the largest row chunks it holds.
+    const int64_t sub = std::max<int64_t>(1, Acts::dyb_elems(c, N) / c.V);
+    for (int64_t s0 = 0; s0 < rows; s0 += sub) {
+      const int64_t n = std::min(sub, rows - s0);
+      be.convert(a.dyb, X, a.logits + s0 * c.V, DType::F32, n * c.V);
+      be.linear_backward(X, a.dh + (r0 + s0) * c.C, ghead, a.dyb, at(h, s0 * c.C, X), whead, n, c.C, c.V);
+    }
   }
   return loss;
 }
@@ -533,7 +545,6 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   const double loss = head_loss(labels, B, T, norm, true, nullptr, nullptr);
   // The upstream gradient of a product, in the product's dtype (cast to bf16 scratch in bf16 mode).
-  auto att_in = [&](const float* att, int64_t n) { return attention_output_in(att, n); };
   auto dy_in = [&](const float* dy, int64_t n) -> const void* {
     if (!lo) return dy;
     be.convert(a.dyb, X, dy, DType::F32, n);
@@ -555,7 +566,14 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
       dm = a.tmp;
     }
     be.linear_backward(X, a.dact, W.gdown, dy_in(dm, N * c.C), s.act, W.wdown, N, c.F, c.C);
-    be.swiglu_backward(a.dgu, a.dgu + c.F, a.dact, s.gu, s.gu + c.F, N, c.F, 2 * c.F);
+    // bf16 mode: the saved gate/up widened into dgu, and the gradient written over it in place
+    // (swiglu_backward allows dgate/dup to alias gate/up).
+    const float* gu = F(s.gu);
+    if (lo) {
+      be.convert(a.dgu, DType::F32, s.gu, X, N * 2 * c.F);
+      gu = a.dgu;
+    }
+    be.swiglu_backward(a.dgu, a.dgu + c.F, a.dact, gu, gu + c.F, N, c.F, 2 * c.F);
     be.linear_backward(X, a.dh, W.ggate, dy_in(a.dgu, N * 2 * c.F), s.h2, W.wgate, N, c.C, 2 * c.F);
     be.rmsnorm_backward(a.dx, W.gln2, a.dh, s.x_mid, W.ln2, s.rstd2, N, c.C, true);
     // Attention branch: x_mid = x_in + drop(o(attn(rope(q), rope(k), v)))
@@ -564,8 +582,15 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
       dropout_grad(be, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 0);
       dO = a.tmp;
     }
-    be.linear_backward(X, a.datt, W.go, dy_in(dO, N * c.C), att_in(s.att, N * Q), W.wo, N, Q, c.C);
-    be.attention_backward(X, a.dq, a.dk, a.dv, dy_in(a.datt, N * Q), s.q, s.k, s.v, s.att, s.lse, ad);
+    be.linear_backward(X, a.datt, W.go, dy_in(dO, N * c.C), s.att, W.wo, N, Q, c.C);
+    // Attention's backward takes its output in fp32 (rowsum(dO∘O)): in bf16 mode the saved cast
+    // widened into tmp, free once the o-projection's backward has read dO.
+    const float* att = F(s.att);
+    if (lo) {
+      be.convert(a.tmp, DType::F32, s.att, X, N * Q);
+      att = a.tmp;
+    }
+    be.attention_backward(X, a.dq, a.dk, a.dv, dy_in(a.datt, N * Q), s.q, s.k, s.v, att, s.lse, ad);
     be.rope_backward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
     be.rope_backward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
     be.linear_backward(X, a.dh, W.gq, dy_in(a.dq, N * Q), s.h1, W.wq, N, c.C, Q);
@@ -598,7 +623,6 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
   const AttentionDims ad{1, n, P, c.H, c.KV, c.hd};
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
   float* x = a.dx;  // residual stream
-  auto att_in = [&](const float* att, int64_t m) { return attention_output_in(att, m); };
   be.embedding_forward(x, ids_.i32(), w_.f32(), n, c.C, c.V);
   for (int64_t l = 0; l < c.L; ++l) {
     const Layer W = layer(l);
@@ -625,15 +649,21 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
       be.convert(at(kc, p0 * K, X), X, a.dk, DType::F32, n * K);
       be.convert(at(vc, p0 * K, X), X, a.dv, DType::F32, n * K);
     }
-    be.attention_forward(X, s.att, s.lse, s.q, kc, vc, ad);
-    be.linear_forward(X, a.tmp, att_in(s.att, n * Q), W.wo, n, Q, c.C);
+    if (!lo) {
+      be.attention_forward(X, F(s.att), s.lse, s.q, kc, vc, ad);
+    } else {
+      be.attention_forward(X, a.datt, s.lse, s.q, kc, vc, ad);
+      be.convert(s.att, X, a.datt, DType::F32, n * Q);
+    }
+    be.linear_forward(X, a.tmp, s.att, W.wo, n, Q, c.C);
     be.residual_dropout_forward(x, x, a.tmp, n * c.C, DropoutSite{});
     float* h2 = lo ? a.dh : F(s.h2);
     be.rmsnorm_forward(h2, s.rstd2, x, W.ln2, n, c.C, c.eps);
     if (lo) be.convert(s.h2, X, h2, DType::F32, n * c.C);
-    be.linear_forward(X, s.gu, s.h2, W.wgate, n, c.C, 2 * c.F);
+    float* gu = lo ? a.dgu : F(s.gu);  // nothing is saved while decoding
+    be.linear_forward(X, gu, s.h2, W.wgate, n, c.C, 2 * c.F);
     float* act = lo ? a.dact : F(s.act);
-    be.swiglu_forward(act, s.gu, s.gu + c.F, n, c.F, 2 * c.F);
+    be.swiglu_forward(act, gu, gu + c.F, n, c.F, 2 * c.F);
     if (lo) be.convert(s.act, X, act, DType::F32, n * c.F);
     be.linear_forward(X, a.tmp, s.act, W.wdown, n, c.F, c.C);
     be.residual_dropout_forward(x, x, a.tmp, n * c.C, DropoutSite{});

@@ -125,7 +125,6 @@ class LlamaModel {
   double head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
                    int64_t* count, float* logits_out);
   Layer layer(int64_t l) const;
-  const void* attention_output_in(const float* att, int64_t n);
   const void* mat(const ParamInfo& p) const;
   const ParamInfo& named(const std::string& name) const;
   void refresh_bf16(const ParamInfo& p);
