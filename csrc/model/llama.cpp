@@ -11,6 +11,9 @@ namespace {
 constexpr int kPerLayer = 9;  // ln1, q, k, v, o, ln2, gate, up, down
 // Rows of logits materialised at once: bounds head memory to ~64 MiB whatever N is.
 constexpr int64_t kLogitBytes = 64 << 20;
+// Rows of bf16 dlogits the LM head casts at once in bf16 mode (at most head_rows): 256 rows keep its
+// products near full speed for 2 bytes · 256 · V of scratch (16 MiB at V = 32000).
+constexpr int64_t kBf16HeadRows = 256;
 constexpr int32_t kIgnore = -100;
 
 // Element i of a buffer of dtype dt.
@@ -47,12 +50,14 @@ struct LlamaModel::Acts {
   void* dyb;  // bf16 scratch for upstream gradients cast before a product (bf16 mode only)
 
   // Elements of dyb: the widest per-token gradient a layer casts, N·max(C, Q, 2F), and at least
-  // one row of logits. The LM head casts its dlogits through it in row chunks that fit, so the
-  // head never needs a bf16 copy of all its head_rows·V logits.
+  // kBf16HeadRows rows of logits. The LM head casts its dlogits through it in row chunks that fit,
+  // so the head never needs a bf16 copy of all its head_rows·V logits; chunks of that many rows
+  // keep the head's dW product (K = rows) efficient where a few rows would starve it.
   static int64_t dyb_elems(const LlamaConfig& c, int64_t N) {
     const int64_t Q = checked_mul(c.H, c.hd, "the activation sizes");
     const int64_t w = std::max({int64_t{c.C}, Q, checked_mul(2, c.F, "the activation sizes")});
-    return std::max(checked_mul(N, w, "the activation sizes"), int64_t{c.V});
+    const int64_t head = checked_mul(std::min(head_rows_for(c, N), kBf16HeadRows), c.V, "the activation sizes");
+    return std::max(checked_mul(N, w, "the activation sizes"), head);
   }
 
   // Calls f(slot, count, dtype) for every buffer in a fixed order; used both to size and to carve.
