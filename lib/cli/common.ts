@@ -15,8 +15,8 @@ export async function loadModel(path: string, precision?: Precision): Promise<Ll
 /** `--chat-template tokenizer|<file.jinja>` for generate and chat: overrides the model's saved layout. */
 export function chatTemplateOption(): Option {
   return new Option(
-    '--chat-template <tokenizer|file>',
-    "lay the conversation out with a Jinja chat template: 'tokenizer' (the model's chat_template) or a file (default: the layout the model was fine-tuned with)",
+    '--chat-template <spec>',
+    "a Jinja chat template for the prompt: 'tokenizer' (the model's chat_template) or a file; default: the layout it was fine-tuned with",
   );
 }
 
