@@ -7,7 +7,8 @@
 // Query i attends to keys j <= i + (kvSeqLen - seqLen), so a few new queries can attend to a
 // longer KV cache. Scale 1/sqrt(headDim).
 import { loadAddon } from '../native.js';
-import { expectF32, expectInt, expectObject, fail, product } from '../validate.js';
+import { expectF32, expectObject } from '../validate.js';
+import { type AttentionArgs, checkAttentionDims, outBuffer } from './checks.js';
 
 /**
  * Shapes of one attention call. `kvSeqLen` defaults to `seqLen` (training); a longer one serves
@@ -54,8 +55,6 @@ export interface AttentionBackwardOptions {
   dv?: Float32Array;
 }
 
-type Dims6 = [number, number, number, number, number, number];
-
 interface NativeAttention {
   attentionForward(
     out: Float32Array,
@@ -63,7 +62,7 @@ interface NativeAttention {
     q: Float32Array,
     k: Float32Array,
     v: Float32Array,
-    ...d: Dims6
+    ...d: AttentionArgs
   ): void;
   attentionBackward(
     dq: Float32Array,
@@ -75,7 +74,7 @@ interface NativeAttention {
     v: Float32Array,
     out: Float32Array,
     lse: Float32Array,
-    ...d: Dims6
+    ...d: AttentionArgs
   ): void;
   attentionForwardReference(
     out: Float32Array,
@@ -83,7 +82,7 @@ interface NativeAttention {
     q: Float32Array,
     k: Float32Array,
     v: Float32Array,
-    ...d: Dims6
+    ...d: AttentionArgs
   ): void;
   attentionBackwardReference(
     dq: Float32Array,
@@ -93,39 +92,11 @@ interface NativeAttention {
     q: Float32Array,
     k: Float32Array,
     v: Float32Array,
-    ...d: Dims6
+    ...d: AttentionArgs
   ): void;
 }
 
 const native = () => loadAddon<NativeAttention>();
-
-interface Checked {
-  args: Dims6;
-  qLen: number;
-  kvLen: number;
-  lseLen: number;
-}
-
-function checkDims(dims: unknown): Checked {
-  const d = expectObject(dims, 'dims');
-  const batch = expectInt(d.batch, 'dims.batch', 1);
-  const seqLen = expectInt(d.seqLen, 'dims.seqLen', 1);
-  const heads = expectInt(d.heads, 'dims.heads', 1);
-  const kvHeads = expectInt(d.kvHeads, 'dims.kvHeads', 1);
-  if (heads % kvHeads !== 0) fail(`a divisor of dims.heads (${heads})`, 'dims.kvHeads', kvHeads);
-  const headDim = expectInt(d.headDim, 'dims.headDim', 1, 256);
-  const kvSeqLen = d.kvSeqLen === undefined ? seqLen : expectInt(d.kvSeqLen, 'dims.kvSeqLen', seqLen);
-  return {
-    args: [batch, seqLen, kvSeqLen, heads, kvHeads, headDim],
-    qLen: product([batch, seqLen, heads, headDim], 'q'),
-    kvLen: product([batch, kvSeqLen, kvHeads, headDim], 'k'),
-    lseLen: product([batch, heads, seqLen], 'lse'),
-  };
-}
-
-function outBuffer(given: unknown, name: string, length: number): Float32Array {
-  return given === undefined ? new Float32Array(length) : expectF32(given, name, length);
-}
 
 /**
  * Causal attention output and per-row log-sum-exp without ever holding the seqLen x kvSeqLen
@@ -138,7 +109,7 @@ export function attentionForward(
   dims: AttentionDims,
   options: AttentionForwardOptions = {},
 ): AttentionForwardResult {
-  const c = checkDims(dims);
+  const c = checkAttentionDims(dims);
   expectF32(q, 'q', c.qLen);
   expectF32(k, 'k', c.kvLen);
   expectF32(v, 'v', c.kvLen);
@@ -163,7 +134,7 @@ export function attentionBackward(
   dims: AttentionDims,
   options: AttentionBackwardOptions = {},
 ): AttentionGrads {
-  const c = checkDims(dims);
+  const c = checkAttentionDims(dims);
   expectF32(dOut, 'dOut', c.qLen);
   expectF32(q, 'q', c.qLen);
   expectF32(k, 'k', c.kvLen);
@@ -185,7 +156,7 @@ export function attentionForwardReference(
   v: Float32Array,
   dims: AttentionDims,
 ): AttentionForwardResult {
-  const c = checkDims(dims);
+  const c = checkAttentionDims(dims);
   expectF32(q, 'q', c.qLen);
   expectF32(k, 'k', c.kvLen);
   expectF32(v, 'v', c.kvLen);
@@ -203,7 +174,7 @@ export function attentionBackwardReference(
   v: Float32Array,
   dims: AttentionDims,
 ): AttentionGrads {
-  const c = checkDims(dims);
+  const c = checkAttentionDims(dims);
   expectF32(dOut, 'dOut', c.qLen);
   expectF32(q, 'q', c.qLen);
   expectF32(k, 'k', c.kvLen);

@@ -2,22 +2,22 @@
 // upper half of an IEEE float32), fp32 accumulation and fp32 outputs. The code path (AMX tiles,
 // AVX512-BF16 or the portable widen-to-fp32 path) is chosen with setBf16Path in system.ts.
 import { loadAddon } from '../native.js';
-import { expectF32, expectInt, expectNumber, expectObject, fail, product } from '../validate.js';
+import { expectF32, expectObject, fail } from '../validate.js';
+import {
+  type AttentionArgs, checkAttentionDims, extentA, extentB, type GemmArgs, matmulOut, outBuffer, resolveMatmulOptions,
+} from './checks.js';
 import type { AttentionBackwardOptions, AttentionDims, AttentionForwardOptions, AttentionForwardResult, AttentionGrads } from './attention.js';
 import type { MatmulOptions } from './gemm.js';
-
-type Dims6 = [number, number, number, number, number, number];
-type GemmArgs = [number, number, number, boolean, boolean, number, number, number, number, number];
 
 interface NativeBf16 {
   toBf16(dst: Uint16Array, src: Float32Array): void;
   fromBf16(dst: Float32Array, src: Uint16Array): void;
   gemmBf16(c: Float32Array, a: Uint16Array, b: Uint16Array, ...args: GemmArgs): void;
   gemmBf16Reference(c: Float32Array, a: Uint16Array, b: Uint16Array, ...args: GemmArgs): void;
-  attentionForwardBf16(out: Float32Array, lse: Float32Array, q: Uint16Array, k: Uint16Array, v: Uint16Array, ...d: Dims6): void;
+  attentionForwardBf16(out: Float32Array, lse: Float32Array, q: Uint16Array, k: Uint16Array, v: Uint16Array, ...d: AttentionArgs): void;
   attentionBackwardBf16(
     dq: Float32Array, dk: Float32Array, dv: Float32Array, dOut: Uint16Array, q: Uint16Array, k: Uint16Array,
-    v: Uint16Array, out: Float32Array, lse: Float32Array, ...d: Dims6
+    v: Uint16Array, out: Float32Array, lse: Float32Array, ...d: AttentionArgs
   ): void;
 }
 
@@ -48,45 +48,17 @@ export function fromBf16(src: Uint16Array, out?: Float32Array): Float32Array {
   return dst;
 }
 
-function extent(rows: number, cols: number, ld: number, name: string): number {
-  if (rows === 0 || cols === 0) return 0;
-  return product([rows - 1, ld], name) + cols;
-}
-
-function optionalBool(v: unknown, name: string): boolean {
-  if (v === undefined) return false;
-  if (typeof v !== 'boolean') fail('a boolean', name, v);
-  return v;
-}
-
+// The same option checks, defaults and out handling as matmul (messages included); only the
+// operand type differs, and bf16 operands are type-checked before their extents are.
 function prepare(a: unknown, b: unknown, options: unknown): { out: Float32Array; args: GemmArgs } {
-  const o = expectObject(options, 'options') as Partial<MatmulOptions>;
-  const m = expectInt(o.m, 'm');
-  const n = expectInt(o.n, 'n');
-  const k = expectInt(o.k, 'k');
-  const transA = optionalBool(o.transA, 'transA');
-  const transB = optionalBool(o.transB, 'transB');
-  const lda = o.lda === undefined ? (transA ? m : k) : expectInt(o.lda, 'lda', transA ? m : k);
-  const ldb = o.ldb === undefined ? (transB ? k : n) : expectInt(o.ldb, 'ldb', transB ? k : n);
-  const ldc = o.ldc === undefined ? n : expectInt(o.ldc, 'ldc', n);
-  const alpha = o.alpha === undefined ? 1 : expectNumber(o.alpha, 'alpha');
-  const beta = o.beta === undefined ? 0 : expectNumber(o.beta, 'beta');
+  const r = resolveMatmulOptions(options);
   const A = expectU16(a, 'a');
   const B = expectU16(b, 'b');
-  const needA = transA ? extent(k, m, lda, 'a') : extent(m, k, lda, 'a');
-  const needB = transB ? extent(n, k, ldb, 'b') : extent(k, n, ldb, 'b');
+  const needA = extentA(r);
+  const needB = extentB(r);
   if (A.length < needA) fail(`a Uint16Array of at least ${needA} elements`, 'a', A);
   if (B.length < needB) fail(`a Uint16Array of at least ${needB} elements`, 'b', B);
-  const cNeed = extent(m, n, ldc, 'out');
-  let out: Float32Array;
-  if (o.out === undefined) {
-    if (beta !== 0) fail('a Float32Array (out is required when beta != 0)', 'out', o.out);
-    out = new Float32Array(cNeed);
-  } else {
-    out = expectF32(o.out, 'out');
-    if (out.length < cNeed) fail(`a Float32Array of at least ${cNeed} elements`, 'out', out);
-  }
-  return { out, args: [m, n, k, transA, transB, lda, ldb, ldc, alpha, beta] };
+  return { out: matmulOut(r), args: r.args };
 }
 
 /**
@@ -106,36 +78,6 @@ export function gemmBf16Reference(a: Uint16Array, b: Uint16Array, options: Matmu
   return out;
 }
 
-interface Checked {
-  args: Dims6;
-  qLen: number;
-  kvLen: number;
-  lseLen: number;
-}
-
-// Head dims the fast tile code lacks go to the portable path, which accepts what the fp32
-// attention accepts (the native side names the limit).
-function checkDims(dims: unknown): Checked {
-  const d = expectObject(dims, 'dims');
-  const batch = expectInt(d.batch, 'dims.batch', 1);
-  const seqLen = expectInt(d.seqLen, 'dims.seqLen', 1);
-  const heads = expectInt(d.heads, 'dims.heads', 1);
-  const kvHeads = expectInt(d.kvHeads, 'dims.kvHeads', 1);
-  if (heads % kvHeads !== 0) fail(`a divisor of dims.heads (${heads})`, 'dims.kvHeads', kvHeads);
-  const headDim = expectInt(d.headDim, 'dims.headDim', 1, 256);
-  const kvSeqLen = d.kvSeqLen === undefined ? seqLen : expectInt(d.kvSeqLen, 'dims.kvSeqLen', seqLen);
-  return {
-    args: [batch, seqLen, kvSeqLen, heads, kvHeads, headDim],
-    qLen: product([batch, seqLen, heads, headDim], 'q'),
-    kvLen: product([batch, kvSeqLen, kvHeads, headDim], 'k'),
-    lseLen: product([batch, heads, seqLen], 'lse'),
-  };
-}
-
-function outBuffer(given: unknown, name: string, length: number): Float32Array {
-  return given === undefined ? new Float32Array(length) : expectF32(given, name, length);
-}
-
 /**
  * Causal GQA attention (layouts and masking as attentionForward) with bf16 q, k, v: fp32 online
  * softmax and accumulators, fp32 out and log-sum-exp.
@@ -147,7 +89,7 @@ export function attentionForwardBf16(
   dims: AttentionDims,
   options: AttentionForwardOptions = {},
 ): AttentionForwardResult {
-  const c = checkDims(dims);
+  const c = checkAttentionDims(dims);
   expectU16(q, 'q', c.qLen);
   expectU16(k, 'k', c.kvLen);
   expectU16(v, 'v', c.kvLen);
@@ -172,7 +114,7 @@ export function attentionBackwardBf16(
   dims: AttentionDims,
   options: AttentionBackwardOptions = {},
 ): AttentionGrads {
-  const c = checkDims(dims);
+  const c = checkAttentionDims(dims);
   expectU16(dOut, 'dOut', c.qLen);
   expectU16(q, 'q', c.qLen);
   expectU16(k, 'k', c.kvLen);

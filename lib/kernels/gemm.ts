@@ -1,7 +1,8 @@
 // Matrix multiply and the bias-free linear layer (Hugging Face weight layout W [out, in]), the
 // training hot path. Every matrix is a row-major Float32Array.
 import { loadAddon } from '../native.js';
-import { expectF32, expectInt, expectNumber, expectObject, fail, product } from '../validate.js';
+import { expectF32, expectInt, expectObject, fail, product } from '../validate.js';
+import { expectAtLeast, extentA, extentB, type GemmArgs, matmulOut, optionalBool, resolveMatmulOptions } from './checks.js';
 
 interface NativeGemm {
   gemm(
@@ -78,18 +79,6 @@ export interface LinearGrads {
   dW: Float32Array | null;
 }
 
-// Elements a row-major rows x cols matrix with row stride ld spans.
-function extent(rows: number, cols: number, ld: number, name: string): number {
-  if (rows === 0 || cols === 0) return 0;
-  return product([rows - 1, ld], name) + cols;
-}
-
-function expectAtLeast(v: unknown, name: string, need: number): Float32Array {
-  const a = expectF32(v, name);
-  if (a.length < need) fail(`a Float32Array of at least ${need} elements`, name, a);
-  return a;
-}
-
 // Outputs are written while the inputs are still being read (in packed blocks, by several
 // threads), so an output sharing memory with an input would give garbage.
 function expectDisjoint(out: Float32Array, name: string, inputs: [Float32Array, string][]): void {
@@ -103,40 +92,13 @@ function expectDisjoint(out: Float32Array, name: string, inputs: [Float32Array, 
   }
 }
 
-function optionalBool(v: unknown, name: string): boolean {
-  if (v === undefined) return false;
-  if (typeof v !== 'boolean') fail('a boolean', name, v);
-  return v;
-}
-
-type Resolved = [number, number, number, boolean, boolean, number, number, number, number, number];
-
-function prepare(a: unknown, b: unknown, options: unknown): { out: Float32Array; args: Resolved } {
-  const o = expectObject(options, 'options') as Partial<MatmulOptions>;
-  const m = expectInt(o.m, 'm');
-  const n = expectInt(o.n, 'n');
-  const k = expectInt(o.k, 'k');
-  const transA = optionalBool(o.transA, 'transA');
-  const transB = optionalBool(o.transB, 'transB');
-  const naturalA = transA ? m : k;
-  const naturalB = transB ? k : n;
-  const lda = o.lda === undefined ? naturalA : expectInt(o.lda, 'lda', naturalA);
-  const ldb = o.ldb === undefined ? naturalB : expectInt(o.ldb, 'ldb', naturalB);
-  const ldc = o.ldc === undefined ? n : expectInt(o.ldc, 'ldc', n);
-  const alpha = o.alpha === undefined ? 1 : expectNumber(o.alpha, 'alpha');
-  const beta = o.beta === undefined ? 0 : expectNumber(o.beta, 'beta');
-  const A = expectAtLeast(a, 'a', transA ? extent(k, m, lda, 'a') : extent(m, k, lda, 'a'));
-  const B = expectAtLeast(b, 'b', transB ? extent(n, k, ldb, 'b') : extent(k, n, ldb, 'b'));
-  const cNeed = extent(m, n, ldc, 'out');
-  let out: Float32Array;
-  if (o.out === undefined) {
-    if (beta !== 0) fail('a Float32Array (out is required when beta != 0)', 'out', o.out);
-    out = new Float32Array(cNeed);
-  } else {
-    out = expectAtLeast(o.out, 'out', cNeed);
-    expectDisjoint(out, 'out', [[A, 'a'], [B, 'b']]);
-  }
-  return { out, args: [m, n, k, transA, transB, lda, ldb, ldc, alpha, beta] };
+function prepare(a: unknown, b: unknown, options: unknown): { out: Float32Array; args: GemmArgs } {
+  const r = resolveMatmulOptions(options);
+  const A = expectAtLeast(a, 'a', extentA(r));
+  const B = expectAtLeast(b, 'b', extentB(r));
+  const out = matmulOut(r);
+  if (r.options.out !== undefined) expectDisjoint(out, 'out', [[A, 'a'], [B, 'b']]);
+  return { out, args: r.args };
 }
 
 /**
