@@ -1,41 +1,22 @@
 // N-API glue for the fused causal attention kernels. Dims come last as plain integers:
 //   (..., B, Tq, Tk, H, KV, D); buffers are checked against the lengths they imply.
-#include "binding/util.h"
-#include "kernels/attention.h"
+#include "binding/kernel_args.h"
 
 namespace lima::binding {
 namespace {
 
-struct Lengths {
-  int64_t q, kv, lse;
-};
-
-AttentionDims dims_at(const Napi::CallbackInfo& info, size_t i) {
-  AttentionDims d;
-  d.B = integer(info, i, "B", 1);
-  d.Tq = integer(info, i + 1, "Tq", 1);
-  d.Tk = integer(info, i + 2, "Tk", 1);
-  d.H = integer(info, i + 3, "H", 1);
-  d.KV = integer(info, i + 4, "KV", 1);
-  d.D = integer(info, i + 5, "D", 1);
-  return d;
-}
-
 // Element counts of the buffers, refusing shapes whose counts a double cannot hold exactly.
-Lengths lengths(const Napi::CallbackInfo& info, const AttentionDims& d) {
-  const double q = static_cast<double>(d.B) * d.Tq * d.H * d.D;
-  const double kv = static_cast<double>(d.B) * d.Tk * d.KV * d.D;
-  if (q > 9007199254740991.0 || kv > 9007199254740991.0)
-    throw_range(info.Env(), "a shape whose element count is a safe integer", "dims",
-                std::to_string(d.B) + "x" + std::to_string(d.Tk) + "x" + std::to_string(d.H) + "x" +
-                    std::to_string(d.D));
-  return {d.B * d.Tq * d.H * d.D, d.B * d.Tk * d.KV * d.D, d.B * d.H * d.Tq};
+AttentionLengths lengths(const Napi::CallbackInfo& info, const AttentionDims& d) {
+  return attention_lengths(info, d, [&] {
+    return std::to_string(d.B) + "x" + std::to_string(d.Tk) + "x" + std::to_string(d.H) + "x" +
+           std::to_string(d.D);
+  });
 }
 
 // (out, lse, q, k, v, dims...)
 Napi::Value Forward(const Napi::CallbackInfo& info) {
-  const AttentionDims d = dims_at(info, 5);
-  const Lengths n = lengths(info, d);
+  const AttentionDims d = attention_dims(info, 5);
+  const AttentionLengths n = lengths(info, d);
   float* out = f32(info, 0, "out", n.q);
   float* lse = f32(info, 1, "lse", n.lse);
   attention_forward(default_context(), out, lse, f32(info, 2, "q", n.q), f32(info, 3, "k", n.kv),
@@ -45,8 +26,8 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
 
 // (dq, dk, dv, dout, q, k, v, out, lse, dims...)
 Napi::Value Backward(const Napi::CallbackInfo& info) {
-  const AttentionDims d = dims_at(info, 9);
-  const Lengths n = lengths(info, d);
+  const AttentionDims d = attention_dims(info, 9);
+  const AttentionLengths n = lengths(info, d);
   attention_backward(default_context(), f32(info, 0, "dq", n.q), f32(info, 1, "dk", n.kv),
                      f32(info, 2, "dv", n.kv), f32(info, 3, "dout", n.q), f32(info, 4, "q", n.q),
                      f32(info, 5, "k", n.kv), f32(info, 6, "v", n.kv), f32(info, 7, "out", n.q),
@@ -56,8 +37,8 @@ Napi::Value Backward(const Napi::CallbackInfo& info) {
 
 // (out, lse, q, k, v, dims...)
 Napi::Value ForwardReference(const Napi::CallbackInfo& info) {
-  const AttentionDims d = dims_at(info, 5);
-  const Lengths n = lengths(info, d);
+  const AttentionDims d = attention_dims(info, 5);
+  const AttentionLengths n = lengths(info, d);
   attention_forward_reference(f32(info, 0, "out", n.q), f32(info, 1, "lse", n.lse),
                               f32(info, 2, "q", n.q), f32(info, 3, "k", n.kv),
                               f32(info, 4, "v", n.kv), d);
@@ -66,8 +47,8 @@ Napi::Value ForwardReference(const Napi::CallbackInfo& info) {
 
 // (dq, dk, dv, dout, q, k, v, dims...)
 Napi::Value BackwardReference(const Napi::CallbackInfo& info) {
-  const AttentionDims d = dims_at(info, 7);
-  const Lengths n = lengths(info, d);
+  const AttentionDims d = attention_dims(info, 7);
+  const AttentionLengths n = lengths(info, d);
   attention_backward_reference(f32(info, 0, "dq", n.q), f32(info, 1, "dk", n.kv),
                                f32(info, 2, "dv", n.kv), f32(info, 3, "dout", n.q),
                                f32(info, 4, "q", n.q), f32(info, 5, "k", n.kv),

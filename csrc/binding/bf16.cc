@@ -5,7 +5,7 @@
 //   gemmBf16(C, A u16, B u16, M, N, K, transA, transB, lda, ldb, ldc, alpha, beta)  also gemmBf16Reference
 //   attentionForwardBf16(out, lse, q, k, v, B, Tq, Tk, H, KV, D)
 //   attentionBackwardBf16(dq, dk, dv, dout, q, k, v, out, lse, B, Tq, Tk, H, KV, D)
-#include "binding/util.h"
+#include "binding/kernel_args.h"
 #include "kernels/bf16.h"
 
 namespace lima::binding {
@@ -23,10 +23,6 @@ bf16* u16(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t le
   return a.Data();
 }
 
-int64_t length_of(const Napi::CallbackInfo& info, size_t i) {
-  return static_cast<int64_t>(info[i].As<Napi::TypedArray>().ElementLength());
-}
-
 Napi::Value ToBf16(const Napi::CallbackInfo& info) {
   bf16* dst = u16(info, 0, "dst", -1);
   const float* src = f32(info, 1, "src", length_of(info, 0));
@@ -41,38 +37,16 @@ Napi::Value FromBf16(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-int64_t extent(int64_t rows, int64_t cols, int64_t ld) {
-  if (rows == 0 || cols == 0) return 0;
-  return (rows - 1) * (ld == 0 ? cols : ld) + cols;
-}
-
-template <class T>
-T* at_least(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t need, T* p) {
-  const int64_t len = length_of(info, i);
-  if (len < need)
-    throw_range(info.Env(), "an array of at least " + std::to_string(need) + " elements", name,
-                "length " + std::to_string(len));
-  return p;
-}
-
 template <void (*Fn)(float*, const bf16*, const bf16*, const GemmArgs&)>
 Napi::Value GemmCall(const Napi::CallbackInfo& info) {
-  GemmArgs g;
-  g.M = integer(info, 3, "M");
-  g.N = integer(info, 4, "N");
-  g.K = integer(info, 5, "K");
-  g.trans_a = boolean(info, 6, "transA");
-  g.trans_b = boolean(info, 7, "transB");
-  g.lda = integer(info, 8, "lda");
-  g.ldb = integer(info, 9, "ldb");
-  g.ldc = integer(info, 10, "ldc");
-  g.alpha = static_cast<float>(num(info, 11, "alpha"));
-  g.beta = static_cast<float>(num(info, 12, "beta"));
-  float* C = at_least(info, 0, "C", extent(g.M, g.N, g.ldc), f32(info, 0, "C", -1));
-  const bf16* A = at_least(info, 1, "A", g.trans_a ? extent(g.K, g.M, g.lda) : extent(g.M, g.K, g.lda),
-                           u16(info, 1, "A", -1));
-  const bf16* B = at_least(info, 2, "B", g.trans_b ? extent(g.N, g.K, g.ldb) : extent(g.K, g.N, g.ldb),
-                           u16(info, 2, "B", -1));
+  const GemmArgs g = gemm_args(info);
+  const GemmExtents e = gemm_extents(g);
+  float* C = f32(info, 0, "C", -1);
+  require_at_least(info, 0, "C", e.c, "an array");
+  const bf16* A = u16(info, 1, "A", -1);
+  require_at_least(info, 1, "A", e.a, "an array");
+  const bf16* B = u16(info, 2, "B", -1);
+  require_at_least(info, 2, "B", e.b, "an array");
   Fn(C, A, B, g);
   return info.Env().Undefined();
 }
@@ -81,32 +55,24 @@ void gemm_default(float* C, const bf16* A, const bf16* B, const GemmArgs& g) {
   gemm_bf16(default_context(), C, A, B, g);
 }
 
-AttentionDims dims_at(const Napi::CallbackInfo& info, size_t i) {
-  AttentionDims d;
-  d.B = integer(info, i, "B", 1);
-  d.Tq = integer(info, i + 1, "Tq", 1);
-  d.Tk = integer(info, i + 2, "Tk", 1);
-  d.H = integer(info, i + 3, "H", 1);
-  d.KV = integer(info, i + 4, "KV", 1);
-  d.D = integer(info, i + 5, "D", 1);
-  const double q = static_cast<double>(d.B) * d.Tq * d.H * d.D;
-  const double kv = static_cast<double>(d.B) * d.Tk * d.KV * d.D;
-  if (q > 9007199254740991.0 || kv > 9007199254740991.0)
-    throw_range(info.Env(), "a shape whose element count is a safe integer", "dims", describe(info[i]));
-  return d;
+// Same dims and lengths as the fp32 bindings; only the shape error's "received" differs (B).
+AttentionLengths lengths(const Napi::CallbackInfo& info, size_t i, const AttentionDims& d) {
+  return attention_lengths(info, d, [&] { return describe(info[i]); });
 }
 
 Napi::Value AttentionForwardBf16(const Napi::CallbackInfo& info) {
-  const AttentionDims d = dims_at(info, 5);
-  const int64_t nq = d.B * d.Tq * d.H * d.D, nkv = d.B * d.Tk * d.KV * d.D, nl = d.B * d.H * d.Tq;
+  const AttentionDims d = attention_dims(info, 5);
+  const AttentionLengths n = lengths(info, 5, d);
+  const int64_t nq = n.q, nkv = n.kv, nl = n.lse;
   attention_forward_bf16(default_context(), f32(info, 0, "out", nq), f32(info, 1, "lse", nl), u16(info, 2, "q", nq),
                          u16(info, 3, "k", nkv), u16(info, 4, "v", nkv), d);
   return info.Env().Undefined();
 }
 
 Napi::Value AttentionBackwardBf16(const Napi::CallbackInfo& info) {
-  const AttentionDims d = dims_at(info, 9);
-  const int64_t nq = d.B * d.Tq * d.H * d.D, nkv = d.B * d.Tk * d.KV * d.D, nl = d.B * d.H * d.Tq;
+  const AttentionDims d = attention_dims(info, 9);
+  const AttentionLengths n = lengths(info, 9, d);
+  const int64_t nq = n.q, nkv = n.kv, nl = n.lse;
   attention_backward_bf16(default_context(), f32(info, 0, "dq", nq), f32(info, 1, "dk", nkv),
                           f32(info, 2, "dv", nkv), u16(info, 3, "dout", nq), u16(info, 4, "q", nq),
                           u16(info, 5, "k", nkv), u16(info, 6, "v", nkv), f32(info, 7, "out", nq),

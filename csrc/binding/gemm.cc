@@ -2,44 +2,25 @@
 //   gemm(C, A, B, M, N, K, transA, transB, lda, ldb, ldc, alpha, beta)    also gemmReference
 //   linearForward(y, x, W, N, I, O)
 //   linearBackward(dx | null, dW | null, dy, x, W, N, I, O, accumulateDx)
-#include "binding/util.h"
-#include "kernels/gemm.h"
+#include "binding/kernel_args.h"
 
 namespace lima::binding {
 namespace {
 
-// Elements a row-major matrix of rows x cols with leading dimension ld (0: cols) spans.
-int64_t extent(int64_t rows, int64_t cols, int64_t ld) {
-  if (rows == 0 || cols == 0) return 0;
-  return (rows - 1) * (ld == 0 ? cols : ld) + cols;
-}
-
 // A Float32Array holding at least `need` elements (views into larger buffers are fine with ld).
 float* f32_min(const Napi::CallbackInfo& info, size_t i, const char* name, int64_t need) {
   float* p = f32(info, i, name, -1);
-  const int64_t len = static_cast<int64_t>(info[i].As<Napi::Float32Array>().ElementLength());
-  if (len < need)
-    throw_range(info.Env(), "a Float32Array of at least " + std::to_string(need) + " elements", name,
-                "length " + std::to_string(len));
+  require_at_least(info, i, name, need, "a Float32Array");
   return p;
 }
 
 template <void (*Fn)(float*, const float*, const float*, const GemmArgs&)>
 Napi::Value GemmCall(const Napi::CallbackInfo& info) {
-  GemmArgs g;
-  g.M = integer(info, 3, "M");
-  g.N = integer(info, 4, "N");
-  g.K = integer(info, 5, "K");
-  g.trans_a = boolean(info, 6, "transA");
-  g.trans_b = boolean(info, 7, "transB");
-  g.lda = integer(info, 8, "lda");
-  g.ldb = integer(info, 9, "ldb");
-  g.ldc = integer(info, 10, "ldc");
-  g.alpha = static_cast<float>(num(info, 11, "alpha"));
-  g.beta = static_cast<float>(num(info, 12, "beta"));
-  float* C = f32_min(info, 0, "C", extent(g.M, g.N, g.ldc));
-  const float* A = f32_min(info, 1, "A", g.trans_a ? extent(g.K, g.M, g.lda) : extent(g.M, g.K, g.lda));
-  const float* B = f32_min(info, 2, "B", g.trans_b ? extent(g.N, g.K, g.ldb) : extent(g.K, g.N, g.ldb));
+  const GemmArgs g = gemm_args(info);
+  const GemmExtents e = gemm_extents(g);
+  float* C = f32_min(info, 0, "C", e.c);
+  const float* A = f32_min(info, 1, "A", e.a);
+  const float* B = f32_min(info, 2, "B", e.b);
   Fn(C, A, B, g);
   return info.Env().Undefined();
 }
