@@ -69,25 +69,10 @@ int64_t balanced_block(int64_t n, int64_t max_block, int64_t align) {
   return round_up(ceil_div(n, ceil_div(n, max_block)), align);
 }
 
-// Same argument rules (and messages) as the fp32 gemm.
+// check_gemm_args: the fp32 gemm's argument rules and messages.
 Problem checked_problem(float* C, const bf16* A, const bf16* B, const GemmArgs& g) {
-  const auto s = [](int64_t v) { return std::to_string(v); };
-  expect(g.M >= 0, "an integer >= 0", "M", s(g.M));
-  expect(g.N >= 0, "an integer >= 0", "N", s(g.N));
-  expect(g.K >= 0, "an integer >= 0", "K", s(g.K));
-  const int64_t a_cols = g.trans_a ? g.M : g.K, b_cols = g.trans_b ? g.K : g.N;
-  const int64_t lda = g.lda == 0 ? a_cols : g.lda, ldb = g.ldb == 0 ? b_cols : g.ldb,
-                ldc = g.ldc == 0 ? g.N : g.ldc;
-  expect(lda >= a_cols, ("0 or an integer >= " + s(a_cols) + (g.trans_a ? " (M, A is transposed)" : " (K)")).c_str(),
-         "lda", s(g.lda));
-  expect(ldb >= b_cols, ("0 or an integer >= " + s(b_cols) + (g.trans_b ? " (K, B is transposed)" : " (N)")).c_str(),
-         "ldb", s(g.ldb));
-  expect(ldc >= g.N, ("0 or an integer >= " + s(g.N) + " (N)").c_str(), "ldc", s(g.ldc));
-  const bool any_out = g.M > 0 && g.N > 0;
-  expect(!any_out || C != nullptr, "a non-null pointer", "C", "null");
-  expect(!any_out || g.K == 0 || A != nullptr, "a non-null pointer", "A", "null");
-  expect(!any_out || g.K == 0 || B != nullptr, "a non-null pointer", "B", "null");
-  return Problem{C, A, B, g.M, g.N, g.K, lda, ldb, ldc, g.trans_a, g.trans_b, g.alpha, g.beta};
+  const GemmLeadingDims ld = check_gemm_args(g, C, A, B);
+  return Problem{C, A, B, g.M, g.N, g.K, ld.lda, ld.ldb, ld.ldc, g.trans_a, g.trans_b, g.alpha, g.beta};
 }
 
 // Elements a GEMM operand spans with its leading dimension (rows × ld, the last row only cols).

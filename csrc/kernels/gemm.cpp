@@ -225,6 +225,22 @@ void run_small_m(const Problem& p, const Ops& o, ThreadPool* pool, int threads) 
 
 // Checks the arguments and resolves packed leading dimensions; KernelError on anything invalid.
 Problem checked_problem(float* C, const float* A, const float* B, const GemmArgs& g) {
+  const GemmLeadingDims ld = check_gemm_args(g, C, A, B);
+  return Problem{C, A, B, g.M, g.N, g.K, ld.lda, ld.ldb, ld.ldc, g.trans_a, g.trans_b, g.alpha, g.beta};
+}
+
+// K == 0: the product is empty, only the beta term remains.
+void scale_c(const Problem& p) {
+  for (int64_t i = 0; i < p.M; ++i) {
+    float* c = p.C + i * p.ldc;
+    for (int64_t j = 0; j < p.N; ++j) c[j] = p.beta == 0.0f ? 0.0f : p.beta * c[j];
+  }
+}
+
+}  // namespace
+}  // namespace gemm_detail
+
+GemmLeadingDims check_gemm_args(const GemmArgs& g, const void* C, const void* A, const void* B) {
   const auto s = [](int64_t v) { return std::to_string(v); };
   expect(g.M >= 0, "an integer >= 0", "M", s(g.M));
   expect(g.N >= 0, "an integer >= 0", "N", s(g.N));
@@ -241,19 +257,8 @@ Problem checked_problem(float* C, const float* A, const float* B, const GemmArgs
   expect(!any_out || C != nullptr, "a non-null pointer", "C", "null");
   expect(!any_out || g.K == 0 || A != nullptr, "a non-null pointer", "A", "null");
   expect(!any_out || g.K == 0 || B != nullptr, "a non-null pointer", "B", "null");
-  return Problem{C, A, B, g.M, g.N, g.K, lda, ldb, ldc, g.trans_a, g.trans_b, g.alpha, g.beta};
+  return {lda, ldb, ldc};
 }
-
-// K == 0: the product is empty, only the beta term remains.
-void scale_c(const Problem& p) {
-  for (int64_t i = 0; i < p.M; ++i) {
-    float* c = p.C + i * p.ldc;
-    for (int64_t j = 0; j < p.N; ++j) c[j] = p.beta == 0.0f ? 0.0f : p.beta * c[j];
-  }
-}
-
-}  // namespace
-}  // namespace gemm_detail
 
 void gemm(const CpuContext& ctx, float* C, const float* A, const float* B, const GemmArgs& args) {
   using namespace gemm_detail;

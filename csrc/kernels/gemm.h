@@ -24,6 +24,17 @@ struct GemmArgs {
   float alpha = 1.0f, beta = 0.0f;
 };
 
+// Leading dimensions of a GEMM with 0 ("packed") resolved to the natural ones.
+struct GemmLeadingDims {
+  int64_t lda, ldb, ldc;
+};
+
+// The argument checks every GEMM shares (fp32 and bf16, fast and reference paths), so they accept
+// and reject the same calls with the same messages: sizes >= 0, leading dimensions at least the
+// natural ones, non-null C, A, B wherever elements are touched. Throws KernelError naming the
+// bad argument; returns the resolved leading dimensions.
+GemmLeadingDims check_gemm_args(const GemmArgs& g, const void* C, const void* A, const void* B);
+
 // Cache-blocked, packed, multithreaded; dispatches on ctx.isa to the AVX-512, AVX2 or scalar
 // micro-kernel. Throws KernelError on inconsistent leading dimensions.
 void gemm(const CpuContext& ctx, float* C, const float* A, const float* B, const GemmArgs& args);
