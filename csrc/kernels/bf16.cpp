@@ -240,13 +240,6 @@ void gemm_bf16_reference(float* C, const bf16* A, const bf16* B, const GemmArgs&
     }
 }
 
-namespace {
-void check_linear_dims(int64_t N, int64_t I, int64_t O) {
-  expect(N >= 0, "an integer >= 0", "N", std::to_string(N));
-  expect(I >= 0, "an integer >= 0", "I", std::to_string(I));
-  expect(O >= 0, "an integer >= 0", "O", std::to_string(O));
-}
-}  // namespace
 
 void linear_forward_bf16(const CpuContext& ctx, float* y, const bf16* x, const bf16* W, int64_t N,
                          int64_t I, int64_t O) {
@@ -258,12 +251,7 @@ void linear_forward_bf16(const CpuContext& ctx, float* y, const bf16* x, const b
 
 void linear_backward_bf16(const CpuContext& ctx, float* dx, float* dW, const bf16* dy, const bf16* x,
                           const bf16* W, int64_t N, int64_t I, int64_t O, bool accumulate_dx) {
-  check_linear_dims(N, I, O);
-  // Check every input up front so that a bad dW call cannot follow a finished dx.
-  const bool work = N > 0 && I > 0 && O > 0;
-  expect(!work || (dx == nullptr && dW == nullptr) || dy != nullptr, "a non-null pointer", "dy", "null");
-  expect(!work || dx == nullptr || W != nullptr, "a non-null pointer", "W", "null");
-  expect(!work || dW == nullptr || x != nullptr, "a non-null pointer", "x", "null");
+  check_linear_backward_args(N, I, O, dx, dW, dy, x, W);
   if (dx) {
     GemmArgs g;
     g.M = N, g.N = I, g.K = O, g.beta = accumulate_dx ? 1.0f : 0.0f;

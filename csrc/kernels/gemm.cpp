@@ -288,13 +288,20 @@ void gemm_reference(float* C, const float* A, const float* B, const GemmArgs& ar
   }
 }
 
-namespace {
 void check_linear_dims(int64_t N, int64_t I, int64_t O) {
   expect(N >= 0, "an integer >= 0", "N", std::to_string(N));
   expect(I >= 0, "an integer >= 0", "I", std::to_string(I));
   expect(O >= 0, "an integer >= 0", "O", std::to_string(O));
 }
-}  // namespace
+
+void check_linear_backward_args(int64_t N, int64_t I, int64_t O, const void* dx, const void* dW, const void* dy,
+                                const void* x, const void* W) {
+  check_linear_dims(N, I, O);
+  const bool work = N > 0 && I > 0 && O > 0;
+  expect(!work || (dx == nullptr && dW == nullptr) || dy != nullptr, "a non-null pointer", "dy", "null");
+  expect(!work || dx == nullptr || W != nullptr, "a non-null pointer", "W", "null");
+  expect(!work || dW == nullptr || x != nullptr, "a non-null pointer", "x", "null");
+}
 
 void linear_forward(const CpuContext& ctx, float* y, const float* x, const float* W, int64_t N, int64_t I,
                     int64_t O) {
@@ -309,13 +316,7 @@ void linear_forward(const CpuContext& ctx, float* y, const float* x, const float
 
 void linear_backward(const CpuContext& ctx, float* dx, float* dW, const float* dy, const float* x,
                      const float* W, int64_t N, int64_t I, int64_t O, bool accumulate_dx) {
-  check_linear_dims(N, I, O);
-  // Both products read dy; check every input up front so that a bad dW call cannot follow a
-  // finished dx.
-  const bool work = N > 0 && I > 0 && O > 0;
-  expect(!work || (dx == nullptr && dW == nullptr) || dy != nullptr, "a non-null pointer", "dy", "null");
-  expect(!work || dx == nullptr || W != nullptr, "a non-null pointer", "W", "null");
-  expect(!work || dW == nullptr || x != nullptr, "a non-null pointer", "x", "null");
+  check_linear_backward_args(N, I, O, dx, dW, dy, x, W);
   if (dx) {
     GemmArgs g;
     g.M = N;

@@ -51,4 +51,11 @@ void linear_forward(const CpuContext& ctx, float* y, const float* x, const float
 void linear_backward(const CpuContext& ctx, float* dx, float* dW, const float* dy, const float* x,
                      const float* W, int64_t N, int64_t I, int64_t O, bool accumulate_dx = false);
 
+
+// The linear layers' argument checks, shared by the fp32 and bf16 ones: sizes >= 0, and for the
+// backward every input either product reads, checked up front so that a bad dW call cannot
+// follow a finished dx. KernelError naming the bad argument.
+void check_linear_dims(int64_t N, int64_t I, int64_t O);
+void check_linear_backward_args(int64_t N, int64_t I, int64_t O, const void* dx, const void* dW, const void* dy,
+                                const void* x, const void* W);
 }  // namespace lima
