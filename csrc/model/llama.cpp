@@ -11,9 +11,6 @@ namespace {
 constexpr int kPerLayer = 9;  // ln1, q, k, v, o, ln2, gate, up, down
 // Rows of logits materialised at once: bounds head memory to ~64 MiB whatever N is.
 constexpr int64_t kLogitBytes = 64 << 20;
-// Rows of bf16 dlogits the LM head casts at once in bf16 mode (at most head_rows): 256 rows keep its
-// products near full speed for 2 bytes · 256 · V of scratch (16 MiB at V = 32000).
-constexpr int64_t kBf16HeadRows = 256;
 constexpr int32_t kIgnore = -100;
 
 // Element i of a buffer of dtype dt.
@@ -50,14 +47,12 @@ struct LlamaModel::Acts {
   void* dyb;  // bf16 scratch for upstream gradients cast before a product (bf16 mode only)
 
   // Elements of dyb: the widest per-token gradient a layer casts, N·max(C, Q, 2F), and at least
-  // kBf16HeadRows rows of logits. The LM head casts its dlogits through it in row chunks that fit,
-  // so the head never needs a bf16 copy of all its head_rows·V logits; chunks of that many rows
-  // keep the head's dW product (K = rows) efficient where a few rows would starve it.
+  // one row of logits. The LM head casts its dlogits to bf16 in place in the logits buffer (see
+  // head_loss), so it needs a bf16 row here only for the first row, which overlaps itself.
   static int64_t dyb_elems(const LlamaConfig& c, int64_t N) {
     const int64_t Q = checked_mul(c.H, c.hd, "the activation sizes");
     const int64_t w = std::max({int64_t{c.C}, Q, checked_mul(2, c.F, "the activation sizes")});
-    const int64_t head = checked_mul(std::min(head_rows_for(c, N), kBf16HeadRows), c.V, "the activation sizes");
-    return std::max(checked_mul(N, w, "the activation sizes"), head);
+    return std::max(checked_mul(N, w, "the activation sizes"), int64_t{c.V});
   }
 
   // Calls f(slot, count, dtype) for every buffer in a fixed order; used both to size and to carve.
@@ -509,13 +504,16 @@ double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double
       be.linear_backward(X, a.dh + r0 * c.C, ghead, a.logits, h, whead, rows, c.C, c.V);
       continue;
     }
-    // bf16: dlogits cast through dyb in the largest row chunks it holds.
-    const int64_t sub = std::max<int64_t>(1, Acts::dyb_elems(c, N) / c.V);
-    for (int64_t s0 = 0; s0 < rows; s0 += sub) {
-      const int64_t n = std::min(sub, rows - s0);
-      be.convert(a.dyb, X, a.logits + s0 * c.V, DType::F32, n * c.V);
-      be.linear_backward(X, a.dh + (r0 + s0) * c.C, ghead, a.dyb, at(h, s0 * c.C, X), whead, n, c.C, c.V);
-    }
+    // bf16: the dlogits are cast in place, packed at the start of the logits buffer, so the head
+    // needs no second rows·V buffer and its products see all `rows` at once. Row 0 overlaps its
+    // own source and goes through dyb; then rows [k, 2k) are cast in one call each: their bf16
+    // lands on the bytes of fp32 rows [k/2, k), all consumed already.
+    bf16* const d16 = reinterpret_cast<bf16*>(a.logits);
+    be.convert(a.dyb, X, a.logits, DType::F32, c.V);
+    for (int64_t k = 1; k < rows; k *= 2)
+      be.convert(d16 + k * c.V, X, a.logits + k * c.V, DType::F32, std::min(k, rows - k) * c.V);
+    be.copy(d16, a.dyb, 2 * c.V);
+    be.linear_backward(X, a.dh + r0 * c.C, ghead, d16, h, whead, rows, c.C, c.V);
   }
   return loss;
 }
