@@ -134,8 +134,8 @@ void run_blocked(const Problem& p, const GemmOps& o, ThreadPool* pool, int threa
   }
 }
 
-// Few rows: B read once in its own layout, columns split between the threads once B is large
-// enough to pay for the hand-over (the fp32 gemm's rule).
+// Few rows: B read once in its own layout, columns split between the threads by the fp32 GEMM's
+// rule (small_m_tasks).
 void run_small_m(const Problem& p, const GemmOps& o, ThreadPool* pool, int threads) {
   const bf16* a = p.A;
   int64_t lda = p.lda;
@@ -146,11 +146,8 @@ void run_small_m(const Problem& p, const GemmOps& o, ThreadPool* pool, int threa
     a = t;
     lda = p.K;
   }
-  constexpr int64_t kMinParallelB = 1 << 18;
-  constexpr int64_t kMinColumnsPerTask = 64;
-  const bool parallel = threads > 1 && p.N * p.K >= kMinParallelB && p.N >= 2 * kMinColumnsPerTask;
-  const int64_t tasks = parallel ? min64(kTasksPerThread * threads, p.N / kMinColumnsPerTask) : 1;
-  run_tasks(pool, parallel, tasks, [&](int64_t t) {
+  const int64_t tasks = small_m_tasks(threads, p.N, p.K);
+  run_tasks(pool, tasks > 1, tasks, [&](int64_t t) {
     o.small_m(p, a, lda, t * p.N / tasks, (t + 1) * p.N / tasks);
   });
 }

@@ -212,12 +212,8 @@ void run_small_m(const Problem& p, const Ops& o, ThreadPool* pool, int threads) 
     a = t;
     lda = p.K;
   }
-  // Memory-bound: worth a hand-over once B is ~1 MiB.
-  constexpr int64_t kMinParallelB = 1 << 18;
-  constexpr int64_t kMinColumnsPerTask = 64;
-  const bool parallel = threads > 1 && p.N * p.K >= kMinParallelB && p.N >= 2 * kMinColumnsPerTask;
-  const int64_t tasks = parallel ? min64(kTasksPerThread * threads, p.N / kMinColumnsPerTask) : 1;
-  run_tasks(pool, parallel, tasks, [&](int64_t t) {
+  const int64_t tasks = small_m_tasks(threads, p.N, p.K);
+  run_tasks(pool, tasks > 1, tasks, [&](int64_t t) {
     const Range r = part(p.N, tasks, t);
     o.small_m(p, a, lda, r.begin, r.end);
   });
@@ -239,6 +235,14 @@ void scale_c(const Problem& p) {
 
 }  // namespace
 }  // namespace gemm_detail
+
+int64_t small_m_tasks(int threads, int64_t N, int64_t K) {
+  // Memory-bound: worth a hand-over once B is ~1 MiB.
+  constexpr int64_t kMinParallelB = 1 << 18;
+  constexpr int64_t kMinColumnsPerTask = 64;
+  const bool parallel = threads > 1 && N * K >= kMinParallelB && N >= 2 * kMinColumnsPerTask;
+  return parallel ? std::min<int64_t>(gemm_detail::kTasksPerThread * threads, N / kMinColumnsPerTask) : 1;
+}
 
 GemmLeadingDims check_gemm_args(const GemmArgs& g, const void* C, const void* A, const void* B) {
   const auto s = [](int64_t v) { return std::to_string(v); };

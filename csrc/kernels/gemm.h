@@ -35,6 +35,11 @@ struct GemmLeadingDims {
 // bad argument; returns the resolved leading dimensions.
 GemmLeadingDims check_gemm_args(const GemmArgs& g, const void* C, const void* A, const void* B);
 
+// How many column tasks a few-row product (decoding) is split into: one until B is large enough
+// (~1 MiB of fp32) to pay for handing work over, then up to 4 per thread of >= 64 columns each.
+// The fp32 and bf16 GEMMs share the rule.
+int64_t small_m_tasks(int threads, int64_t N, int64_t K);
+
 // Cache-blocked, packed, multithreaded; dispatches on ctx.isa to the AVX-512, AVX2 or scalar
 // micro-kernel. Throws KernelError on inconsistent leading dimensions.
 void gemm(const CpuContext& ctx, float* C, const float* A, const float* B, const GemmArgs& args);
