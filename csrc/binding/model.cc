@@ -88,12 +88,12 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
                         StaticMethod<&guarded<&NativeLlama::ActivationBytes>>("activationBytes")});
   }
 
-  // new NativeLlama(config, precision?: 'fp32' | 'bf16')
+  // new NativeLlama(config, precision?: 'fp32' | 'bf16', device?) — the device as make_model_backend takes it
   explicit NativeLlama(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeLlama>(info) {
     const LlamaConfig c = parse_config(info[0]);
     const DType dt = parse_precision(info, 1);
     try {
-      model_ = std::make_unique<LlamaModel>(c, nullptr, dt);
+      model_ = std::make_unique<LlamaModel>(c, make_model_backend(info, 2), dt);
     } catch (...) {
       throw to_js_error(info.Env(), std::current_exception());
     }
@@ -154,6 +154,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     out.Set("params", params);
     out.Set("numParams", Napi::Number::New(env, static_cast<double>(m.num_params())));
     out.Set("precision", Napi::String::New(env, dtype_name(m.compute_dtype())));
+    out.Set("device", Napi::String::New(env, m.backend().device()));
     return out;
   }
 

@@ -6,11 +6,16 @@
 
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <new>
 #include <string>
 
 #include "core/error.h"
 #include "kernels/common.h"
+
+namespace lima {
+class Backend;
+}
 
 namespace lima::binding {
 
@@ -94,6 +99,7 @@ inline bool boolean(const Napi::CallbackInfo& info, size_t i, const char* name) 
 // The one native -> JS error mapper (binding calls, worker jobs, constructors):
 //   KernelError        RangeError, ERR_LIMA_ARGUMENT, its message kept
 //   OutOfMemory        Error, ERR_LIMA_OOM, with `bytes` and `device`
+//   DeviceError        Error, ERR_LIMA_CUDA, with `status` and `device`
 //   std::bad_alloc     Error, ERR_LIMA_OOM (size unknown)
 //   other exceptions   Error, ERR_LIMA_NATIVE, their message kept
 inline Napi::Error to_js_error(Napi::Env env, const std::exception_ptr& ep) {
@@ -111,6 +117,11 @@ inline Napi::Error to_js_error(Napi::Env env, const std::exception_ptr& ep) {
     Napi::Error e = coded(Napi::Error::New(env, m.what()), "ERR_LIMA_OOM");
     e.Set("bytes", Napi::Number::New(env, static_cast<double>(m.bytes)));
     e.Set("device", Napi::String::New(env, m.device));
+    return e;
+  } catch (const DeviceError& d) {
+    Napi::Error e = coded(Napi::Error::New(env, d.what()), "ERR_LIMA_CUDA");
+    e.Set("status", Napi::Number::New(env, d.status));
+    e.Set("device", Napi::String::New(env, d.device));
     return e;
   } catch (const std::bad_alloc&) {
     return coded(Napi::Error::New(env, "lima-native: out of memory in native code"), "ERR_LIMA_OOM");
@@ -152,6 +163,11 @@ void register_attention(Napi::Env env, Napi::Object exports);
 void register_optim(Napi::Env env, Napi::Object exports);
 void register_layers(Napi::Env env, Napi::Object exports);
 void register_model(Napi::Env env, Napi::Object exports);
+
+// The backend of a new model from argument i of its constructor (the device). Defined once per
+// addon: the CPU addon's (binding/model_backend.cc) takes only 'cpu'; the CUDA module's
+// (binding/cuda/model_backend.cc) takes a device index.
+std::unique_ptr<Backend> make_model_backend(const Napi::CallbackInfo& info, size_t i);
 void register_bf16(Napi::Env env, Napi::Object exports);
 
 }  // namespace lima::binding

@@ -3,12 +3,14 @@
 // KernelError: bad arguments or a request that cannot be met, detected before any work starts;
 // its message follows "Expected <what> for <name> but received <got>". OutOfMemory: an allocation
 // a backend refused or could not make; the binding maps it to ERR_LIMA_OOM with `bytes`.
+// DeviceError: a failed call into a device runtime (CUDA), mapped to ERR_LIMA_CUDA.
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace lima {
 
@@ -22,6 +24,17 @@ struct OutOfMemory : std::runtime_error {
   OutOfMemory(const std::string& what, int64_t bytes_, std::string device_)
       : std::runtime_error(what), bytes(bytes_), device(std::move(device_)) {}
   int64_t bytes;
+  std::string device;
+};
+
+/**
+ * A device runtime call that failed ("cuda:0", ...); `status` is the runtime's error number. The
+ * binding maps it to ERR_LIMA_CUDA with `status` and `device`.
+ */
+struct DeviceError : std::runtime_error {
+  DeviceError(const std::string& what, int status_, std::string device_)
+      : std::runtime_error(what), status(status_), device(std::move(device_)) {}
+  int status;
   std::string device;
 };
 

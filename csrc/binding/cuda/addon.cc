@@ -1,14 +1,15 @@
-// lima_cuda.node: N-API glue of the CUDA kernels (csrc/kernels/cuda). Today it answers what the
-// loader needs (probe, init, cuBLASLt status); the model and trainer glue comes with the CUDA
-// backend. Native errors become typed JS errors:
+// lima_cuda.node: what the loader needs (probe, init, cuBLASLt status) and NativeLlama, the same
+// model binding as the CPU addon's (binding/model.cc) on the CUDA backend (binding/cuda/
+// model_backend.cc). Native errors become typed JS errors through binding/util.h's to_js_error:
 //   KernelError -> RangeError ERR_LIMA_ARGUMENT; OutOfMemory -> ERR_LIMA_OOM (bytes, device);
-//   CudaError -> ERR_LIMA_CUDA (status); a missing driver/device/capability -> ERR_LIMA_NO_DRIVER,
-//   ERR_LIMA_NO_DEVICE, ERR_LIMA_CUDA_CAPABILITY.
+//   CudaError -> ERR_LIMA_CUDA (status, device); a missing driver/device/capability ->
+//   ERR_LIMA_NO_DRIVER, ERR_LIMA_NO_DEVICE, ERR_LIMA_CUDA_CAPABILITY.
 #include <napi.h>
 
 #include <exception>
 #include <string>
 
+#include "binding/util.h"
 #include "core/error.h"
 #include "kernels/cuda/api.h"
 
@@ -72,15 +73,8 @@ Napi::Value InitDevice(const Napi::CallbackInfo& info) {
   try {
     LIMA_CUDA_CHECK(cudaSetDevice(p.device));
     LIMA_CUDA_CHECK(cudaFree(nullptr));  // creates the context now, so failures surface here
-  } catch (const cu::CudaError& e) {
-    Napi::Error err = coded(env, std::string("lima-native: ") + e.what(), "ERR_LIMA_CUDA");
-    err.Set("status", Napi::Number::New(env, e.status));
-    throw err;
-  } catch (const OutOfMemory& m) {
-    Napi::Error err = coded(env, std::string("lima-native: ") + m.what(), "ERR_LIMA_OOM");
-    err.Set("bytes", Napi::Number::New(env, static_cast<double>(m.bytes)));
-    err.Set("device", Napi::String::New(env, m.device));
-    throw err;
+  } catch (...) {
+    throw lima::binding::to_js_error(env, std::current_exception());
   }
   return probe_object(env, p);
 }
@@ -99,6 +93,7 @@ Napi::Object Register(Napi::Env env, Napi::Object exports) {
   exports.Set("init", Napi::Function::New(env, InitDevice, "init"));
   exports.Set("cublasLt", Napi::Function::New(env, CublasLt, "cublasLt"));
   exports.Set("buildArchitectures", Napi::String::New(env, LIMA_CUDA_ARCHITECTURES));
+  lima::binding::register_model(env, exports);
   return exports;
 }
 

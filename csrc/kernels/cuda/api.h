@@ -23,9 +23,8 @@
 namespace lima::cuda {
 
 /** A CUDA runtime or driver failure; `status` is the cudaError_t value. */
-struct CudaError : std::runtime_error {
-  CudaError(const std::string& what, int status_) : std::runtime_error(what), status(status_) {}
-  int status;
+struct CudaError : DeviceError {
+  CudaError(const std::string& what, int status_) : DeviceError(what, status_, "cuda") {}
 };
 
 /** Why no usable device is present (see probe_device). */
@@ -86,6 +85,11 @@ class Workspace {
   void* ptr_ = nullptr;
   int64_t bytes_ = 0;
 };
+
+// ---- Memory: dst [n] = value (fp32); dst [n] = src [n] converted between F32 and BF16 (round
+// to nearest even, as the CPU's convert_f32_to_bf16; same dtype copies).
+void fill(const CudaContext& ctx, float* dst, float value, int64_t n);
+void convert(const CudaContext& ctx, void* dst, DType dst_type, const void* src, DType src_type, int64_t n);
 
 // ---- Residual dropout-add, the CPU layout of kernels/dropout.h (bit-identical masks, and
 // bit-identical fp32 outputs: the product and the sum are rounded separately).

@@ -1,4 +1,6 @@
-// lima_cuda_selftest: every CUDA kernel against the CPU kernels on odd shapes, without Node.
+// lima_cuda_selftest: every CUDA kernel against the CPU kernels on odd shapes, and the model's
+// training step, AdamW curve and decoding on the CUDA backend against the CPU backend
+// (model_check.cpp), without Node.
 //
 //   lima_cuda_selftest            full run; prints one line per check and "N passed, N failed"
 //   lima_cuda_selftest --quick    small shapes only (for compute-sanitizer)
@@ -30,6 +32,7 @@
 #include "core/dtype.h"
 #include "kernels/cuda/api.h"
 #include "kernels/cuda/selftest/cpu_ref.h"
+#include "kernels/cuda/selftest/model_check.h"
 
 namespace cu = lima::cuda;
 namespace cpu = lima::selftest::cpu;
@@ -736,6 +739,8 @@ int main(int argc, char** argv) {
       test_gemm(DType::BF16, DType::BF16, quick, true);
     }
     test_errors(quick);
+    lima::selftest::test_convert(run_case, report);
+    lima::selftest::test_model(quick, run_case, report);
   } catch (const std::exception& e) {
     std::printf("FAIL setup  threw: %s\n", e.what());
     ++g_failed;
