@@ -216,7 +216,7 @@ describe('fine-tuning in bf16', () => {
     const ob = await readAllTensors(join(split, 'epoch-2', 'optimizer.safetensors'));
     for (const [n, w] of oa) expect(ob.get(n), n).toEqual(w);
 
-    const paths = { precision: 'bf16', bf16Path: kernels.bf16Path(), isa: kernels.isa() };
+    const paths = { device: 'cpu', precision: 'bf16', bf16Path: kernels.bf16Path(), isa: kernels.isa() };
     const step = events.find((e) => e.type === 'step')!;
     expect(step.type === 'step' && step.codePaths).toEqual(paths);
     const state = JSON.parse(readFileSync(join(straight, 'epoch-2', 'trainer-state.json'), 'utf8')) as { codePaths: unknown };

@@ -295,7 +295,7 @@ describe('terminal output', () => {
 describe('progress display', () => {
   const step = (step: number, epoch: number, etaSeconds: number, totalSteps = 20): FinetuneEvent => ({
     type: 'step', epoch, step, totalSteps, loss: 2.345678, lr: 1e-5, tokensPerSecond: 1234.5, etaSeconds,
-    codePaths: { precision: 'fp32', isa: 'avx512', bf16Path: 'avx512bf16' },
+    codePaths: { device: 'cpu', precision: 'fp32', isa: 'avx512', bf16Path: 'avx512bf16' },
   });
 
   function run(columns: number | undefined) {

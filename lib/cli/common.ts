@@ -2,14 +2,14 @@
 // a conversation file for `generate --messages`.
 import { readFile } from 'node:fs/promises';
 import { Option } from 'commander';
-import { LlamaModel, type Precision } from '../model/llama.js';
+import { LlamaModel, type PlacementOptions } from '../model/llama.js';
 import { resolveChatTemplate, type Message } from '../data/format.js';
 import { UsageError } from './options.js';
 
-/** A Hugging Face folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf), in a compute precision. */
-export async function loadModel(path: string, precision?: Precision): Promise<LlamaModel> {
-  if (path.endsWith('.gguf')) return LlamaModel.fromGguf(path, { precision });
-  return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path, { precision }) : LlamaModel.fromPretrained(path, { precision });
+/** A Hugging Face folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf), on a device in a compute precision. */
+export async function loadModel(path: string, where: PlacementOptions = {}): Promise<LlamaModel> {
+  if (path.endsWith('.gguf')) return LlamaModel.fromGguf(path, where);
+  return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path, where) : LlamaModel.fromPretrained(path, where);
 }
 
 /** `--chat-template tokenizer|<file.jinja>` for generate and chat: overrides the model's saved layout. */
@@ -35,6 +35,19 @@ export function precisionOption(): Option {
     '--precision <p>',
     "compute precision: fp32 (exact), bf16 mixed precision (fp32 master weights), or auto = bf16 where this CPU's bf16 units are faster (default: fp32, or the checkpoint's on --resume)",
   ).choices(['auto', 'bf16', 'fp32']);
+}
+
+/** `--device cpu|cuda|auto`: cuda fails with the reason when no usable GPU; auto falls back to the CPU and says why. */
+export function deviceOption(): Option {
+  return new Option(
+    '--device <d>',
+    'where to compute: cpu, cuda (GPU 0 through the CUDA module: `npm run build:cuda`), or auto = the GPU when usable, else the CPU (default: cpu)',
+  ).choices(['cpu', 'cuda', 'auto']);
+}
+
+/** The line a command prints when --device auto fell back to the CPU. */
+export function fallbackNote(model: LlamaModel): string | null {
+  return model.deviceFallback ? `device auto: using the CPU (${model.deviceFallback.replace(/^lima-native: /, '')})` : null;
 }
 
 /**

@@ -230,7 +230,7 @@ const fmtGiB = (b: bigint) => `${(Number(b) / 2 ** 30).toFixed(b < 2n ** 30n ? 3
  * tensor larger than a typed array may hold, or weights plus gradients (8 bytes a parameter, what
  * the native model allocates up front) beyond `memoryBytes`. `source` names the file in errors.
  */
-export function checkModelSize(cfg: LlamaConfig, source: string, memoryBytes: number): void {
+export function checkModelSize(cfg: LlamaConfig, source: string, memoryBytes: number, device = 'cpu'): void {
   for (const t of tensorSizes(cfg))
     if (t.numel > BigInt(2 ** 32 - 1))
       throw new ConfigError(`${source}: tensor ${t.name} would have ${t.numel} elements, more than one tensor may hold (2^32 - 1)`);
@@ -240,7 +240,7 @@ export function checkModelSize(cfg: LlamaConfig, source: string, memoryBytes: nu
   if (need > have)
     throw new ModelMemoryError(
       `${source}: the model's ${n} parameters need ${need} bytes (${fmtGiB(need)}) for weights and gradients, ` +
-        `and this machine (cpu) has ${have} bytes (${fmtGiB(have)}); check num_hidden_layers, hidden_size, intermediate_size and vocab_size`,
+        `and this machine (${device}) has ${have} bytes (${fmtGiB(have)}); check num_hidden_layers, hidden_size, intermediate_size and vocab_size`,
       Number(need),
     );
 }

@@ -9,7 +9,8 @@ import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/s
 import { Rng } from '../util/rng.js';
 import { expectI32, expectInt, expectNumber, fail, LimaDisposedError } from '../validate.js';
 import { checkModelSize, ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
-import { nativeLlama, type NativeLlama, type NativePrecision, type ParamInfo } from './native-model.js';
+import { nativeLlama, type NativeLlama, type NativeLlamaCtor, type NativePrecision, type ParamInfo } from './native-model.js';
+import { resolveDevice, type Device } from '../native.js';
 import { preferredPrecision } from '../kernels/system.js';
 import { GENERATION_DEFAULTS, resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
 import { chatPromptIds, layoutJson, LAYOUT_FILE, rawPromptIds, readLayout, type ChatLayout, type SpecialTokenPolicy } from './layout.js';
@@ -89,15 +90,51 @@ export interface EvalResult {
  */
 export type Precision = 'auto' | 'bf16' | 'fp32';
 
-/** The precision 'auto' (or an explicit one) resolves to on this machine. */
-export function resolvePrecision(p: Precision | undefined): NativePrecision {
-  const v = p ?? 'fp32';
+/**
+ * The precision 'auto' (or an explicit one) resolves to on this machine. On a GPU, unset and
+ * 'auto' mean bf16 (every supported GPU, compute capability >= 8.0, has bf16 tensor cores; fp32
+ * there is the slow parity mode); on the CPU unset means fp32.
+ */
+export function resolvePrecision(p: Precision | undefined, device: 'cpu' | 'cuda' = 'cpu'): NativePrecision {
+  const v = p ?? (device === 'cuda' ? 'auto' : 'fp32');
   if (v !== 'auto' && v !== 'bf16' && v !== 'fp32') fail("'auto' | 'bf16' | 'fp32'", 'precision', v);
-  return v === 'auto' ? preferredPrecision().precision : v;
+  if (v !== 'auto') return v;
+  return device === 'cuda' ? 'bf16' : preferredPrecision().precision;
 }
 
-/** Which code ran: the precision, the fp32 ISA and the bf16 product path. */
+/** Where a model is created: precision and device (see LlamaModel.create). */
+export interface PlacementOptions {
+  precision?: Precision;
+  /**
+   * 'cpu' (default), 'cuda' (the CUDA module and GPU 0; throws CudaUnavailableError saying what is
+   * missing) or 'auto' (the GPU when usable, else the CPU; `deviceFallback` says why).
+   */
+  device?: Device;
+}
+
+// The native constructor, memory and device of a new model, from PlacementOptions.device.
+interface Placement {
+  kind: 'cpu' | 'cuda';
+  ctor: NativeLlamaCtor;
+  gpu?: number;
+  memory: number;
+  label: string;
+  fallback: string | null;
+}
+
+function place(device: Device | undefined): Placement {
+  const r = resolveDevice(device ?? 'cpu');
+  if (r.device === 'cuda') {
+    const ctor = (r.addon as unknown as { NativeLlama: NativeLlamaCtor }).NativeLlama;
+    return { kind: 'cuda', ctor, gpu: r.info.device, memory: r.info.totalMemory, label: `cuda:${r.info.device} (${r.info.name})`, fallback: null };
+  }
+  return { kind: 'cpu', ctor: nativeLlama(), memory: totalmem(), label: 'cpu', fallback: r.reason ? r.reason.message : null };
+}
+
+/** Which code ran: the device, the precision, the fp32 ISA and the bf16 product path. */
 export interface CodePaths {
+  /** 'cpu' or 'cuda:N'. */
+  device: string;
   precision: NativePrecision;
   isa: string;
   bf16Path: string;
@@ -109,7 +146,7 @@ export class LlamaModel implements AsyncDisposable {
   // Generation owns the native KV cache from its first token to its last, and a training step
   // invalidates it: both take turns through this chain (later callers wait, they never interleave).
   private cacheTurn: Promise<void> = Promise.resolve();
-  private info: { params: ParamInfo[]; numParams: number; precision: NativePrecision };
+  private info: { params: ParamInfo[]; numParams: number; precision: NativePrecision; device: string };
   /**
    * How text prompts are laid out as a conversation (saved as lima-chat-layout.json by `save`,
    * read back by fromPretrained); null: text prompts are continued as plain text.
@@ -120,6 +157,7 @@ export class LlamaModel implements AsyncDisposable {
     private cfg: LlamaConfig,
     private native: NativeLlama,
     public tokenizer: Tokenizer | null,
+    private placement: Placement,
   ) {
     this.info = native.info();
   }
@@ -139,10 +177,22 @@ export class LlamaModel implements AsyncDisposable {
   get precision(): NativePrecision {
     return this.info.precision;
   }
-  /** The precision and the code paths its ops take now (for step events, reports, checkpoints). */
+  /** Where the model lives: 'cpu' or 'cuda:N'. */
+  get device(): string {
+    return this.info.device;
+  }
+  /** Bytes of memory the model's device has in all (the machine's RAM on the CPU). */
+  get deviceMemory(): number {
+    return this.placement.memory;
+  }
+  /** Why device 'auto' fell back to the CPU (null when it did not, or was not asked to). */
+  get deviceFallback(): string | null {
+    return this.placement.fallback;
+  }
+  /** The device, precision and code paths its ops take now (for step events, reports, checkpoints). */
   get codePaths(): CodePaths {
     this.check();
-    return { precision: this.info.precision, ...this.native.paths() };
+    return { device: this.info.device, precision: this.info.precision, ...this.native.paths() };
   }
 
   /** Bytes of activation memory one (batch, seqLen) training step needs besides weights and gradients. */
@@ -150,10 +200,12 @@ export class LlamaModel implements AsyncDisposable {
     return nativeLlama().activationBytes(config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1), resolvePrecision(precision));
   }
 
-  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, precision?: Precision, source = 'config'): LlamaModel {
-    checkModelSize(config, source, totalmem());
-    const Native = nativeLlama();
-    return new LlamaModel(config, new Native(config, resolvePrecision(precision)), tokenizer);
+  // Validates precision before anything is read, then sizes the model against the device's memory.
+  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, where: PlacementOptions, source = 'config'): LlamaModel {
+    const pl = place(where.device);
+    const precision = resolvePrecision(where.precision, pl.kind);
+    checkModelSize(config, source, pl.memory, pl.label);
+    return new LlamaModel(config, new pl.ctor(config, precision, pl.gpu), tokenizer, pl);
   }
 
   /**
@@ -162,12 +214,12 @@ export class LlamaModel implements AsyncDisposable {
    */
   static async create(
     config: LlamaConfig | Record<string, unknown>,
-    opts: { seed?: number; std?: number; tokenizer?: Tokenizer | null; precision?: Precision } = {},
+    opts: { seed?: number; std?: number; tokenizer?: Tokenizer | null } & PlacementOptions = {},
   ): Promise<LlamaModel> {
     const cfg = 'hiddenSize' in config ? (config as LlamaConfig) : parseHfConfig(config, 'config');
     const std = expectNumber(opts.std ?? 0.02, 'std', { min: 0 });
     const seed = expectInt(opts.seed ?? 0, 'seed', 0);
-    const m = LlamaModel.make(cfg, opts.tokenizer ?? null, opts.precision);
+    const m = LlamaModel.make(cfg, opts.tokenizer ?? null, opts);
     await m.native.initNormal(seed, std);
     return m;
   }
@@ -176,8 +228,8 @@ export class LlamaModel implements AsyncDisposable {
    * Loads a Hugging Face model folder: config.json, model.safetensors or a sharded index, tokenizer
    * files. Weights are kept in fp32 whatever the precision (bf16 copies are derived from them).
    */
-  static async fromPretrained(dir: string, opts: { precision?: Precision } = {}): Promise<LlamaModel> {
-    const precision = resolvePrecision(opts.precision);
+  static async fromPretrained(dir: string, opts: PlacementOptions = {}): Promise<LlamaModel> {
+    resolvePrecision(opts.precision);  // a bad value fails before any file is read
     const cfgPath = join(dir, 'config.json');
     let raw: unknown;
     try {
@@ -201,7 +253,7 @@ export class LlamaModel implements AsyncDisposable {
     }
     const tokenizer = await loadTokenizer(dir);
     const layout = tokenizer ? await readLayout(dir) : null;
-    const m = LlamaModel.make(cfg, tokenizer, precision, cfgPath);
+    const m = LlamaModel.make(cfg, tokenizer, opts, cfgPath);
     m.layout = layout;
     try {
       const readers = new Map<string, SafetensorsReader>();
@@ -231,11 +283,11 @@ export class LlamaModel implements AsyncDisposable {
   }
 
   /** Imports a llama2.c checkpoint (.bin, version 0), permuting q/k rows into the HF RoPE layout. */
-  static async fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | null; precision?: Precision } = {}): Promise<LlamaModel> {
-    const precision = resolvePrecision(opts.precision);
+  static async fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | null } & PlacementOptions = {}): Promise<LlamaModel> {
+    resolvePrecision(opts.precision);
     const r = await Llama2cReader.open(file);
     try {
-      const m = LlamaModel.make(r.config, opts.tokenizer ?? null, precision, file);
+      const m = LlamaModel.make(r.config, opts.tokenizer ?? null, opts, file);
       try {
         for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
       } catch (e) {
@@ -253,14 +305,14 @@ export class LlamaModel implements AsyncDisposable {
    * RoPE layout, the embedded vocabulary as its tokenizer). `convertGguf` writes the same model
    * as a Hugging Face folder instead.
    */
-  static async fromGguf(file: string, opts: { precision?: Precision } = {}): Promise<LlamaModel> {
-    const precision = resolvePrecision(opts.precision);
+  static async fromGguf(file: string, opts: PlacementOptions = {}): Promise<LlamaModel> {
+    resolvePrecision(opts.precision);
     const r = await GgufReader.open(file);
     try {
       // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
       const cfg = parseHfConfig(toHfConfig(r.config), file);
       const tok = r.tokenizerFiles();
-      const m = LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, precision, file);
+      const m = LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file);
       try {
         for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
       } catch (e) {
@@ -502,7 +554,7 @@ export class LlamaModel implements AsyncDisposable {
     expectInt(vocabSize, 'vocabSize', V);
     if (vocabSize === V) return;
     const cfg = { ...this.cfg, vocabSize };
-    const next = new (nativeLlama())(cfg, this.precision);
+    const next = new this.placement.ctor(cfg, this.precision, this.placement.gpu);
     try {
       for (const p of this.params) {
         const w = await this.native.getTensor(p.name);

@@ -24,7 +24,7 @@ export interface NativeDropout {
 
 /** The native LlamaModel handle (csrc/binding/model.cc); every long call is a Promise. */
 export interface NativeLlama {
-  info(): { numParams: number; params: ParamInfo[]; precision: NativePrecision };
+  info(): { numParams: number; params: ParamInfo[]; precision: NativePrecision; device: string };
   /** Code paths the model's ops take now: the fp32 ISA and the bf16 product path. */
   paths(): { isa: string; bf16Path: string };
   setTensor(name: string, data: Float32Array): Promise<void>;
@@ -43,8 +43,9 @@ export interface NativeLlama {
   dispose(): Promise<void>;
 }
 
-interface NativeLlamaCtor {
-  new (config: LlamaConfig, precision?: NativePrecision): NativeLlama;
+/** NativeLlama's constructor: the CPU addon's (no device) or the CUDA module's (a GPU index). */
+export interface NativeLlamaCtor {
+  new (config: LlamaConfig, precision?: NativePrecision, gpu?: number): NativeLlama;
   activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision): number;
 }
 

@@ -9,6 +9,7 @@
 // resume, and resuming with changed settings needs each change to be accepted by name.
 import { randomUUID, createHash } from 'node:crypto';
 import { freemem } from 'node:os';
+import type { Device } from '../native.js';
 import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers, type TrainDev } from '../data/index.js';
@@ -32,6 +33,13 @@ export interface FinetuneOptions {
    * 'bf16' mixed precision, or 'auto' (bf16 where this CPU's bf16 products are faster).
    */
   precision?: Precision;
+  /**
+   * Where to train when `model` is a path (a loaded model stays where it is): 'cpu' (default),
+   * 'cuda' (fails with CudaUnavailableError when no usable GPU), or 'auto' (the GPU when usable;
+   * the start event's `deviceFallback` says why not). Checkpoints are the same files on every
+   * device, so a run may resume on another one (bit-exact only on the same device).
+   */
+  device?: Device;
   /** Training JSONL (LIMA conversations, chat messages or pre-tokenized rows). */
   data: string;
   /** A dev JSONL file, or the number of training rows to hold out (LIMA: 50). */
@@ -98,7 +106,9 @@ export interface StartEvent {
   totalSteps: number;
   /** Epochs whose weights will be kept for the checkpoint choice. */
   keepEpochs: number[];
-  /** The precision and code paths the run starts with. */
+  /** Why device 'auto' trains on the CPU (absent when it did not fall back). */
+  deviceFallback?: string;
+  /** The device, precision and code paths the run starts with. */
   codePaths: CodePaths;
 }
 /** Progress after each optimizer step. */
@@ -643,6 +653,8 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
   try {
     const from = out.resumeFrom;
     const resumed = from?.state ?? null;
+    if (o.device !== undefined && o.device !== 'cpu' && o.device !== 'cuda' && o.device !== 'auto') fail("'cpu' | 'cuda' | 'auto'", 'device', o.device);
+    const where = { device: o.device };
     const precision = resolvePrecision(o.precision);
     if (from) {
       // Bit-exact resume needs the precision the checkpoint was trained in (taken from it unless
@@ -650,16 +662,19 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       const was = resumed?.codePaths?.precision ?? 'fp32';
       if (o.precision !== undefined && o.precision !== 'auto' && was !== precision)
         throw new FinetuneError('ERR_LIMA_RESUME_CHANGED', `${from.dir}: trained in ${was}; resume it with precision '${was}' (asked: ${precision})`);
-      model = await LlamaModel.fromPretrained(from.dir, { precision: was });
+      model = await LlamaModel.fromPretrained(from.dir, { precision: was, ...where });
       ownModel = true;
     } else if (typeof o.model === 'string') {
-      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model, { precision })
-        : o.model.endsWith('.gguf') ? await LlamaModel.fromGguf(o.model, { precision }) : await LlamaModel.fromPretrained(o.model, { precision });
+      const opts = { precision: o.precision, ...where };
+      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model, opts)
+        : o.model.endsWith('.gguf') ? await LlamaModel.fromGguf(o.model, opts) : await LlamaModel.fromPretrained(o.model, opts);
       ownModel = true;
     } else {
       model = o.model;
       if (o.precision !== undefined && o.precision !== 'auto' && model.precision !== precision)
         fail(`precision '${model.precision}' (the loaded model's) or no precision`, 'precision', o.precision);
+      if (o.device !== undefined && o.device !== 'auto' && o.device !== model.device.replace(/:\d+$/, ''))
+        fail(`device '${model.device}' (the loaded model's) or no device`, 'device', o.device);
     }
 
     const { data, maxLength } = await loadData(o, model);
@@ -699,6 +714,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       type: 'start', runId: st.runId, resumedFrom: from?.dir, trainExamples: data.train.length, devExamples: data.dev.length,
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
       keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b), codePaths: model.codePaths,
+      ...(model.deviceFallback ? { deviceFallback: model.deviceFallback } : {}),
     });
 
     let aborted = false;
@@ -877,12 +893,21 @@ async function writeReport(ctx: Ctx): Promise<void> {
   await writeAtomic(join(s.outDir, 'loss-curve.svg'), lossCurveSvg(st.steps, st.epochs, ctx.stepsPerEpoch));
   await writeAtomic(
     join(s.outDir, 'report.html'),
-    reportHtml(`lima-native fine-tune: ${s.outDir} (${cp.precision}; bf16 path ${cp.bf16Path}, fp32 ${cp.isa})`, st.steps, st.epochs, ctx.stepsPerEpoch, { epochsWithWeights: weights, hparams: { ...st.hparams }, changes: st.changes }),
+    reportHtml(`lima-native fine-tune: ${s.outDir} (${cp.device ?? 'cpu'}, ${cp.precision}; bf16 path ${cp.bf16Path}, fp32 ${cp.isa})`, st.steps, st.epochs, ctx.stepsPerEpoch, { epochsWithWeights: weights, hparams: { ...st.hparams }, changes: st.changes }),
   );
 }
 
+// The default activation budget. CPU: half the free memory, at most 8 GiB (the machine runs other
+// things). GPU: what the device has left after weights, gradients, moments and bf16 copies, less
+// 10 % for kernel scratch and the CUDA context.
+function defaultActivationBudget(model: LlamaModel): number {
+  if (model.device === 'cpu') return Math.min(8 * 2 ** 30, freemem() / 2);
+  const state = model.numParams * (16 + (model.precision === 'bf16' ? 2 : 0));
+  return Math.max(0, 0.9 * model.deviceMemory - state);
+}
+
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
-  const limit = budget ?? Math.min(8 * 2 ** 30, freemem() / 2);
+  const limit = budget ?? defaultActivationBudget(model);
   let m = batchSize;
   while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision) > limit) m = Math.ceil(m / 2);
   return m;

@@ -8,6 +8,7 @@ import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
 import { Llama2cReader } from '../io/llama2c.js';
 import { parameterShapes, parseHfConfig, type LlamaConfig } from '../model/config.js';
 import { LlamaModel } from '../model/llama.js';
+import { resolveDevice } from '../native.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { expectInt } from '../validate.js';
 import { LIMA_DEFAULTS, type FinetuneOptions } from './finetune.js';
@@ -44,9 +45,10 @@ export interface FinetunePlan {
   microBatchSize: number;
   stepsPerEpoch: number;
   memory: { fp32: MemoryPlan; bf16: MemoryPlan };
-  machine: { totalBytes: number; freeBytes: number };
-  /** Present when steps were measured (fp32 on this machine). */
-  measured?: { steps: number; seconds: number; tokens: number; tokensPerSecond: number; secondsPerEpoch: number; secondsTotal: number };
+  /** The device the run would use ('cpu' or 'cuda:N (name)') and its memory; on a GPU free = total. */
+  machine: { device: string; totalBytes: number; freeBytes: number; fallback?: string };
+  /** Present when steps were measured (on the run's device and precision). */
+  measured?: { device: string; precision: string; steps: number; seconds: number; tokens: number; tokensPerSecond: number; secondsPerEpoch: number; secondsTotal: number };
   /** Why no steps were measured, when none were. */
   notMeasured?: string;
 }
@@ -70,13 +72,21 @@ async function readConfig(model: string): Promise<{ config: LlamaConfig; tokeniz
   return { config: parseHfConfig(raw, path), tokenizer: await loadTokenizer(model) };
 }
 
+// The memory of the device a run would use: the machine's RAM, or the GPU's (free = total: a new
+// process holds none of it, and the CUDA module reports no per-process figure before a context).
+function deviceMemory(device: PlanOptions['device']): FinetunePlan['machine'] {
+  const r = resolveDevice(device ?? 'cpu');
+  if (r.device === 'cuda') return { device: `cuda:${r.info.device} (${r.info.name})`, totalBytes: r.info.totalMemory, freeBytes: r.info.totalMemory };
+  return { device: 'cpu', totalBytes: totalmem(), freeBytes: freemem(), ...(r.reason ? { fallback: r.reason.message } : {}) };
+}
+
 /** Parameter count of a config (tied heads counted once). */
 export function countParameters(config: LlamaConfig): number {
   return parameterShapes(config).reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0);
 }
 
 /** Memory of a run: 4-byte weights, gradients and two moments, plus the activations given. */
-export function memoryPlan(parameters: number, activations: number, precision: 'fp32' | 'bf16', machine = { totalBytes: totalmem(), freeBytes: freemem() }): MemoryPlan {
+export function memoryPlan(parameters: number, activations: number, precision: 'fp32' | 'bf16', machine: { totalBytes: number; freeBytes: number } = { totalBytes: totalmem(), freeBytes: freemem() }): MemoryPlan {
   const weights = parameters * (precision === 'bf16' ? 6 : 4);
   const gradients = parameters * 4;
   const optimizer = parameters * 8;
@@ -112,9 +122,10 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const tokensPerEpoch = train.reduce((n, e) => n + e.inputIds.length, 0);
   const targetTokensPerEpoch = train.reduce((n, e) => n + e.labels.filter((l) => l >= 0).length, 0);
   const longestRow = train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
-  const machine = { totalBytes: totalmem(), freeBytes: freemem() };
-  // finetune()'s default micro-batch: halve the batch until its activations fit the budget.
-  const budget = o.memoryBudget ?? Math.min(8 * 2 ** 30, machine.freeBytes / 2);
+  const machine = deviceMemory(o.device);
+  // finetune()'s default micro-batch: halve the batch until its activations fit the budget (on a
+  // GPU: what the device has after the bf16 run's weights, gradients and moments, less 10 %).
+  const budget = o.memoryBudget ?? (machine.device === 'cpu' ? Math.min(8 * 2 ** 30, machine.freeBytes / 2) : 0.9 * machine.totalBytes - 18 * parameters);
   let micro = o.microBatchSize ?? batchSize;
   if (o.microBatchSize === undefined)
     while (micro > 1 && LlamaModel.activationBytes(config, micro, longestRow) > budget) micro = Math.ceil(micro / 2);
@@ -134,12 +145,14 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
     plan.notMeasured = 'timing steps would change the given model (pass a model path to measure)';
     return plan;
   }
-  if (!plan.memory.fp32.fitsFree) {
-    plan.notMeasured = 'the fp32 run does not fit in free memory';
+  const where = { device: o.device, precision: o.precision };
+  const timed = machine.device === 'cpu' && (o.precision ?? 'fp32') === 'fp32' ? plan.memory.fp32 : plan.memory.bf16;
+  if (!timed.fitsFree) {
+    plan.notMeasured = 'the run does not fit in free memory';
     return plan;
   }
 
-  const m = modelPath.endsWith('.bin') ? await LlamaModel.fromLlama2c(modelPath) : await LlamaModel.fromPretrained(modelPath);
+  const m = modelPath.endsWith('.bin') ? await LlamaModel.fromLlama2c(modelPath, where) : await LlamaModel.fromPretrained(modelPath, where);
   try {
     if (m.config.vocabSize < config.vocabSize) await m.resizeVocab(config.vocabSize);
     const batches = epochBatches(train, { batchSize, seed, epoch: 0 }).slice(0, measureSteps);
@@ -163,7 +176,7 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
     }
     const tps = tokens / seconds;
     plan.measured = {
-      steps: timed, seconds, tokens, tokensPerSecond: tps,
+      device: m.device, precision: m.precision, steps: timed, seconds, tokens, tokensPerSecond: tps,
       secondsPerEpoch: tokensPerEpoch / tps, secondsTotal: (epochs * tokensPerEpoch) / tps,
     };
   } finally {
@@ -185,11 +198,12 @@ export function formatPlan(p: FinetunePlan): string {
     `model: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads (${c.numKvHeads} kv, head dim ${c.headDim}), vocab ${c.vocabSize}: ${p.parameters.toLocaleString('en-US')} parameters`,
     `data: ${p.trainExamples} training examples, ${p.devExamples} dev; ${p.tokensPerEpoch.toLocaleString('en-US')} tokens per epoch (${p.targetTokensPerEpoch.toLocaleString('en-US')} targets), longest row ${p.longestRow}`,
     `schedule: ${p.epochs} epochs x ${p.stepsPerEpoch} steps of batch ${p.batchSize} (micro-batch ${p.microBatchSize})`,
-    `memory (this machine: ${gib(p.machine.totalBytes)}, ${gib(p.machine.freeBytes)} free):`,
+    ...(p.machine.fallback ? [`device auto: planning for the CPU (${p.machine.fallback.replace(/^lima-native: /, '')})`] : []),
+    `memory (${p.machine.device}: ${gib(p.machine.totalBytes)}, ${gib(p.machine.freeBytes)} free):`,
     mem('fp32', p.memory.fp32),
     mem('bf16', p.memory.bf16),
     p.measured
-      ? `time: ${p.measured.tokensPerSecond.toFixed(0)} tokens/s over ${p.measured.steps} measured step(s) -> ~${dur(p.measured.secondsPerEpoch)} per epoch, ~${dur(p.measured.secondsTotal)} in all (fp32)`
+      ? `time: ${p.measured.tokensPerSecond.toFixed(0)} tokens/s over ${p.measured.steps} measured step(s) -> ~${dur(p.measured.secondsPerEpoch)} per epoch, ~${dur(p.measured.secondsTotal)} in all (${p.measured.device}, ${p.measured.precision})`
       : `time: not measured (${p.notMeasured})`,
   ].join('\n');
 }

@@ -3,7 +3,8 @@
 import { createInterface } from 'node:readline';
 import { Command } from 'commander';
 import type { Message } from '../../data/format.js';
-import { applyChatTemplate, chatTemplateOption, loadModel } from '../common.js';
+import { applyChatTemplate, chatTemplateOption, deviceOption, fallbackNote, loadModel } from '../common.js';
+import type { Device } from '../../native.js';
 import { addSamplingOptions, samplingFrom, terminalSafe, UsageError } from '../options.js';
 
 /** The `chat` command. */
@@ -13,9 +14,12 @@ export function chatCommand(): Command {
     .requiredOption('--model <dir>', 'model folder (with the chat layout finetune saved, or a chat template)')
     .option('--system <text>', 'a system message opening the conversation')
     .addOption(chatTemplateOption())
+    .addOption(deviceOption())
     .option('--json', 'one JSON object per turn (turn, promptIds, ids, text, stopReason) instead of text');
   return addSamplingOptions(cmd).action(async (v: Record<string, unknown>) => {
-    await using model = await loadModel(v.model as string);
+    await using model = await loadModel(v.model as string, { device: v.device as Device | undefined });
+    const note = fallbackNote(model);
+    if (note) console.error(note);
     await applyChatTemplate(model, v.chatTemplate as string | undefined, v.model as string);
     if (!model.tokenizer || !model.layout)
       throw new UsageError(

@@ -5,7 +5,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { resolveChatTemplate } from '../../data/format.js';
 import { finetune, LIMA_DEFAULTS, type FinetuneEvent, type FinetuneOptions } from '../../train/finetune.js';
 import { formatPlan, planFinetune } from '../../train/plan.js';
-import { precisionOption } from '../common.js';
+import { deviceOption, precisionOption } from '../common.js';
 import { ProgressDisplay } from '../progress.js';
 import { int, num, parseInteger, UsageError } from '../options.js';
 
@@ -159,6 +159,7 @@ export function finetuneCommand(): Command {
       .addOption(opt('--keep-last <n>', 'the newest n checkpoints keep their weights (the newest also its optimizer state)', int({ min: 1 }), 1))
       .addOption(opt('--keep-epochs <list|all>', "epochs whose weights are kept besides the newest (comma-separated, or all)", keepEpochsArg, `LIMA's selection window, epochs ${L.selectionEpochs.first}-${L.selectionEpochs.last}`))
       .addOption(precisionOption())
+      .addOption(deviceOption())
       .option('--chat-template <tokenizer|file>', "lay conversations out with a Jinja chat template: 'tokenizer' (the model's chat_template) or a file; default: LIMA's plain layout (utterance + EOT)")
       .option('--role-system <text>', 'text before each system utterance (plain layout; LIMA used none)')
       .option('--role-user <text>', 'text before each user utterance (plain layout)')

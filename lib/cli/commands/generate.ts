@@ -2,7 +2,8 @@
 // conversation file, or a continuation of token ids.
 import { Command } from 'commander';
 import type { Precision, Prompt } from '../../model/llama.js';
-import { applyChatTemplate, chatTemplateOption, loadModel, precisionOption, readMessagesFile } from '../common.js';
+import { applyChatTemplate, chatTemplateOption, deviceOption, fallbackNote, loadModel, precisionOption, readMessagesFile } from '../common.js';
+import type { Device } from '../../native.js';
 import { addSamplingOptions, parseIdList, samplingFrom, terminalSafe, UsageError } from '../options.js';
 
 /** The `generate` command. */
@@ -19,13 +20,16 @@ export function generateCommand(): Command {
     .option('--raw', 'continue --prompt as plain text instead of answering it as a user turn')
     .addOption(chatTemplateOption())
     .addOption(precisionOption())
+    .addOption(deviceOption())
     .option('--json', 'print one JSON object (ids, text, stopReason, promptIds, tokensPerSecond)');
   return addSamplingOptions(cmd).action(async (v: Record<string, unknown>) => {
     const given = [v.prompt, v.promptIds, v.messages].filter((x) => x !== undefined).length;
     if (given !== 1) throw new UsageError('generate needs exactly one of --prompt or --prompt-ids (or --messages <file>)');
     if (v.raw && v.prompt === undefined) throw new UsageError('--raw applies to --prompt only');
     const prompt: Prompt = v.messages !== undefined ? await readMessagesFile(v.messages as string) : ((v.prompt ?? v.promptIds) as Prompt);
-    await using model = await loadModel(v.model as string, v.precision as Precision | undefined);
+    await using model = await loadModel(v.model as string, { precision: v.precision as Precision | undefined, device: v.device as Device | undefined });
+    const note = fallbackNote(model);
+    if (note) console.error(note);
     await applyChatTemplate(model, v.chatTemplate as string | undefined, v.model as string);
     const opts = { ...samplingFrom(v), raw: (v.raw as boolean | undefined) ?? false };
     const promptIds = model.promptIds(prompt, opts);
