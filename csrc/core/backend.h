@@ -132,9 +132,16 @@ class Backend {
                                         const DropoutSite& s) = 0;
   virtual void residual_dropout_backward(float* dx, const float* dout, int64_t n,
                                          const DropoutSite& s) = 0;
-  // Returns Σ loss / norm; dlogits may alias logits (null: forward only).
-  virtual double cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
-                               int64_t V, double norm) = 0;
+  // Adds Σ loss / norm over the N rows to the backend's loss accumulator; dlogits may alias
+  // logits (null: forward only). The accumulator stays in backend memory until take_loss, so a
+  // GPU reads the loss back once per step, not once per chunk of rows.
+  virtual void cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                             int64_t V, double norm) = 0;
+  // The accumulated loss (in double, chunks added in call order), and the accumulator reset to 0.
+  virtual double take_loss() = 0;
+  // Resets the accumulator without reading it (no host sync): a step that threw midway must not
+  // leave its partial sum to the next.
+  virtual void reset_loss() = 0;
 
   // ---- Matrix products: operands of `dtype` (F32 or BF16), fp32 outputs and accumulation.
   virtual void linear_forward(DType dtype, float* y, const void* x, const void* W, int64_t N,

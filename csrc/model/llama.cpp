@@ -464,8 +464,8 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   if (lo) be.convert(a.h_fx, X, a.h_f, DType::F32, N * c.C);
 }
 
-double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
-                             int64_t* count, float* logits_out) {
+void LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
+                           int64_t* count, float* logits_out) {
   const LlamaConfig& c = cfg_;
   Backend& be = *be_;
   Acts& a = *acts_;
@@ -491,14 +491,14 @@ double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double
   const ParamInfo& head = c.tied ? info_[0] : info_.back();
   const void* whead = mat(head);
   float* ghead = g_.f32() + head.offset;
-  double loss = 0;
+  be.reset_loss();  // a step that threw midway may have left a partial sum
   for (int64_t r0 = 0; r0 < N; r0 += a.head_rows) {
     const int64_t rows = std::min(a.head_rows, N - r0);
     const void* h = at(a.h_fx, r0 * c.C, X);
     be.linear_forward(X, a.logits, h, whead, rows, c.C, c.V);
     if (logits_out) be.download(logits_out + r0 * c.V, a.logits, 4 * rows * c.V);
     if (!labels) continue;
-    loss += be.cross_entropy(backward ? a.logits : nullptr, a.logits, targets_.i32() + r0, rows, c.V, norm);
+    be.cross_entropy(backward ? a.logits : nullptr, a.logits, targets_.i32() + r0, rows, c.V, norm);
     if (!backward) continue;
     if (X == DType::F32) {
       be.linear_backward(X, a.dh + r0 * c.C, ghead, a.logits, h, whead, rows, c.C, c.V);
@@ -515,7 +515,6 @@ double LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double
     be.copy(d16, a.dyb, 2 * c.V);
     be.linear_backward(X, a.dh + r0 * c.C, ghead, d16, h, whead, rows, c.C, c.V);
   }
-  return loss;
 }
 
 double LlamaModel::forward_loss(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T,
@@ -525,7 +524,8 @@ double LlamaModel::forward_loss(const int32_t* ids, const int32_t* labels, int64
   ensure_acts(B, T);
   upload_ids(ids, B * T);
   forward_layers(B, T, nullptr);
-  return head_loss(labels, B, T, 1.0, false, count, logits_out);
+  head_loss(labels, B, T, 1.0, false, count, logits_out);
+  return be_->take_loss();
 }
 
 double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T, double norm,
@@ -546,7 +546,7 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
   const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
   forward_layers(B, T, &dropout);  // also sizes the RoPE tables
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
-  const double loss = head_loss(labels, B, T, norm, true, nullptr, nullptr);
+  head_loss(labels, B, T, norm, true, nullptr, nullptr);
   // The upstream gradient of a product, in the product's dtype (cast to bf16 scratch in bf16 mode).
   auto dy_in = [&](const float* dy, int64_t n) -> const void* {
     if (!lo) return dy;
@@ -602,7 +602,7 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
     be.rmsnorm_backward(a.dx, W.gln1, a.dh, s.x_in, W.ln1, s.rstd1, N, c.C, true);
   }
   be.embedding_backward(g_.f32() + info_[0].offset, a.dx, ids_.i32(), N, c.C, c.V);
-  return loss;
+  return be.take_loss();  // the step's only read-back on a GPU
 }
 
 void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {

@@ -122,8 +122,10 @@ class LlamaModel {
   void ensure_cache(int64_t P);
   void upload_ids(const int32_t* ids, int64_t n);
   void forward_layers(int64_t B, int64_t T, const DropoutConfig* dropout);
-  double head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
-                   int64_t* count, float* logits_out);
+  // Logits chunk by chunk, their loss added to the backend's accumulator (see take_loss) and,
+  // with backward, the head's gradient; d(final norm output) lands in acts_->dh.
+  void head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
+                 int64_t* count, float* logits_out);
   Layer layer(int64_t l) const;
   const void* mat(const ParamInfo& p) const;
   const ParamInfo& named(const std::string& name) const;

@@ -165,9 +165,15 @@ void CpuBackend::residual_dropout_forward(float* out, const float* residual, con
 void CpuBackend::residual_dropout_backward(float* dx, const float* dout, int64_t n, const DropoutSite& s) {
   lima::residual_dropout_backward(ctx(), dx, dout, n, s);
 }
-double CpuBackend::cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
-                                 int64_t V, double norm) {
-  return cross_entropy_forward_backward(ctx(), dlogits, nullptr, logits, targets, N, V, norm);
+void CpuBackend::cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                               int64_t V, double norm) {
+  loss_ += cross_entropy_forward_backward(ctx(), dlogits, nullptr, logits, targets, N, V, norm);
+}
+
+double CpuBackend::take_loss() {
+  const double l = loss_;
+  loss_ = 0;
+  return l;
 }
 
 void CpuBackend::linear_forward(DType dt, float* y, const void* x, const void* W, int64_t N, int64_t I,

@@ -54,8 +54,10 @@ class CpuBackend final : public Backend {
   void residual_dropout_forward(float* out, const float* residual, const float* x, int64_t n,
                                 const DropoutSite& s) override;
   void residual_dropout_backward(float* dx, const float* dout, int64_t n, const DropoutSite& s) override;
-  double cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
-                       double norm) override;
+  void cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
+                     double norm) override;
+  double take_loss() override;
+  void reset_loss() override { loss_ = 0; }
 
   void linear_forward(DType dtype, float* y, const void* x, const void* W, int64_t N, int64_t I,
                       int64_t O) override;
@@ -76,6 +78,7 @@ class CpuBackend final : public Backend {
  private:
   CpuContext ctx() const;
   std::unique_ptr<CpuContext> fixed_;
+  double loss_ = 0;
 };
 
 }  // namespace lima

@@ -23,6 +23,7 @@ CudaBackend::CudaBackend(int device) {
   LIMA_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));
   for (auto& w : ws_) w = std::make_unique<cu::Workspace>(device);
   loss_dev_ = static_cast<double*>(cu::device_alloc(sizeof(double), device));
+  reset_loss();
   norm_dev_ = static_cast<float*>(cu::device_alloc(sizeof(float), device));
 }
 
@@ -203,15 +204,23 @@ void CudaBackend::residual_dropout_backward(float* dx, const float* dout, int64_
   cu::residual_dropout_backward(ctx_, DType::F32, dx, dout, n, site(s));
 }
 
-double CudaBackend::cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
-                                  int64_t V, double norm) {
+void CudaBackend::cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
+                                int64_t V, double norm) {
   activate();
-  LIMA_CUDA_CHECK(cudaMemsetAsync(loss_dev_, 0, sizeof(double), ctx_.stream));
   cu::cross_entropy(ctx_, DType::F32, dlogits, nullptr, loss_dev_, logits, targets, N, V, norm, 1.0f, -100,
                     *ws_[0]);
+}
+
+double CudaBackend::take_loss() {
   double loss = 0;
   download(&loss, loss_dev_, sizeof loss);
+  reset_loss();
   return loss;
+}
+
+void CudaBackend::reset_loss() {
+  activate();
+  LIMA_CUDA_CHECK(cudaMemsetAsync(loss_dev_, 0, sizeof(double), ctx_.stream));
 }
 
 void CudaBackend::linear_forward(DType dt, float* y, const void* x, const void* W, int64_t N, int64_t I,

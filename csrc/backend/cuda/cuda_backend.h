@@ -62,8 +62,10 @@ class CudaBackend final : public Backend {
   void residual_dropout_forward(float* out, const float* residual, const float* x, int64_t n,
                                 const DropoutSite& s) override;
   void residual_dropout_backward(float* dx, const float* dout, int64_t n, const DropoutSite& s) override;
-  double cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
-                       double norm) override;
+  void cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N, int64_t V,
+                     double norm) override;
+  double take_loss() override;
+  void reset_loss() override;
 
   void linear_forward(DType dtype, float* y, const void* x, const void* W, int64_t N, int64_t I,
                       int64_t O) override;
@@ -93,7 +95,7 @@ class CudaBackend final : public Backend {
   CpuBackend host_;
   // ws_[0] is handed to kernels; the others hold converted operands around one call.
   std::unique_ptr<cuda::Workspace> ws_[5];
-  double* loss_dev_ = nullptr;   // cross_entropy's device accumulator
+  double* loss_dev_ = nullptr;   // cross_entropy's device accumulator (zeroed by take_loss)
   float* norm_dev_ = nullptr;    // sum_squares' device result
   // AdamW's decay segments, uploaded once per distinct span list.
   std::vector<DecaySpan> spans_;
