@@ -1,7 +1,7 @@
 /** lima-native: fine-tune LLaMA-family models from Node.js with the LIMA recipe. */
 export * as kernels from './kernels/index.js';
 export { LimaArgumentError, LimaDisposedError } from './validate.js';
-export { NativeLoadError } from './native.js';
+export { NativeLoadError, CudaUnavailableError, resolveDevice, type Device, type CudaDeviceInfo, type CudaUnavailableCode } from './native.js';
 export {
   LlamaModel,
   ModelLoadError,
@@ -16,6 +16,7 @@ export {
   type ParamInfo,
   type Precision,
   type CodePaths,
+  type PlacementOptions,
   resolvePrecision,
 } from './model/llama.js';
 export { LAYOUT_FILE, readLayout, type ChatLayout, type SpecialTokenPolicy } from './model/layout.js';

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One prepared check of the CUDA kernels on a GPU machine, in about 6 minutes on an H100. Needs
-# nvcc, CMake and (for the baseline) PyTorch; never Node.
+# One prepared check of the CUDA kernels and the CUDA backend on a GPU machine, in about 8 minutes
+# on an H100. Needs nvcc, CMake and (for the baselines) PyTorch; Node only from a carried bundle.
 #   1. build lima_cuda_selftest for this GPU only (or use a carried build: LIMA_SELFTEST=path)
-#   2. the self-test: every CUDA kernel against the CPU kernels ("N passed, N failed")
+#   2. the self-test: every CUDA kernel against the CPU kernels, and the model on the CUDA backend
+#      against the CPU backend (one step, 20 AdamW steps, decoding) ("N passed, N failed")
 #   3. compute-sanitizer memcheck on the reduced set (--quick)
 #   4. kernel benchmarks with the ceilings measured in the same run (D2D copy, cuBLASLt GEMM)
 #   5. PyTorch on the same shapes (SDPA, fused AdamW, matmul, copy) as the side-by-side baseline
-# Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test and memcheck pass,
-# 1 when either fails, 2 when there is no usable GPU, 3 when it cannot build or was misused.
-#   scripts/device-check.sh [--no-build] [--skip-bench] [--dry-run]
+#   6. training throughput of a 1.1B LLaMA (--bench-train: tokens/s, MFU) and PyTorch's on the
+#      same shape and batch (eager; torch.compile too with --torch-compile)
+#   7. with device-bundle/ carried (scripts/device-bundle.sh): the library and CLI on the GPU
+#      against the CPU with the bundled Node (scripts/device-e2e.mjs)
+# Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test, memcheck and the
+# e2e (where run) pass, 1 when one fails, 2 when there is no usable GPU, 3 when it cannot build
+# or was misused.
+#   scripts/device-check.sh [--no-build] [--skip-bench] [--skip-train] [--torch-compile] [--dry-run]
 #   --dry-run: check tools and print the plan, run nothing that needs a GPU
 # Environment: OUT (logs), LIMA_SELFTEST (a carried binary), LIMA_BUILD_DIR, LIMA_CUDA_ARCHS,
 # LIMA_CUBLASLT_LIB / LIMA_CUBLASLT_INC (cuBLASLt library and header), T_BUILD, T_TEST, ... (seconds)
@@ -18,13 +24,15 @@ root=$(pwd)
 out=${OUT:-$root/device-check-out}
 mkdir -p "$out"
 build=${LIMA_BUILD_DIR:-$root/build-selftest}
-no_build=0 skip_bench=0 dry=0
+no_build=0 skip_bench=0 skip_train=0 torch_compile=0 dry=0
 for a in "$@"; do
   case "$a" in
     --no-build) no_build=1 ;;
     --skip-bench) skip_bench=1 ;;
+    --skip-train) skip_train=1 ;;
+    --torch-compile) torch_compile=1 ;;
     --dry-run) dry=1 ;;
-    *) echo "usage: $0 [--no-build] [--skip-bench] [--dry-run]" >&2; exit 3 ;;
+    *) echo "usage: $0 [--no-build] [--skip-bench] [--skip-train] [--torch-compile] [--dry-run]" >&2; exit 3 ;;
   esac
 done
 start=$(date +%s)
@@ -34,6 +42,7 @@ say() { echo "== [$(elapsed)s] $*" | tee -a "$out/summary.txt"; }
 
 # Deadlines per step (seconds) keep the whole run within about 6 minutes.
 T_BUILD=${T_BUILD:-150} T_TEST=${T_TEST:-90} T_MEMCHECK=${T_MEMCHECK:-60} T_BENCH=${T_BENCH:-45} T_TORCH=${T_TORCH:-45}
+T_TRAIN=${T_TRAIN:-90} T_TORCH_TRAIN=${T_TORCH_TRAIN:-120} T_E2E=${T_E2E:-120}
 
 nvcc_bin=${CUDACXX:-$(command -v nvcc || true)}
 [[ -z "$nvcc_bin" && -x /usr/local/cuda/bin/nvcc ]] && nvcc_bin=/usr/local/cuda/bin/nvcc
@@ -107,7 +116,8 @@ if [[ -z "$selftest" ]]; then
 fi
 say "self-test binary: $selftest"
 if [[ $dry == 1 ]]; then
-  say "(dry run) would run: $selftest; $sanitizer --tool memcheck $selftest --quick; $selftest --bench; $python scripts/torch-baseline.py"
+  say "(dry run) would run: $selftest; $sanitizer --tool memcheck $selftest --quick; $selftest --bench; $python scripts/torch-baseline.py; $selftest --bench-train; $python scripts/torch-train-baseline.py"
+  [[ -f device-bundle/node.xz ]] && say "(dry run) would run: device-bundle/scripts/device-e2e.mjs with the bundled Node"
   exit 0
 fi
 
@@ -148,5 +158,32 @@ if [[ $skip_bench == 0 ]]; then
     say "PyTorch with CUDA not available: baseline skipped"
   fi
 fi
+# ---- 6. training throughput, ours then PyTorch's on the same shape and micro-batch
+if [[ $skip_train == 0 ]]; then
+  say "training throughput (1.1B LLaMA, T 2048, bf16; MFU against the cuBLASLt ceiling of this run)"
+  timeout "$T_TRAIN" "$selftest" --bench-train 2>&1 | tee "$out/bench-train.log" | grep -E "^BENCH" | tee -a "$out/summary.txt"
+  batch=$(grep -oE 'micro-batch [0-9]+' "$out/bench-train.log" | head -1 | grep -oE '[0-9]+')
+  if [[ -n "$python" ]] && "$python" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+    compile_flag=--no-compile
+    [[ $torch_compile == 1 ]] && compile_flag=""
+    say "PyTorch training baseline (batch ${batch:-4})"
+    PYTHONUNBUFFERED=1 timeout "$T_TORCH_TRAIN" "$python" scripts/torch-train-baseline.py --batch "${batch:-4}" $compile_flag 2>&1 |
+      tee "$out/torch-train.log" | grep -E "^TORCH|Error" | tee -a "$out/summary.txt"
+  fi
+fi
+
+# ---- 7. the library and CLI on the GPU, with the carried bundle's Node
+e2e=0
+if [[ -f device-bundle/node.xz ]]; then
+  say "library + CLI end to end (device-bundle/, scripts/device-e2e.mjs)"
+  node_bin=/tmp/lima-node
+  xz -dc device-bundle/node.xz > "$node_bin" && chmod +x "$node_bin"
+  (cd device-bundle && timeout "$T_E2E" "$node_bin" scripts/device-e2e.mjs) > "$out/e2e.log" 2>&1
+  e2e=$?
+  grep -E "^(PASS|FAIL)|passed, " "$out/e2e.log" | cut -c1-300 | tee -a "$out/summary.txt"
+  say "e2e exit status $e2e (0 pass, 1 failures, 2 no device, 124 timeout)"
+else
+  say "no device-bundle/ carried (scripts/device-bundle.sh): the library and CLI were not run on the GPU"
+fi
 say "done in $(elapsed)s; logs in $out"
-[[ $st == 0 && $mc == 0 ]]
+[[ $st == 0 && $mc == 0 && $e2e == 0 ]]

@@ -5,6 +5,8 @@
 //   lima_cuda_selftest            full run; prints one line per check and "N passed, N failed"
 //   lima_cuda_selftest --quick    small shapes only (for compute-sanitizer)
 //   lima_cuda_selftest --bench    kernel timings with the ceilings measured in the same run
+//   lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]
+//                                 training throughput and MFU of the model on the CUDA backend
 //   lima_cuda_selftest --filter S only checks whose name contains S
 // Exit status: 0 all passed, 1 some failed, 2 no usable CUDA device (the reason is printed),
 // 3 bad command line.
@@ -22,6 +24,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -32,6 +35,7 @@
 #include "core/dtype.h"
 #include "kernels/cuda/api.h"
 #include "kernels/cuda/selftest/cpu_ref.h"
+#include "kernels/cuda/selftest/bench_train.h"
 #include "kernels/cuda/selftest/model_check.h"
 
 namespace cu = lima::cuda;
@@ -596,6 +600,26 @@ void bench_line(const char* what, double value, const char* unit, double ceiling
   std::fflush(stdout);
 }
 
+// The bf16 GEMM ceiling: cuBLASLt on 8192^3 when found (0 otherwise); *label names it.
+double gemm_ceiling(const char** label) {
+  const int64_t G = 8192;
+  Buf A(G * G * 2), B(G * G * 2), C(G * G * 2);
+  LIMA_CUDA_CHECK(cudaMemset(A.p, 0x3c, G * G * 2));  // bf16 0x3c3c ~ 0.0115
+  LIMA_CUDA_CHECK(cudaMemset(B.p, 0x3c, G * G * 2));
+  const cu::GemmArgs ga{G, G, G, false, true, 0, 0, 0, 1.0f, 0.0f};
+  const double gflop = 2.0 * G * G * G / 1e9;
+  std::string why;
+  if (!cu::cublaslt_available(&why)) {
+    std::printf("BENCH cuBLASLt not available: %s\n", why.c_str());
+    *label = "none";
+    return 0;
+  }
+  cu::Workspace ws;
+  const float ms = time_ms([&] { cu::gemm_cublaslt(g_ctx, DType::BF16, C.p, A.p, B.p, ga, ws); }, 5);
+  *label = "the cuBLASLt bf16 GEMM";
+  return gflop / ms;
+}
+
 void run_bench() {
   // Ceiling 1: device-to-device copy bandwidth (bytes read + written).
   const int64_t bytes = int64_t{1} << 30;
@@ -606,22 +630,15 @@ void run_bench() {
   bench_line("copy D2D 1 GiB (ceiling)", copy_gbs, "GB/s", 0, "");
 
   // Ceiling 2: a large bf16 GEMM through cuBLASLt.
+  const char* lt_label = "";
+  const double lt_tflops = gemm_ceiling(&lt_label);
+  if (lt_tflops > 0) bench_line("gemm bf16 cuBLASLt 8192^3 (ceiling)", lt_tflops, "TFLOP/s", 0, "");
   const int64_t G = 8192;
   Buf A(G * G * 2), B(G * G * 2), C(G * G * 2);
-  LIMA_CUDA_CHECK(cudaMemset(A.p, 0x3c, G * G * 2));  // bf16 0x3c3c ~ 0.0115
+  LIMA_CUDA_CHECK(cudaMemset(A.p, 0x3c, G * G * 2));
   LIMA_CUDA_CHECK(cudaMemset(B.p, 0x3c, G * G * 2));
   const cu::GemmArgs ga{G, G, G, false, true, 0, 0, 0, 1.0f, 0.0f};
   const double gflop = 2.0 * G * G * G / 1e9;
-  double lt_tflops = 0;
-  std::string why;
-  if (cu::cublaslt_available(&why)) {
-    cu::Workspace ws;
-    const float ms = time_ms([&] { cu::gemm_cublaslt(g_ctx, DType::BF16, C.p, A.p, B.p, ga, ws); }, 5);
-    lt_tflops = gflop / ms;
-    bench_line("gemm bf16 cuBLASLt 8192^3 (ceiling)", lt_tflops, "TFLOP/s", 0, "");
-  } else {
-    std::printf("BENCH cuBLASLt not available: %s\n", why.c_str());
-  }
   for (auto [ta, tb, label] : {std::tuple{false, true, "x.W^T"}, std::tuple{false, false, "dy.W"}, std::tuple{true, false, "dy^T.x"}}) {
     cu::GemmArgs g2 = ga;
     g2.trans_a = ta;
@@ -689,14 +706,29 @@ void run_bench() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, bench = false;
+  bool quick = false, bench = false, bench_train = false;
+  lima::selftest::TrainBenchOptions tb;
+  auto count = [](const char* v, int64_t min) {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    return end && *end == 0 && n >= min ? static_cast<int64_t>(n) : int64_t{-1};
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    const bool has = i + 1 < argc;
     if (a == "--quick") quick = true;
     else if (a == "--bench") bench = true;
-    else if (a == "--filter" && i + 1 < argc) g_filter = argv[++i];
+    else if (a == "--bench-train") bench_train = true;
+    else if (a == "--filter" && has) g_filter = argv[++i];
+    else if (a == "--model" && has && (std::string(argv[i + 1]) == "1.1b" || std::string(argv[i + 1]) == "tiny")) tb.model = argv[++i];
+    else if (a == "--batch" && has && count(argv[i + 1], 1) > 0) tb.batch = count(argv[++i], 1);
+    else if (a == "--seq" && has && count(argv[i + 1], 1) > 0) tb.seq = count(argv[++i], 1);
+    else if (a == "--steps" && has && count(argv[i + 1], 1) > 0) tb.steps = static_cast<int>(count(argv[++i], 1));
+    else if (a == "--fp32") tb.fp32 = true;
     else {
-      std::fprintf(stderr, "usage: lima_cuda_selftest [--quick] [--bench] [--filter SUBSTRING]\n");
+      std::fprintf(stderr,
+                   "usage: lima_cuda_selftest [--quick] [--bench] [--filter SUBSTRING]\n"
+                   "       lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]\n");
       return 3;
     }
   }
@@ -712,9 +744,12 @@ int main(int argc, char** argv) {
     LIMA_CUDA_CHECK(cudaSetDevice(0));
     LIMA_CUDA_CHECK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
     g_ctx = cu::CudaContext{0, g_stream, probe.sm_count};
-    if (bench) {
-      run_bench();
-      return 0;
+    if (bench || bench_train) {
+      if (bench) run_bench();
+      if (!bench_train) return 0;
+      const char* label = "";
+      const double peak = gemm_ceiling(&label);
+      return lima::selftest::bench_train(tb, peak, label);
     }
     std::string why;
     const bool lt = cu::cublaslt_available(&why);

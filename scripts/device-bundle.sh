@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Prepares device-bundle/ (git-ignored, about 35 MB) so a GPU machine with no Node and no npm can
+# run the library and CLI end to end (scripts/device-e2e.mjs, called by scripts/device-check.sh):
+# the Node binary (xz -9), the built library (dist/), the CPU addon and the CUDA module built here,
+# the runtime dependencies and the e2e script, laid out like the package.
+#   scripts/device-bundle.sh            then carry `device-bundle` to the GPU machine
+# The CUDA module is built for 80/86/89/90 + PTX by `npm run build:cuda`; LIMA_CUDA_ARCHS=90 narrows it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=device-bundle
+rm -rf "$out"
+mkdir -p "$out/build/Release" "$out/build-cuda/Release" "$out/scripts"
+npm run --silent build:ts
+[[ -f build/Release/lima.node ]] || npm run build:native
+[[ -f build-cuda/Release/lima_cuda.node ]] || npm run build:cuda
+cp -r dist package.json "$out/"
+cp build/Release/lima.node "$out/build/Release/"
+cp build-cuda/Release/lima_cuda.node "$out/build-cuda/Release/"
+cp scripts/device-e2e.mjs "$out/scripts/"
+# Runtime dependencies only (npm's own list, so transitive ones come along).
+npm ls --omit=dev --all --parseable 2> /dev/null | tail -n +2 | while read -r dir; do
+  rel=${dir#"$PWD"/}
+  mkdir -p "$out/$(dirname "$rel")"
+  cp -r "$dir" "$out/$rel"
+done
+xz -9 -T0 -c "$(command -v node)" > "$out/node.xz"
+du -sh "$out"
