@@ -19,6 +19,8 @@ inline const void* at(const void* base, int64_t i, DType dt) {
   return static_cast<const char*>(base) + i * dtype_size(dt);
 }
 inline float* F(void* p) { return static_cast<float*>(p); }
+// Checked products for activation sizes: absurd shapes become a KernelError, never a wrapped size.
+inline int64_t act_mul(int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); }
 }  // namespace
 
 struct LlamaModel::Layer {
@@ -53,9 +55,8 @@ struct LlamaModel::Acts {
   // one row of logits. The LM head casts its dlogits to bf16 in place in the logits buffer (see
   // head_loss), so it needs a bf16 row here only for the first row, which overlaps itself.
   static int64_t dyb_elems(const LlamaConfig& c, int64_t N) {
-    const int64_t Q = checked_mul(c.H, c.hd, "the activation sizes");
-    const int64_t w = std::max({int64_t{c.C}, Q, checked_mul(2, c.F, "the activation sizes")});
-    return std::max(checked_mul(N, w, "the activation sizes"), int64_t{c.V});
+    const int64_t w = std::max({int64_t{c.C}, act_mul(c.H, c.hd), act_mul(2, c.F)});
+    return std::max(act_mul(N, w), int64_t{c.V});
   }
 
   // Calls g(field, count, dtype, kept) for every tensor of a layer's forward, in a fixed order;
@@ -64,7 +65,7 @@ struct LlamaModel::Acts {
   // under All although they are small: the recomputed norm writes them anyway.
   template <class G>
   static void saved_fields(const LlamaConfig& c, int64_t B, int64_t T, DType X, Recompute r, G&& g) {
-    auto M = [](int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); };
+    const auto M = act_mul;
     const int64_t N = M(B, T), Q = M(c.H, c.hd), K = M(c.KV, c.hd);
     const DType F32 = DType::F32;
     const bool attn = r != Recompute::All, mlp = r == Recompute::None;
@@ -87,8 +88,7 @@ struct LlamaModel::Acts {
   template <class Fn>
   static void layout(const LlamaConfig& c, int64_t B, int64_t T, int64_t head_rows, DType X, Recompute r,
                      std::vector<Saved>* layers, Acts* a, Fn&& f) {
-    // Checked products: absurd shapes become a KernelError, never a wrapped size.
-    auto M = [](int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); };
+    const auto M = act_mul;
     const int64_t N = M(B, T), Q = M(c.H, c.hd), K = M(c.KV, c.hd);
     const bool lo = X != DType::F32;
     const DType F32 = DType::F32;
