@@ -5,7 +5,8 @@
 // OPENBLAS_L2_SIZE are unset for that command only, so OpenBLAS uses its AVX-512 kernels.
 // Each of our runs is a fresh child process, so its peak RSS is its own; it is printed beside
 // the budget 16 bytes/parameter (weights, grads, two Adam moments) + activations.
-// Options: --steps N (default 5), --configs 24M,56M,125M (default all), --no-torch, --json.
+// Options: --steps N (default 5), --configs 24M,56M,125M (default all), --recompute none|mlp|all
+// (our steps' activation recomputation, default none), --no-torch, --json.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -16,6 +17,7 @@ const root = join(here, '..', '..');
 const args = process.argv.slice(2);
 const opt = (n: string) => (args.includes(`--${n}`) ? args[args.indexOf(`--${n}`) + 1] : undefined);
 const steps = Number(opt('steps') ?? 5);
+const recompute = (opt('recompute') ?? 'none') as 'none' | 'mlp' | 'all';
 
 type Precision = 'fp32' | 'bf16';
 interface Arch {
@@ -52,6 +54,7 @@ async function child(a: Arch, precision: Precision): Promise<void> {
     vocab_size: a.vocab, hidden_size: a.hidden, intermediate_size: a.ffn, num_hidden_layers: a.layers,
     num_attention_heads: a.heads, num_key_value_heads: a.kvHeads, max_position_embeddings: a.seq,
   }, { seed: 0, precision });
+  await model.setRecompute(recompute);
   const B = a.batch, T = a.seq;
   const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 7919) % a.vocab);
   const batch = { inputIds: ids, labels: ids, batch: B, seqLen: T };
@@ -73,7 +76,7 @@ async function child(a: Arch, precision: Precision): Promise<void> {
     params: model.numParams, stepS: med, tokensPerS: (B * T) / med,
     maxRssBytes: process.resourceUsage().maxRSS * 1024,
     runtimeBytes,
-    budgetBytes: 16 * model.numParams + LlamaModel.activationBytes(model.config, B, T, precision),
+    budgetBytes: 16 * model.numParams + LlamaModel.activationBytes(model.config, B, T, precision, recompute),
     codePaths: model.codePaths,
   };
   console.log(JSON.stringify(out));
@@ -81,7 +84,7 @@ async function child(a: Arch, precision: Precision): Promise<void> {
 }
 
 function ours(a: Arch, precision: Precision): Ours {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--precision', precision, '--steps', String(steps)], { encoding: 'utf8', cwd: root });
+  const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--precision', precision, '--steps', String(steps), '--recompute', recompute], { encoding: 'utf8', cwd: root });
   if (r.status !== 0) throw new Error(`child failed: ${r.stderr}`);
   return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Ours;
 }
@@ -118,7 +121,7 @@ if (opt('child')) {
   if (args.includes('--json')) {
     console.log(JSON.stringify({ steps, rows }));
   } else {
-    console.log(`lima-native training-step benchmark — all cores, median of ${steps} optimizer steps (fwd+bwd+AdamW), tokens/s`);
+    console.log(`lima-native training-step benchmark — all cores, median of ${steps} optimizer steps (fwd+bwd+AdamW), tokens/s, recompute ${recompute}`);
     console.log(`bf16 path: ${rows[0]?.bf16.codePaths.bf16Path ?? '?'}, fp32 ISA: ${rows[0]?.fp32.codePaths.isa ?? '?'}; PyTorch bf16 = torch.autocast('cpu', bfloat16), weights and AdamW in fp32`);
     console.log('config  B×T      params   fp32   bf16  bf16/fp32  torch fp32  torch bf16  ours bf16/torch bf16  peak RSS MiB fp32 / bf16 (budget)');
     for (const { label, arch, fp32, bf16, torchFp32, torchBf16 } of rows) {

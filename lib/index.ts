@@ -17,7 +17,10 @@ export {
   type Precision,
   type CodePaths,
   type PlacementOptions,
+  type Recompute,
   resolvePrecision,
+  resolveRecompute,
+  RECOMPUTE_MODES,
 } from './model/llama.js';
 export { LAYOUT_FILE, readLayout, type ChatLayout, type SpecialTokenPolicy } from './model/layout.js';
 export { ConfigError, ModelMemoryError, parseHfConfig, toHfConfig, parameterShapes, paramCount, checkModelSize, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';

@@ -108,6 +108,13 @@ describe('commander CLI', () => {
       .toMatchObject({ devData: 'dev.jsonl', devGeneration: false });
   });
 
+  it('--recompute takes none, mlp or all and reaches finetune() as recompute; anything else is a usage error', async () => {
+    const base = ['--model', 'm', '--data', 'd', '--out', 'o'];
+    for (const mode of ['none', 'mlp', 'all']) expect(toFinetuneOptions(await parsed(finetuneCommand, [...base, '--recompute', mode])).recompute).toBe(mode);
+    expect(toFinetuneOptions(await parsed(finetuneCommand, base))).not.toHaveProperty('recompute');
+    await expect(parsed(finetuneCommand, [...base, '--recompute', 'MLP'])).rejects.toThrow(/option '--recompute <mode>' argument 'MLP' is invalid\. Allowed choices are none, mlp, all/);
+  });
+
   it('generation defaults are one source: the CLI parses to GENERATION_DEFAULTS, which the API and trainer use', async () => {
     const s = samplingFrom(await parsed(generateCommand, ['--model', 'm', '--prompt', 'x']));
     const { greedy, temperature, topP, topK, repetitionPenalty, maxNewTokens, seed } = s;

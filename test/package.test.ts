@@ -132,6 +132,7 @@ describe('one error code after dispose', () => {
       ['getMoment', () => m.getMoment('model.norm.weight', 1)],
       ['setMoment', () => m.setMoment('model.norm.weight', 1, new Float32Array(32))],
       ['promptIds', async () => m.promptIds([1, 2])],
+      ['setRecompute', () => m.setRecompute('all')],
     ];
     for (const [name, call] of calls) await expect(call(), name).rejects.toMatchObject({ code: 'ERR_LIMA_DISPOSED', name: 'LimaDisposedError' });
 

@@ -12,7 +12,7 @@ import { loadLlama2cTokenizer, llama2cTokenizerJson, readLlama2cTokenizer } from
 import { parseHfConfig } from '../lib/model/config.js';
 import { LlamaModel, padBatch } from '../lib/model/llama.js';
 import { HfTokenizer } from '../lib/tokenizer/index.js';
-import { countParameters, memoryPlan, planFinetune } from '../lib/train/plan.js';
+import { countParameters, formatPlan, memoryPlan, planFinetune, recomputeToFit } from '../lib/train/plan.js';
 import { RunCTokenizer } from './llama2c-encode.js';
 import { isas, maxErrOverScale, readAllTensors, restoreIsaAfterAll, tempDirs } from './helpers.js';
 import * as kernels from '../lib/kernels/index.js';
@@ -357,6 +357,37 @@ describe('planFinetune', () => {
     expect(m.fitsTotal).toBe(true);
     expect(m.fitsFree).toBe(true);
     expect(memoryPlan(P, act, 'bf16', { totalBytes: 16e9, freeBytes: 16e9 }).fitsTotal).toBe(false);
+  });
+
+  it('plans with the chosen recompute and names the recompute that would make a run fit', async () => {
+    const fix = join(ROOT, 'test', 'fixtures', 'gqa2-tied');
+    const opts = { model: fix, data: join(fix, 'data.jsonl'), batchSize: 2, measureSteps: 0 };
+    const none = await planFinetune(opts);
+    const all = await planFinetune({ ...opts, recompute: 'all' });
+    expect(none.recompute).toBe('none');
+    expect(all.recompute).toBe('all');
+    expect(all.microBatchSize).toBe(none.microBatchSize);
+    expect(all.memory.fp32.activations).toBe(LlamaModel.activationBytes(all.config, all.microBatchSize, all.longestRow, 'fp32', 'all'));
+    expect(all.memory.fp32.activations).toBeLessThan(none.memory.fp32.activations);
+    expect(formatPlan(all)).toContain('memory with --recompute all (');
+    await expect(planFinetune({ ...opts, recompute: 'most' as never })).rejects.toThrow(/Expected 'none' \| 'mlp' \| 'all' for recompute but received "most"/);
+
+    // A 1.2B model at 8 x 2048 in bf16: free memory between two modes' totals picks the cheaper one.
+    const big = parseHfConfig({
+      vocab_size: 32000, hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 22, num_attention_heads: 32,
+      num_key_value_heads: 4, max_position_embeddings: 2048,
+    });
+    const P = countParameters(big);
+    const act = (r: 'none' | 'mlp' | 'all') => LlamaModel.activationBytes(big, 8, 2048, 'bf16', r);
+    const total = (r: 'none' | 'mlp' | 'all') => memoryPlan(P, act(r), 'bf16').total;
+    const machine = (free: number) => ({ totalBytes: 80e9, freeBytes: free });
+    expect(recomputeToFit(P, 'bf16', 'none', act, machine((total('none') + total('mlp')) / 2))).toBe('mlp');
+    expect(recomputeToFit(P, 'bf16', 'none', act, machine((total('mlp') + total('all')) / 2))).toBe('all');
+    expect(recomputeToFit(P, 'bf16', 'mlp', act, machine(total('mlp') - 1))).toBe('all');
+    expect(recomputeToFit(P, 'bf16', 'none', act, machine(total('all') - 1))).toBeNull();
+    const tight = { ...none.memory.fp32, fitsFree: false, fitsTotal: true };
+    expect(formatPlan({ ...none, memory: { fp32: { ...tight, recomputeToFit: 'mlp' }, bf16: { ...tight, recomputeToFit: null } } }))
+      .toMatch(/fp32 .*not in the memory free now; with --recompute mlp it would fit in free memory\n {2}bf16 .*not in the memory free now; no --recompute setting makes it fit/);
   });
 
   it('finetune --dry-run prints the plan and trains nothing', () => {

@@ -85,6 +85,7 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
                         InstanceMethod<&NativeLlama::G<&NativeLlama::SetMoment>>("setMoment"),
                         InstanceMethod<&NativeLlama::G<&NativeLlama::Dispose>>("dispose"),
                         InstanceMethod<&NativeLlama::G<&NativeLlama::Paths>>("paths"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::SetRecompute>>("setRecompute"),
                         StaticMethod<&guarded<&NativeLlama::ActivationBytes>>("activationBytes")});
   }
 
@@ -113,6 +114,17 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     if (s == "fp32") return DType::F32;
     if (s == "bf16") return DType::BF16;
     throw_type(info.Env(), "'fp32' | 'bf16'", "precision", v.IsString() ? "'" + s + "'" : describe(v));
+  }
+
+  // 'none' | 'mlp' | 'all' (undefined: 'none'), see Recompute in model/llama.h.
+  static Recompute parse_recompute(const Napi::CallbackInfo& info, size_t i) {
+    Napi::Value v = info[i];
+    if (v.IsUndefined() || v.IsNull()) return Recompute::None;
+    const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+    if (s == "none") return Recompute::None;
+    if (s == "mlp") return Recompute::Mlp;
+    if (s == "all") return Recompute::All;
+    throw_type(info.Env(), "'none' | 'mlp' | 'all'", "recompute", v.IsString() ? "'" + s + "'" : describe(v));
   }
 
   // Every method runs guarded: no C++ exception reaches N-API (which would abort the process).
@@ -166,6 +178,18 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     out.Set("isa", m.backend().fp32_path());
     out.Set("bf16Path", m.backend().bf16_path());
     return out;
+  }
+
+  // setRecompute('none' | 'mlp' | 'all') -> Promise<void>: queued, so it never frees the
+  // activations under a running step.
+  Napi::Value SetRecompute(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    if (!info[0].IsString()) throw_type(info.Env(), "'none' | 'mlp' | 'all'", "recompute", describe(info[0]));
+    const Recompute r = parse_recompute(info, 0);
+    return jobs_->enqueue(info.Env(), Value(), [m, r]() -> JobQueue::Result {
+      m->set_recompute(r);
+      return nullptr;
+    });
   }
 
   Napi::Value SetTensor(const Napi::CallbackInfo& info) { return Write(info, ParamKind::Weight, 1); }
@@ -342,7 +366,8 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     const LlamaConfig c = parse_config(info[0]);
     const int64_t B = integer(info, 1, "batch", 1), T = integer(info, 2, "seqLen", 1);
     const DType dt = parse_precision(info, 3);
-    return Napi::Number::New(info.Env(), static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt)));
+    const Recompute r = parse_recompute(info, 4);
+    return Napi::Number::New(info.Env(), static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, r)));
   }
 
   std::unique_ptr<LlamaModel> model_;

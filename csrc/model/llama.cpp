@@ -19,6 +19,8 @@ inline const void* at(const void* base, int64_t i, DType dt) {
   return static_cast<const char*>(base) + i * dtype_size(dt);
 }
 inline float* F(void* p) { return static_cast<float*>(p); }
+// Checked products for activation sizes: absurd shapes become a KernelError, never a wrapped size.
+inline int64_t act_mul(int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); }
 }  // namespace
 
 struct LlamaModel::Layer {
@@ -32,7 +34,9 @@ struct LlamaModel::Layer {
 // dtype (the inputs of products); everything else is fp32. In bf16 mode the fp32 results of
 // norms, projections, attention and SwiGLU pass through the gradient scratch (unused in forward)
 // before their bf16 casts are saved; backward widens gate/up and the attention output back into
-// fp32 scratch where an fp32 kernel needs them.
+// fp32 scratch where an fp32 kernel needs them. Under recomputation (see Recompute) the tensors a
+// layer does not keep live once, in `shared`, which every layer's forward overwrites and backward
+// refills for the layer it is at.
 struct LlamaModel::Acts {
   int64_t B = 0, T = 0, head_rows = 0;
   Buffer buf;
@@ -40,7 +44,8 @@ struct LlamaModel::Acts {
     float *x_in, *rstd1, *lse, *x_mid, *rstd2;
     void *h1, *q, *k, *v, *att, *h2, *gu, *act;  // X
   };
-  std::vector<Saved> layers;
+  std::vector<Saved> layers;  // non-kept fields point into `shared`
+  Saved shared{};
   float *x_final, *rstd_f, *h_f;
   void* h_fx;  // h_f in X (h_f itself in fp32 mode)
   float *tmp, *dx, *dh, *dq, *dk, *dv, *datt, *dgu, *dact, *logits;
@@ -50,37 +55,53 @@ struct LlamaModel::Acts {
   // one row of logits. The LM head casts its dlogits to bf16 in place in the logits buffer (see
   // head_loss), so it needs a bf16 row here only for the first row, which overlaps itself.
   static int64_t dyb_elems(const LlamaConfig& c, int64_t N) {
-    const int64_t Q = checked_mul(c.H, c.hd, "the activation sizes");
-    const int64_t w = std::max({int64_t{c.C}, Q, checked_mul(2, c.F, "the activation sizes")});
-    return std::max(checked_mul(N, w, "the activation sizes"), int64_t{c.V});
+    const int64_t w = std::max({int64_t{c.C}, act_mul(c.H, c.hd), act_mul(2, c.F)});
+    return std::max(act_mul(N, w), int64_t{c.V});
+  }
+
+  // Calls g(field, count, dtype, kept) for every tensor of a layer's forward, in a fixed order;
+  // kept: each layer has its own (saved for backward), else the one in `shared` serves all.
+  // x_in is always kept: it is where a recomputed layer starts. The norms' rstd are not kept
+  // under All although they are small: the recomputed norm writes them anyway.
+  template <class G>
+  static void saved_fields(const LlamaConfig& c, int64_t B, int64_t T, DType X, Recompute r, G&& g) {
+    const auto M = act_mul;
+    const int64_t N = M(B, T), Q = M(c.H, c.hd), K = M(c.KV, c.hd);
+    const DType F32 = DType::F32;
+    const bool attn = r != Recompute::All, mlp = r == Recompute::None;
+    g(&Saved::x_in, M(N, c.C), F32, true);
+    g(&Saved::rstd1, N, F32, attn);
+    g(&Saved::h1, M(N, c.C), X, attn);
+    g(&Saved::q, M(N, Q), X, attn);
+    g(&Saved::k, M(N, K), X, attn);
+    g(&Saved::v, M(N, K), X, attn);
+    g(&Saved::att, M(N, Q), X, attn);
+    g(&Saved::lse, M(M(B, c.H), T), F32, attn);
+    g(&Saved::x_mid, M(N, c.C), F32, attn);
+    g(&Saved::rstd2, N, F32, attn);
+    g(&Saved::h2, M(N, c.C), X, attn);
+    g(&Saved::gu, M(N, M(2, c.F)), X, mlp);
+    g(&Saved::act, M(N, c.F), X, mlp);
   }
 
   // Calls f(slot, count, dtype) for every buffer in a fixed order; used both to size and to carve.
   template <class Fn>
-  static void layout(const LlamaConfig& c, int64_t B, int64_t T, int64_t head_rows, DType X,
+  static void layout(const LlamaConfig& c, int64_t B, int64_t T, int64_t head_rows, DType X, Recompute r,
                      std::vector<Saved>* layers, Acts* a, Fn&& f) {
-    // Checked products: absurd shapes become a KernelError, never a wrapped size.
-    auto M = [](int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); };
+    const auto M = act_mul;
     const int64_t N = M(B, T), Q = M(c.H, c.hd), K = M(c.KV, c.hd);
     const bool lo = X != DType::F32;
     const DType F32 = DType::F32;
     auto fs = [&](float** s, int64_t n) { f(reinterpret_cast<void**>(s), n, F32); };
     for (int64_t l = 0; l < c.L; ++l) {
       Saved* s = layers ? &(*layers)[l] : nullptr;
-      fs(s ? &s->x_in : nullptr, M(N, c.C));
-      fs(s ? &s->rstd1 : nullptr, N);
-      f(s ? &s->h1 : nullptr, M(N, c.C), X);
-      f(s ? &s->q : nullptr, M(N, Q), X);
-      f(s ? &s->k : nullptr, M(N, K), X);
-      f(s ? &s->v : nullptr, M(N, K), X);
-      f(s ? &s->att : nullptr, M(N, Q), X);
-      fs(s ? &s->lse : nullptr, M(M(B, c.H), T));
-      fs(s ? &s->x_mid : nullptr, M(N, c.C));
-      fs(s ? &s->rstd2 : nullptr, N);
-      f(s ? &s->h2 : nullptr, M(N, c.C), X);
-      f(s ? &s->gu : nullptr, M(N, M(2, c.F)), X);
-      f(s ? &s->act : nullptr, M(N, c.F), X);
+      saved_fields(c, B, T, X, r, [&](auto Saved::*m, int64_t n, DType t, bool kept) {
+        if (kept) f(s ? reinterpret_cast<void**>(&(s->*m)) : nullptr, n, t);
+      });
     }
+    saved_fields(c, B, T, X, r, [&](auto Saved::*m, int64_t n, DType t, bool kept) {
+      if (!kept) f(a ? reinterpret_cast<void**>(&(a->shared.*m)) : nullptr, n, t);
+    });
     fs(a ? &a->x_final : nullptr, M(N, c.C));
     fs(a ? &a->rstd_f : nullptr, N);
     fs(a ? &a->h_f : nullptr, M(N, c.C));
@@ -98,14 +119,22 @@ struct LlamaModel::Acts {
     f(a ? &a->dyb : nullptr, lo ? dyb_elems(c, N) : 0, X);
   }
 
+  // Points every layer's non-kept fields at the shared slots (after layout has carved them).
+  void share(const LlamaConfig& c, DType X, Recompute r) {
+    for (Saved& s : layers)
+      saved_fields(c, B, T, X, r, [&](auto Saved::*m, int64_t, DType, bool kept) {
+        if (!kept) s.*m = shared.*m;
+      });
+  }
+
   static int64_t head_rows_for(const LlamaConfig& c, int64_t N) {
     return std::max<int64_t>(1, std::min<int64_t>(N, kLogitBytes / 4 / c.V));
   }
 
-  static int64_t bytes(const LlamaConfig& c, int64_t B, int64_t T, DType X) {
+  static int64_t bytes(const LlamaConfig& c, int64_t B, int64_t T, DType X, Recompute r) {
     int64_t total = 0;
     // 64-byte rounding keeps every buffer cache-line aligned.
-    layout(c, B, T, head_rows_for(c, checked_mul(B, T, "tokens")), X, nullptr, nullptr,
+    layout(c, B, T, head_rows_for(c, checked_mul(B, T, "tokens")), X, r, nullptr, nullptr,
            [&](void**, int64_t n, DType t) {
              total = checked_add(total, (checked_mul(n, dtype_size(t), "activations") + 63) / 64 * 64, "activations");
            });
@@ -271,8 +300,14 @@ void LlamaModel::release_buffers() {
   cache_len_ = cache_cap_ = 0;
 }
 
-int64_t LlamaModel::activation_bytes(const LlamaConfig& c, int64_t B, int64_t T, DType compute) {
-  return Acts::bytes(c, B, T, compute);
+int64_t LlamaModel::activation_bytes(const LlamaConfig& c, int64_t B, int64_t T, DType compute, Recompute r) {
+  return Acts::bytes(c, B, T, compute, r);
+}
+
+void LlamaModel::set_recompute(Recompute r) {
+  if (r == recompute_) return;
+  acts_.reset();
+  recompute_ = r;
 }
 
 LlamaModel::Layer LlamaModel::layer(int64_t l) const {
@@ -300,7 +335,7 @@ void LlamaModel::ensure_rope(int64_t P) {
 
 void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
-  const int64_t bytes = Acts::bytes(cfg_, B, T, dt_);
+  const int64_t bytes = Acts::bytes(cfg_, B, T, dt_, recompute_);
   if (!acts_) acts_ = std::make_unique<Acts>();
   Acts& a = *acts_;
   a.B = a.T = 0;
@@ -321,7 +356,7 @@ void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   a.head_rows = Acts::head_rows_for(cfg_, B * T);
   a.layers.resize(static_cast<size_t>(cfg_.L));
   char* cur = static_cast<char*>(a.buf.data());
-  Acts::layout(cfg_, B, T, a.head_rows, dt_, &a.layers, &a, [&](void** slot, int64_t cnt, DType t) {
+  Acts::layout(cfg_, B, T, a.head_rows, dt_, recompute_, &a.layers, &a, [&](void** slot, int64_t cnt, DType t) {
     *slot = cnt > 0 ? cur : nullptr;
     cur += (cnt * dtype_size(t) + 63) / 64 * 64;
   });
@@ -330,6 +365,7 @@ void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   }
   a.B = B;
   a.T = T;
+  a.share(cfg_, dt_, recompute_);
 }
 
 void LlamaModel::ensure_cache(int64_t P) {
@@ -407,54 +443,15 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   Acts& a = *acts_;
   const DType X = dt_;
   const bool lo = X != DType::F32;
-  const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
+  const int64_t N = B * T;
   ensure_rope(T);
-  const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
-  const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
   be.embedding_forward(a.layers[0].x_in, ids_.i32(), w_.f32(), N, c.C, c.V);
   for (int64_t l = 0; l < c.L; ++l) {
     Acts::Saved& s = a.layers[l];
-    const Layer W = layer(l);
+    forward_attention(l, B, T, dropout);
+    forward_mlp_inputs(l, N);
     const float p = dropout ? dropout_rate(l, c.L, dropout->p_max) : 0.0f;
-    if (!lo) {
-      be.rmsnorm_forward(F(s.h1), s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
-      be.linear_forward(X, F(s.q), s.h1, W.wq, N, c.C, Q);
-      be.linear_forward(X, F(s.k), s.h1, W.wk, N, c.C, K);
-      be.linear_forward(X, F(s.v), s.h1, W.wv, N, c.C, K);
-      be.rope_forward(F(s.q), F(s.q), cs, sn, B, T, c.H, c.hd, 0);
-      be.rope_forward(F(s.k), F(s.k), cs, sn, B, T, c.KV, c.hd, 0);
-      be.attention_forward(X, F(s.att), s.lse, s.q, s.k, s.v, ad);
-    } else {
-      be.rmsnorm_forward(a.dh, s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
-      be.convert(s.h1, X, a.dh, DType::F32, N * c.C);
-      be.linear_forward(X, a.dq, s.h1, W.wq, N, c.C, Q);
-      be.linear_forward(X, a.dk, s.h1, W.wk, N, c.C, K);
-      be.linear_forward(X, a.dv, s.h1, W.wv, N, c.C, K);
-      be.rope_forward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
-      be.rope_forward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
-      be.convert(s.q, X, a.dq, DType::F32, N * Q);
-      be.convert(s.k, X, a.dk, DType::F32, N * K);
-      be.convert(s.v, X, a.dv, DType::F32, N * K);
-      be.attention_forward(X, a.datt, s.lse, s.q, s.k, s.v, ad);
-      be.convert(s.att, X, a.datt, DType::F32, N * Q);
-    }
-    be.linear_forward(X, a.tmp, s.att, W.wo, N, Q, c.C);
-    dropout_add(be, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
-                dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 0);
-    float* h2 = lo ? a.dh : F(s.h2);
-    be.rmsnorm_forward(h2, s.rstd2, s.x_mid, W.ln2, N, c.C, c.eps);
-    if (lo) be.convert(s.h2, X, h2, DType::F32, N * c.C);
-    // gate and up stacked; in bf16 mode SwiGLU reads the fp32 product from the dgu scratch and
-    // only its bf16 cast is saved (backward widens it back).
-    float* gu = lo ? a.dgu : F(s.gu);
-    be.linear_forward(X, gu, s.h2, W.wgate, N, c.C, 2 * c.F);
-    float* act = lo ? a.dact : F(s.act);
-    be.swiglu_forward(act, gu, gu + c.F, N, c.F, 2 * c.F);
-    if (lo) {
-      be.convert(s.gu, X, gu, DType::F32, N * 2 * c.F);
-      be.convert(s.act, X, act, DType::F32, N * c.F);
-    }
-    be.linear_forward(X, a.tmp, s.act, W.wdown, N, c.F, c.C);
+    be.linear_forward(X, a.tmp, s.act, layer(l).wdown, N, c.F, c.C);
     float* next = l + 1 < c.L ? a.layers[l + 1].x_in : a.x_final;
     dropout_add(be, next, s.x_mid, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 1);
@@ -462,6 +459,74 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   const float* wnorm = w_.f32() + info_[1 + c.L * kPerLayer].offset;
   be.rmsnorm_forward(a.h_f, a.rstd_f, a.x_final, wnorm, N, c.C, c.eps);
   if (lo) be.convert(a.h_fx, X, a.h_f, DType::F32, N * c.C);
+}
+
+// Layer l from its input x_in through the attention branch to the MLP's normed input h2, filling
+// the layer's slots. Shared by the forward pass and by backward's recomputation (Recompute::All),
+// so a recomputed layer runs exactly the ops the forward ran. Of the scratch it writes only tmp
+// and the fp32 buffers bf16 mode routes results through, none of them live between layers (so
+// never the residual gradient dx that backward carries into the layer).
+void LlamaModel::forward_attention(int64_t l, int64_t B, int64_t T, const DropoutConfig* dropout) {
+  const LlamaConfig& c = cfg_;
+  Backend& be = *be_;
+  Acts& a = *acts_;
+  const DType X = dt_;
+  const bool lo = X != DType::F32;
+  const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
+  const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
+  const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
+  Acts::Saved& s = a.layers[l];
+  const Layer W = layer(l);
+  const float p = dropout ? dropout_rate(l, c.L, dropout->p_max) : 0.0f;
+  if (!lo) {
+    be.rmsnorm_forward(F(s.h1), s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
+    be.linear_forward(X, F(s.q), s.h1, W.wq, N, c.C, Q);
+    be.linear_forward(X, F(s.k), s.h1, W.wk, N, c.C, K);
+    be.linear_forward(X, F(s.v), s.h1, W.wv, N, c.C, K);
+    be.rope_forward(F(s.q), F(s.q), cs, sn, B, T, c.H, c.hd, 0);
+    be.rope_forward(F(s.k), F(s.k), cs, sn, B, T, c.KV, c.hd, 0);
+    be.attention_forward(X, F(s.att), s.lse, s.q, s.k, s.v, ad);
+  } else {
+    be.rmsnorm_forward(a.dh, s.rstd1, s.x_in, W.ln1, N, c.C, c.eps);
+    be.convert(s.h1, X, a.dh, DType::F32, N * c.C);
+    be.linear_forward(X, a.dq, s.h1, W.wq, N, c.C, Q);
+    be.linear_forward(X, a.dk, s.h1, W.wk, N, c.C, K);
+    be.linear_forward(X, a.dv, s.h1, W.wv, N, c.C, K);
+    be.rope_forward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
+    be.rope_forward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
+    be.convert(s.q, X, a.dq, DType::F32, N * Q);
+    be.convert(s.k, X, a.dk, DType::F32, N * K);
+    be.convert(s.v, X, a.dv, DType::F32, N * K);
+    be.attention_forward(X, a.datt, s.lse, s.q, s.k, s.v, ad);
+    be.convert(s.att, X, a.datt, DType::F32, N * Q);
+  }
+  be.linear_forward(X, a.tmp, s.att, W.wo, N, Q, c.C);
+  dropout_add(be, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
+              dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 0);
+  float* h2 = lo ? a.dh : F(s.h2);
+  be.rmsnorm_forward(h2, s.rstd2, s.x_mid, W.ln2, N, c.C, c.eps);
+  if (lo) be.convert(s.h2, X, h2, DType::F32, N * c.C);
+}
+
+// Layer l's MLP from h2 up to the down projection's input: gate/up and the SwiGLU output.
+// Shared by the forward pass and by backward's recomputation (Recompute::Mlp and All).
+void LlamaModel::forward_mlp_inputs(int64_t l, int64_t N) {
+  const LlamaConfig& c = cfg_;
+  Backend& be = *be_;
+  Acts& a = *acts_;
+  const DType X = dt_;
+  const bool lo = X != DType::F32;
+  Acts::Saved& s = a.layers[l];
+  // gate and up stacked; in bf16 mode SwiGLU reads the fp32 product from the dgu scratch and
+  // only its bf16 cast is saved (backward widens it back).
+  float* gu = lo ? a.dgu : F(s.gu);
+  be.linear_forward(X, gu, s.h2, layer(l).wgate, N, c.C, 2 * c.F);
+  float* act = lo ? a.dact : F(s.act);
+  be.swiglu_forward(act, gu, gu + c.F, N, c.F, 2 * c.F);
+  if (lo) {
+    be.convert(s.gu, X, gu, DType::F32, N * 2 * c.F);
+    be.convert(s.act, X, act, DType::F32, N * c.F);
+  }
 }
 
 void LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
@@ -559,6 +624,10 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
   be.rmsnorm_backward(a.dx, g_.f32() + norm_info.offset, a.dh, a.x_final, w_.f32() + norm_info.offset, a.rstd_f,
                       N, c.C, false);
   for (int64_t l = c.L - 1; l >= 0; --l) {
+    // What this layer did not keep is rebuilt into the shared slots from what it did (x_in, or
+    // h2 under Mlp); the scratch the forward borrows holds nothing live between layers.
+    if (recompute_ == Recompute::All) forward_attention(l, B, T, &dropout);
+    if (recompute_ != Recompute::None) forward_mlp_inputs(l, N);
     Acts::Saved& s = a.layers[l];
     const Layer W = layer(l);
     const float p = dropout_rate(l, c.L, dropout.p_max);

@@ -55,6 +55,17 @@ struct DropoutConfig {
   int64_t row_offset = 0;
 };
 
+/**
+ * Activation recomputation: which per-layer activations a training step keeps for backward and
+ * which it recomputes there from what it kept, trading compute for memory. The recomputed
+ * forward runs the same ops in the same order (and dropout masks are a pure function of their
+ * site), so losses and gradients are bit-identical in every mode.
+ *   None: every layer keeps all it saves.
+ *   Mlp:  gate/up and the SwiGLU output (3F of a layer's widest tensors) are recomputed from h2.
+ *   All:  a layer keeps only its input; its whole forward is re-run before its backward.
+ */
+enum class Recompute { None, Mlp, All };
+
 class LlamaModel {
  public:
   // Throws KernelError for an inconsistent config and OutOfMemory when weights, gradients (and
@@ -83,7 +94,12 @@ class LlamaModel {
 
   // Bytes of activation memory a (B, T) training step needs beyond weights and gradients.
   static int64_t activation_bytes(const LlamaConfig& cfg, int64_t B, int64_t T,
-                                  DType compute = DType::F32);
+                                  DType compute = DType::F32, Recompute recompute = Recompute::None);
+
+  // A new mode takes effect at the next step: the activation buffers are released (they are
+  // carved for one mode) and regrown on demand.
+  void set_recompute(Recompute r);
+  Recompute recompute() const { return recompute_; }
 
   // Forward + loss + backward for one micro-batch; gradients accumulate (+=) into the grads.
   // ids, labels [B, T] host arrays; labels[b, t] is predicted from position t-1 and -100 is
@@ -122,6 +138,8 @@ class LlamaModel {
   void ensure_cache(int64_t P);
   void upload_ids(const int32_t* ids, int64_t n);
   void forward_layers(int64_t B, int64_t T, const DropoutConfig* dropout);
+  void forward_attention(int64_t l, int64_t B, int64_t T, const DropoutConfig* dropout);
+  void forward_mlp_inputs(int64_t l, int64_t N);
   // Logits chunk by chunk, their loss added to the backend's accumulator (see take_loss) and,
   // with backward, the head's gradient; d(final norm output) lands in acts_->dh.
   void head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
@@ -134,6 +152,7 @@ class LlamaModel {
   LlamaConfig cfg_;
   std::unique_ptr<Backend> be_;
   DType dt_;
+  Recompute recompute_ = Recompute::None;
   std::vector<ParamInfo> info_;
   int64_t n_params_ = 0, n_bf16_ = 0;
   Buffer w_, g_, wb_;  // fp32 weights (the master copy), fp32 grads, bf16 working copies

@@ -9,7 +9,7 @@ import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/s
 import { Rng } from '../util/rng.js';
 import { expectI32, expectInt, expectNumber, fail, LimaDisposedError } from '../validate.js';
 import { checkModelSize, ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
-import { nativeLlama, type NativeLlama, type NativeLlamaCtor, type NativePrecision, type ParamInfo } from './native-model.js';
+import { nativeLlama, type NativeLlama, type NativeLlamaCtor, type NativePrecision, type ParamInfo, type Recompute } from './native-model.js';
 import { resolveDevice, type Device } from '../native.js';
 import { preferredPrecision } from '../kernels/system.js';
 import { GENERATION_DEFAULTS, resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
@@ -102,6 +102,16 @@ export function resolvePrecision(p: Precision | undefined, device: 'cpu' | 'cuda
   return device === 'cuda' ? 'bf16' : preferredPrecision().precision;
 }
 
+/** The recomputation modes, in order of decreasing activation memory. */
+export const RECOMPUTE_MODES: readonly Recompute[] = ['none', 'mlp', 'all'];
+
+/** A recompute mode, checked (undefined: 'none'). */
+export function resolveRecompute(r: Recompute | undefined): Recompute {
+  const v = r ?? 'none';
+  if (!RECOMPUTE_MODES.includes(v)) fail("'none' | 'mlp' | 'all'", 'recompute', v);
+  return v;
+}
+
 /** Where a model is created: precision and device (see LlamaModel.create). */
 export interface PlacementOptions {
   precision?: Precision;
@@ -147,6 +157,7 @@ export class LlamaModel implements AsyncDisposable {
   // invalidates it: both take turns through this chain (later callers wait, they never interleave).
   private cacheTurn: Promise<void> = Promise.resolve();
   private info: { params: ParamInfo[]; numParams: number; precision: NativePrecision; device: string };
+  private recomputeMode: Recompute = 'none';
   /**
    * How text prompts are laid out as a conversation (saved as lima-chat-layout.json by `save`,
    * read back by fromPretrained); null: text prompts are continued as plain text.
@@ -177,6 +188,10 @@ export class LlamaModel implements AsyncDisposable {
   get precision(): NativePrecision {
     return this.info.precision;
   }
+  /** Which activations training steps recompute in backward (see setRecompute). */
+  get recompute(): Recompute {
+    return this.recomputeMode;
+  }
   /** Where the model lives: 'cpu' or 'cuda:N'. */
   get device(): string {
     return this.info.device;
@@ -195,9 +210,14 @@ export class LlamaModel implements AsyncDisposable {
     return { device: this.info.device, precision: this.info.precision, ...this.native.paths() };
   }
 
-  /** Bytes of activation memory one (batch, seqLen) training step needs besides weights and gradients. */
-  static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision): number {
-    return nativeLlama().activationBytes(config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1), resolvePrecision(precision));
+  /**
+   * Bytes of activation memory one (batch, seqLen) training step needs besides weights and
+   * gradients, with the given recomputation (default 'none').
+   */
+  static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision, recompute?: Recompute): number {
+    return nativeLlama().activationBytes(
+      config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1), resolvePrecision(precision), resolveRecompute(recompute),
+    );
   }
 
   // Validates precision before anything is read, then sizes the model against the device's memory.
@@ -364,6 +384,19 @@ export class LlamaModel implements AsyncDisposable {
     this.check();
     this.param(name);
     return this.native.getGrad(name);
+  }
+
+  /**
+   * Chooses which activations training steps recompute in backward instead of keeping them from
+   * forward: 'none' (default), 'mlp' or 'all' (see Recompute). Results are bit-identical in every
+   * mode; less memory costs more time. Takes effect at the next step.
+   */
+  async setRecompute(mode: Recompute): Promise<void> {
+    this.check();
+    if (mode === undefined) fail("'none' | 'mlp' | 'all'", 'recompute', mode);
+    const r = resolveRecompute(mode);
+    await this.native.setRecompute(r);
+    this.recomputeMode = r;
   }
 
   /** Sets every gradient to zero (before accumulating a new optimizer batch). */
@@ -556,6 +589,7 @@ export class LlamaModel implements AsyncDisposable {
     const cfg = { ...this.cfg, vocabSize };
     const next = new this.placement.ctor(cfg, this.precision, this.placement.gpu);
     try {
+      await next.setRecompute(this.recomputeMode);
       for (const p of this.params) {
         const w = await this.native.getTensor(p.name);
         if (p.name === 'model.embed_tokens.weight' || p.name === 'lm_head.weight') {
@@ -694,4 +728,4 @@ async function exists(p: string): Promise<boolean> {
   }
 }
 
-export { ConfigError, type ParamInfo };
+export { ConfigError, type ParamInfo, type Recompute };

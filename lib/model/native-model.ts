@@ -14,6 +14,14 @@ export interface ParamInfo {
 /** The dtype a native model computes in (products and their inputs; state stays fp32). */
 export type NativePrecision = 'fp32' | 'bf16';
 
+/**
+ * Activation recomputation of training steps: which per-layer activations are recomputed in
+ * backward instead of kept from forward. 'none' keeps all; 'mlp' recomputes gate/up and SwiGLU
+ * from the MLP's input; 'all' keeps only each layer's input and re-runs the layer's forward.
+ * Losses and gradients are bit-identical in every mode; only memory and time differ.
+ */
+export type Recompute = 'none' | 'mlp' | 'all';
+
 /** Residual dropout of one training micro-step. */
 export interface NativeDropout {
   pMax: number;
@@ -27,6 +35,8 @@ export interface NativeLlama {
   info(): { numParams: number; params: ParamInfo[]; precision: NativePrecision; device: string };
   /** Code paths the model's ops take now: the fp32 ISA and the bf16 product path. */
   paths(): { isa: string; bf16Path: string };
+  /** Takes effect at the next step (queued behind running calls). */
+  setRecompute(mode: Recompute): Promise<void>;
   setTensor(name: string, data: Float32Array): Promise<void>;
   getTensor(name: string): Promise<Float32Array>;
   getGrad(name: string): Promise<Float32Array>;
@@ -46,7 +56,7 @@ export interface NativeLlama {
 /** NativeLlama's constructor: the CPU addon's (no device) or the CUDA module's (a GPU index). */
 export interface NativeLlamaCtor {
   new (config: LlamaConfig, precision?: NativePrecision, gpu?: number): NativeLlama;
-  activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision): number;
+  activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision, recompute?: Recompute): number;
 }
 
 /** The constructor of native models (loads the addon on first use). */

@@ -14,7 +14,7 @@ import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promis
 import { basename, join, resolve } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers, type TrainDev } from '../data/index.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
-import { LlamaModel, resolvePrecision, type CodePaths, type Precision } from '../model/llama.js';
+import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
 import { writeAtomic, WriteError } from '../util/fs.js';
@@ -52,6 +52,13 @@ export interface FinetuneOptions {
   microBatchSize?: number;
   /** Bytes of activation memory a micro-batch may use (default: half the free memory, at most 8 GiB). */
   memoryBudget?: number;
+  /**
+   * Activations recomputed in backward instead of kept: 'none', 'mlp' or 'all' (least memory,
+   * about one more forward pass of time). Results are bit-identical in every mode, so a resume
+   * may change it freely. Default: the checkpoint's on resume, else the given model's
+   * (LlamaModel.recompute), else 'none'.
+   */
+  recompute?: Recompute;
   lr?: number;
   lrFinal?: number;
   warmupSteps?: number;
@@ -238,6 +245,8 @@ export interface Hparams {
   /** sha256 of the chat template, or null for the plain layout. */
   chatTemplate: string | null;
   devGeneration: (SamplingOptions & { maxNewTokens?: number }) | false;
+  /** Recomputation in backward (absent in checkpoints from before it: 'none'); never changes results. */
+  recompute: Recompute;
 }
 
 interface TrainerState {
@@ -264,6 +273,9 @@ const STATE_FILE = 'trainer-state.json';
 const OPTIM_FILE = 'optimizer.safetensors';
 const WEIGHTS_FILE = 'model.safetensors';
 const LOCK_FILE = '.lima-run.lock';
+// Settings that change memory and time but never results: a resume records a change of them and
+// needs no allowChanges for it.
+const FREE_CHANGES = new Set<string>(['recompute']);
 // Settings that decide which examples form which batch: changing them mid-epoch has no meaning.
 const EPOCH_BOUNDARY_ONLY = new Set(['data', 'devData', 'trainExamples', 'batchSize', 'seed', 'maxLength', 'trainOnPrompt', 'roles', 'chatTemplate']);
 
@@ -336,6 +348,8 @@ interface Settings {
   keepLast: number;
   genOpts: (SamplingOptions & { maxNewTokens?: number }) | null;
   allowChanges: Set<string>;
+  /** undefined: not asked for (see FinetuneOptions.recompute). */
+  recompute?: Recompute;
 }
 
 function resolveOptions(o: FinetuneOptions): Settings {
@@ -377,15 +391,16 @@ function resolveOptions(o: FinetuneOptions): Settings {
     keepLast: expectInt(o.keepLast ?? 1, 'keepLast', 1),
     genOpts,
     allowChanges: new Set(allow),
+    recompute: o.recompute === undefined ? undefined : resolveRecompute(o.recompute),
   };
 }
 
 const HPARAM_KEYS: (keyof Hparams)[] = [
   'model', 'data', 'devData', 'trainExamples', 'epochs', 'batchSize', 'lr', 'lrFinal', 'warmupSteps', 'beta1', 'beta2', 'eps',
-  'weightDecay', 'dropout', 'maxLength', 'seed', 'gradClip', 'trainOnPrompt', 'roles', 'chatTemplate', 'devGeneration',
+  'weightDecay', 'dropout', 'maxLength', 'seed', 'gradClip', 'trainOnPrompt', 'roles', 'chatTemplate', 'devGeneration', 'recompute',
 ];
 
-function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExamples: number): Hparams {
+function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExamples: number, recompute: Recompute): Hparams {
   return {
     model: typeof o.model === 'string' ? resolve(o.model) : '(a LlamaModel object)',
     data: resolve(o.data),
@@ -408,6 +423,7 @@ function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExam
     roles: o.roles ?? null,
     chatTemplate: o.chatTemplate === undefined ? null : createHash('sha256').update(o.chatTemplate).digest('hex'),
     devGeneration: s.genOpts ?? false,
+    recompute,
   };
 }
 
@@ -525,6 +541,8 @@ async function readState(dir: string): Promise<TrainerState> {
     if (typeof s.hparams !== 'object' || s.hparams === null) stateError(file, 'an object', 'hparams', s.hparams);
     if (typeof s.devPending !== 'boolean') stateError(file, 'true or false', 'devPending', s.devPending);
     if (!Array.isArray(s.changes)) stateError(file, 'an array', 'changes', s.changes);
+    const rc = (s.hparams as Partial<Hparams>).recompute;
+    if (rc !== undefined && !RECOMPUTE_MODES.includes(rc)) stateError(file, "'none' | 'mlp' | 'all'", 'hparams.recompute', rc);
   } else if (s.version !== 1) stateError(file, 'version 1 or 2', 'version', s.version);
   return s as unknown as TrainerState;
 }
@@ -608,7 +626,7 @@ function compareHparams(saved: Hparams, now: Hparams, allow: Set<string>, from: 
     const b = now[k] === undefined ? null : now[k];
     if (JSON.stringify(a) !== JSON.stringify(b)) changes.push({ key: k, from: a, to: b });
   }
-  const refused = changes.filter((c) => !allow.has(c.key));
+  const refused = changes.filter((c) => !allow.has(c.key) && !FREE_CHANGES.has(c.key));
   const fmt = (c: { key: string; from: unknown; to: unknown }) => `${c.key}: ${JSON.stringify(c.from)} → ${JSON.stringify(c.to)}`;
   if (refused.length)
     throw new FinetuneError(
@@ -682,7 +700,12 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     if (model.tokenizer) model.layout = { roles: o.roles, chatTemplate: o.chatTemplate };
     const stepsPerEpoch = Math.ceil(data.train.length / s.batchSize);
     const totalSteps = s.epochs * stepsPerEpoch;
-    const hparams = hparamsOf(o, s, maxLength, data.train.length);
+    // Unset, recomputation is the checkpoint's (those from before it ran without), else the given
+    // model's ('none' for one loaded here).
+    const recompute = s.recompute ?? (resumed ? (resumed.hparams?.recompute ?? 'none') : model.recompute);
+    await model.setRecompute(recompute);
+    if (resumed?.version === 2) resumed.hparams.recompute ??= 'none';
+    const hparams = hparamsOf(o, s, maxLength, data.train.length, recompute);
     let st: TrainerState;
     if (resumed) {
       if (resumed.version === 2) {
@@ -909,7 +932,7 @@ function defaultActivationBudget(model: LlamaModel): number {
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
   const limit = budget ?? defaultActivationBudget(model);
   let m = batchSize;
-  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision) > limit) m = Math.ceil(m / 2);
+  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision, model.recompute) > limit) m = Math.ceil(m / 2);
   return m;
 }
 

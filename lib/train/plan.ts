@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
 import { Llama2cReader } from '../io/llama2c.js';
 import { parameterShapes, parseHfConfig, type LlamaConfig } from '../model/config.js';
-import { LlamaModel } from '../model/llama.js';
+import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
 import { resolveDevice } from '../native.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { expectInt } from '../validate.js';
@@ -20,13 +20,18 @@ export interface MemoryPlan {
   gradients: number;
   /** AdamW first and second moments (fp32). */
   optimizer: number;
-  /** Activations of one micro-batch at the longest row (bf16: as fp32 for now). */
+  /** Activations of one micro-batch at the longest row, in this row's precision, with the plan's recompute. */
   activations: number;
   total: number;
   /** total <= this machine's physical memory. */
   fitsTotal: boolean;
   /** total <= the memory free right now. */
   fitsFree: boolean;
+  /**
+   * Only when the run does not fit in free memory: the least recomputation beyond the plan's
+   * with which it would, or null when none would (see recomputeToFit).
+   */
+  recomputeToFit?: Recompute | null;
 }
 
 /** The result of planFinetune. */
@@ -43,6 +48,8 @@ export interface FinetunePlan {
   epochs: number;
   batchSize: number;
   microBatchSize: number;
+  /** The activation recomputation the memory figures (and measured steps) assume. */
+  recompute: Recompute;
   stepsPerEpoch: number;
   memory: { fp32: MemoryPlan; bf16: MemoryPlan };
   /** The device the run would use ('cpu' or 'cuda:N (name)') and its memory; on a GPU free = total. */
@@ -95,6 +102,18 @@ export function memoryPlan(parameters: number, activations: number, precision: '
 }
 
 /**
+ * The least recomputation after `from` (in the order none, mlp, all) with which a run fits in
+ * the memory free now, or null when none does; `activations(r)` is a micro-batch's bytes with r.
+ */
+export function recomputeToFit(
+  parameters: number, precision: 'fp32' | 'bf16', from: Recompute, activations: (r: Recompute) => number,
+  machine = { totalBytes: totalmem(), freeBytes: freemem() },
+): Recompute | null {
+  const later = RECOMPUTE_MODES.slice(RECOMPUTE_MODES.indexOf(from) + 1);
+  return later.find((r) => memoryPlan(parameters, activations(r), precision, machine).fitsFree) ?? null;
+}
+
+/**
  * Plans a fine-tune with the same options as finetune(): reads the config (not the weights) and
  * the data, computes memory, and — when the fp32 run fits in free memory and the model is a path —
  * loads it and times `measureSteps` (default 3) optimizer steps on the first batches of epoch 1
@@ -107,6 +126,8 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const batchSize = expectInt(o.batchSize ?? LIMA_DEFAULTS.batchSize, 'batchSize', 1);
   const measureSteps = expectInt(o.measureSteps ?? 3, 'measureSteps', 0);
   const seed = o.seed ?? 0;
+  // As finetune(): unset, a given model's own setting.
+  const recompute = resolveRecompute(o.recompute ?? (typeof o.model === 'string' ? undefined : o.model.recompute));
   const tokenizer = loaded.tokenizer ?? undefined;
   const data = await loadTrainDev(o.data, {
     tokenizer, dev: o.devData, seed, roles: o.roles, chatTemplate: o.chatTemplate, trainOnPrompt: o.trainOnPrompt,
@@ -126,15 +147,23 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   // finetune()'s default micro-batch: halve the batch until its activations fit the budget (on a
   // GPU: what the device has after the bf16 run's weights, gradients and moments, less 10 %).
   const budget = o.memoryBudget ?? (machine.device === 'cpu' ? Math.min(8 * 2 ** 30, machine.freeBytes / 2) : 0.9 * machine.totalBytes - 18 * parameters);
+  // The run's precision (a GPU's default is bf16) sizes the micro-batch; each row of the plan
+  // counts its own precision's activations.
+  const runPrecision = resolvePrecision(o.precision, machine.device === 'cpu' ? 'cpu' : 'cuda');
   let micro = o.microBatchSize ?? batchSize;
   if (o.microBatchSize === undefined)
-    while (micro > 1 && LlamaModel.activationBytes(config, micro, longestRow) > budget) micro = Math.ceil(micro / 2);
-  const activations = LlamaModel.activationBytes(config, Math.min(micro, batchSize), longestRow);
+    while (micro > 1 && LlamaModel.activationBytes(config, micro, longestRow, runPrecision, recompute) > budget) micro = Math.ceil(micro / 2);
+  const memory = (precision: 'fp32' | 'bf16') => {
+    const activationsWith = (r: Recompute) => LlamaModel.activationBytes(config, Math.min(micro, batchSize), longestRow, precision, r);
+    const m = memoryPlan(parameters, activationsWith(recompute), precision, machine);
+    if (!m.fitsFree) m.recomputeToFit = recomputeToFit(parameters, precision, recompute, activationsWith, machine);
+    return m;
+  };
   const stepsPerEpoch = Math.ceil(train.length / batchSize);
   const plan: FinetunePlan = {
     config, parameters, trainExamples: train.length, devExamples: data.dev.length, tokensPerEpoch, targetTokensPerEpoch,
-    longestRow, epochs, batchSize, microBatchSize: micro, stepsPerEpoch,
-    memory: { fp32: memoryPlan(parameters, activations, 'fp32', machine), bf16: memoryPlan(parameters, activations, 'bf16', machine) },
+    longestRow, epochs, batchSize, microBatchSize: micro, recompute, stepsPerEpoch,
+    memory: { fp32: memory('fp32'), bf16: memory('bf16') },
     machine,
   };
   if (measureSteps === 0) {
@@ -146,8 +175,7 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
     return plan;
   }
   const where = { device: o.device, precision: o.precision };
-  const timed = machine.device === 'cpu' && (o.precision ?? 'fp32') === 'fp32' ? plan.memory.fp32 : plan.memory.bf16;
-  if (!timed.fitsFree) {
+  if (!plan.memory[runPrecision].fitsFree) {
     plan.notMeasured = 'the run does not fit in free memory';
     return plan;
   }
@@ -155,6 +183,7 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const m = modelPath.endsWith('.bin') ? await LlamaModel.fromLlama2c(modelPath, where) : await LlamaModel.fromPretrained(modelPath, where);
   try {
     if (m.config.vocabSize < config.vocabSize) await m.resizeVocab(config.vocabSize);
+    await m.setRecompute(recompute);
     const batches = epochBatches(train, { batchSize, seed, epoch: 0 }).slice(0, measureSteps);
     const pMax = o.dropout ?? LIMA_DEFAULTS.dropout;
     let seconds = 0;
@@ -193,13 +222,15 @@ export function formatPlan(p: FinetunePlan): string {
   const c = p.config;
   const mem = (name: string, m: MemoryPlan) =>
     `  ${name.padEnd(5)} weights ${gib(m.weights)}, gradients ${gib(m.gradients)}, optimizer ${gib(m.optimizer)}, activations ${gib(m.activations)} = ${gib(m.total)}: ` +
-    (m.fitsFree ? 'fits in free memory' : m.fitsTotal ? 'fits in this machine but not in the memory free now' : 'does NOT fit in this machine');
+    (m.fitsFree ? 'fits in free memory' : m.fitsTotal ? 'fits in this machine but not in the memory free now' : 'does NOT fit in this machine') +
+    (m.recomputeToFit ? `; with --recompute ${m.recomputeToFit} it would fit in free memory`
+      : m.recomputeToFit === null && p.recompute !== 'all' ? '; no --recompute setting makes it fit' : '');
   return [
     `model: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads (${c.numKvHeads} kv, head dim ${c.headDim}), vocab ${c.vocabSize}: ${p.parameters.toLocaleString('en-US')} parameters`,
     `data: ${p.trainExamples} training examples, ${p.devExamples} dev; ${p.tokensPerEpoch.toLocaleString('en-US')} tokens per epoch (${p.targetTokensPerEpoch.toLocaleString('en-US')} targets), longest row ${p.longestRow}`,
     `schedule: ${p.epochs} epochs x ${p.stepsPerEpoch} steps of batch ${p.batchSize} (micro-batch ${p.microBatchSize})`,
     ...(p.machine.fallback ? [`device auto: planning for the CPU (${p.machine.fallback.replace(/^lima-native: /, '')})`] : []),
-    `memory (${p.machine.device}: ${gib(p.machine.totalBytes)}, ${gib(p.machine.freeBytes)} free):`,
+    `memory with --recompute ${p.recompute} (${p.machine.device}: ${gib(p.machine.totalBytes)}, ${gib(p.machine.freeBytes)} free):`,
     mem('fp32', p.memory.fp32),
     mem('bf16', p.memory.bf16),
     p.measured

@@ -144,6 +144,12 @@ export function finetuneCommand(): Command {
       .addOption(opt('--batch-size <n>', 'examples per optimizer step', int({ min: 1 }), L.batchSize))
       .addOption(opt('--micro-batch-size <n>', 'rows per forward/backward (default: what fits --memory-budget)', int({ min: 1 })))
       .addOption(opt('--memory-budget <bytes>', 'activation memory a micro-batch may use (default: half the free memory, at most 8 GiB)', int({ min: 1 })))
+      .addOption(
+        new Option(
+          '--recompute <mode>',
+          "activations recomputed in backward instead of kept, for less memory at the same results: none, mlp (gate/up and SwiGLU) or all (each layer's forward re-run) (default: none, or the checkpoint's on --resume)",
+        ).choices(['none', 'mlp', 'all']),
+      )
       .addOption(opt('--lr <x>', 'peak learning rate', num({ min: 0 }), L.lr))
       .addOption(opt('--lr-final <x>', 'learning rate at the last step (linear decay)', num({ min: 0 }), L.lrFinal))
       .addOption(opt('--warmup-steps <n>', 'linear warmup steps', int(), L.warmupSteps))

@@ -40,11 +40,13 @@ int bench_train(const TrainBenchOptions& o, double peak_tflops, const char* peak
   const LlamaConfig c = shape(o.model);
   const DType dt = o.fp32 ? DType::F32 : DType::BF16;
   const int64_t T = o.seq;
+  const Recompute rc = o.recompute == "all" ? Recompute::All : o.recompute == "mlp" ? Recompute::Mlp : Recompute::None;
   try {
     auto be = std::make_unique<CudaBackend>(0);
     CudaBackend* cuda = be.get();
     LlamaModel m(c, std::move(be), dt);
     m.init_normal(1, 0.02f);
+    m.set_recompute(rc);
     // Moments now, so the batch is sized against everything a step keeps.
     m.adamw_step(AdamWParams{});
     m.zero_grads();
@@ -52,11 +54,12 @@ int bench_train(const TrainBenchOptions& o, double peak_tflops, const char* peak
     int64_t B = o.batch;
     if (B == 0) {
       B = 16;
-      while (B > 1 && static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt)) > 0.9 * static_cast<double>(free_b)) B /= 2;
+      while (B > 1 && static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, rc)) > 0.9 * static_cast<double>(free_b)) B /= 2;
     }
-    std::printf("BENCH train %s: %lld params, %s, micro-batch %lld x %lld, activations %.2f GiB, %.2f GiB free before\n",
-                o.model.c_str(), static_cast<long long>(m.num_params()), dtype_name(dt), static_cast<long long>(B),
-                static_cast<long long>(T), LlamaModel::activation_bytes(c, B, T, dt) / 1073741824.0, free_b / 1073741824.0);
+    std::printf("BENCH train %s: %lld params, %s, recompute %s, micro-batch %lld x %lld, activations %.2f GiB, %.2f GiB free before\n",
+                o.model.c_str(), static_cast<long long>(m.num_params()), dtype_name(dt), o.recompute.c_str(),
+                static_cast<long long>(B), static_cast<long long>(T),
+                LlamaModel::activation_bytes(c, B, T, dt, rc) / 1073741824.0, free_b / 1073741824.0);
     std::vector<int32_t> ids(static_cast<size_t>(B * T));
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 2654435761u) % static_cast<uint64_t>(c.V));
     DropoutConfig d;

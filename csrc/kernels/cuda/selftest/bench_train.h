@@ -14,7 +14,7 @@ struct TrainBenchOptions {
   int64_t seq = 2048;
   int steps = 5;
   bool fp32 = false;            // parity mode instead of bf16
-  std::string recompute = "none";
+  std::string recompute = "none";  // "none" | "mlp" | "all" (activation recomputation)
 };
 
 /**

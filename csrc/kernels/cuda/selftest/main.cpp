@@ -6,6 +6,7 @@
 //   lima_cuda_selftest --quick    small shapes only (for compute-sanitizer)
 //   lima_cuda_selftest --bench    kernel timings with the ceilings measured in the same run
 //   lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]
+//                                 [--recompute none|mlp|all]
 //                                 training throughput and MFU of the model on the CUDA backend
 //   lima_cuda_selftest --filter S only checks whose name contains S
 // Exit status: 0 all passed, 1 some failed, 2 no usable CUDA device (the reason is printed),
@@ -725,10 +726,14 @@ int main(int argc, char** argv) {
     else if (a == "--seq" && has && count(argv[i + 1], 1) > 0) tb.seq = count(argv[++i], 1);
     else if (a == "--steps" && has && count(argv[i + 1], 1) > 0) tb.steps = static_cast<int>(count(argv[++i], 1));
     else if (a == "--fp32") tb.fp32 = true;
+    else if (a == "--recompute" && has && (std::string(argv[i + 1]) == "none" || std::string(argv[i + 1]) == "mlp" ||
+                                           std::string(argv[i + 1]) == "all"))
+      tb.recompute = argv[++i];
     else {
       std::fprintf(stderr,
                    "usage: lima_cuda_selftest [--quick] [--bench] [--filter SUBSTRING]\n"
-                   "       lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]\n");
+                   "       lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]\n"
+                   "                                  [--recompute none|mlp|all]\n");
       return 3;
     }
   }

@@ -197,6 +197,30 @@ void decode_parity(const Shape& s, DType dt, const Run& run, const Report& repor
   });
 }
 
+// Recompute::All on the GPU against Recompute::None on the GPU: the same ops in the same order,
+// so loss and gradients must be equal bit for bit (deterministic kernels, no atomics).
+void recompute_identity(const Shape& s, DType dt, const Run& run, const Report& report) {
+  const std::string name = std::string("model recompute all == none ") + s.name + " " + dtype_name(dt);
+  run(name, [&] {
+    std::vector<int32_t> ids, labels;
+    batch(s.cfg, s.B, s.T, &ids, &labels);
+    auto a = make(s.cfg, true, dt);
+    auto b = make(s.cfg, true, dt);
+    b->set_recompute(Recompute::All);
+    const double norm = static_cast<double>(s.B * s.T);
+    const double la = a->train_step(ids.data(), labels.data(), s.B, s.T, norm, dropout(3));
+    const double lb = b->train_step(ids.data(), labels.data(), s.B, s.T, norm, dropout(3));
+    int64_t differing = 0;
+    for (const ParamInfo& p : a->params()) {
+      const Vec ga = read(*a, p.name, ParamKind::Grad), gb = read(*b, p.name, ParamKind::Grad);
+      differing += std::memcmp(ga.data(), gb.data(), 4 * ga.size()) != 0;
+    }
+    report(name, la == lb && differing == 0,
+           "loss " + std::to_string(la) + (la == lb ? " equal" : " vs " + std::to_string(lb)) + "; " +
+               std::to_string(differing) + " gradient tensors differ");
+  });
+}
+
 uint32_t bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -252,7 +276,10 @@ void test_model(bool quick, const Run& run, const Report& report) {
       step_parity(s, dt, run, report);
       decode_parity(s, dt, run, report);
     }
-  for (DType dt : {DType::F32, DType::BF16}) curve(shapes[0], dt, quick ? 5 : 20, run, report);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    curve(shapes[0], dt, quick ? 5 : 20, run, report);
+    recompute_identity(shapes[0], dt, run, report);
+  }
 }
 
 }  // namespace lima::selftest
