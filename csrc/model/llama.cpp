@@ -387,12 +387,29 @@ void LlamaModel::ensure_cache(int64_t P) {
   cache_cap_ = cap;
 }
 
-void LlamaModel::upload_ids(const int32_t* ids, int64_t n) {
-  if (ids_.bytes() < 4 * n) {
+int64_t LlamaModel::upload_inputs(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T) {
+  const int64_t N = B * T;
+  if (ids_.bytes() < 4 * N) {
     ids_.reset();
-    ids_ = be_->alloc_i32(n, "token ids");
+    ids_ = be_->alloc_i32(N, "token ids");
   }
-  be_->upload(ids_.data(), ids, 4 * n);
+  be_->upload(ids_.data(), ids, 4 * N);
+  if (!labels) return 0;
+  // Position t predicts labels[t + 1]; the last position of each row has no target.
+  int64_t n_targets = 0;
+  host_targets_.resize(static_cast<size_t>(N));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t y = t + 1 < T ? labels[b * T + t + 1] : kIgnore;
+      host_targets_[b * T + t] = y;
+      n_targets += y != kIgnore;
+    }
+  if (targets_.bytes() < 4 * N) {
+    targets_.reset();
+    targets_ = be_->alloc_i32(N, "training targets");
+  }
+  be_->upload(targets_.data(), host_targets_.data(), 4 * N);
+  return n_targets;
 }
 
 namespace {
@@ -529,30 +546,12 @@ void LlamaModel::forward_mlp_inputs(int64_t l, int64_t N) {
   }
 }
 
-void LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
-                           int64_t* count, float* logits_out) {
+void LlamaModel::head_loss(bool targets, int64_t B, int64_t T, double norm, bool backward, float* logits_out) {
   const LlamaConfig& c = cfg_;
   Backend& be = *be_;
   Acts& a = *acts_;
   const DType X = dt_;
   const int64_t N = B * T;
-  // Position t predicts labels[t + 1]; the last position of each row has no target.
-  int64_t n_targets = 0;
-  if (labels) {
-    host_targets_.resize(static_cast<size_t>(N));
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        const int32_t y = t + 1 < T ? labels[b * T + t + 1] : kIgnore;
-        host_targets_[b * T + t] = y;
-        n_targets += y != kIgnore;
-      }
-    if (targets_.bytes() < 4 * N) {
-      targets_.reset();
-      targets_ = be.alloc_i32(N, "training targets");
-    }
-    be.upload(targets_.data(), host_targets_.data(), 4 * N);
-  }
-  if (count) *count = n_targets;
   const ParamInfo& head = c.tied ? info_[0] : info_.back();
   const void* whead = mat(head);
   float* ghead = g_.f32() + head.offset;
@@ -562,7 +561,7 @@ void LlamaModel::head_loss(const int32_t* labels, int64_t B, int64_t T, double n
     const void* h = at(a.h_fx, r0 * c.C, X);
     be.linear_forward(X, a.logits, h, whead, rows, c.C, c.V);
     if (logits_out) be.download(logits_out + r0 * c.V, a.logits, 4 * rows * c.V);
-    if (!labels) continue;
+    if (!targets) continue;
     be.cross_entropy(backward ? a.logits : nullptr, a.logits, targets_.i32() + r0, rows, c.V, norm);
     if (!backward) continue;
     if (X == DType::F32) {
@@ -587,9 +586,12 @@ double LlamaModel::forward_loss(const int32_t* ids, const int32_t* labels, int64
   expect(B >= 1 && T >= 1, "at least one token", "batch", std::to_string(B) + " x " + std::to_string(T));
   check_tokens(ids, labels, checked_mul(B, T, "batch"), cfg_.V);
   ensure_acts(B, T);
-  upload_ids(ids, B * T);
+  // Inputs and targets go up before any work is queued: a GPU then runs the pass without waiting
+  // on the host.
+  const int64_t n_targets = upload_inputs(ids, labels, B, T);
+  if (count) *count = n_targets;
   forward_layers(B, T, nullptr);
-  head_loss(labels, B, T, 1.0, false, count, logits_out);
+  head_loss(labels != nullptr, B, T, 1.0, false, logits_out);
   return be_->take_loss();
 }
 
@@ -604,14 +606,14 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
   expect(dropout.p_max >= 0 && dropout.p_max < 1, "a dropout rate in [0, 1)", "dropout", std::to_string(dropout.p_max));
   check_tokens(ids, labels, checked_mul(B, T, "batch"), c.V);
   ensure_acts(B, T);
-  upload_ids(ids, B * T);
+  upload_inputs(ids, labels, B, T);
   cache_len_ = 0;  // the cache is not valid across weight updates
   Acts& a = *acts_;
   const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
   const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
   forward_layers(B, T, &dropout);  // also sizes the RoPE tables
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
-  head_loss(labels, B, T, norm, true, nullptr, nullptr);
+  head_loss(true, B, T, norm, true, nullptr);
   // The upstream gradient of a product, in the product's dtype (cast to bf16 scratch in bf16 mode).
   auto dy_in = [&](const float* dy, int64_t n) -> const void* {
     if (!lo) return dy;
@@ -688,7 +690,7 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
   ensure_cache(P);
   ensure_acts(1, n);
   ensure_rope(P);
-  upload_ids(ids, n);
+  upload_inputs(ids, nullptr, 1, n);
   Acts& a = *acts_;
   Acts::Saved& s = a.layers[0];  // per-layer buffers reused: nothing is kept for backward
   const int64_t p0 = cache_len_;

@@ -136,14 +136,15 @@ class LlamaModel {
   void ensure_rope(int64_t P);
   void ensure_acts(int64_t B, int64_t T);
   void ensure_cache(int64_t P);
-  void upload_ids(const int32_t* ids, int64_t n);
+  // ids [B, T] and, with labels, the shifted training targets (returns their count) to the backend.
+  int64_t upload_inputs(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T);
   void forward_layers(int64_t B, int64_t T, const DropoutConfig* dropout);
   void forward_attention(int64_t l, int64_t B, int64_t T, const DropoutConfig* dropout);
   void forward_mlp_inputs(int64_t l, int64_t N);
-  // Logits chunk by chunk, their loss added to the backend's accumulator (see take_loss) and,
+  // Logits chunk by chunk; with targets (uploaded by upload_inputs) their loss is added to the
+  // backend's accumulator (see take_loss) and,
   // with backward, the head's gradient; d(final norm output) lands in acts_->dh.
-  void head_loss(const int32_t* labels, int64_t B, int64_t T, double norm, bool backward,
-                 int64_t* count, float* logits_out);
+  void head_loss(bool targets, int64_t B, int64_t T, double norm, bool backward, float* logits_out);
   Layer layer(int64_t l) const;
   const void* mat(const ParamInfo& p) const;
   const ParamInfo& named(const std::string& name) const;
