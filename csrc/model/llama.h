@@ -142,8 +142,8 @@ class LlamaModel {
   void forward_attention(int64_t l, int64_t B, int64_t T, const DropoutConfig* dropout);
   void forward_mlp_inputs(int64_t l, int64_t N);
   // Logits chunk by chunk; with targets (uploaded by upload_inputs) their loss is added to the
-  // backend's accumulator (see take_loss) and,
-  // with backward, the head's gradient; d(final norm output) lands in acts_->dh.
+  // backend's accumulator (see take_loss) and, with backward, the head's gradient; d(final norm
+  // output) lands in acts_->dh.
   void head_loss(bool targets, int64_t B, int64_t T, double norm, bool backward, float* logits_out);
   Layer layer(int64_t l) const;
   const void* mat(const ParamInfo& p) const;
