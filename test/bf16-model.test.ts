@@ -2,13 +2,13 @@
 // path this CPU has, a 60-step fine-tune against fp32, bit-exact resume, and what runs and
 // checkpoints report.
 import { spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { kernels } from '../lib/index.js';
 import { LlamaModel, padBatch, resolvePrecision } from '../lib/model/llama.js';
 import { finetune, type FinetuneEvent } from '../lib/train/finetune.js';
-import { readAllTensors, relErrNorm, tempDirs } from './helpers.js';
+import { readAllTensors, relErrNorm, tempDirs, writeSequenceRows } from './helpers.js';
 
 const FIX = join(import.meta.dirname, 'fixtures');
 const tmp = tempDirs('lima-bf16-');
@@ -149,15 +149,7 @@ describe('bf16 model state', () => {
   });
 });
 
-function writeRows(file: string, n: number, V: number): void {
-  // Learnable rows: each continues an arithmetic sequence mod V, so the loss falls steadily.
-  const lines = Array.from({ length: n }, (_, r) => {
-    const step = 1 + (r % 5);
-    const ids = Array.from({ length: 24 + (r % 9) }, (_, t) => (r * 7 + t * step) % V);
-    return JSON.stringify({ input_ids: ids, labels: ids });
-  });
-  writeFileSync(file, lines.join('\n') + '\n');
-}
+
 
 describe('fine-tuning in bf16', () => {
   const cfg = { vocab_size: 61, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64 };
@@ -165,7 +157,7 @@ describe('fine-tuning in bf16', () => {
   it('60 steps: the loss curve stays within 2 % of fp32 after step 10, the final dev loss within 1 %', async () => {
     const base = tmp();
     const data = join(base, 'train.jsonl');
-    writeRows(data, 124, 61);
+    writeSequenceRows(data, 124, 61);
     const init = join(base, 'init');
     await (await LlamaModel.create(cfg, { seed: 7 })).save(init);
     const common = { model: init, data, devData: 4, batchSize: 4, epochs: 2, lr: 2e-3, lrFinal: 2e-4, dropout: 0.1, seed: 5, devGeneration: false as const };
@@ -194,7 +186,7 @@ describe('fine-tuning in bf16', () => {
   it('resumes bit-exactly in bf16, and the trainer state and report say what ran', async () => {
     const base = tmp();
     const data = join(base, 'train.jsonl');
-    writeRows(data, 14, 61);
+    writeSequenceRows(data, 14, 61);
     const init = join(base, 'init');
     await (await LlamaModel.create(cfg, { seed: 5 })).save(init);
     const common = { model: init, data, batchSize: 4, microBatchSize: 2, lr: 3e-3, lrFinal: 3e-4, dropout: 0.2, seed: 11, gradClip: 0.5, devGeneration: false as const, devData: 3, epochs: 2, precision: 'bf16' as const };
@@ -235,7 +227,7 @@ describe('--precision on the command line', () => {
   it('trains in bf16 and says so; a bad value is a usage error', async () => {
     const base = tmp();
     const data = join(base, 'train.jsonl');
-    writeRows(data, 8, 61);
+    writeSequenceRows(data, 8, 61);
     const init = join(base, 'init');
     await (await LlamaModel.create({ vocab_size: 61, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64 }, { seed: 1 })).save(init);
     const args = ['finetune', '--model', init, '--data', data, '--out', join(base, 'run'), '--epochs', '1', '--batch-size', '4', '--dev', '2', '--no-dev-generation'];

@@ -4,7 +4,7 @@
 // With a GPU: scripts/device-e2e.mjs — the same model on CUDA against the CPU (one step in fp32
 // parity mode and in bf16, 20 fine-tuning steps, resume across devices, generation, the CLI).
 import { spawnSync } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -12,7 +12,7 @@ import { LlamaModel } from '../lib/model/llama.js';
 import { CudaUnavailableError, cudaModulePath, resolveDevice } from '../lib/native.js';
 import { finetune, type FinetuneEvent } from '../lib/train/finetune.js';
 import { planFinetune } from '../lib/train/plan.js';
-import { tempDirs } from './helpers.js';
+import { tempDirs, writeSequenceRows } from './helpers.js';
 
 const tmp = tempDirs('lima-device-');
 const ROOT = join(import.meta.dirname, '..');
@@ -32,20 +32,11 @@ const why = usable ? '' : (resolveDevice('auto') as { reason: CudaUnavailableErr
 
 const cfg = { vocab_size: 61, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64 };
 
-function writeRows(file: string, n: number, V: number): void {
-  // Learnable rows: each continues an arithmetic sequence mod V.
-  const lines = Array.from({ length: n }, (_, r) => {
-    const step = 1 + (r % 5);
-    const ids = Array.from({ length: 20 + (r % 9) }, (_, t) => (r * 7 + t * step) % V);
-    return JSON.stringify({ input_ids: ids, labels: ids });
-  });
-  writeFileSync(file, lines.join('\n') + '\n');
-}
 
 async function setup(rows = 16): Promise<{ base: string; data: string; init: string }> {
   const base = tmp();
   const data = join(base, 'train.jsonl');
-  writeRows(data, rows, 61);
+  writeSequenceRows(data, rows, 61, 20);
   const init = join(base, 'init');
   await (await LlamaModel.create(cfg, { seed: 3 })).save(init);
   return { base, data, init };

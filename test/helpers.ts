@@ -1,5 +1,5 @@
 // Shared test utilities: seeded data, error metrics, ISA iteration, finite differences.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
@@ -137,4 +137,17 @@ export async function readAllTensors(path: string): Promise<Map<string, Float32A
   for (const name of r.tensors.keys()) out.set(name, await r.read(name));
   await r.close();
   return out;
+}
+
+/**
+ * Writes n pre-tokenized rows that are learnable (each continues an arithmetic sequence mod V, so
+ * the loss falls steadily); row r has minLength + r % 9 tokens.
+ */
+export function writeSequenceRows(file: string, n: number, V: number, minLength = 24): void {
+  const lines = Array.from({ length: n }, (_, r) => {
+    const step = 1 + (r % 5);
+    const ids = Array.from({ length: minLength + (r % 9) }, (_, t) => (r * 7 + t * step) % V);
+    return JSON.stringify({ input_ids: ids, labels: ids });
+  });
+  writeFileSync(file, lines.join('\n') + '\n');
 }

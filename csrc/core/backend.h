@@ -73,6 +73,17 @@ struct DecaySpan {
   bool decay;
 };
 
+/** Throws KernelError unless `spans` cover [0, n) in order without gaps (every backend's adamw). */
+inline void check_decay_spans(const std::vector<DecaySpan>& spans, int64_t n) {
+  int64_t covered = 0;
+  for (const DecaySpan& s : spans) {
+    expect(s.begin == covered && s.end >= s.begin && s.end <= n, "spans covering the buffer in order", "adamw",
+           "[" + std::to_string(s.begin) + ", " + std::to_string(s.end) + ")");
+    covered = s.end;
+  }
+  expect(covered == n, "spans covering the buffer", "adamw", std::to_string(covered) + " of " + std::to_string(n));
+}
+
 /** A device: memory plus the ops of the LLaMA model. Every op may throw KernelError. */
 class Backend {
  public:

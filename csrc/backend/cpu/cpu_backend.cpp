@@ -220,13 +220,7 @@ void CpuBackend::adamw(float* w, float* m, float* v, const float* g, int64_t n, 
   const CpuContext c = ctx();
   AdamWParams no_decay = p;
   no_decay.weight_decay = 0.0f;
-  int64_t covered = 0;
-  for (const DecaySpan& s : spans) {
-    expect(s.begin == covered && s.end >= s.begin && s.end <= n, "spans covering the buffer in order",
-           "adamw", "[" + std::to_string(s.begin) + ", " + std::to_string(s.end) + ")");
-    covered = s.end;
-  }
-  expect(covered == n, "spans covering the buffer", "adamw", std::to_string(covered) + " of " + std::to_string(n));
+  check_decay_spans(spans, n);
   // The update is elementwise, so any split gives the same bits; one kernel call per span.
   for (const DecaySpan& s : spans)
     adamw_update(c, w + s.begin, m + s.begin, v + s.begin, g + s.begin, s.end - s.begin, s.decay ? p : no_decay);

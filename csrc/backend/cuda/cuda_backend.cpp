@@ -293,13 +293,7 @@ void CudaBackend::attention_backward(DType dt, float* dq, float* dk, float* dv, 
 void CudaBackend::adamw(float* w, float* m, float* v, const float* g, int64_t n, const AdamWParams& p,
                         const std::vector<DecaySpan>& spans) {
   activate();
-  int64_t covered = 0;
-  for (const DecaySpan& s : spans) {
-    expect(s.begin == covered && s.end >= s.begin && s.end <= n, "spans covering the buffer in order", "adamw",
-           "[" + std::to_string(s.begin) + ", " + std::to_string(s.end) + ")");
-    covered = s.end;
-  }
-  expect(covered == n, "spans covering the buffer", "adamw", std::to_string(covered) + " of " + std::to_string(n));
+  check_decay_spans(spans, n);
   const bool same = spans.size() == spans_.size() &&
                     std::equal(spans.begin(), spans.end(), spans_.begin(), [](const DecaySpan& a, const DecaySpan& b) {
                       return a.begin == b.begin && a.end == b.end && a.decay == b.decay;

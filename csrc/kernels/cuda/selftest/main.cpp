@@ -143,19 +143,8 @@ void report(const std::string& name, bool ok, const std::string& detail) {
   std::fflush(stdout);
 }
 
-double max_abs(const Vec& v) {
-  double m = 0;
-  for (float x : v) m = std::max(m, static_cast<double>(std::fabs(x)));
-  return m;
-}
-double max_err(const Vec& a, const Vec& b) {
-  double m = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = std::fabs(static_cast<double>(a[i]) - b[i]);
-    if (!(d <= m)) m = std::isnan(d) ? INFINITY : d;
-  }
-  return m;
-}
+using lima::selftest::max_abs;
+using lima::selftest::max_err;
 
 // Returns "" when got matches ref under dt's rule, else a description.
 struct Verdict {

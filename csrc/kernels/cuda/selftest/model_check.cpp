@@ -70,19 +70,6 @@ Vec read(LlamaModel& m, const std::string& name, ParamKind kind) {
   return v;
 }
 
-double max_abs(const Vec& v) {
-  double r = 0;
-  for (float x : v) r = std::max(r, static_cast<double>(std::fabs(x)));
-  return r;
-}
-double max_err(const Vec& a, const Vec& b) {
-  double r = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = std::fabs(static_cast<double>(a[i]) - b[i]);
-    if (!(d <= r)) r = std::isnan(d) ? INFINITY : d;
-  }
-  return r;
-}
 
 DropoutConfig dropout(uint64_t step) {
   DropoutConfig d;

@@ -1,12 +1,31 @@
 // The self-test's model-level checks: LlamaModel on the CUDA backend against the same model on
 // the CPU backend (model_check.cpp). `run` is main.cpp's run_case (filter + exception guard),
-// `report` its PASS/FAIL line.
+// `report` its PASS/FAIL line. Also the error measures every check shares.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace lima::selftest {
+
+/** Largest |v[i]|. */
+inline double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, static_cast<double>(std::fabs(x)));
+  return m;
+}
+/** Largest |a[i] - b[i]|; infinite when any difference is NaN (a NaN must never pass). */
+inline double max_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(a[i]) - b[i]);
+    if (!(d <= m)) m = std::isnan(d) ? INFINITY : d;
+  }
+  return m;
+}
 
 using Report = std::function<void(const std::string& name, bool ok, const std::string& detail)>;
 using Run = std::function<void(const std::string& name, const std::function<void()>& body)>;
