@@ -149,8 +149,6 @@ describe('bf16 model state', () => {
   });
 });
 
-
-
 describe('fine-tuning in bf16', () => {
   const cfg = { vocab_size: 61, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64 };
 
