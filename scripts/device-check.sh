@@ -162,6 +162,8 @@ fi
 if [[ $skip_train == 0 ]]; then
   say "training throughput (1.1B LLaMA, T 2048, bf16; MFU against the cuBLASLt ceiling of this run)"
   timeout "$T_TRAIN" "$selftest" --bench-train 2>&1 | tee "$out/bench-train.log" | grep -E "^BENCH" | tee -a "$out/summary.txt"
+  timeout "$T_TRAIN" "$selftest" --bench-train --attention tc --steps 3 2>&1 | tee "$out/bench-train-tc.log" |
+    grep -E "^BENCH" | tee -a "$out/summary.txt"
   batch=$(grep -oE 'micro-batch [0-9]+' "$out/bench-train.log" | head -1 | grep -oE '[0-9]+')
   if [[ -n "$python" ]] && "$python" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
     compile_flag=--no-compile

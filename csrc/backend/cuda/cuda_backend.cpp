@@ -12,7 +12,7 @@ cu::DropoutSite site(const DropoutSite& s) { return cu::DropoutSite{s.p, s.seed,
 cu::AttentionDims dims(const AttentionDims& d) { return cu::AttentionDims{d.B, d.Tq, d.Tk, d.H, d.KV, d.D}; }
 }  // namespace
 
-CudaBackend::CudaBackend(int device) {
+CudaBackend::CudaBackend(int device, cu::AttentionImpl attention) : attention_(attention) {
   const cu::DeviceProbe p = cu::probe_device(device);
   if (p.status != cu::DeviceStatus::Ok) throw DeviceError("lima-native: " + p.message, static_cast<int>(p.status), "cuda:" + std::to_string(device));
   ctx_.device = device;
@@ -259,12 +259,12 @@ void CudaBackend::attention_forward(DType dt, float* out, float* lse, const void
                                     const AttentionDims& d) {
   activate();
   if (dt == DType::F32) {
-    cu::attention_forward(ctx_, dt, out, lse, q, k, v, dims(d));
+    cu::attention_forward(ctx_, dt, out, lse, q, k, v, dims(d), attention_);
     return;
   }
   const int64_t n = checked_mul(checked_mul(d.B, d.Tq, "attention"), checked_mul(d.H, d.D, "attention"), "attention");
   void* o16 = scratch(1, 2 * n);
-  cu::attention_forward(ctx_, dt, o16, lse, q, k, v, dims(d));
+  cu::attention_forward(ctx_, dt, o16, lse, q, k, v, dims(d), attention_);
   cu::convert(ctx_, out, DType::F32, o16, DType::BF16, n);
 }
 
@@ -273,7 +273,7 @@ void CudaBackend::attention_backward(DType dt, float* dq, float* dk, float* dv, 
                                      const AttentionDims& d) {
   activate();
   if (dt == DType::F32) {
-    cu::attention_backward(ctx_, dt, dq, dk, dv, dout, q, k, v, out, lse, dims(d), *ws_[0]);
+    cu::attention_backward(ctx_, dt, dq, dk, dv, dout, q, k, v, out, lse, dims(d), *ws_[0], attention_);
     return;
   }
   const char* w = "attention";
@@ -284,7 +284,7 @@ void CudaBackend::attention_backward(DType dt, float* dq, float* dk, float* dv, 
   void* dk16 = scratch(3, 2 * nk);
   void* dv16 = scratch(4, 2 * nk);
   cu::convert(ctx_, o16, DType::BF16, out, DType::F32, nq);
-  cu::attention_backward(ctx_, dt, dq16, dk16, dv16, dout, q, k, v, o16, lse, dims(d), *ws_[0]);
+  cu::attention_backward(ctx_, dt, dq16, dk16, dv16, dout, q, k, v, o16, lse, dims(d), *ws_[0], attention_);
   cu::convert(ctx_, dq, DType::F32, dq16, DType::BF16, nq);
   cu::convert(ctx_, dk, DType::F32, dk16, DType::BF16, nk);
   cu::convert(ctx_, dv, DType::F32, dv16, DType::BF16, nk);

@@ -17,7 +17,8 @@ namespace lima {
 class CudaBackend final : public Backend {
  public:
   // Opens `device` (throws DeviceError/KernelError when it cannot be used) and creates the stream.
-  explicit CudaBackend(int device = 0);
+  // `attention` picks the attention kernels (Auto: cuda::attention_impl's choice).
+  explicit CudaBackend(int device = 0, cuda::AttentionImpl attention = cuda::AttentionImpl::Auto);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
@@ -90,6 +91,7 @@ class CudaBackend final : public Backend {
   void* scratch(int which, int64_t bytes);
 
   cuda::CudaContext ctx_;
+  cuda::AttentionImpl attention_;
   int64_t total_memory_ = 0;
   std::string name_;
   CpuBackend host_;

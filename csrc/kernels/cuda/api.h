@@ -203,11 +203,29 @@ void gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, cons
 struct AttentionDims {
   int64_t B = 1, Tq = 0, Tk = 0, H = 1, KV = 1, D = 64;
 };
+/**
+ * Which attention kernels run. Simt: the portable ones (fp32 tiles, any dtype and head dim).
+ * TensorCore: bf16 with D 64 or 128, WMMA bf16 products (P and dS rounded to bf16, as
+ * FlashAttention-2 does) with fp32 accumulation and softmax, where its tiles fit in shared memory.
+ * Auto: what attention_impl picks.
+ */
+enum class AttentionImpl { Auto, Simt, TensorCore };
+/**
+ * Auto's choice for (dt, D) on ctx's device: TensorCore where it applies and the environment has
+ * LIMA_CUDA_ATTENTION=tc — off by default until scripts/device-check.sh has passed it on a GPU —
+ * else Simt.
+ */
+AttentionImpl attention_impl(const CudaContext& ctx, DType dt, int64_t D);
+/** Whether the tensor-core kernels take (dt, D) on ctx's device (dtype, head dim, shared memory). */
+bool attention_tensor_core_applies(const CudaContext& ctx, DType dt, int64_t D);
+
 void attention_forward(const CudaContext& ctx, DType dt, void* out, float* lse, const void* q,
-                       const void* k, const void* v, const AttentionDims& d);
+                       const void* k, const void* v, const AttentionDims& d,
+                       AttentionImpl impl = AttentionImpl::Auto);
 /** dq, dk, dv overwritten (dt); no atomics: dK/dV and dQ come from separate passes. */
 void attention_backward(const CudaContext& ctx, DType dt, void* dq, void* dk, void* dv,
                         const void* dout, const void* q, const void* k, const void* v,
-                        const void* out, const float* lse, const AttentionDims& d, Workspace& ws);
+                        const void* out, const float* lse, const AttentionDims& d, Workspace& ws,
+                        AttentionImpl impl = AttentionImpl::Auto);
 
 }  // namespace lima::cuda

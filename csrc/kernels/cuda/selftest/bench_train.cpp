@@ -42,7 +42,8 @@ int bench_train(const TrainBenchOptions& o, double peak_tflops, const char* peak
   const int64_t T = o.seq;
   const Recompute rc = o.recompute == "all" ? Recompute::All : o.recompute == "mlp" ? Recompute::Mlp : Recompute::None;
   try {
-    auto be = std::make_unique<CudaBackend>(0);
+    auto be = std::make_unique<CudaBackend>(
+        0, o.tensor_core_attention ? cuda::AttentionImpl::TensorCore : cuda::AttentionImpl::Simt);
     CudaBackend* cuda = be.get();
     LlamaModel m(c, std::move(be), dt);
     m.init_normal(1, 0.02f);
@@ -56,8 +57,9 @@ int bench_train(const TrainBenchOptions& o, double peak_tflops, const char* peak
       B = 16;
       while (B > 1 && static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, rc)) > 0.9 * static_cast<double>(free_b)) B /= 2;
     }
-    std::printf("BENCH train %s: %lld params, %s, recompute %s, micro-batch %lld x %lld, activations %.2f GiB, %.2f GiB free before\n",
-                o.model.c_str(), static_cast<long long>(m.num_params()), dtype_name(dt), o.recompute.c_str(),
+    std::printf("BENCH train %s: %lld params, %s, %s attention, recompute %s, micro-batch %lld x %lld, activations %.2f GiB, %.2f GiB free before\n",
+                o.model.c_str(), static_cast<long long>(m.num_params()), dtype_name(dt),
+                o.tensor_core_attention ? "tensor-core" : "SIMT", o.recompute.c_str(),
                 static_cast<long long>(B), static_cast<long long>(T),
                 LlamaModel::activation_bytes(c, B, T, dt, rc) / 1073741824.0, free_b / 1073741824.0);
     std::vector<int32_t> ids(static_cast<size_t>(B * T));

@@ -15,6 +15,7 @@ struct TrainBenchOptions {
   int steps = 5;
   bool fp32 = false;            // parity mode instead of bf16
   std::string recompute = "none";  // "none" | "mlp" | "all" (activation recomputation)
+  bool tensor_core_attention = false;  // the tensor-core attention kernels instead of the SIMT ones
 };
 
 /**

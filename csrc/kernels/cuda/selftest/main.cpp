@@ -6,7 +6,7 @@
 //   lima_cuda_selftest --quick    small shapes only (for compute-sanitizer)
 //   lima_cuda_selftest --bench    kernel timings with the ceilings measured in the same run
 //   lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]
-//                                 [--recompute none|mlp|all]
+//                                 [--recompute none|mlp|all] [--attention simt|tc]
 //                                 training throughput and MFU of the model on the CUDA backend
 //   lima_cuda_selftest --filter S only checks whose name contains S
 // Exit status: 0 all passed, 1 some failed, 2 no usable CUDA device (the reason is printed),
@@ -502,10 +502,17 @@ void test_attention(DType dt, bool quick) {
             : std::vector<AttnCase>{{1, 1, 1, 4, 4, 64},     {2, 7, 7, 4, 2, 64},     {1, 129, 129, 4, 1, 128},
                                     {1, 1000, 1000, 4, 2, 64}, {1, 7, 129, 4, 2, 128}, {2, 129, 129, 2, 1, 40},
                                     {1, 33, 33, 2, 2, 256},  {1, 1, 1000, 4, 4, 128}, {1, 65, 65, 4, 4, 20}};
+  // Both implementations where the tensor-core one applies (bf16, D 64/128), each explicitly.
+  std::vector<std::pair<AttnCase, cu::AttentionImpl>> runs;
   for (const AttnCase& a : cases) {
+    runs.push_back({a, cu::AttentionImpl::Simt});
+    if (cu::attention_tensor_core_applies(g_ctx, dt, a.D)) runs.push_back({a, cu::AttentionImpl::TensorCore});
+  }
+  for (const auto& [a, impl] : runs) {
     const std::string name = std::string("attention/") + dn(dt) + "/B" + std::to_string(a.B) + "/Tq" +
                              std::to_string(a.Tq) + "/Tk" + std::to_string(a.Tk) + "/H" + std::to_string(a.H) +
-                             "/KV" + std::to_string(a.KV) + "/D" + std::to_string(a.D);
+                             "/KV" + std::to_string(a.KV) + "/D" + std::to_string(a.D) +
+                             (impl == cu::AttentionImpl::TensorCore ? "/tc" : "");
     run_case(name, [&] {
       const int64_t nq = a.B * a.Tq * a.H * a.D, nk = a.B * a.Tk * a.KV * a.D, nl = a.B * a.H * a.Tq;
       const Vec q = as_dtype(randn(nq, 22), dt), k = as_dtype(randn(nk, 23), dt), v = as_dtype(randn(nk, 24), dt),
@@ -514,7 +521,7 @@ void test_attention(DType dt, bool quick) {
       cpu::attention_fwd(out.data(), lse.data(), q.data(), k.data(), v.data(), a.B, a.Tq, a.Tk, a.H, a.KV, a.D);
       const cu::AttentionDims d{a.B, a.Tq, a.Tk, a.H, a.KV, a.D};
       Buf bq = upload(q, dt), bk = upload(k, dt), bv = upload(v, dt), bo = poisoned(nq, dt), bl = poisoned(nl, DType::F32);
-      cu::attention_forward(g_ctx, dt, bo.p, bl.f(), bq.p, bk.p, bv.p, d);
+      cu::attention_forward(g_ctx, dt, bo.p, bl.f(), bq.p, bk.p, bv.p, d, impl);
       const Vec gout = download(bo, nq, dt), glse = download(bl, nl, DType::F32);
       check(name + "/out", gout, out, dt, 2e-5);
       check(name + "/lse", glse, lse, DType::F32, dt == DType::F32 ? 2e-5 : 2e-3);
@@ -526,8 +533,8 @@ void test_attention(DType dt, bool quick) {
       Buf bd = upload(dout, dt), bdq = poisoned(nq, dt), bdk = poisoned(nk, dt), bdv = poisoned(nk, dt);
       Buf bdq2 = poisoned(nq, dt), bdk2 = poisoned(nk, dt), bdv2 = poisoned(nk, dt);
       cu::Workspace ws;
-      cu::attention_backward(g_ctx, dt, bdq.p, bdk.p, bdv.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws);
-      cu::attention_backward(g_ctx, dt, bdq2.p, bdk2.p, bdv2.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws);
+      cu::attention_backward(g_ctx, dt, bdq.p, bdk.p, bdv.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
+      cu::attention_backward(g_ctx, dt, bdq2.p, bdk2.p, bdv2.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
       const Vec gdq = download(bdq, nq, dt), gdk = download(bdk, nk, dt), gdv = download(bdv, nk, dt);
       check(name + "/dq", gdq, dq, dt, 5e-5, 3.0);
       check(name + "/dk", gdk, dk, dt, 5e-5);
@@ -683,13 +690,17 @@ void run_bench() {
     Buf q(nq * 2), k(nq * 2), v(nq * 2), o(nq * 2), l(Bb * H * T * 4), dO(nq * 2), dq(nq * 2), dk(nq * 2), dv(nq * 2);
     for (Buf* b : {&q, &k, &v, &dO}) LIMA_CUDA_CHECK(cudaMemset(b->p, 0x3c, nq * 2));
     const double fl = 4.0 * Bb * H * T * T * D / 2 / 1e9;
-    const float fms = time_ms([&] { cu::attention_forward(g_ctx, DType::BF16, o.p, l.f(), q.p, k.p, v.p, d); }, 2);
-    bench_line(("attention fwd bf16 causal T4096 H" + std::to_string(H) + " D" + std::to_string(D)).c_str(), fl / fms,
-               "TFLOP/s", 0, "");
-    cu::Workspace ws;
-    const float bms = time_ms([&] { cu::attention_backward(g_ctx, DType::BF16, dq.p, dk.p, dv.p, dO.p, q.p, k.p, v.p, o.p, l.f(), d, ws); }, 1);
-    bench_line(("attention bwd bf16 causal T4096 H" + std::to_string(H) + " D" + std::to_string(D)).c_str(),
-               2.5 * fl / bms, "TFLOP/s", 0, "");
+    for (cu::AttentionImpl impl : {cu::AttentionImpl::Simt, cu::AttentionImpl::TensorCore}) {
+      if (impl == cu::AttentionImpl::TensorCore && !cu::attention_tensor_core_applies(g_ctx, DType::BF16, D)) continue;
+      const std::string tag = std::string(impl == cu::AttentionImpl::TensorCore ? " tc" : " simt") +
+                              " causal T4096 H" + std::to_string(H) + " D" + std::to_string(D);
+      const float fms = time_ms([&] { cu::attention_forward(g_ctx, DType::BF16, o.p, l.f(), q.p, k.p, v.p, d, impl); }, 2);
+      bench_line(("attention fwd bf16" + tag).c_str(), fl / fms, "TFLOP/s", 0, "");
+      cu::Workspace ws;
+      const float bms = time_ms(
+          [&] { cu::attention_backward(g_ctx, DType::BF16, dq.p, dk.p, dv.p, dO.p, q.p, k.p, v.p, o.p, l.f(), d, ws, impl); }, 1);
+      bench_line(("attention bwd bf16" + tag).c_str(), 2.5 * fl / bms, "TFLOP/s", 0, "");
+    }
   }
 }
 
@@ -715,6 +726,8 @@ int main(int argc, char** argv) {
     else if (a == "--seq" && has && count(argv[i + 1], 1) > 0) tb.seq = count(argv[++i], 1);
     else if (a == "--steps" && has && count(argv[i + 1], 1) > 0) tb.steps = static_cast<int>(count(argv[++i], 1));
     else if (a == "--fp32") tb.fp32 = true;
+    else if (a == "--attention" && has && (std::string(argv[i + 1]) == "tc" || std::string(argv[i + 1]) == "simt"))
+      tb.tensor_core_attention = std::string(argv[++i]) == "tc";
     else if (a == "--recompute" && has && (std::string(argv[i + 1]) == "none" || std::string(argv[i + 1]) == "mlp" ||
                                            std::string(argv[i + 1]) == "all"))
       tb.recompute = argv[++i];
@@ -722,7 +735,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: lima_cuda_selftest [--quick] [--bench] [--filter SUBSTRING]\n"
                    "       lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]\n"
-                   "                                  [--recompute none|mlp|all]\n");
+                   "                                  [--recompute none|mlp|all] [--attention simt|tc]\n");
       return 3;
     }
   }

@@ -40,9 +40,10 @@ LlamaConfig config(int64_t V, int64_t C, int64_t F, int64_t L, int64_t H, int64_
   return c;
 }
 
-std::unique_ptr<LlamaModel> make(const LlamaConfig& c, bool gpu, DType dt) {
+std::unique_ptr<LlamaModel> make(const LlamaConfig& c, bool gpu, DType dt,
+                                 cuda::AttentionImpl attention = cuda::AttentionImpl::Simt) {
   std::unique_ptr<Backend> be;
-  if (gpu) be = std::make_unique<CudaBackend>(0);
+  if (gpu) be = std::make_unique<CudaBackend>(0, attention);
   else be = std::make_unique<CpuBackend>();
   auto m = std::make_unique<LlamaModel>(c, std::move(be), dt);
   m->init_normal(1234, 0.05f);
@@ -80,12 +81,13 @@ DropoutConfig dropout(uint64_t step) {
 }
 
 // One train_step on GPU vs CPU: loss and every gradient.
-void step_parity(const Shape& s, DType dt, const Run& run, const Report& report) {
-  const std::string name = std::string("model step ") + s.name + " " + dtype_name(dt);
+void step_parity(const Shape& s, DType dt, cuda::AttentionImpl attention, const Run& run, const Report& report) {
+  const std::string name = std::string("model step ") + s.name + " " + dtype_name(dt) +
+                           (attention == cuda::AttentionImpl::TensorCore ? " tc" : "");
   run(name, [&] {
     std::vector<int32_t> ids, labels;
     batch(s.cfg, s.B, s.T, &ids, &labels);
-    auto gpu = make(s.cfg, true, dt);
+    auto gpu = make(s.cfg, true, dt, attention);
     auto ref = make(s.cfg, false, DType::F32);
     std::unique_ptr<LlamaModel> naive = dt == DType::F32 ? nullptr : make(s.cfg, false, dt);
     const double norm = static_cast<double>(s.B * s.T);
@@ -260,7 +262,10 @@ void test_model(bool quick, const Run& run, const Report& report) {
   if (!quick) shapes.push_back({"hd64", config(512, 256, 688, 2, 4, 2, 64), 2, 129});
   for (const Shape& s : shapes)
     for (DType dt : {DType::F32, DType::BF16}) {
-      step_parity(s, dt, run, report);
+      step_parity(s, dt, cuda::AttentionImpl::Simt, run, report);
+      // The tensor-core attention inside a whole step, where it applies (bf16, head dim 64/128).
+      const cuda::CudaContext probe;  // device 0, as the models use
+      if (cuda::attention_tensor_core_applies(probe, dt, s.cfg.hd)) step_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
       decode_parity(s, dt, run, report);
     }
   for (DType dt : {DType::F32, DType::BF16}) {
