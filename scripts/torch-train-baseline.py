@@ -108,11 +108,26 @@ def main():
     s = SHAPES[a.model]
     model = Llama(**s).to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=a.device == "cuda")
-    ids = torch.randint(0, s["V"], (a.batch, a.seq), device=a.device)
     n = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
-    print(f"TORCH torch {torch.__version__} on {where}: {a.model} {n} params, batch {a.batch} x {a.seq}", flush=True)
-    print(f"TORCH train eager (bf16 autocast, SDPA, fused AdamW) {run(model, opt, ids, a.steps):10.1f} tokens/s", flush=True)
+    # Our batch may not fit PyTorch's activations (autocast keeps fp32 and bf16 copies): halve it
+    # until it does and say so; tokens/s compare per token either way.
+    batch = a.batch
+    while True:
+        ids = torch.randint(0, s["V"], (batch, a.seq), device=a.device)
+        try:
+            tps = run(model, opt, ids, a.steps)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            opt.zero_grad(set_to_none=True)
+            del ids
+            torch.cuda.empty_cache()
+            print(f"TORCH batch {batch} x {a.seq} is out of memory; trying {batch // 2}", flush=True)
+            batch //= 2
+    print(f"TORCH torch {torch.__version__} on {where}: {a.model} {n} params, batch {batch} x {a.seq}", flush=True)
+    print(f"TORCH train eager (bf16 autocast, SDPA, fused AdamW) {tps:10.1f} tokens/s", flush=True)
     if a.device == "cuda":
         print(f"TORCH train peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
     if not a.no_compile:

@@ -55,7 +55,8 @@ int bench_train(const TrainBenchOptions& o, double peak_tflops, const char* peak
     int64_t B = o.batch;
     if (B == 0) {
       B = 16;
-      while (B > 1 && static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, rc)) > 0.9 * static_cast<double>(free_b)) B /= 2;
+      // 20 % left for kernel scratch (attention's bf16 staging, cuBLASLt, row partials).
+      while (B > 1 && static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, rc)) > 0.8 * static_cast<double>(free_b)) B /= 2;
     }
     std::printf("BENCH train %s: %lld params, %s, %s attention, recompute %s, micro-batch %lld x %lld, activations %.2f GiB, %.2f GiB free before\n",
                 o.model.c_str(), static_cast<long long>(m.num_params()), dtype_name(dt),

@@ -10,7 +10,7 @@ namespace lima::selftest {
 
 struct TrainBenchOptions {
   std::string model = "1.1b";  // "1.1b" (D 2048, L 22, H 32, KV 4, F 5632, V 32000) or "tiny"
-  int64_t batch = 0;            // 0: the largest power of two <= 16 whose activations fit
+  int64_t batch = 0;            // 0: the largest power of two <= 16 whose activations fit in 80 % of the free memory
   int64_t seq = 2048;
   int steps = 5;
   bool fp32 = false;            // parity mode instead of bf16
