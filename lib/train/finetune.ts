@@ -29,8 +29,9 @@ export interface FinetuneOptions {
   /** A loaded model, a Hugging Face folder or a llama2.c `.bin`. */
   model: LlamaModel | string;
   /**
-   * Compute precision when `model` is a path (a loaded model keeps its own): 'fp32' (default),
-   * 'bf16' mixed precision, or 'auto' (bf16 where this CPU's bf16 products are faster).
+   * Compute precision when `model` is a path (a loaded model keeps its own): 'fp32' (the CPU's
+   * default), 'bf16' mixed precision (a GPU's default), or 'auto' (bf16 on a GPU and where this
+   * CPU's bf16 products are faster).
    */
   precision?: Precision;
   /**
@@ -50,7 +51,10 @@ export interface FinetuneOptions {
   batchSize?: number;
   /** Rows per forward/backward; default: the most that fits `memoryBudget`. */
   microBatchSize?: number;
-  /** Bytes of activation memory a micro-batch may use (default: half the free memory, at most 8 GiB). */
+  /**
+   * Bytes of activation memory a micro-batch may use (default on the CPU: half the free memory, at
+   * most 8 GiB; on a GPU: 90 % of its memory less the weights, gradients and moments).
+   */
   memoryBudget?: number;
   /**
    * Activations recomputed in backward instead of kept: 'none', 'mlp' or 'all' (least memory,
