@@ -82,6 +82,15 @@ describe.skipIf(!existsSync(selftest))(existsSync(selftest) ? 'lima_cuda_selftes
     expect(r.stdout).toMatch(/no CUDA device|no NVIDIA driver/);
     expect(r.stdout).toMatch(/0 passed, 0 failed/);
   });
+
+  it("runs its model checks' harness with the CPU standing in for the GPU (shapes, rules, bookkeeping)", () => {
+    const r = spawnSync(selftest, ['--model-checks-on-cpu'], { encoding: 'utf8', timeout: 120_000 });
+    expect(r.status, r.stdout + r.stderr).toBe(0);
+    // Every model check ran: step parity and decoding per shape and dtype, curves and recompute per dtype.
+    for (const check of ['model step tiny fp32', 'model step hd64 bf16', 'model decode hd64 bf16', 'model curve tiny bf16', 'model recompute all == none tiny fp32'])
+      expect(r.stdout).toContain(`PASS ${check}`);
+    expect(r.stdout).toMatch(/^12 passed, 0 failed$/m);
+  });
 });
 
 // The one source rule: gyp-helper.mjs and cmake/LimaSources.cmake must agree on csrc/kernels.

@@ -9,6 +9,8 @@
 //                                 [--recompute none|mlp|all] [--attention simt|tc]
 //                                 training throughput and MFU of the model on the CUDA backend
 //   lima_cuda_selftest --filter S only checks whose name contains S
+//   lima_cuda_selftest --model-checks-on-cpu   the model checks' harness with the CPU standing in
+//                                 for the GPU (no device needed; CI runs it)
 // Exit status: 0 all passed, 1 some failed, 2 no usable CUDA device (the reason is printed),
 // 3 bad command line.
 //
@@ -707,7 +709,7 @@ void run_bench() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, bench = false, bench_train = false;
+  bool quick = false, bench = false, bench_train = false, model_on_cpu = false;
   lima::selftest::TrainBenchOptions tb;
   auto count = [](const char* v, int64_t min) {
     char* end = nullptr;
@@ -720,6 +722,7 @@ int main(int argc, char** argv) {
     if (a == "--quick") quick = true;
     else if (a == "--bench") bench = true;
     else if (a == "--bench-train") bench_train = true;
+    else if (a == "--model-checks-on-cpu") model_on_cpu = true;
     else if (a == "--filter" && has) g_filter = argv[++i];
     else if (a == "--model" && has && (std::string(argv[i + 1]) == "1.1b" || std::string(argv[i + 1]) == "tiny")) tb.model = argv[++i];
     else if (a == "--batch" && has && count(argv[i + 1], 1) > 0) tb.batch = count(argv[++i], 1);
@@ -733,11 +736,18 @@ int main(int argc, char** argv) {
       tb.recompute = argv[++i];
     else {
       std::fprintf(stderr,
-                   "usage: lima_cuda_selftest [--quick] [--bench] [--filter SUBSTRING]\n"
+                   "usage: lima_cuda_selftest [--quick] [--bench] [--filter SUBSTRING] [--model-checks-on-cpu]\n"
                    "       lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]\n"
                    "                                  [--recompute none|mlp|all] [--attention simt|tc]\n");
       return 3;
     }
+  }
+  if (model_on_cpu) {
+    // No device needed: the harness of the model checks, the CPU standing in for the GPU.
+    std::printf("lima_cuda_selftest --model-checks-on-cpu: the CPU backend stands in for the GPU\n");
+    lima::selftest::test_model(quick, run_case, report, true);
+    std::printf("%d passed, %d failed\n", g_passed, g_failed);
+    return g_failed == 0 ? 0 : 1;
   }
   const cu::DeviceProbe probe = cu::probe_device(0);
   if (probe.status != cu::DeviceStatus::Ok) {

@@ -40,10 +40,13 @@ LlamaConfig config(int64_t V, int64_t C, int64_t F, int64_t L, int64_t H, int64_
   return c;
 }
 
+// The device under test is the CPU (test_model's dut_on_cpu): the harness checked without a GPU.
+bool g_dut_cpu = false;
+
 std::unique_ptr<LlamaModel> make(const LlamaConfig& c, bool gpu, DType dt,
                                  cuda::AttentionImpl attention = cuda::AttentionImpl::Simt) {
   std::unique_ptr<Backend> be;
-  if (gpu) be = std::make_unique<CudaBackend>(0, attention);
+  if (gpu && !g_dut_cpu) be = std::make_unique<CudaBackend>(0, attention);
   else be = std::make_unique<CpuBackend>();
   auto m = std::make_unique<LlamaModel>(c, std::move(be), dt);
   m->init_normal(1234, 0.05f);
@@ -255,7 +258,8 @@ void test_convert(const Run& run, const Report& report) {
   });
 }
 
-void test_model(bool quick, const Run& run, const Report& report) {
+void test_model(bool quick, const Run& run, const Report& report, bool dut_on_cpu) {
+  g_dut_cpu = dut_on_cpu;
   // Odd sizes (C not a multiple of 16, head dim 8, GQA 3:1, T not a tile multiple) and, unless
   // quick, a shape on the head-dim-64 path.
   std::vector<Shape> shapes = {{"tiny", config(67, 48, 80, 2, 6, 2, 8), 3, 37}};
@@ -265,7 +269,8 @@ void test_model(bool quick, const Run& run, const Report& report) {
       step_parity(s, dt, cuda::AttentionImpl::Simt, run, report);
       // The tensor-core attention inside a whole step, where it applies (bf16, head dim 64/128).
       const cuda::CudaContext probe;  // device 0, as the models use
-      if (cuda::attention_tensor_core_applies(probe, dt, s.cfg.hd)) step_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
+      if (!dut_on_cpu && cuda::attention_tensor_core_applies(probe, dt, s.cfg.hd))
+        step_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
       decode_parity(s, dt, run, report);
     }
   for (DType dt : {DType::F32, DType::BF16}) {

@@ -30,7 +30,11 @@ inline double max_err(const std::vector<float>& a, const std::vector<float>& b) 
 using Report = std::function<void(const std::string& name, bool ok, const std::string& detail)>;
 using Run = std::function<void(const std::string& name, const std::function<void()>& body)>;
 
-void test_model(bool quick, const Run& run, const Report& report);
+/**
+ * The model checks. dut_on_cpu: the CPU backend stands in for the GPU (no device needed), which
+ * checks the harness itself — its shapes, rules and bookkeeping — not CUDA.
+ */
+void test_model(bool quick, const Run& run, const Report& report, bool dut_on_cpu = false);
 /** Bit-exact fill and fp32 <-> bf16 conversion against core/dtype.h (NaN, infinities, ties). */
 void test_convert(const Run& run, const Report& report);
 
