@@ -28,7 +28,8 @@ CudaBackend::CudaBackend(int device, cu::AttentionImpl attention) : attention_(a
 }
 
 CudaBackend::~CudaBackend() {
-  activate();
+  // Destructors must not throw (a throw here would terminate the process): errors are dropped.
+  (void)cudaSetDevice(ctx_.device);
   // Queued work may still use the buffers freed below (a destructor cannot report, so errors
   // of earlier work were already thrown by the op that saw them or are dropped here).
   if (ctx_.stream) (void)cudaStreamSynchronize(ctx_.stream);
@@ -41,11 +42,10 @@ CudaBackend::~CudaBackend() {
 }
 
 void CudaBackend::activate() const {
-  thread_local int current = -1;
-  if (current != ctx_.device) {
-    LIMA_CUDA_CHECK(cudaSetDevice(ctx_.device));
-    current = ctx_.device;
-  }
+  // Asked every time rather than cached: other code on this thread (the loader's init, a model on
+  // another GPU) may have switched devices since.
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess || current != ctx_.device) LIMA_CUDA_CHECK(cudaSetDevice(ctx_.device));
 }
 
 bool CudaBackend::supports(Op, DType) const { return true; }
@@ -89,9 +89,9 @@ Buffer CudaBackend::alloc_bytes(int64_t bytes, DType dtype, const std::string& w
 }
 
 void CudaBackend::free(void* data, int64_t) {
-  activate();
-  // Stream work queued on this memory must finish first; cudaFree alone does not wait for a
-  // non-blocking stream.
+  // Called from Buffer destructors: never throws, errors are dropped. Stream work queued on this
+  // memory must finish first; cudaFree alone does not wait for a non-blocking stream.
+  (void)cudaSetDevice(ctx_.device);
   (void)cudaStreamSynchronize(ctx_.stream);
   cu::device_free(data);
 }
