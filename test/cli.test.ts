@@ -344,6 +344,23 @@ describe('progress display', () => {
     expect(writes.filter((w) => w.ch === 'line').map((w) => w.text).join('\n')).toMatch(/step 10\/20/);
   });
 
+  it('the start line names the device, precision, code paths, recompute and a fallback', () => {
+    const lines: string[] = [];
+    const d = new ProgressDisplay({ status: () => {}, line: (t) => lines.push(t), columns: undefined }, () => 0);
+    const start = (recompute: 'none' | 'all', deviceFallback?: string): FinetuneEvent => ({
+      type: 'start', runId: 'r', trainExamples: 4, devExamples: 1, truncated: { train: 0, dev: 0 }, skippedRows: { train: 0, dev: 0 },
+      maxLength: 64, totalSteps: 2, keepEpochs: [1], codePaths: { device: 'cpu', precision: 'bf16', isa: 'avx512', bf16Path: 'amx' }, recompute,
+      ...(deviceFallback ? { deviceFallback } : {}),
+    });
+    d.update(start('all', 'lima-native: no NVIDIA driver found'));
+    d.update(start('none'));
+    expect(lines).toEqual([
+      'device auto: training on the CPU (no NVIDIA driver found)',
+      'cpu, precision bf16 (bf16 path amx, fp32 avx512), recompute all',
+      'cpu, precision bf16 (bf16 path amx, fp32 avx512)',
+    ]);
+  });
+
   it('fitLine drops the least important parts first; fmtTime is readable', () => {
     const bar = (w: number) => `[${'#'.repeat(w)}]`;
     expect(fitLine(bar, ['step 1/2', 'epoch 1', 'ETA 5s'], 80)).toMatch(/^\[#+\] step 1\/2 epoch 1 ETA 5s$/);

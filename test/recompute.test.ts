@@ -8,7 +8,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { kernels } from '../lib/index.js';
 import { LlamaModel, type Recompute } from '../lib/model/llama.js';
 import { nativeLlama } from '../lib/model/native-model.js';
-import { finetune } from '../lib/train/finetune.js';
+import { finetune, type FinetuneEvent } from '../lib/train/finetune.js';
 import { readAllTensors, tempDirs } from './helpers.js';
 
 const tmp = tempDirs('lima-recompute-');
@@ -147,7 +147,11 @@ describe('finetune({ recompute })', () => {
     const common = { model: init, data, devData: 1, batchSize: 2, microBatchSize: 1, epochs: 1, lr: 3e-3, dropout: 0.3, seed: 2, devGeneration: false as const };
     const weights: Record<string, Map<string, Float32Array>> = {};
     for (const mode of ['none', 'all'] as const) {
-      const r = await finetune({ ...common, outDir: join(base, mode), recompute: mode }).result;
+      const run = finetune({ ...common, outDir: join(base, mode), recompute: mode });
+      let started: FinetuneEvent | undefined;
+      for await (const e of run) started ??= e;
+      expect(started).toMatchObject({ type: 'start', recompute: mode }); // the first event says which
+      const r = await run.result;
       expect(r.steps).toBe(2);
       weights[mode] = await readAllTensors(join(base, mode, 'epoch-1', 'model.safetensors'));
       const state = JSON.parse(readFileSync(join(base, mode, 'epoch-1', 'trainer-state.json'), 'utf8')) as { hparams: { recompute: string } };

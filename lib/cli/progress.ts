@@ -131,7 +131,8 @@ export class ProgressDisplay {
       const cut = e.truncated.train + e.truncated.dev;
       const bad = e.skippedRows.train + e.skippedRows.dev;
       if (e.deviceFallback) this.line(`device auto: training on the CPU (${e.deviceFallback.replace(/^lima-native: /, '')})`);
-      this.line(`${e.codePaths.device}, precision ${e.codePaths.precision} (bf16 path ${e.codePaths.bf16Path}, fp32 ${e.codePaths.isa})${e.resumedFrom ? `; resuming from ${e.resumedFrom}` : ''}`);
+      const rc = e.recompute && e.recompute !== 'none' ? `, recompute ${e.recompute}` : '';
+      this.line(`${e.codePaths.device}, precision ${e.codePaths.precision} (bf16 path ${e.codePaths.bf16Path}, fp32 ${e.codePaths.isa})${rc}${e.resumedFrom ? `; resuming from ${e.resumedFrom}` : ''}`);
       if (cut) this.line(`${cut} rows cut to ${e.maxLength} tokens (--max-length)`);
       if (bad) this.line(`${bad} bad rows skipped (--skip-bad-rows)`);
     } else if (e.type === 'stopped') {

@@ -119,6 +119,8 @@ export interface StartEvent {
   keepEpochs: number[];
   /** Why device 'auto' trains on the CPU (absent when it did not fall back). */
   deviceFallback?: string;
+  /** Activations recomputed in backward. */
+  recompute: Recompute;
   /** The device, precision and code paths the run starts with. */
   codePaths: CodePaths;
 }
@@ -741,7 +743,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       type: 'start', runId: st.runId, resumedFrom: from?.dir, trainExamples: data.train.length, devExamples: data.dev.length,
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
       keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b), codePaths: model.codePaths,
-      ...(model.deviceFallback ? { deviceFallback: model.deviceFallback } : {}),
+      ...(model.deviceFallback ? { deviceFallback: model.deviceFallback } : {}), recompute,
     });
 
     let aborted = false;
