@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# One prepared check of the CUDA kernels and the CUDA backend on a GPU machine, in about 8 minutes
-# on an H100. Needs nvcc, CMake and (for the baselines) PyTorch; Node only from a carried bundle.
+# One prepared check of the CUDA kernels and the CUDA backend on a GPU machine, within one device
+# call (BUDGET, 540 s by default) on an H100. Needs nvcc, CMake and (for the baselines) PyTorch;
+# Node only from a carried bundle.
 #   1. build lima_cuda_selftest for this GPU only (or use a carried build: LIMA_SELFTEST=path)
 #   2. the self-test: every CUDA kernel against the CPU kernels, and the model on the CUDA backend
 #      against the CPU backend (one step, 20 AdamW steps, decoding) ("N passed, N failed")
-#   3. compute-sanitizer memcheck on the reduced set (--quick)
-#   4. kernel benchmarks with the ceilings measured in the same run (D2D copy, cuBLASLt GEMM)
-#   5. PyTorch on the same shapes (SDPA, fused AdamW, matmul, copy) as the side-by-side baseline
-#   6. training throughput of a 1.1B LLaMA (--bench-train: tokens/s, MFU) and PyTorch's on the
-#      same shape and batch (eager; torch.compile too with --torch-compile)
-#   7. with device-bundle/ carried (scripts/device-bundle.sh): the library and CLI on the GPU
+#   3. with device-bundle/ carried (scripts/device-bundle.sh): the library and CLI on the GPU
 #      against the CPU with the bundled Node (scripts/device-e2e.mjs)
+#   4. compute-sanitizer memcheck on the reduced set of kernels (--quick) and on one training step
+#      of the model on the CUDA backend, fp32 and bf16
+#   5. training throughput of a 1.1B LLaMA (--bench-train: tokens/s, MFU; SIMT and tensor-core
+#      attention) and PyTorch's on the same shape and batch (eager; torch.compile with --torch-compile)
+#   6. kernel benchmarks with the ceilings measured in the same run (D2D copy, cuBLASLt GEMM)
+#   7. PyTorch on the same shapes (SDPA, fused AdamW, matmul, copy) as the side-by-side baseline
 # Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test, memcheck and the
 # e2e (where run) pass, 1 when one fails, 2 when there is no usable GPU, 3 when it cannot build
 # or was misused.
@@ -40,9 +42,17 @@ elapsed() { echo $(( $(date +%s) - start )); }
 say() { echo "== [$(elapsed)s] $*" | tee -a "$out/summary.txt"; }
 : > "$out/summary.txt"
 
-# Deadlines per step (seconds) keep the whole run within about 6 minutes.
-T_BUILD=${T_BUILD:-150} T_TEST=${T_TEST:-90} T_MEMCHECK=${T_MEMCHECK:-60} T_BENCH=${T_BENCH:-45} T_TORCH=${T_TORCH:-45}
-T_TRAIN=${T_TRAIN:-90} T_TORCH_TRAIN=${T_TORCH_TRAIN:-120} T_E2E=${T_E2E:-120}
+# Deadlines per step (seconds), and a budget for the whole run (BUDGET, default 540: one device
+# call may take 600): a step that could overrun the budget is skipped and says so. Correctness
+# (self-test, e2e, memcheck) comes before speed.
+T_BUILD=${T_BUILD:-150} T_TEST=${T_TEST:-90} T_MEMCHECK=${T_MEMCHECK:-45} T_BENCH=${T_BENCH:-45} T_TORCH=${T_TORCH:-45}
+T_TRAIN=${T_TRAIN:-75} T_TORCH_TRAIN=${T_TORCH_TRAIN:-100} T_E2E=${T_E2E:-100} BUDGET=${BUDGET:-540}
+# room SECONDS WHAT: true when a step of SECONDS fits in what is left of BUDGET.
+room() {
+  if (( $(elapsed) + $1 <= BUDGET )); then return 0; fi
+  say "skipped $2: ${1}s would overrun the ${BUDGET}s budget (at $(elapsed)s)"
+  return 1
+}
 
 nvcc_bin=${CUDACXX:-$(command -v nvcc || true)}
 [[ -z "$nvcc_bin" && -x /usr/local/cuda/bin/nvcc ]] && nvcc_bin=/usr/local/cuda/bin/nvcc
@@ -116,7 +126,7 @@ if [[ -z "$selftest" ]]; then
 fi
 say "self-test binary: $selftest"
 if [[ $dry == 1 ]]; then
-  say "(dry run) would run: $selftest; $sanitizer --tool memcheck $selftest --quick; $selftest --bench; $python scripts/torch-baseline.py; $selftest --bench-train; $python scripts/torch-train-baseline.py"
+  say "(dry run) would run: $selftest; $sanitizer --tool memcheck $selftest --quick --kernels-only (and --filter 'model step tiny'); $selftest --bench-train [--attention tc]; $python scripts/torch-train-baseline.py; $selftest --bench; $python scripts/torch-baseline.py (each only while the ${BUDGET}s budget allows)"
   [[ -f device-bundle/node.xz ]] && say "(dry run) would run: device-bundle/scripts/device-e2e.mjs with the bundled Node"
   exit 0
 fi
@@ -134,47 +144,7 @@ if [[ $st == 2 ]]; then
   exit 2
 fi
 
-# ---- 3. memcheck on the reduced set
-mc=0
-if [[ -n "$sanitizer" ]]; then
-  say "compute-sanitizer memcheck --quick"
-  timeout "$T_MEMCHECK" "$sanitizer" --tool memcheck --error-exitcode 9 "$selftest" --quick \
-    > "$out/memcheck.log" 2>&1
-  mc=$?
-  grep -E "ERROR SUMMARY|passed, " "$out/memcheck.log" | tail -2 | tee -a "$out/summary.txt"
-  say "memcheck exit status $mc (0 clean, 9 errors found, 124 timeout)"
-else
-  say "compute-sanitizer not found: memcheck skipped"
-fi
-
-# ---- 4/5. benchmarks, ours then PyTorch's on the same shapes
-if [[ $skip_bench == 0 ]]; then
-  say "kernel benchmarks (ceilings measured in the same run)"
-  timeout "$T_BENCH" "$selftest" --bench 2>&1 | tee "$out/bench.log" | grep -E "^BENCH" | tee -a "$out/summary.txt"
-  if [[ -n "$python" ]] && "$python" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
-    say "PyTorch baseline"
-    timeout "$T_TORCH" "$python" scripts/torch-baseline.py 2>&1 | tee "$out/torch.log" | grep -E "^TORCH" | tee -a "$out/summary.txt"
-  else
-    say "PyTorch with CUDA not available: baseline skipped"
-  fi
-fi
-# ---- 6. training throughput, ours then PyTorch's on the same shape and micro-batch
-if [[ $skip_train == 0 ]]; then
-  say "training throughput (1.1B LLaMA, T 2048, bf16; MFU against the cuBLASLt ceiling of this run)"
-  timeout "$T_TRAIN" "$selftest" --bench-train 2>&1 | tee "$out/bench-train.log" | grep -E "^BENCH" | tee -a "$out/summary.txt"
-  timeout "$T_TRAIN" "$selftest" --bench-train --attention tc --steps 3 2>&1 | tee "$out/bench-train-tc.log" |
-    grep -E "^BENCH" | tee -a "$out/summary.txt"
-  batch=$(grep -oE 'micro-batch [0-9]+' "$out/bench-train.log" | head -1 | grep -oE '[0-9]+')
-  if [[ -n "$python" ]] && "$python" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
-    compile_flag=--no-compile
-    [[ $torch_compile == 1 ]] && compile_flag=""
-    say "PyTorch training baseline (batch ${batch:-4})"
-    PYTHONUNBUFFERED=1 timeout "$T_TORCH_TRAIN" "$python" scripts/torch-train-baseline.py --batch "${batch:-4}" $compile_flag 2>&1 |
-      tee "$out/torch-train.log" | grep -E "^TORCH|Error" | tee -a "$out/summary.txt"
-  fi
-fi
-
-# ---- 7. the library and CLI on the GPU, with the carried bundle's Node
+# ---- 3. the library and CLI on the GPU, with the carried bundle's Node (correctness first)
 e2e=0
 if [[ -f device-bundle/node.xz ]]; then
   say "library + CLI end to end (device-bundle/, scripts/device-e2e.mjs)"
@@ -186,6 +156,60 @@ if [[ -f device-bundle/node.xz ]]; then
   say "e2e exit status $e2e (0 pass, 1 failures, 2 no device, 124 timeout)"
 else
   say "no device-bundle/ carried (scripts/device-bundle.sh): the library and CLI were not run on the GPU"
+fi
+
+# ---- 4. memcheck on the reduced set of kernels, then on one model step
+mc=0
+if [[ -z "$sanitizer" ]]; then
+  say "compute-sanitizer not found: memcheck skipped"
+elif room "$T_MEMCHECK" "memcheck"; then
+  say "compute-sanitizer memcheck --quick --kernels-only"
+  timeout "$T_MEMCHECK" "$sanitizer" --tool memcheck --error-exitcode 9 "$selftest" --quick --kernels-only \
+    > "$out/memcheck.log" 2>&1
+  mc=$?
+  grep -E "ERROR SUMMARY|passed, " "$out/memcheck.log" | tail -2 | tee -a "$out/summary.txt"
+  say "memcheck exit status $mc (0 clean, 9 errors found, 124 timeout)"
+  if room "$T_MEMCHECK" "the model memcheck"; then
+    say "compute-sanitizer memcheck: one model step on the CUDA backend"
+    timeout "$T_MEMCHECK" "$sanitizer" --tool memcheck --error-exitcode 9 "$selftest" --quick --filter "model step tiny" \
+      > "$out/memcheck-model.log" 2>&1
+    mcm=$?
+    grep -E "ERROR SUMMARY|passed, " "$out/memcheck-model.log" | tail -2 | tee -a "$out/summary.txt"
+    say "model memcheck exit status $mcm (0 clean, 9 errors found, 124 timeout)"
+    [[ $mc == 0 ]] && mc=$mcm
+  fi
+fi
+
+torch_ok=0
+[[ -n "$python" ]] && "$python" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null && torch_ok=1
+[[ $torch_ok == 0 ]] && say "PyTorch with CUDA not available: the PyTorch baselines are skipped"
+
+# ---- 5. training throughput, ours then PyTorch's on the same shape and micro-batch
+if [[ $skip_train == 0 ]] && room "$T_TRAIN" "the training benchmark"; then
+  say "training throughput (1.1B LLaMA, T 2048, bf16; MFU against the cuBLASLt ceiling of this run)"
+  timeout "$T_TRAIN" "$selftest" --bench-train 2>&1 | tee "$out/bench-train.log" | grep -E "^BENCH" | tee -a "$out/summary.txt"
+  if room "$T_TRAIN" "the training benchmark with tensor-core attention"; then
+    timeout "$T_TRAIN" "$selftest" --bench-train --attention tc --steps 3 2>&1 | tee "$out/bench-train-tc.log" |
+      grep -E "^BENCH" | tee -a "$out/summary.txt"
+  fi
+  batch=$(grep -oE 'micro-batch [0-9]+' "$out/bench-train.log" | head -1 | grep -oE '[0-9]+')
+  if [[ $torch_ok == 1 ]] && room "$T_TORCH_TRAIN" "the PyTorch training baseline"; then
+    compile_flag=--no-compile
+    [[ $torch_compile == 1 ]] && compile_flag=""
+    say "PyTorch training baseline (batch ${batch:-4})"
+    PYTHONUNBUFFERED=1 timeout "$T_TORCH_TRAIN" "$python" scripts/torch-train-baseline.py --batch "${batch:-4}" $compile_flag 2>&1 |
+      tee "$out/torch-train.log" | grep -E "^TORCH|Error" | tee -a "$out/summary.txt"
+  fi
+fi
+
+# ---- 6/7. kernel benchmarks, ours then PyTorch's on the same shapes
+if [[ $skip_bench == 0 ]] && room "$T_BENCH" "the kernel benchmarks"; then
+  say "kernel benchmarks (ceilings measured in the same run)"
+  timeout "$T_BENCH" "$selftest" --bench 2>&1 | tee "$out/bench.log" | grep -E "^BENCH" | tee -a "$out/summary.txt"
+  if [[ $torch_ok == 1 ]] && room "$T_TORCH" "the PyTorch kernel baseline"; then
+    say "PyTorch baseline"
+    timeout "$T_TORCH" "$python" scripts/torch-baseline.py 2>&1 | tee "$out/torch.log" | grep -E "^TORCH" | tee -a "$out/summary.txt"
+  fi
 fi
 say "done in $(elapsed)s; logs in $out"
 [[ $st == 0 && $mc == 0 && $e2e == 0 ]]

@@ -4,6 +4,7 @@
 //
 //   lima_cuda_selftest            full run; prints one line per check and "N passed, N failed"
 //   lima_cuda_selftest --quick    small shapes only (for compute-sanitizer)
+//   lima_cuda_selftest --kernels-only   without the model checks
 //   lima_cuda_selftest --bench    kernel timings with the ceilings measured in the same run
 //   lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]
 //                                 [--recompute none|mlp|all] [--attention simt|tc]
@@ -709,7 +710,7 @@ void run_bench() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, bench = false, bench_train = false, model_on_cpu = false;
+  bool quick = false, bench = false, bench_train = false, model_on_cpu = false, kernels_only = false;
   lima::selftest::TrainBenchOptions tb;
   auto count = [](const char* v, int64_t min) {
     char* end = nullptr;
@@ -723,6 +724,7 @@ int main(int argc, char** argv) {
     else if (a == "--bench") bench = true;
     else if (a == "--bench-train") bench_train = true;
     else if (a == "--model-checks-on-cpu") model_on_cpu = true;
+    else if (a == "--kernels-only") kernels_only = true;
     else if (a == "--filter" && has) g_filter = argv[++i];
     else if (a == "--model" && has && (std::string(argv[i + 1]) == "1.1b" || std::string(argv[i + 1]) == "tiny")) tb.model = argv[++i];
     else if (a == "--batch" && has && count(argv[i + 1], 1) > 0) tb.batch = count(argv[++i], 1);
@@ -736,7 +738,7 @@ int main(int argc, char** argv) {
       tb.recompute = argv[++i];
     else {
       std::fprintf(stderr,
-                   "usage: lima_cuda_selftest [--quick] [--bench] [--filter SUBSTRING] [--model-checks-on-cpu]\n"
+                   "usage: lima_cuda_selftest [--quick] [--kernels-only] [--bench] [--filter SUBSTRING] [--model-checks-on-cpu]\n"
                    "       lima_cuda_selftest --bench-train [--model 1.1b|tiny] [--batch B] [--seq T] [--steps N] [--fp32]\n"
                    "                                  [--recompute none|mlp|all] [--attention simt|tc]\n");
       return 3;
@@ -792,7 +794,7 @@ int main(int argc, char** argv) {
     }
     test_errors(quick);
     lima::selftest::test_convert(run_case, report);
-    lima::selftest::test_model(quick, run_case, report);
+    if (!kernels_only) lima::selftest::test_model(quick, run_case, report);
   } catch (const std::exception& e) {
     std::printf("FAIL setup  threw: %s\n", e.what());
     ++g_failed;
