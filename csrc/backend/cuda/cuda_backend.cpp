@@ -14,7 +14,8 @@ cu::AttentionDims dims(const AttentionDims& d) { return cu::AttentionDims{d.B, d
 
 CudaBackend::CudaBackend(int device, cu::AttentionImpl attention) : attention_(attention) {
   const cu::DeviceProbe p = cu::probe_device(device);
-  if (p.status != cu::DeviceStatus::Ok) throw DeviceError("lima-native: " + p.message, static_cast<int>(p.status), "cuda:" + std::to_string(device));
+  if (p.status != cu::DeviceStatus::Ok)
+    throw DeviceError("lima-native: " + p.message, static_cast<int>(p.status), "cuda:" + std::to_string(device));
   ctx_.device = device;
   ctx_.sm_count = p.sm_count;
   total_memory_ = p.total_memory;
@@ -52,7 +53,12 @@ bool CudaBackend::supports(Op, DType) const { return true; }
 
 std::string CudaBackend::fp32_path() const { return "cuda fp32 (parity mode)"; }
 std::string CudaBackend::bf16_path() const {
-  return cu::cublaslt_available() ? "cuda cublaslt" : "cuda mma.sync";
+  // Products, then attention: tensor cores for D 64/128 when asked for or enabled (attention_impl).
+  const bool tc = attention_ == cu::AttentionImpl::TensorCore ||
+                  (attention_ == cu::AttentionImpl::Auto &&
+                   cu::attention_impl(ctx_, DType::BF16, 64) == cu::AttentionImpl::TensorCore);
+  return std::string(cu::cublaslt_available() ? "cuda cublaslt" : "cuda mma.sync") +
+         (tc ? " + tensor-core attention" : " + SIMT attention");
 }
 
 int64_t CudaBackend::free_memory() const {

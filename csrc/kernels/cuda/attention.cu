@@ -463,6 +463,24 @@ __device__ void tc_row_stats(float* lse_s, float* di_s, const float* lse, const 
   }
 }
 
+// The backward passes' shared memory: four bf16 [64][LD] tiles, two fp32 score tiles, two bf16
+// P/dS tiles, and the query rows' lse and Di.
+template <int D>
+struct TcBwdSmem {
+  bf* tile[4];
+  float* score[2];
+  bf* prob[2];
+  float *lse, *di;
+  __device__ explicit TcBwdSmem(unsigned char* smem) {
+    using L = TcLayout<D>;
+    for (int i = 0; i < 4; ++i) tile[i] = reinterpret_cast<bf*>(smem + i * L::kv);
+    for (int i = 0; i < 2; ++i) score[i] = reinterpret_cast<float*>(smem + 4 * L::kv + i * L::sc);
+    for (int i = 0; i < 2; ++i) prob[i] = reinterpret_cast<bf*>(smem + 4 * L::kv + 2 * L::sc + i * L::pb);
+    lse = reinterpret_cast<float*>(smem + 4 * L::kv + 2 * L::sc + 2 * L::pb);
+    di = lse + kTile;
+  }
+};
+
 // One block per (64 keys, kv head, batch row); warp w owns keys 16w.. and sums their dK and dV
 // in registers over every query tile of every query head in the GQA group.
 template <int D>
@@ -470,16 +488,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(bf* dk, bf* dv, con
                                                               const bf* v, const float* lse, const float* Di, Geo g) {
   using L = TcLayout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf* Ks = reinterpret_cast<bf*>(smem);
-  bf* Vs = reinterpret_cast<bf*>(smem + L::kv);
-  bf* Qs = reinterpret_cast<bf*>(smem + 2 * L::kv);
-  bf* dOs = reinterpret_cast<bf*>(smem + 3 * L::kv);
-  float* St = reinterpret_cast<float*>(smem + 4 * L::kv);
-  float* dPt = reinterpret_cast<float*>(smem + 4 * L::kv + L::sc);
-  bf* Pt = reinterpret_cast<bf*>(smem + 4 * L::kv + 2 * L::sc);
-  bf* dSt = reinterpret_cast<bf*>(smem + 4 * L::kv + 2 * L::sc + L::pb);
-  float* lse_s = reinterpret_cast<float*>(smem + 4 * L::kv + 2 * L::sc + 2 * L::pb);
-  float* di_s = lse_s + kTile;
+  const TcBwdSmem<D> m(smem);
+  bf *Ks = m.tile[0], *Vs = m.tile[1], *Qs = m.tile[2], *dOs = m.tile[3];
+  float *St = m.score[0], *dPt = m.score[1], *lse_s = m.lse, *di_s = m.di;
+  bf *Pt = m.prob[0], *dSt = m.prob[1];
   const int64_t b = blockIdx.z, kvh = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int nk = static_cast<int>(g.Tk - j0 < kTile ? g.Tk - j0 : kTile);
   const int warp = threadIdx.x >> 5, r0 = warp * 16;
@@ -511,7 +523,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(bf* dk, bf* dv, con
     }
   }
   __syncthreads();  // the Q/dO tiles become each warp's staging area
-  float* stage = reinterpret_cast<float*>(smem + 2 * L::kv) + warp * 16 * L::LO;
+  float* stage = reinterpret_cast<float*>(Qs) + warp * 16 * L::LO;
   tc_store_rows<D>(dk, adk, g.scale, stage, g, b, j0, r0, nk, kvh, false);
   __syncwarp();
   tc_store_rows<D>(dv, adv, 1.0f, stage, g, b, j0, r0, nk, kvh, false);
@@ -524,15 +536,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(bf* dq, const bf* dou
                                                             const bf* v, const float* lse, const float* Di, Geo g) {
   using L = TcLayout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf* Qs = reinterpret_cast<bf*>(smem);
-  bf* dOs = reinterpret_cast<bf*>(smem + L::kv);
-  bf* Ks = reinterpret_cast<bf*>(smem + 2 * L::kv);
-  bf* Vs = reinterpret_cast<bf*>(smem + 3 * L::kv);
-  float* S = reinterpret_cast<float*>(smem + 4 * L::kv);
-  float* dP = reinterpret_cast<float*>(smem + 4 * L::kv + L::sc);
-  bf* dSb = reinterpret_cast<bf*>(smem + 4 * L::kv + 2 * L::sc);
-  float* lse_s = reinterpret_cast<float*>(smem + 4 * L::kv + 2 * L::sc + 2 * L::pb);
-  float* di_s = lse_s + kTile;
+  const TcBwdSmem<D> m(smem);
+  bf *Qs = m.tile[0], *dOs = m.tile[1], *Ks = m.tile[2], *Vs = m.tile[3], *dSb = m.prob[0];
+  float *S = m.score[0], *dP = m.score[1], *lse_s = m.lse, *di_s = m.di;
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t kvh = h / g.group;
   const int nq = static_cast<int>(g.Tq - q0 < kTile ? g.Tq - q0 : kTile);
@@ -558,7 +564,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(bf* dq, const bf* dou
     tc_ab_acc<D>(adq, dSb + r0 * L::LP, Ks);  // dQ += dS K
   }
   __syncthreads();  // the score tiles become each warp's staging area
-  float* stage = reinterpret_cast<float*>(smem + 4 * L::kv) + warp * 16 * L::LO;
+  float* stage = S + warp * 16 * L::LO;
   tc_store_rows<D>(dq, adq, g.scale, stage, g, b, q0, r0, nq, h, true);
 }
 
