@@ -113,9 +113,9 @@ if [[ -z "$selftest" ]]; then
     command -v ninja > /dev/null && gen=(-G Ninja)
     say "configure + build lima_cuda_selftest for sm_$arch in $build"
     if [[ $dry == 1 ]]; then
-      echo "   (dry run) cmake -S . -B $build ${gen[*]} -DCMAKE_CUDA_COMPILER=$nvcc_bin -DCMAKE_CUDA_ARCHITECTURES=$arch $lt_flag"
+      echo "   (dry run) cmake -S . -B $build ${gen[*]} -DLIMA_WERROR=OFF -DCMAKE_CUDA_COMPILER=$nvcc_bin -DCMAKE_CUDA_ARCHITECTURES=$arch $lt_flag"
     else
-      if ! timeout "$T_BUILD" bash -c "cmake -S . -B '$build' ${gen[*]} -DCMAKE_BUILD_TYPE=Release \
+      if ! timeout "$T_BUILD" bash -c "cmake -S . -B '$build' ${gen[*]} -DCMAKE_BUILD_TYPE=Release -DLIMA_WERROR=OFF \
           -DCMAKE_CUDA_COMPILER='$nvcc_bin' -DCMAKE_CUDA_ARCHITECTURES='$arch' $lt_flag > '$out/build.log' 2>&1 &&
           cmake --build '$build' --target lima_cuda_selftest -j \$(nproc) >> '$out/build.log' 2>&1"; then
         say "BUILD FAILED (see build.log)"; tail -40 "$out/build.log"; exit 1
@@ -169,7 +169,13 @@ elif room "$T_MEMCHECK" "memcheck"; then
   mc=$?
   grep -E "ERROR SUMMARY|passed, " "$out/memcheck.log" | tail -2 | tee -a "$out/summary.txt"
   say "memcheck exit status $mc (0 clean, 9 errors found, 124 timeout)"
-  if room "$T_MEMCHECK" "the model memcheck"; then
+  if [[ $mc != 0 ]] && grep -q "Device not supported" "$out/memcheck.log"; then
+    # Seen on gVisor machines: the sanitizer cannot attach there; nothing was checked either way.
+    say "compute-sanitizer does not support this machine's runtime: memcheck not done (not a failure)"
+    mc=0
+    sanitizer=""
+  fi
+  if [[ -n "$sanitizer" ]] && room "$T_MEMCHECK" "the model memcheck"; then
     say "compute-sanitizer memcheck: one model step on the CUDA backend"
     timeout "$T_MEMCHECK" "$sanitizer" --tool memcheck --error-exitcode 9 "$selftest" --quick --filter "model step tiny" \
       > "$out/memcheck-model.log" 2>&1
