@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Prepares device-bundle/ (git-ignored, about 35 MB) so a GPU machine with no Node and no npm can
+# Prepares device-bundle/ (git-ignored, about 42 MB) so a GPU machine with no Node and no npm can
 # run the library and CLI end to end (scripts/device-e2e.mjs, called by scripts/device-check.sh):
 # the Node binary (xz -9), the built library (dist/), the CPU addon and the CUDA module built here,
-# the runtime dependencies and the e2e script, laid out like the package.
+# the runtime dependencies and the e2e script, laid out like the package, and lima_cuda_selftest.
 #   scripts/device-bundle.sh            then carry `device-bundle` to the GPU machine
 # The CUDA module is built for 80/86/89/90 + PTX by `npm run build:cuda`; LIMA_CUDA_ARCHS=90 narrows it.
 set -euo pipefail
@@ -16,6 +16,8 @@ npm run --silent build:ts
 cp -r dist package.json "$out/"
 cp build/Release/lima.node "$out/build/Release/"
 cp build-cuda/Release/lima_cuda.node "$out/build-cuda/Release/"
+# The self-test too, so the GPU machine spends no device time compiling (device-check.sh uses it).
+cp build-cuda/lima_cuda_selftest "$out/"
 cp scripts/device-e2e.mjs "$out/scripts/"
 # Runtime dependencies only (npm's own list, so transitive ones come along).
 npm ls --omit=dev --all --parseable 2> /dev/null | tail -n +2 | while read -r dir; do

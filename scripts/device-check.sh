@@ -16,7 +16,8 @@
 # Logs go to $OUT (or ./device-check-out). Exit status: 0 when the self-test, memcheck and the
 # e2e (where run) pass, 1 when one fails, 2 when there is no usable GPU, 3 when it cannot build
 # or was misused.
-#   scripts/device-check.sh [--no-build] [--skip-bench] [--skip-train] [--torch-compile] [--dry-run]
+#   scripts/device-check.sh [--no-build] [--rebuild] [--skip-bench] [--skip-train] [--torch-compile] [--dry-run]
+#   --rebuild: build the self-test for this GPU even when device-bundle/ carries one
 #   --dry-run: check tools and print the plan, run nothing that needs a GPU
 # Environment: OUT (logs), LIMA_SELFTEST (a carried binary), LIMA_BUILD_DIR, LIMA_CUDA_ARCHS,
 # LIMA_CUBLASLT_LIB / LIMA_CUBLASLT_INC (cuBLASLt library and header), T_BUILD, T_TEST, ... (seconds)
@@ -26,15 +27,16 @@ root=$(pwd)
 out=${OUT:-$root/device-check-out}
 mkdir -p "$out"
 build=${LIMA_BUILD_DIR:-$root/build-selftest}
-no_build=0 skip_bench=0 skip_train=0 torch_compile=0 dry=0
+no_build=0 skip_bench=0 skip_train=0 torch_compile=0 dry=0 rebuild=0
 for a in "$@"; do
   case "$a" in
     --no-build) no_build=1 ;;
     --skip-bench) skip_bench=1 ;;
     --skip-train) skip_train=1 ;;
     --torch-compile) torch_compile=1 ;;
+    --rebuild) rebuild=1 ;;
     --dry-run) dry=1 ;;
-    *) echo "usage: $0 [--no-build] [--skip-bench] [--skip-train] [--torch-compile] [--dry-run]" >&2; exit 3 ;;
+    *) echo "usage: $0 [--no-build] [--rebuild] [--skip-bench] [--skip-train] [--torch-compile] [--dry-run]" >&2; exit 3 ;;
   esac
 done
 start=$(date +%s)
@@ -93,6 +95,12 @@ lt_flag=""
 
 # ---- 1. build
 selftest=${LIMA_SELFTEST:-}
+# A carried bundle's self-test (built for sm_80-90 + PTX by scripts/device-bundle.sh) saves the
+# build's device minutes; --rebuild forces a build for this GPU.
+if [[ -z "$selftest" && $rebuild == 0 && -x device-bundle/lima_cuda_selftest ]]; then
+  selftest=$root/device-bundle/lima_cuda_selftest
+  say "using the carried self-test (device-bundle/); --rebuild builds one for this GPU"
+fi
 if [[ -z "$selftest" ]]; then
   if [[ $no_build == 1 ]]; then
     for c in "$build/lima_cuda_selftest" "$root/build-cuda/lima_cuda_selftest"; do
