@@ -24,13 +24,13 @@ const cli = (...args) => spawnSync(process.execPath, [...cliArgs, ...args], { en
 
 const asCpu = process.argv.includes('--as-cpu');
 const GPU = asCpu ? 'cpu' : 'cuda';
-const probe = asCpu ? { device: 'cuda', info: { device: 0, name: 'the CPU standing in (--as-cpu)' } } : resolveDevice('auto');
+const probe = asCpu ? { device: 'cuda', info: { device: 0, name: 'cpu' } } : resolveDevice('auto');
 if (probe.device !== 'cuda') {
   console.log(`device-e2e: no usable GPU (${probe.reason?.message}); nothing was run`);
   console.log('0 passed, 0 failed');
   process.exit(2);
 }
-console.log(`device-e2e on cuda:${probe.info.device} (${probe.info.name}), library from ${src ? 'lib/' : 'dist/'}`);
+console.log(`device-e2e on ${asCpu ? 'the CPU standing in for the GPU (--as-cpu)' : `cuda:${probe.info.device} (${probe.info.name})`}, library from ${src ? 'lib/' : 'dist/'}`);
 
 const base = mkdtempSync(join(tmpdir(), 'lima-device-e2e-'));
 const cfg = { vocab_size: 61, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64 };
