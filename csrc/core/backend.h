@@ -108,6 +108,7 @@ class Backend {
   }
   virtual void upload(void* dst, const void* host_src, int64_t bytes) = 0;
   virtual void download(void* host_dst, const void* src, int64_t bytes) = 0;
+  // dst and src must not overlap (a device copy of overlapping ranges is undefined).
   virtual void copy(void* dst, const void* src, int64_t bytes) = 0;
   virtual void fill(float* dst, float value, int64_t n) = 0;
   virtual void convert(void* dst, DType dst_type, const void* src, DType src_type, int64_t n) = 0;

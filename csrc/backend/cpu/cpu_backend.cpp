@@ -73,7 +73,7 @@ void CpuBackend::copy(void* dst, const void* src, int64_t bytes) {
 
 void CpuBackend::fill(float* dst, float value, int64_t n) {
   ctx().pool->parallel_for(n, 1 << 16, [&](int64_t b, int64_t e, int) {
-    if (value == 0.0f) std::memset(dst + b, 0, sizeof(float) * (e - b));
+    if (value == 0.0f && !std::signbit(value)) std::memset(dst + b, 0, sizeof(float) * (e - b));
     else std::fill(dst + b, dst + e, value);
   });
 }

@@ -20,26 +20,44 @@ CudaBackend::CudaBackend(int device, cu::AttentionImpl attention) : attention_(a
   ctx_.sm_count = p.sm_count;
   total_memory_ = p.total_memory;
   name_ = p.name;
-  activate();
-  LIMA_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));
-  for (auto& w : ws_) w = std::make_unique<cu::Workspace>(device);
-  loss_dev_ = static_cast<double*>(cu::device_alloc(sizeof(double), device));
-  reset_loss();
-  norm_dev_ = static_cast<float*>(cu::device_alloc(sizeof(float), device));
+  try {
+    activate();
+    LIMA_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.stream, cudaStreamNonBlocking));
+    for (auto& w : ws_) w = std::make_unique<cu::Workspace>(device);
+    loss_dev_ = static_cast<double*>(cu::device_alloc(sizeof(double), device));
+    reset_loss();
+    sumsq_dev_ = static_cast<double*>(cu::device_alloc(sizeof(double), device));
+  } catch (...) {
+    release();  // no destructor runs for a constructor that throws
+    throw;
+  }
 }
 
-CudaBackend::~CudaBackend() {
-  // Destructors must not throw (a throw here would terminate the process): errors are dropped.
+CudaBackend::~CudaBackend() { release(); }
+
+void CudaBackend::release() noexcept {
+  // Must not throw (a throw from a destructor terminates the process): errors are dropped.
   (void)cudaSetDevice(ctx_.device);
   // Queued work may still use the buffers freed below (a destructor cannot report, so errors
   // of earlier work were already thrown by the op that saw them or are dropped here).
   if (ctx_.stream) (void)cudaStreamSynchronize(ctx_.stream);
   for (auto& w : ws_) w.reset();
   cu::device_free(loss_dev_);
-  cu::device_free(norm_dev_);
+  cu::device_free(sumsq_dev_);
   cu::device_free(seg_begin_);
   cu::device_free(seg_decay_);
+  loss_dev_ = nullptr;
+  sumsq_dev_ = nullptr;
+  seg_begin_ = nullptr;
+  seg_decay_ = nullptr;
   if (ctx_.stream) (void)cudaStreamDestroy(ctx_.stream);
+  ctx_.stream = nullptr;
+}
+
+cu::AttentionImpl CudaBackend::attention_for(DType dt, int64_t D) const {
+  if (attention_ == cu::AttentionImpl::TensorCore && !cu::attention_tensor_core_applies(ctx_, dt, D))
+    return cu::AttentionImpl::Simt;
+  return attention_;
 }
 
 void CudaBackend::activate() const {
@@ -143,10 +161,10 @@ void CudaBackend::init_normal(float* w, int64_t n, uint64_t seed, uint32_t strea
 
 double CudaBackend::sum_squares(const float* x, int64_t n) {
   activate();
-  cu::grad_norm(ctx_, norm_dev_, x, n, *ws_[0]);
-  float norm = 0;
-  download(&norm, norm_dev_, sizeof norm);
-  return static_cast<double>(norm) * norm;
+  cu::sum_squares(ctx_, sumsq_dev_, x, n, *ws_[0]);
+  double s = 0;
+  download(&s, sumsq_dev_, sizeof s);
+  return s;
 }
 
 void CudaBackend::rope_tables(float* cos, float* sin, const float* inv_freq, int64_t D, int64_t P) {
@@ -157,6 +175,15 @@ void CudaBackend::rope_tables(float* cos, float* sin, const float* inv_freq, int
   upload(cos, c.data(), 4 * half);
   upload(sin, s.data(), 4 * half);
   synchronize();
+  auto it = std::find_if(rope_lengths_.begin(), rope_lengths_.end(), [&](const auto& e) { return e.first == cos; });
+  if (it != rope_lengths_.end()) it->second = P;
+  else rope_lengths_.emplace_back(cos, P);
+}
+
+int64_t CudaBackend::rope_length(const float* cos, int64_t pos0, int64_t T) const {
+  for (const auto& e : rope_lengths_)
+    if (e.first == cos) return e.second;
+  return pos0 + T;  // a table this backend did not make: trust the caller
 }
 
 void CudaBackend::embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t N, int64_t C,
@@ -179,16 +206,15 @@ void CudaBackend::rmsnorm_backward(float* dx, float* dweight, const float* dout,
   activate();
   cu::rmsnorm_backward(ctx_, DType::F32, dx, dweight, dout, x, weight, rstd, N, C, acc, *ws_[0]);
 }
-// The tables hold exactly the positions the model asked for (at least pos0 + T).
 void CudaBackend::rope_forward(float* out, const float* x, const float* cos, const float* sin, int64_t B,
                                int64_t T, int64_t NH, int64_t D, int64_t pos0) {
   activate();
-  cu::rope_forward(ctx_, DType::F32, out, x, cos, sin, B, T, NH, D, pos0, pos0 + T);
+  cu::rope_forward(ctx_, DType::F32, out, x, cos, sin, B, T, NH, D, pos0, rope_length(cos, pos0, T));
 }
 void CudaBackend::rope_backward(float* dx, const float* dout, const float* cos, const float* sin, int64_t B,
                                 int64_t T, int64_t NH, int64_t D, int64_t pos0) {
   activate();
-  cu::rope_backward(ctx_, DType::F32, dx, dout, cos, sin, B, T, NH, D, pos0, pos0 + T);
+  cu::rope_backward(ctx_, DType::F32, dx, dout, cos, sin, B, T, NH, D, pos0, rope_length(cos, pos0, T));
 }
 void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up, int64_t N, int64_t F,
                                  int64_t ld) {
@@ -236,7 +262,7 @@ void CudaBackend::linear_forward(DType dt, float* y, const void* x, const void* 
   g.M = N, g.N = O, g.K = I;
   g.trans_b = true;
   g.lda = I, g.ldb = I, g.ldc = O;
-  cu::gemm(ctx_, dt, DType::F32, y, x, W, g);
+  cu::gemm(ctx_, dt, DType::F32, y, x, W, g, ws_[kGemmWs].get());
 }
 
 void CudaBackend::linear_backward(DType dt, float* dx, float* dW, const void* dy, const void* x, const void* W,
@@ -247,7 +273,7 @@ void CudaBackend::linear_backward(DType dt, float* dx, float* dW, const void* dy
     g.M = N, g.N = I, g.K = O;
     g.lda = O, g.ldb = I, g.ldc = I;
     g.beta = acc ? 1.0f : 0.0f;
-    cu::gemm(ctx_, dt, DType::F32, dx, dy, W, g);
+    cu::gemm(ctx_, dt, DType::F32, dx, dy, W, g, ws_[kGemmWs].get());
   }
   if (dW) {  // dW [O, I] += dyᵀ [O, N] · x [N, I]
     cu::GemmArgs g;
@@ -255,7 +281,7 @@ void CudaBackend::linear_backward(DType dt, float* dx, float* dW, const void* dy
     g.trans_a = true;
     g.lda = O, g.ldb = I, g.ldc = I;
     g.beta = 1.0f;
-    cu::gemm(ctx_, dt, DType::F32, dW, dy, x, g);
+    cu::gemm(ctx_, dt, DType::F32, dW, dy, x, g, ws_[kGemmWs].get());
   }
 }
 
@@ -265,12 +291,12 @@ void CudaBackend::attention_forward(DType dt, float* out, float* lse, const void
                                     const AttentionDims& d) {
   activate();
   if (dt == DType::F32) {
-    cu::attention_forward(ctx_, dt, out, lse, q, k, v, dims(d), attention_);
+    cu::attention_forward(ctx_, dt, out, lse, q, k, v, dims(d), attention_for(dt, d.D));
     return;
   }
   const int64_t n = checked_mul(checked_mul(d.B, d.Tq, "attention"), checked_mul(d.H, d.D, "attention"), "attention");
   void* o16 = scratch(1, 2 * n);
-  cu::attention_forward(ctx_, dt, o16, lse, q, k, v, dims(d), attention_);
+  cu::attention_forward(ctx_, dt, o16, lse, q, k, v, dims(d), attention_for(dt, d.D));
   cu::convert(ctx_, out, DType::F32, o16, DType::BF16, n);
 }
 
@@ -278,22 +304,17 @@ void CudaBackend::attention_backward(DType dt, float* dq, float* dk, float* dv, 
                                      const void* k, const void* v, const float* out, const float* lse,
                                      const AttentionDims& d) {
   activate();
-  if (dt == DType::F32) {
-    cu::attention_backward(ctx_, dt, dq, dk, dv, dout, q, k, v, out, lse, dims(d), *ws_[0], attention_);
-    return;
+  // Gradients in fp32 straight from the kernels (as the CPU's bf16 attention returns them); only
+  // O goes back to bf16, exactly, since it was saved as a bf16 cast.
+  const void* o = out;
+  if (dt != DType::F32) {
+    const int64_t nq = checked_mul(checked_mul(d.B, d.Tq, "attention"), checked_mul(d.H, d.D, "attention"), "attention");
+    void* o16 = scratch(1, 2 * nq);
+    cu::convert(ctx_, o16, DType::BF16, out, DType::F32, nq);
+    o = o16;
   }
-  const char* w = "attention";
-  const int64_t nq = checked_mul(checked_mul(d.B, d.Tq, w), checked_mul(d.H, d.D, w), w);
-  const int64_t nk = checked_mul(checked_mul(d.B, d.Tk, w), checked_mul(d.KV, d.D, w), w);
-  void* o16 = scratch(1, 2 * nq);
-  void* dq16 = scratch(2, 2 * nq);
-  void* dk16 = scratch(3, 2 * nk);
-  void* dv16 = scratch(4, 2 * nk);
-  cu::convert(ctx_, o16, DType::BF16, out, DType::F32, nq);
-  cu::attention_backward(ctx_, dt, dq16, dk16, dv16, dout, q, k, v, o16, lse, dims(d), *ws_[0], attention_);
-  cu::convert(ctx_, dq, DType::F32, dq16, DType::BF16, nq);
-  cu::convert(ctx_, dk, DType::F32, dk16, DType::BF16, nk);
-  cu::convert(ctx_, dv, DType::F32, dv16, DType::BF16, nk);
+  cu::attention_backward(ctx_, dt, DType::F32, dq, dk, dv, dout, q, k, v, o, lse, dims(d), *ws_[0],
+                         attention_for(dt, d.D));
 }
 
 void CudaBackend::adamw(float* w, float* m, float* v, const float* g, int64_t n, const AdamWParams& p,

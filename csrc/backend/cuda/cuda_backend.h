@@ -89,16 +89,28 @@ class CudaBackend final : public Backend {
   void activate() const;
   // Device scratch for the bf16 attention's outputs and inputs in their kernel dtype.
   void* scratch(int which, int64_t bytes);
+  // The attention kernels for (dt, D): attention_, except that a TensorCore request falls back to
+  // the SIMT kernels where the tensor-core ones do not apply (fp32, other head dims).
+  cuda::AttentionImpl attention_for(DType dt, int64_t D) const;
+  // Positions in the RoPE table at `cos` (see rope_lengths_).
+  int64_t rope_length(const float* cos, int64_t pos0, int64_t T) const;
+  // Frees what the constructor made (also when it throws midway); never throws.
+  void release() noexcept;
 
   cuda::CudaContext ctx_;
   cuda::AttentionImpl attention_;
   int64_t total_memory_ = 0;
   std::string name_;
   CpuBackend host_;
-  // ws_[0] is handed to kernels; the others hold converted operands around one call.
-  std::unique_ptr<cuda::Workspace> ws_[5];
+  // ws_[0] is handed to kernels, ws_[kGemmWs] to cuBLASLt (one per stream: two backends on one
+  // thread must not share it), ws_[1] holds the bf16 attention output around one call.
+  static constexpr int kGemmWs = 2;
+  std::unique_ptr<cuda::Workspace> ws_[3];
   double* loss_dev_ = nullptr;   // cross_entropy's device accumulator (zeroed by take_loss)
-  float* norm_dev_ = nullptr;    // sum_squares' device result
+  double* sumsq_dev_ = nullptr;  // sum_squares' device result
+  // Lengths (positions) of the RoPE tables made by rope_tables, by their cos pointer, so the rope
+  // kernels check positions against the real table.
+  std::vector<std::pair<const float*, int64_t>> rope_lengths_;
   // AdamW's decay segments, uploaded once per distinct span list.
   std::vector<DecaySpan> spans_;
   int64_t* seg_begin_ = nullptr;

@@ -171,6 +171,8 @@ void adamw_update(const CudaContext& ctx, float* param, float* m, float* v, cons
 
 /** Deterministic L2 norm of x [n] (fp32) into *out (device float); fixed reduction tree. */
 void grad_norm(const CudaContext& ctx, float* out, const float* x, int64_t n, Workspace& ws);
+/** Σ x² of x [n] (fp32) in double into *out (device double); the same fixed tree, in double. */
+void sum_squares(const CudaContext& ctx, double* out, const float* x, int64_t n, Workspace& ws);
 /** Clip factor min(1, max_norm / (norm + 1e-6)) from a device norm into *scale (device). */
 void clip_scale(const CudaContext& ctx, float* scale, const float* norm, float max_norm);
 
@@ -185,8 +187,10 @@ struct GemmArgs {
   int64_t lda = 0, ldb = 0, ldc = 0;
   float alpha = 1.0f, beta = 0.0f;
 };
+// lt_ws: cuBLASLt's workspace for this stream; null takes one per thread and device, which is
+// only safe while one stream per thread and device queues GEMMs (a backend passes its own).
 void gemm(const CudaContext& ctx, DType ab, DType c, void* C, const void* A, const void* B,
-          const GemmArgs& args);
+          const GemmArgs& args, Workspace* lt_ws = nullptr);
 /** Our own kernels only (the self-test compares them with cuBLASLt). */
 void gemm_ours(const CudaContext& ctx, DType ab, DType c, void* C, const void* A, const void* B,
                const GemmArgs& args);
@@ -222,8 +226,12 @@ bool attention_tensor_core_applies(const CudaContext& ctx, DType dt, int64_t D);
 void attention_forward(const CudaContext& ctx, DType dt, void* out, float* lse, const void* q,
                        const void* k, const void* v, const AttentionDims& d,
                        AttentionImpl impl = AttentionImpl::Auto);
-/** dq, dk, dv overwritten (dt); no atomics: dK/dV and dQ come from separate passes. */
-void attention_backward(const CudaContext& ctx, DType dt, void* dq, void* dk, void* dv,
+/**
+ * dq, dk, dv overwritten, stored in grad_dt: dt, or F32 to keep the bf16 path's gradients
+ * unrounded (the CPU's bf16 attention returns fp32 gradients); no atomics: dK/dV and dQ come
+ * from separate passes.
+ */
+void attention_backward(const CudaContext& ctx, DType dt, DType grad_dt, void* dq, void* dk, void* dv,
                         const void* dout, const void* q, const void* k, const void* v,
                         const void* out, const float* lse, const AttentionDims& d, Workspace& ws,
                         AttentionImpl impl = AttentionImpl::Auto);

@@ -171,8 +171,9 @@ __device__ __forceinline__ void probs(float* P, float* dS, const float* Qs, cons
   }
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(T* dk, T* dv, const T* dout, const T* q,
+// G: the gradients' storage type (T, or float to keep the bf16 path's gradients unrounded).
+template <class T, class G>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(G* dk, G* dv, const T* dout, const T* q,
                                                                   const T* k, const T* v, const float* lse,
                                                                   const float* Di, Geo g) {
   extern __shared__ float sm[];
@@ -224,8 +225,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(T* dk, T* dv, c
   }
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(T* dq, const T* dout, const T* q, const T* k,
+template <class T, class G>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(G* dq, const T* dout, const T* q, const T* k,
                                                                 const T* v, const float* lse, const float* Di,
                                                                 Geo g) {
   extern __shared__ float sm[];
@@ -338,10 +339,10 @@ __device__ __forceinline__ void tc_ab_acc(wm::fragment<wm::accumulator, 16, 16, 
   }
 }
 
-// A warp's 16 x D accumulators, times `scale`, to rows t0 + r0.. of a [B, T, heads, D] bf16 tensor
-// (rows past n skipped), through a 16 x LO fp32 staging area of its own.
-template <int D>
-__device__ void tc_store_rows(bf* dst, wm::fragment<wm::accumulator, 16, 16, 16, float>* acc, float scale, float* stage,
+// A warp's 16 x D accumulators, times `scale`, to rows t0 + r0.. of a [B, T, heads, D] tensor of G
+// (bf16 or fp32; rows past n skipped), through a 16 x LO fp32 staging area of its own.
+template <int D, class G>
+__device__ void tc_store_rows(G* dst, wm::fragment<wm::accumulator, 16, 16, 16, float>* acc, float scale, float* stage,
                               const Geo& g, int64_t b, int64_t t0, int r0, int n, int64_t head, bool is_q) {
   constexpr int LO = TcLayout<D>::LO;
   for (int c = 0; c < D / 16; ++c) {
@@ -353,7 +354,7 @@ __device__ void tc_store_rows(bf* dst, wm::fragment<wm::accumulator, 16, 16, 16,
   for (int rr = 0; rr < 16; ++rr) {
     if (r0 + rr >= n) break;
     const int64_t base = is_q ? q_index(g, b, t0 + r0 + rr, head) : kv_index(g, b, t0 + r0 + rr, head);
-    for (int c = lane; c < D; c += 32) dst[base + c] = __float2bfloat16_rn(stage[rr * LO + c]);
+    for (int c = lane; c < D; c += 32) st(dst, base + c, stage[rr * LO + c]);
   }
 }
 
@@ -483,8 +484,8 @@ struct TcBwdSmem {
 
 // One block per (64 keys, kv head, batch row); warp w owns keys 16w.. and sums their dK and dV
 // in registers over every query tile of every query head in the GQA group.
-template <int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(bf* dk, bf* dv, const bf* dout, const bf* q, const bf* k,
+template <int D, class G>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(G* dk, G* dv, const bf* dout, const bf* q, const bf* k,
                                                               const bf* v, const float* lse, const float* Di, Geo g) {
   using L = TcLayout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -524,15 +525,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(bf* dk, bf* dv, con
   }
   __syncthreads();  // the Q/dO tiles become each warp's staging area
   float* stage = reinterpret_cast<float*>(Qs) + warp * 16 * L::LO;
-  tc_store_rows<D>(dk, adk, g.scale, stage, g, b, j0, r0, nk, kvh, false);
+  tc_store_rows<D, G>(dk, adk, g.scale, stage, g, b, j0, r0, nk, kvh, false);
   __syncwarp();
-  tc_store_rows<D>(dv, adv, 1.0f, stage, g, b, j0, r0, nk, kvh, false);
+  tc_store_rows<D, G>(dv, adv, 1.0f, stage, g, b, j0, r0, nk, kvh, false);
 }
 
 // One block per (64 queries, head, batch row); warp w owns queries 16w.. and sums their dQ in
 // registers over the key tiles.
-template <int D>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(bf* dq, const bf* dout, const bf* q, const bf* k,
+template <int D, class G>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(G* dq, const bf* dout, const bf* q, const bf* k,
                                                             const bf* v, const float* lse, const float* Di, Geo g) {
   using L = TcLayout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -565,7 +566,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(bf* dq, const bf* dou
   }
   __syncthreads();  // the score tiles become each warp's staging area
   float* stage = S + warp * 16 * L::LO;
-  tc_store_rows<D>(dq, adq, g.scale, stage, g, b, q0, r0, nq, h, true);
+  tc_store_rows<D, G>(dq, adq, g.scale, stage, g, b, q0, r0, nq, h, true);
 }
 
 enum class Pass { Forward, DkDv, Dq };
@@ -641,21 +642,43 @@ void forward_tc(const CudaContext& ctx, void* out, float* lse, const void* q, co
   check_launch("attn_fwd_tc");
 }
 
-template <int D>
+template <int D, class G>
 void backward_tc(const CudaContext& ctx, void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k,
                  const void* v, const float* lse, const float* Di, const AttentionDims& d, const Geo& g) {
   const size_t bytes = TcLayout<D>::bwd;
   const bf *dO = static_cast<const bf*>(dout), *Q = static_cast<const bf*>(q), *K = static_cast<const bf*>(k),
            *V = static_cast<const bf*>(v);
-  allow_smem(attn_bwd_dkdv_tc<D>, bytes);
+  allow_smem(attn_bwd_dkdv_tc<D, G>, bytes);
   const dim3 gridkv(static_cast<unsigned>(ceil_div(d.Tk, kTile)), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
-  attn_bwd_dkdv_tc<D><<<gridkv, kThreads, bytes, ctx.stream>>>(static_cast<bf*>(dk), static_cast<bf*>(dv), dO, Q, K, V,
-                                                                lse, Di, g);
+  attn_bwd_dkdv_tc<D, G><<<gridkv, kThreads, bytes, ctx.stream>>>(static_cast<G*>(dk), static_cast<G*>(dv), dO, Q, K,
+                                                                   V, lse, Di, g);
   check_launch("attn_bwd_dkdv_tc");
-  allow_smem(attn_bwd_dq_tc<D>, bytes);
+  allow_smem(attn_bwd_dq_tc<D, G>, bytes);
   const dim3 gridq(static_cast<unsigned>(ceil_div(d.Tq, kTile)), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-  attn_bwd_dq_tc<D><<<gridq, kThreads, bytes, ctx.stream>>>(static_cast<bf*>(dq), dO, Q, K, V, lse, Di, g);
+  attn_bwd_dq_tc<D, G><<<gridq, kThreads, bytes, ctx.stream>>>(static_cast<G*>(dq), dO, Q, K, V, lse, Di, g);
   check_launch("attn_bwd_dq_tc");
+}
+
+template <class G>
+void backward_tc_d(const CudaContext& ctx, void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k,
+                   const void* v, const float* lse, const float* Di, const AttentionDims& d, const Geo& g) {
+  if (d.D == 64) backward_tc<64, G>(ctx, dq, dk, dv, dout, q, k, v, lse, Di, d, g);
+  else backward_tc<128, G>(ctx, dq, dk, dv, dout, q, k, v, lse, Di, d, g);
+}
+
+template <class T, class G>
+void backward_simt(const CudaContext& ctx, void* dq, void* dk, void* dv, const T* dO, const T* Q, const T* K,
+                   const T* V, const float* lse, const float* Di, const AttentionDims& d, const Geo& gkv, size_t b_kv,
+                   const Geo& gq, size_t b_q) {
+  allow_smem(attn_bwd_dkdv_kernel<T, G>, b_kv);
+  const dim3 gridkv(static_cast<unsigned>(ceil_div(d.Tk, gkv.tile)), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
+  attn_bwd_dkdv_kernel<T, G><<<gridkv, kThreads, b_kv, ctx.stream>>>(static_cast<G*>(dk), static_cast<G*>(dv), dO, Q,
+                                                                      K, V, lse, Di, gkv);
+  check_launch("attn_bwd_dkdv_kernel");
+  allow_smem(attn_bwd_dq_kernel<T, G>, b_q);
+  const dim3 gridq(static_cast<unsigned>(ceil_div(d.Tq, gq.tile)), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
+  attn_bwd_dq_kernel<T, G><<<gridq, kThreads, b_q, ctx.stream>>>(static_cast<G*>(dq), dO, Q, K, V, lse, Di, gq);
+  check_launch("attn_bwd_dq_kernel");
 }
 
 }  // namespace
@@ -693,9 +716,11 @@ void attention_forward(const CudaContext& ctx, DType dt, void* out, float* lse, 
   check_launch("attn_fwd_kernel");
 }
 
-void attention_backward(const CudaContext& ctx, DType dt, void* dq, void* dk, void* dv, const void* dout,
-                        const void* q, const void* k, const void* v, const void* out, const float* lse,
-                        const AttentionDims& d, Workspace& ws, AttentionImpl impl) {
+void attention_backward(const CudaContext& ctx, DType dt, DType grad_dt, void* dq, void* dk, void* dv,
+                        const void* dout, const void* q, const void* k, const void* v, const void* out,
+                        const float* lse, const AttentionDims& d, Workspace& ws, AttentionImpl impl) {
+  expect(grad_dt == dt || grad_dt == DType::F32, "the inputs' dtype or fp32", "grad_dt", dtype_name(grad_dt));
+  const bool f32_grads = grad_dt == DType::F32;
   size_t b_kv = 0, b_q = 0;
   const Geo gkv = geometry(ctx, d, Pass::DkDv, &b_kv);
   const Geo gq = geometry(ctx, d, Pass::Dq, &b_q);
@@ -709,20 +734,13 @@ void attention_backward(const CudaContext& ctx, DType dt, void* dq, void* dk, vo
     attn_bwd_dot_kernel<T><<<grid_for(ctx, d.B * d.Tq * d.H * 32, 256), 256, 0, ctx.stream>>>(
         Di, dO, static_cast<const T*>(out), gq);
     check_launch("attn_bwd_dot_kernel");
-    if (tc) {
-      if (d.D == 64) backward_tc<64>(ctx, dq, dk, dv, dout, q, k, v, lse, Di, d, gq);
-      else backward_tc<128>(ctx, dq, dk, dv, dout, q, k, v, lse, Di, d, gq);
+    if (tc) {  // bf16 only (pick checked it)
+      if (f32_grads) backward_tc_d<float>(ctx, dq, dk, dv, dout, q, k, v, lse, Di, d, gq);
+      else backward_tc_d<bf>(ctx, dq, dk, dv, dout, q, k, v, lse, Di, d, gq);
       return;
     }
-    allow_smem(attn_bwd_dkdv_kernel<T>, b_kv);
-    const dim3 gridkv(static_cast<unsigned>(ceil_div(d.Tk, gkv.tile)), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
-    attn_bwd_dkdv_kernel<T><<<gridkv, kThreads, b_kv, ctx.stream>>>(static_cast<T*>(dk), static_cast<T*>(dv), dO, Q,
-                                                                     K, V, lse, Di, gkv);
-    check_launch("attn_bwd_dkdv_kernel");
-    allow_smem(attn_bwd_dq_kernel<T>, b_q);
-    const dim3 gridq(static_cast<unsigned>(ceil_div(d.Tq, gq.tile)), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-    attn_bwd_dq_kernel<T><<<gridq, kThreads, b_q, ctx.stream>>>(static_cast<T*>(dq), dO, Q, K, V, lse, Di, gq);
-    check_launch("attn_bwd_dq_kernel");
+    if (f32_grads) backward_simt<T, float>(ctx, dq, dk, dv, dO, Q, K, V, lse, Di, d, gkv, b_kv, gq, b_q);
+    else backward_simt<T, T>(ctx, dq, dk, dv, dO, Q, K, V, lse, Di, d, gkv, b_kv, gq, b_q);
   });
 }
 

@@ -37,6 +37,8 @@ constexpr int kDescTransA = 3;       // CUBLASLT_MATMUL_DESC_TRANSA
 constexpr int kDescTransB = 4;       // CUBLASLT_MATMUL_DESC_TRANSB
 constexpr int kOpN = 0, kOpT = 1;    // CUBLAS_OP_N, CUBLAS_OP_T
 constexpr int kPrefMaxWorkspace = 1; // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
+// CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES (uint32_t, default 256)
+constexpr int kPrefAlignA = 5, kPrefAlignB = 6, kPrefAlignC = 7, kPrefAlignD = 8;
 
 using CreateFn = Status (*)(Handle*);
 using DestroyFn = Status (*)(Handle);
@@ -88,6 +90,11 @@ static_assert(lt::kR32F == CUDA_R_32F && lt::kR16BF == CUDA_R_16BF, "cudaDataTyp
 static_assert(lt::kDescTransA == CUBLASLT_MATMUL_DESC_TRANSA && lt::kDescTransB == CUBLASLT_MATMUL_DESC_TRANSB, "desc attributes");
 static_assert(lt::kOpN == CUBLAS_OP_N && lt::kOpT == CUBLAS_OP_T, "cublasOperation_t");
 static_assert(lt::kPrefMaxWorkspace == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, "preference attribute");
+static_assert(lt::kPrefAlignA == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES &&
+                  lt::kPrefAlignB == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES &&
+                  lt::kPrefAlignC == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES &&
+                  lt::kPrefAlignD == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+              "alignment preference attributes");
 static_assert(sizeof(cublasStatus_t) == sizeof(lt::Status), "cublasStatus_t size");
 static_assert(std::is_same<decltype(&cublasLtCreate), cublasStatus_t (*)(cublasLtHandle_t*)>::value, "cublasLtCreate");
 static_assert(std::is_same<decltype(&cublasLtMatrixLayoutCreate),
@@ -147,6 +154,15 @@ lt::Api& api() {
   return a;
 }
 
+// The largest power of two <= 256 dividing the address: the model hands cuBLASLt sub-tensors at
+// element offsets, and the heuristic assumes 256-byte alignment unless told otherwise.
+uint32_t alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t k = 256;
+  while (k > 1 && (a % k) != 0) k >>= 1;
+  return k;
+}
+
 void lt_check(lt::Status s, const char* call) {
   if (s != 0) throw CudaError(std::string(call) + " failed with cublasStatus " + std::to_string(s), s);
 }
@@ -198,6 +214,11 @@ void gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, cons
   void* wsp = ws.get(static_cast<int64_t>(ws_bytes));
   lt_check(a.pref_create(&gd.pref), "cublasLtMatmulPreferenceCreate");
   lt_check(a.pref_set(gd.pref, lt::kPrefMaxWorkspace, &ws_bytes, sizeof ws_bytes), "cublasLtMatmulPreferenceSetAttribute");
+  // Operands as cuBLASLt sees them: its A is our B and its B our A (the swap above).
+  const uint32_t align[4] = {alignment(B), alignment(A), alignment(C), alignment(C)};
+  const int attr[4] = {lt::kPrefAlignA, lt::kPrefAlignB, lt::kPrefAlignC, lt::kPrefAlignD};
+  for (int i = 0; i < 4; ++i)
+    lt_check(a.pref_set(gd.pref, attr[i], &align[i], sizeof align[i]), "cublasLtMatmulPreferenceSetAttribute");
   lt::HeuristicResult res{};
   int found = 0;
   lt_check(a.heuristic(a.handle, gd.desc, gd.lb, gd.la, gd.lc, gd.lc, gd.pref, 1, &res, &found),

@@ -238,14 +238,17 @@ void gemm_ours(const CudaContext& ctx, DType ab, DType c, void* C, const void* A
 }
 
 void gemm(const CudaContext& ctx, DType ab, DType c, void* C, const void* A, const void* B,
-          const GemmArgs& args) {
+          const GemmArgs& args, Workspace* lt_ws) {
   if (ab == DType::BF16 && args.K > 0 && args.M > 0 && args.N > 0 && cublaslt_available()) {
-    // cuBLASLt's workspace: one per thread and device (a workspace is memory of one device).
-    static thread_local std::vector<std::unique_ptr<Workspace>> per_device;
-    if (per_device.size() <= static_cast<size_t>(ctx.device)) per_device.resize(static_cast<size_t>(ctx.device) + 1);
-    auto& ws = per_device[static_cast<size_t>(ctx.device)];
-    if (!ws) ws = std::make_unique<Workspace>(ctx.device);
-    gemm_cublaslt(ctx, c, C, A, B, resolved(args), *ws);
+    if (!lt_ws) {
+      // One per thread and device (a workspace is memory of one device).
+      static thread_local std::vector<std::unique_ptr<Workspace>> per_device;
+      if (per_device.size() <= static_cast<size_t>(ctx.device)) per_device.resize(static_cast<size_t>(ctx.device) + 1);
+      auto& ws = per_device[static_cast<size_t>(ctx.device)];
+      if (!ws) ws = std::make_unique<Workspace>(ctx.device);
+      lt_ws = ws.get();
+    }
+    gemm_cublaslt(ctx, c, C, A, B, resolved(args), *lt_ws);
     return;
   }
   gemm_ours(ctx, ab, c, C, A, B, args);

@@ -442,6 +442,17 @@ void test_grad_norm(bool quick) {
       const Vec a = download(o1, 1, DType::F32), b = download(o2, 1, DType::F32);
       check(name, a, Vec{static_cast<float>(std::sqrt(ss))}, DType::F32, 1e-5);
       report(name + "/deterministic", bit_equal(a, b), "two runs bit-identical");
+      // Σ x² in double (the CUDA backend's sum_squares): within 1e-12 of the host's double sum.
+      Buf dd(8), dd2(8);
+      cu::sum_squares(g_ctx, dd.as<double>(), bx.f(), n, ws);
+      cu::sum_squares(g_ctx, dd2.as<double>(), bx.f(), n, ws);
+      sync();
+      double got = 0, got2 = 0;
+      LIMA_CUDA_CHECK(cudaMemcpy(&got, dd.p, 8, cudaMemcpyDeviceToHost));
+      LIMA_CUDA_CHECK(cudaMemcpy(&got2, dd2.p, 8, cudaMemcpyDeviceToHost));
+      const double rel = std::fabs(got - ss) / std::max(ss, 1e-300);
+      report(name + "/sum_squares-f64", rel <= 1e-12 && std::memcmp(&got, &got2, 8) == 0,
+             "rel err " + std::to_string(rel) + " (limit 1e-12), two runs bit-identical");
     });
   }
 }
@@ -536,8 +547,8 @@ void test_attention(DType dt, bool quick) {
       Buf bd = upload(dout, dt), bdq = poisoned(nq, dt), bdk = poisoned(nk, dt), bdv = poisoned(nk, dt);
       Buf bdq2 = poisoned(nq, dt), bdk2 = poisoned(nk, dt), bdv2 = poisoned(nk, dt);
       cu::Workspace ws;
-      cu::attention_backward(g_ctx, dt, bdq.p, bdk.p, bdv.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
-      cu::attention_backward(g_ctx, dt, bdq2.p, bdk2.p, bdv2.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
+      cu::attention_backward(g_ctx, dt, dt, bdq.p, bdk.p, bdv.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
+      cu::attention_backward(g_ctx, dt, dt, bdq2.p, bdk2.p, bdv2.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
       const Vec gdq = download(bdq, nq, dt), gdk = download(bdk, nk, dt), gdv = download(bdv, nk, dt);
       check(name + "/dq", gdq, dq, dt, 5e-5, 3.0);
       check(name + "/dk", gdk, dk, dt, 5e-5);
@@ -546,6 +557,15 @@ void test_attention(DType dt, bool quick) {
              bit_equal(gdq, download(bdq2, nq, dt)) && bit_equal(gdk, download(bdk2, nk, dt)) &&
                  bit_equal(gdv, download(bdv2, nk, dt)),
              "two runs bit-identical");
+      if (dt == DType::BF16) {
+        // fp32 gradients from bf16 inputs (what the CUDA backend asks for), held to the same rule:
+        // they skip only the final rounding.
+        Buf fdq = poisoned(nq, DType::F32), fdk = poisoned(nk, DType::F32), fdv = poisoned(nk, DType::F32);
+        cu::attention_backward(g_ctx, dt, DType::F32, fdq.p, fdk.p, fdv.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
+        check(name + "/dq-fp32", download(fdq, nq, DType::F32), dq, dt, 5e-5, 3.0);
+        check(name + "/dk-fp32", download(fdk, nk, DType::F32), dk, dt, 5e-5);
+        check(name + "/dv-fp32", download(fdv, nk, DType::F32), dv, dt, 5e-5);
+      }
     });
   }
 }
@@ -701,7 +721,7 @@ void run_bench() {
       bench_line(("attention fwd bf16" + tag).c_str(), fl / fms, "TFLOP/s", 0, "");
       cu::Workspace ws;
       const float bms = time_ms(
-          [&] { cu::attention_backward(g_ctx, DType::BF16, dq.p, dk.p, dv.p, dO.p, q.p, k.p, v.p, o.p, l.f(), d, ws, impl); }, 1);
+          [&] { cu::attention_backward(g_ctx, DType::BF16, DType::BF16, dq.p, dk.p, dv.p, dO.p, q.p, k.p, v.p, o.p, l.f(), d, ws, impl); }, 1);
       bench_line(("attention bwd bf16" + tag).c_str(), 2.5 * fl / bms, "TFLOP/s", 0, "");
     }
   }

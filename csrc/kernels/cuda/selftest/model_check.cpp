@@ -100,7 +100,8 @@ void step_parity(const Shape& s, DType dt, cuda::AttentionImpl attention, const 
     bool ok = std::isfinite(lg);
     const double loss_err = std::fabs(lg - lr) / std::fabs(lr);
     const double loss_limit = dt == DType::F32 ? 1e-4 : 2 * std::max(std::fabs(ln - lr) / std::fabs(lr), 1e-3);
-    ok = ok && loss_err <= loss_limit;
+    // A non-finite limit (a NaN in the CPU's own bf16 run) would pass anything: it fails instead.
+    ok = ok && std::isfinite(loss_limit) && loss_err <= loss_limit;
     std::string worst = "-";
     double worst_ratio = 0;
     for (const ParamInfo& p : gpu->params()) {
@@ -110,7 +111,7 @@ void step_parity(const Shape& s, DType dt, cuda::AttentionImpl attention, const 
       if (naive) limit = 2 * std::max(max_err(read(*naive, p.name, ParamKind::Grad), r), scale / 1024);
       const double ratio = err / limit;
       if (!(ratio <= worst_ratio)) worst_ratio = std::isnan(ratio) ? INFINITY : ratio, worst = p.name;
-      ok = ok && err <= limit;
+      ok = ok && std::isfinite(limit) && err <= limit;
     }
     char buf[400];
     std::snprintf(buf, sizeof buf, "B%lld T%lld: loss %.6f vs cpu %.6f (rel %.2g, limit %.2g); worst gradient %s at %.2f of its limit",
@@ -154,13 +155,14 @@ void curve(const Shape& s, DType dt, int steps, const Run& run, const Report& re
 
 // Weights copied CPU -> GPU through read_param/write_param (a checkpoint's path), then the
 // GPU's KV-cached decode against the CPU's full forward pass, token by token.
-void decode_parity(const Shape& s, DType dt, const Run& run, const Report& report) {
-  const std::string name = std::string("model decode ") + s.name + " " + dtype_name(dt);
+void decode_parity(const Shape& s, DType dt, cuda::AttentionImpl attention, const Run& run, const Report& report) {
+  const std::string name = std::string("model decode ") + s.name + " " + dtype_name(dt) +
+                           (attention == cuda::AttentionImpl::TensorCore ? " tc" : "");
   run(name, [&] {
     const LlamaConfig& c = s.cfg;
     auto cpu = make(c, false, dt);
     cpu->init_normal(777, 0.08f);  // a different seed: the GPU model only gets it by copying
-    auto gpu = make(c, true, dt);
+    auto gpu = make(c, true, dt, attention);
     for (const ParamInfo& p : cpu->params()) {
       const Vec w = read(*cpu, p.name, ParamKind::Weight);
       gpu->write_param(p.name, ParamKind::Weight, w.data());
@@ -267,11 +269,14 @@ void test_model(bool quick, const Run& run, const Report& report, bool dut_on_cp
   for (const Shape& s : shapes)
     for (DType dt : {DType::F32, DType::BF16}) {
       step_parity(s, dt, cuda::AttentionImpl::Simt, run, report);
-      // The tensor-core attention inside a whole step, where it applies (bf16, head dim 64/128).
+      decode_parity(s, dt, cuda::AttentionImpl::Simt, run, report);
+      // The tensor-core attention inside a whole step and in decoding (Tq < Tk), where it applies
+      // (bf16, head dim 64/128).
       const cuda::CudaContext probe;  // device 0, as the models use
-      if (!dut_on_cpu && cuda::attention_tensor_core_applies(probe, dt, s.cfg.hd))
+      if (!dut_on_cpu && cuda::attention_tensor_core_applies(probe, dt, s.cfg.hd)) {
         step_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
-      decode_parity(s, dt, run, report);
+        decode_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
+      }
     }
   for (DType dt : {DType::F32, DType::BF16}) {
     curve(shapes[0], dt, quick ? 5 : 20, run, report);
