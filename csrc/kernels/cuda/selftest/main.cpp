@@ -451,8 +451,9 @@ void test_grad_norm(bool quick) {
       LIMA_CUDA_CHECK(cudaMemcpy(&got, dd.p, 8, cudaMemcpyDeviceToHost));
       LIMA_CUDA_CHECK(cudaMemcpy(&got2, dd2.p, 8, cudaMemcpyDeviceToHost));
       const double rel = std::fabs(got - ss) / std::max(ss, 1e-300);
-      report(name + "/sum_squares-f64", rel <= 1e-12 && std::memcmp(&got, &got2, 8) == 0,
-             "rel err " + std::to_string(rel) + " (limit 1e-12), two runs bit-identical");
+      char detail[96];
+      std::snprintf(detail, sizeof detail, "rel err %.3g (limit 1e-12); two runs bit-identical", rel);
+      report(name + "/sum_squares-f64", rel <= 1e-12 && std::memcmp(&got, &got2, 8) == 0, detail);
     });
   }
 }
