@@ -2,6 +2,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { NativeLlamaCtor } from './model/native-model.js';
 
 const require = createRequire(import.meta.url);
 
@@ -91,12 +92,14 @@ export interface CudaDeviceInfo {
   driverVersion: number;
 }
 
-/** The slice of lima_cuda.node the loader uses; the backend adds its own. */
+/** lima_cuda.node: the loader's probes and the model on the CUDA backend. */
 export interface CudaAddon {
   probe(device?: number): CudaDeviceInfo;
   init(device?: number): CudaDeviceInfo;
   cublasLt(): { available: boolean; reason: string };
   buildArchitectures: string;
+  /** The CPU addon's NativeLlama, on the CUDA backend of the GPU index given to it. */
+  NativeLlama: NativeLlamaCtor;
 }
 
 /** Path of the CUDA module built by `npm run build:cuda` (cmake-js, out dir build-cuda/). */

@@ -135,8 +135,7 @@ interface Placement {
 function place(device: Device | undefined): Placement {
   const r = resolveDevice(device ?? 'cpu');
   if (r.device === 'cuda') {
-    const ctor = (r.addon as unknown as { NativeLlama: NativeLlamaCtor }).NativeLlama;
-    return { kind: 'cuda', ctor, gpu: r.info.device, memory: r.info.totalMemory, label: `cuda:${r.info.device} (${r.info.name})`, fallback: null };
+    return { kind: 'cuda', ctor: r.addon.NativeLlama, gpu: r.info.device, memory: r.info.totalMemory, label: `cuda:${r.info.device} (${r.info.name})`, fallback: null };
   }
   return { kind: 'cpu', ctor: nativeLlama(), memory: totalmem(), label: 'cpu', fallback: r.reason ? r.reason.message : null };
 }
