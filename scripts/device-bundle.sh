@@ -11,8 +11,9 @@ out=device-bundle
 rm -rf "$out"
 mkdir -p "$out/build/Release" "$out/build-cuda/Release" "$out/scripts"
 npm run --silent build:ts
-[[ -f build/Release/lima.node ]] || npm run build:native
-[[ -f build-cuda/Release/lima_cuda.node ]] || npm run build:cuda
+# Built afresh from this checkout, so the bundle never carries a stale module or self-test.
+npm run build:native
+npm run build:cuda
 cp -r dist package.json "$out/"
 cp build/Release/lima.node "$out/build/Release/"
 cp build-cuda/Release/lima_cuda.node "$out/build-cuda/Release/"
