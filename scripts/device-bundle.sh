@@ -27,4 +27,11 @@ npm ls --omit=dev --all --parseable 2> /dev/null | tail -n +2 | while read -r di
   cp -r "$dir" "$out/$rel"
 done
 xz -9 -T0 -c "$(command -v node)" > "$out/node.xz"
-du -sh "$out"
+# A device call carries at most 64 MiB: the tracked files plus this bundle.
+bundle=$(du -sb "$out" | cut -f1)
+tracked=$(git ls-files -z | xargs -0 du -cb 2> /dev/null | tail -1 | cut -f1)
+echo "device-bundle: $((bundle / 1048576)) MiB, with the repository $(((bundle + tracked) / 1048576)) MiB of the 64 MiB a device call carries"
+if (( bundle + tracked > 64 * 1048576 )); then
+  echo "device-bundle: too large to carry; build the CUDA module for the GPU's architecture only (LIMA_CUDA_ARCHS=90)" >&2
+  exit 1
+fi
