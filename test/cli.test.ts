@@ -10,6 +10,9 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { buildProgram, main } from '../lib/cli/index.js';
 import { finetuneCommand, toFinetuneOptions } from '../lib/cli/commands/finetune.js';
 import { generateCommand } from '../lib/cli/commands/generate.js';
+import { demoCommand } from '../lib/cli/commands/demo.js';
+import { evalCommand } from '../lib/cli/commands/eval.js';
+import { chatCommand } from '../lib/cli/commands/chat.js';
 import { fitLine, fmtTime, ProgressDisplay } from '../lib/cli/progress.js';
 import { parseIdList, parseInteger, parseNumber, samplingFrom, terminalSafe } from '../lib/cli/options.js';
 import { LlamaModel } from '../lib/model/llama.js';
@@ -106,6 +109,21 @@ describe('commander CLI', () => {
     for (const k of ['dev', 'out', 'json', 'roleUser', 'devTopP']) expect(o, k).not.toHaveProperty(k);
     expect(toFinetuneOptions(await parsed(finetuneCommand, ['--model', 'm', '--data', 'd', '--out', 'o', '--dev', 'dev.jsonl', '--no-dev-generation'])))
       .toMatchObject({ devData: 'dev.jsonl', devGeneration: false });
+  });
+
+  it('--device takes cpu, cuda or auto on every command that loads a model; anything else is a usage error', async () => {
+    const cases: [() => Command, string[]][] = [
+      [finetuneCommand, ['--model', 'm', '--data', 'd.jsonl', '--out', 'o']],
+      [generateCommand, ['--model', 'm', '--prompt', 'hi']],
+      [chatCommand, ['--model', 'm']],
+      [evalCommand, ['--model', 'm', '--data', 'd.jsonl']],
+      [demoCommand, []],
+    ];
+    for (const [make, base] of cases) {
+      for (const d of ['cpu', 'cuda', 'auto']) expect((await parsed(make, [...base, '--device', d])).device).toBe(d);
+      await expect(parsed(make, [...base, '--device', 'gpu'])).rejects.toThrow(/option '--device <d>' argument 'gpu' is invalid\. Allowed choices are cpu, cuda, auto/);
+    }
+    expect(toFinetuneOptions(await parsed(finetuneCommand, [...cases[0][1], '--device', 'auto'])).device).toBe('auto');
   });
 
   it('--recompute takes none, mlp or all and reaches finetune() as recompute; anything else is a usage error', async () => {

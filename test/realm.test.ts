@@ -17,6 +17,7 @@ import { RunCTokenizer } from './llama2c-encode.js';
 import { isas, maxErrOverScale, readAllTensors, restoreIsaAfterAll, tempDirs } from './helpers.js';
 import * as kernels from '../lib/kernels/index.js';
 import { reportHtml } from '../lib/train/report.js';
+import { resolveDevice } from '../lib/native.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const MODEL = join(ROOT, 'models', 'stories260K', 'stories260K.bin');
@@ -292,7 +293,9 @@ describe('the stories260K demo', () => {
   it('measures the base model, fine-tunes, scores every epoch and writes the report (1 short epoch)', async () => {
     const out = tmp();
     const lines: string[] = [];
-    const r = await runStoriesDemo({ outDir: out, epochs: 1, recipe: { maxNewTokens: 24 }, log: (l) => lines.push(l) });
+    // device 'auto': the GPU where one is usable, else the CPU with a line saying why.
+    const r = await runStoriesDemo({ outDir: out, epochs: 1, recipe: { maxNewTokens: 24 }, log: (l) => lines.push(l), device: 'auto' });
+    if (resolveDevice('auto').device === 'cpu') expect(lines.some((l) => l.startsWith('device auto: using the CPU ('))).toBe(true);
     expect(r.shares.map((s) => s.epoch)).toEqual([0, 1]);
     expect(r.shares[0].n).toBe(24);
     // The base model has never seen the EOT token, so it never ends a response with it.

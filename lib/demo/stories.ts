@@ -9,7 +9,7 @@ import { loadDataset } from '../data/index.js';
 import { loadLlama2cTokenizer } from '../io/llama2c-tokenizer.js';
 import { readJsonl } from '../io/jsonl.js';
 import { LlamaModel } from '../model/llama.js';
-import { packageRoot } from '../native.js';
+import { packageRoot, type Device } from '../native.js';
 import { finetune, type FinetuneEvent } from '../train/finetune.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from '../train/report.js';
 import { demoShares, fmtShare, type DemoShares, type ScoredGeneration, type StoryRequest } from './metrics.js';
@@ -52,6 +52,8 @@ export interface StoriesDemoOptions {
   /** Changes to the recipe (e.g. to try another learning rate). */
   recipe?: Partial<Record<keyof typeof STORIES_DEMO_RECIPE, number>>;
   seed?: number;
+  /** Where to train: 'cpu' (default), 'cuda' or 'auto' (see LlamaModel.create). */
+  device?: Device;
   /** Called with each finetune event (progress display). */
   onEvent?: (e: FinetuneEvent) => void;
   /** Called with each human-readable line. */
@@ -98,7 +100,8 @@ export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesD
   const files = STORIES_DEMO_FILES;
 
   const tokenizer = await loadLlama2cTokenizer(files.tokenizer, 512);
-  await using model = await LlamaModel.fromLlama2c(files.model, { tokenizer });
+  await using model = await LlamaModel.fromLlama2c(files.model, { tokenizer, device: opts.device });
+  if (model.deviceFallback) log(`device auto: using the CPU (${model.deviceFallback.replace(/^lima-native: /, '')})`);
   const baseParams = model.numParams;
   const eot = tokenizer.ensureEot();
   await model.resizeVocab(tokenizer.vocabSize);

@@ -8,7 +8,9 @@ import { Command, Option } from 'commander';
 import { initModel } from './init.js';
 import { drive } from './finetune.js';
 import { int } from '../options.js';
+import { deviceOption } from '../common.js';
 import { runStoriesDemo, sharesTable } from '../../demo/stories.js';
+import type { Device } from '../../native.js';
 
 /** The bundled LIMA-style sample (written for this project). */
 export function sampleDataDir(): string {
@@ -27,9 +29,10 @@ export function demoCommand(): Command {
     .addOption(new Option('--epochs <n>', 'epochs (default: 10, or 16 with --from-scratch)').argParser(int({ min: 1 })))
     .option('--from-scratch', 'instead: a small model trained from scratch on the bundled LIMA-style sample')
     .option('--overwrite', 'replace the checkpoints of an earlier demo run in --out')
+    .addOption(deviceOption())
     .option('--json', 'print one JSON event per line')
-    .action(async (v: { out: string; epochs?: number; fromScratch?: boolean; overwrite?: boolean; json?: boolean }) => {
-      if (!v.fromScratch) return storiesDemo(v.out, v.epochs, v.json ?? false, v.overwrite);
+    .action(async (v: { out: string; epochs?: number; fromScratch?: boolean; overwrite?: boolean; device?: Device; json?: boolean }) => {
+      if (!v.fromScratch) return storiesDemo(v.out, v.epochs, v.json ?? false, v.overwrite, v.device);
       const epochs = v.epochs ?? 16;
       const data = sampleDataDir();
       if (!existsSync(join(data, 'train.jsonl'))) throw new Error(`bundled sample data not found at ${data}`);
@@ -43,7 +46,7 @@ export function demoCommand(): Command {
         {
           model: modelDir, data: join(data, 'train.jsonl'), devData: join(data, 'dev.jsonl'), outDir: join(v.out, 'run'),
           epochs, batchSize: 4, lr: 4e-3, lrFinal: 2e-4, warmupSteps: 10, dropout: 0.1,
-          maxLength: 512, seed: 0, devGeneration: { maxNewTokens: 160 }, keepLast: 2, overwrite: v.overwrite,
+          maxLength: 512, seed: 0, devGeneration: { maxNewTokens: 160 }, keepLast: 2, overwrite: v.overwrite, device: v.device,
         },
         v.json ?? false,
       );
@@ -59,11 +62,11 @@ export function demoCommand(): Command {
 }
 
 // The default demo: LIMA on the bundled pretrained stories260K (see lib/demo/stories.ts).
-async function storiesDemo(out: string, epochs: number | undefined, json: boolean, overwrite?: boolean): Promise<void> {
+async function storiesDemo(out: string, epochs: number | undefined, json: boolean, overwrite?: boolean, device?: Device): Promise<void> {
   const t0 = process.cpuUsage();
   const tty = !json && process.stderr.isTTY;
   const r = await runStoriesDemo({
-    outDir: out, epochs, overwrite,
+    outDir: out, epochs, overwrite, device,
     log: json ? undefined : (l) => console.log(l),
     onEvent: (e) => {
       if (json) console.log(JSON.stringify(e));
