@@ -926,17 +926,19 @@ async function writeReport(ctx: Ctx): Promise<void> {
   );
 }
 
-// The default activation budget. CPU: half the free memory, at most 8 GiB (the machine runs other
-// things). GPU: what the device has left after weights, gradients, moments and bf16 copies, less
-// 10 % for kernel scratch and the CUDA context.
-function defaultActivationBudget(model: LlamaModel): number {
-  if (model.device === 'cpu') return Math.min(8 * 2 ** 30, freemem() / 2);
-  const state = model.numParams * (16 + (model.precision === 'bf16' ? 2 : 0));
-  return Math.max(0, 0.9 * model.deviceMemory - state);
+/**
+ * finetune()'s default activation budget (bytes a micro-batch's activations may use). CPU ('cpu'):
+ * half the free memory, at most 8 GiB, as the machine runs other things. GPU: what the device's
+ * `memoryBytes` leave after the weights, gradients, moments and bf16 copies, less 10 % for kernel
+ * scratch and the CUDA context.
+ */
+export function defaultActivationBudget(device: string, memoryBytes: number, parameters: number, precision: 'fp32' | 'bf16'): number {
+  if (device === 'cpu') return Math.min(8 * 2 ** 30, freemem() / 2);
+  return Math.max(0, 0.9 * memoryBytes - parameters * (16 + (precision === 'bf16' ? 2 : 0)));
 }
 
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
-  const limit = budget ?? defaultActivationBudget(model);
+  const limit = budget ?? defaultActivationBudget(model.device, model.deviceMemory, model.numParams, model.precision);
   let m = batchSize;
   while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision, model.recompute) > limit) m = Math.ceil(m / 2);
   return m;

@@ -11,7 +11,7 @@ import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type R
 import { resolveDevice } from '../native.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { expectInt } from '../validate.js';
-import { LIMA_DEFAULTS, type FinetuneOptions } from './finetune.js';
+import { defaultActivationBudget, LIMA_DEFAULTS, type FinetuneOptions } from './finetune.js';
 
 /** Bytes of one training configuration. */
 export interface MemoryPlan {
@@ -144,12 +144,11 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const targetTokensPerEpoch = train.reduce((n, e) => n + e.labels.filter((l) => l >= 0).length, 0);
   const longestRow = train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
   const machine = deviceMemory(o.device);
-  // finetune()'s default micro-batch: halve the batch until its activations fit the budget (on a
-  // GPU: what the device has after the bf16 run's weights, gradients and moments, less 10 %).
-  const budget = o.memoryBudget ?? (machine.device === 'cpu' ? Math.min(8 * 2 ** 30, machine.freeBytes / 2) : 0.9 * machine.totalBytes - 18 * parameters);
   // The run's precision (a GPU's default is bf16) sizes the micro-batch; each row of the plan
   // counts its own precision's activations.
   const runPrecision = resolvePrecision(o.precision, machine.device === 'cpu' ? 'cpu' : 'cuda');
+  // finetune()'s default micro-batch: halve the batch until its activations fit the budget.
+  const budget = o.memoryBudget ?? defaultActivationBudget(machine.device, machine.totalBytes, parameters, runPrecision);
   let micro = o.microBatchSize ?? batchSize;
   if (o.microBatchSize === undefined)
     while (micro > 1 && LlamaModel.activationBytes(config, micro, longestRow, runPrecision, recompute) > budget) micro = Math.ceil(micro / 2);
