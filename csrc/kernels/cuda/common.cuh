@@ -16,8 +16,9 @@ __device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) { return 
 __device__ __forceinline__ void st(float* p, int64_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
-/** Sum over a warp, the same tree on every run. */
-__device__ __forceinline__ float warp_sum(float v) {
+/** Sum over a warp (float or double), the same tree on every run. */
+template <class A>
+__device__ __forceinline__ A warp_sum(A v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
@@ -27,13 +28,14 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 /** Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result. */
-__device__ __forceinline__ float block_sum(float v, float* smem32) {
+template <class A>
+__device__ __forceinline__ A block_sum(A v, A* smem32) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   v = warp_sum(v);
   __syncthreads();
   if (lane == 0) smem32[warp] = v;
   __syncthreads();
-  float t = lane < nw ? smem32[lane] : 0.0f;
+  const A t = lane < nw ? smem32[lane] : A(0);
   return warp_sum(t);
 }
 __device__ __forceinline__ float block_max(float v, float* smem32) {

@@ -8,56 +8,26 @@ namespace {
 
 constexpr int kBlocks = 1024, kThreads = 256;
 
-__global__ void sumsq_partials(float* partial, const float* x, int64_t n) {
-  __shared__ float red[32];
-  float acc = 0.0f;
+// A in {float, double}: the accumulator of Σ x²; the same fixed tree either way.
+template <class A>
+__global__ void sumsq_partials(A* partial, const float* x, int64_t n) {
+  __shared__ A red[32];
+  A acc = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    acc = fmaf(x[i], x[i], acc);
+    acc = fma(static_cast<A>(x[i]), static_cast<A>(x[i]), acc);
   acc = block_sum(acc, red);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-__global__ void finish_norm(float* out, const float* partial) {
-  __shared__ float red[32];
-  float acc = 0.0f;
+// The partials' sum (Sqrt: its square root, the norm).
+template <class A, bool Sqrt>
+__global__ void finish_sumsq(A* out, const A* partial) {
+  __shared__ A red[32];
+  A acc = 0;
   for (int i = threadIdx.x; i < kBlocks; i += blockDim.x) acc += partial[i];
   acc = block_sum(acc, red);
-  if (threadIdx.x == 0) *out = sqrtf(acc);
-}
-
-// The same fixed tree in double (Backend::sum_squares' contract: Σ x² in double, so huge
-// gradients stay finite and the sum carries the CPU's precision).
-__device__ __forceinline__ double warp_sum_d(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ double block_sum_d(double v, double* smem32) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum_d(v);
-  __syncthreads();
-  if (lane == 0) smem32[warp] = v;
-  __syncthreads();
-  const double t = lane < nw ? smem32[lane] : 0.0;
-  return warp_sum_d(t);
-}
-
-__global__ void sumsq_partials_d(double* partial, const float* x, int64_t n) {
-  __shared__ double red[32];
-  double acc = 0.0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    acc = fma(static_cast<double>(x[i]), static_cast<double>(x[i]), acc);
-  acc = block_sum_d(acc, red);
-  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
-}
-
-__global__ void finish_sumsq_d(double* out, const double* partial) {
-  __shared__ double red[32];
-  double acc = 0.0;
-  for (int i = threadIdx.x; i < kBlocks; i += blockDim.x) acc += partial[i];
-  acc = block_sum_d(acc, red);
-  if (threadIdx.x == 0) *out = acc;
+  if (threadIdx.x == 0) *out = Sqrt ? sqrt(acc) : acc;
 }
 
 __global__ void clip_kernel(float* scale, const float* norm, float max_norm) {
@@ -70,19 +40,19 @@ __global__ void clip_kernel(float* scale, const float* norm, float max_norm) {
 void grad_norm(const CudaContext& ctx, float* out, const float* x, int64_t n, Workspace& ws) {
   expect(n >= 0, "a length >= 0", "n", str(n));
   float* partial = static_cast<float*>(ws.get(kBlocks * 4));
-  sumsq_partials<<<kBlocks, kThreads, 0, ctx.stream>>>(partial, x, n);
+  sumsq_partials<float><<<kBlocks, kThreads, 0, ctx.stream>>>(partial, x, n);
   check_launch("sumsq_partials");
-  finish_norm<<<1, kThreads, 0, ctx.stream>>>(out, partial);
-  check_launch("finish_norm");
+  finish_sumsq<float, true><<<1, kThreads, 0, ctx.stream>>>(out, partial);
+  check_launch("finish_sumsq");
 }
 
 void sum_squares(const CudaContext& ctx, double* out, const float* x, int64_t n, Workspace& ws) {
   expect(n >= 0, "a length >= 0", "n", str(n));
   double* partial = static_cast<double*>(ws.get(kBlocks * 8));
-  sumsq_partials_d<<<kBlocks, kThreads, 0, ctx.stream>>>(partial, x, n);
-  check_launch("sumsq_partials_d");
-  finish_sumsq_d<<<1, kThreads, 0, ctx.stream>>>(out, partial);
-  check_launch("finish_sumsq_d");
+  sumsq_partials<double><<<kBlocks, kThreads, 0, ctx.stream>>>(partial, x, n);
+  check_launch("sumsq_partials");
+  finish_sumsq<double, false><<<1, kThreads, 0, ctx.stream>>>(out, partial);
+  check_launch("finish_sumsq");
 }
 
 void clip_scale(const CudaContext& ctx, float* scale, const float* norm, float max_norm) {
