@@ -182,17 +182,6 @@ export interface DevPhaseEvent {
   total: number;
 }
 /** Everything a run reports. */
-/**
- * The end-of-epoch dev phase: `eval` once when the dev loss starts, `generate` before each dev
- * prompt (`done` of `total` finished), so progress displays can show it and count it in the ETA.
- */
-export interface DevPhaseEvent {
-  type: 'dev';
-  epoch: number;
-  phase: 'eval' | 'generate';
-  done: number;
-  total: number;
-}
 export type FinetuneEvent = StartEvent | StepEvent | EpochEvent | CheckpointEvent | DevPhaseEvent | StoppedEvent | DoneEvent;
 
 /** What a finished run returns. */
