@@ -274,31 +274,37 @@ export class LlamaModel implements AsyncDisposable {
     const layout = tokenizer ? await readLayout(dir) : null;
     const m = LlamaModel.make(cfg, tokenizer, opts, cfgPath);
     m.layout = layout;
+    const readers = new Map<string, SafetensorsReader>();
     try {
-      const readers = new Map<string, SafetensorsReader>();
-      try {
-        for (const p of m.params) {
-          const file = files.get(p.name);
-          if (!file) throw new ModelLoadError(`${dir}: missing tensor "${p.name}" (shape [${p.shape}])`);
-          let r = readers.get(file);
-          if (!r) {
-            r = await SafetensorsReader.open(file);
-            readers.set(file, r);
-          }
-          const info = r.tensors.get(p.name);
-          if (!info) throw new ModelLoadError(`${file}: missing tensor "${p.name}" named in the index`);
-          if (info.shape.length !== p.shape.length || info.shape.some((d, i) => d !== p.shape[i]))
-            throw new ModelLoadError(`${file}: tensor "${p.name}" has shape [${info.shape}] but the config needs [${p.shape}]`);
-          await m.native.setTensor(p.name, await r.read(p.name));
+      return await m.fill(async (p) => {
+        const file = files.get(p.name);
+        if (!file) throw new ModelLoadError(`${dir}: missing tensor "${p.name}" (shape [${p.shape}])`);
+        let r = readers.get(file);
+        if (!r) {
+          r = await SafetensorsReader.open(file);
+          readers.set(file, r);
         }
-      } finally {
-        for (const r of readers.values()) await r.close();
-      }
+        const info = r.tensors.get(p.name);
+        if (!info) throw new ModelLoadError(`${file}: missing tensor "${p.name}" named in the index`);
+        if (info.shape.length !== p.shape.length || info.shape.some((d, i) => d !== p.shape[i]))
+          throw new ModelLoadError(`${file}: tensor "${p.name}" has shape [${info.shape}] but the config needs [${p.shape}]`);
+        return r.read(p.name);
+      });
+    } finally {
+      for (const r of readers.values()) await r.close();
+    }
+  }
+
+  // Sets every parameter from read(p); on any failure the model is disposed (never half-loaded)
+  // and the error rethrown.
+  private async fill(read: (p: ParamInfo) => Promise<Float32Array>): Promise<LlamaModel> {
+    try {
+      for (const p of this.params) await this.native.setTensor(p.name, await read(p));
     } catch (e) {
-      await m.dispose();
+      await this.dispose();
       throw e;
     }
-    return m;
+    return this;
   }
 
   /** Imports a llama2.c checkpoint (.bin, version 0), permuting q/k rows into the HF RoPE layout. */
@@ -306,14 +312,7 @@ export class LlamaModel implements AsyncDisposable {
     resolvePrecision(opts.precision);
     const r = await Llama2cReader.open(file);
     try {
-      const m = LlamaModel.make(r.config, opts.tokenizer ?? null, opts, file);
-      try {
-        for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
-      } catch (e) {
-        await m.dispose();
-        throw e;
-      }
-      return m;
+      return await LlamaModel.make(r.config, opts.tokenizer ?? null, opts, file).fill((p) => r.read(p.name));
     } finally {
       await r.close();
     }
@@ -331,14 +330,7 @@ export class LlamaModel implements AsyncDisposable {
       // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
       const cfg = parseHfConfig(toHfConfig(r.config), file);
       const tok = r.tokenizerFiles();
-      const m = LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file);
-      try {
-        for (const p of m.params) await m.native.setTensor(p.name, await r.read(p.name));
-      } catch (e) {
-        await m.dispose();
-        throw e;
-      }
-      return m;
+      return await LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file).fill((p) => r.read(p.name));
     } finally {
       await r.close();
     }
