@@ -149,15 +149,17 @@ void report(const std::string& name, bool ok, const std::string& detail) {
 using lima::selftest::max_abs;
 using lima::selftest::max_err;
 
-// Returns "" when got matches ref under dt's rule, else a description.
+// Returns "" when got matches ref under dt's rule, else a description. `floor` is the least scale
+// errors are judged against: a quantity that cancels to (near) zero is judged against the size of
+// the terms that cancel, not against its own rounding noise.
 struct Verdict {
   bool ok;
   std::string text;
 };
-Verdict judge(const Vec& got, const Vec& ref, DType dt, double fp32_rtol, double bf16_factor = 2.0) {
+Verdict judge(const Vec& got, const Vec& ref, DType dt, double fp32_rtol, double bf16_factor = 2.0, double floor = 0) {
   char buf[200];
   if (got.size() != ref.size()) return {false, "size mismatch"};
-  const double scale = std::max(max_abs(ref), 1e-30);
+  const double scale = std::max({max_abs(ref), floor, 1e-30});
   const double err = max_err(got, ref);
   if (dt == DType::F32) {
     std::snprintf(buf, sizeof buf, "max err %.3g (%.3g of max |ref| %.3g; limit %.1g)", err, err / scale, scale,
@@ -175,8 +177,9 @@ bool bit_equal(const Vec& a, const Vec& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
 }
 
-void check(const std::string& name, const Vec& got, const Vec& ref, DType dt, double rtol, double factor = 2.0) {
-  const Verdict v = judge(got, ref, dt, rtol, factor);
+void check(const std::string& name, const Vec& got, const Vec& ref, DType dt, double rtol, double factor = 2.0,
+           double floor = 0) {
+  const Verdict v = judge(got, ref, dt, rtol, factor, floor);
   report(name, v.ok, v.text);
 }
 
@@ -551,8 +554,11 @@ void test_attention(DType dt, bool quick) {
       cu::attention_backward(g_ctx, dt, dt, bdq.p, bdk.p, bdv.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
       cu::attention_backward(g_ctx, dt, dt, bdq2.p, bdk2.p, bdv2.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
       const Vec gdq = download(bdq, nq, dt), gdk = download(bdk, nk, dt), gdv = download(bdv, nk, dt);
-      check(name + "/dq", gdq, dq, dt, 5e-5, 3.0);
-      check(name + "/dk", gdk, dk, dt, 5e-5);
+      // dS = P (dP - D) cancels: with one visible key per query (T 1) softmax is constant and dQ, dK
+      // are exactly zero, so their rounding is judged against the size of dV, a sum of the same terms.
+      const double cancel = max_abs(dv);
+      check(name + "/dq", gdq, dq, dt, 5e-5, 3.0, cancel);
+      check(name + "/dk", gdk, dk, dt, 5e-5, 2.0, cancel);
       check(name + "/dv", gdv, dv, dt, 5e-5);
       report(name + "/bwd-deterministic",
              bit_equal(gdq, download(bdq2, nq, dt)) && bit_equal(gdk, download(bdk2, nk, dt)) &&
@@ -563,8 +569,8 @@ void test_attention(DType dt, bool quick) {
         // they skip only the final rounding.
         Buf fdq = poisoned(nq, DType::F32), fdk = poisoned(nk, DType::F32), fdv = poisoned(nk, DType::F32);
         cu::attention_backward(g_ctx, dt, DType::F32, fdq.p, fdk.p, fdv.p, bd.p, bq.p, bk.p, bv.p, bo.p, bl.f(), d, ws, impl);
-        check(name + "/dq-fp32", download(fdq, nq, DType::F32), dq, dt, 5e-5, 3.0);
-        check(name + "/dk-fp32", download(fdk, nk, DType::F32), dk, dt, 5e-5);
+        check(name + "/dq-fp32", download(fdq, nq, DType::F32), dq, dt, 5e-5, 3.0, cancel);
+        check(name + "/dk-fp32", download(fdk, nk, DType::F32), dk, dt, 5e-5, 2.0, cancel);
         check(name + "/dv-fp32", download(fdv, nk, DType::F32), dv, dt, 5e-5);
       }
     });

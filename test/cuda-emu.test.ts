@@ -1,0 +1,80 @@
+// The CUDA sources run on the CPU: test/cuda-emu translates every .cu file and runs each CUDA thread
+// as a fiber (see test/cuda-emu/lima_emu.h for what that checks and what only a GPU can). The same
+// lima_cuda_selftest a GPU machine runs (scripts/device-check.sh) then checks every kernel against
+// the CPU kernels, with threads in forward and in reverse order between barriers (a missing
+// barrier shows in one of them), and the model's training step, decoding, 20-step curve and
+// recomputation on the CUDA backend against the CPU backend. This is not a GPU: timing, the real
+// memory model and nvcc's code generation are checked only by scripts/device-check.sh.
+import { spawnSync } from 'node:child_process';
+import { arch } from 'node:os';
+import { join } from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { packageRoot } from '../lib/native.js';
+
+const buildDir = join(packageRoot, 'build-emu');
+const has = (cmd: string, args: string[] = ['--version']) => spawnSync(cmd, args, { encoding: 'utf8' }).status === 0;
+const why =
+  arch() !== 'x64'
+    ? `the emulator's fiber switch is x86-64 assembly; this is ${arch()}`
+    : !has('cmake')
+      ? 'cmake is not installed'
+      : !has('c++')
+        ? 'no C++ compiler (c++)'
+        : null;
+
+function run(args: string[], env: Record<string, string> = {}, timeout = 600_000) {
+  const r = spawnSync(join(buildDir, args[0]), args.slice(1), {
+    encoding: 'utf8',
+    timeout,
+    env: { ...process.env, ...env },
+  });
+  return { status: r.status, out: r.stdout ?? '', err: r.stderr ?? '', all: `${r.stdout}\n${r.stderr}` };
+}
+
+// "N passed, 0 failed" with at least `least` passes, and no FAIL line.
+function expectAllPassed(r: ReturnType<typeof run>, least: number) {
+  const failures = r.out.split('\n').filter((l) => l.startsWith('FAIL'));
+  expect(failures, r.all.slice(-4000)).toEqual([]);
+  expect(r.status, r.all.slice(-4000)).toBe(0);
+  const m = /^(\d+) passed, 0 failed$/m.exec(r.out);
+  expect(m, r.out.slice(-2000)).not.toBeNull();
+  expect(Number(m![1])).toBeGreaterThanOrEqual(least);
+}
+
+describe.skipIf(why !== null)(why === null ? 'the CUDA sources on the CPU emulator' : `the CUDA sources on the CPU emulator (skipped: ${why})`, () => {
+  beforeAll(() => {
+    const generator = has('ninja') ? ['-G', 'Ninja'] : [];
+    const configure = spawnSync('cmake', ['-S', packageRoot, '-B', buildDir, ...generator, '-DLIMA_CUDA_EMULATOR=ON', '-DCMAKE_BUILD_TYPE=Release'], { encoding: 'utf8' });
+    if (configure.status !== 0) throw new Error(`cmake configure failed:\n${configure.stdout}\n${configure.stderr}`);
+    const build = spawnSync('cmake', ['--build', buildDir, '--target', 'lima_cuda_selftest', 'lima_cuda_emu_check', '--parallel', '2'], { encoding: 'utf8' });
+    if (build.status !== 0) throw new Error(`emulator build failed:\n${build.stdout.slice(-6000)}\n${build.stderr.slice(-6000)}`);
+  }, 900_000);
+
+  it('catches what it claims to: a missing barrier, collectives after exit, deadlock, launch limits, WMMA alignment', () => {
+    const r = run(['lima_cuda_emu_check']);
+    expectAllPassed(r, 12);
+    expect(r.err).toMatch(/lane 16 exited while lanes 0000ffff wait for it/);
+    expect(r.err).toMatch(/deadlock: 32 threads wait at __syncthreads, 32 at warp collectives/);
+  }, 60_000);
+
+  it('every CUDA kernel matches the CPU kernels (threads in forward order)', () => {
+    const r = run(['lima_cuda_selftest', '--kernels-only']);
+    expect(r.out).toMatch(/lima_cuda_selftest on lima-emu/);
+    // The fallback GEMM is the one that runs (no cuBLASLt here), in fp32 and bf16.
+    expect(r.out).toMatch(/cuBLASLt: .*not found/);
+    expect(r.out).toMatch(/^PASS gemm\/bf16->bf16\//m);
+    expect(r.out).toMatch(/^PASS attention\/bf16\/.*\/tc\/dq /m);
+    expectAllPassed(r, 600);
+  }, 600_000);
+
+  it('and with threads in reverse order between barriers', () => {
+    expectAllPassed(run(['lima_cuda_selftest', '--kernels-only'], { LIMA_EMU_ORDER: 'reverse' }), 600);
+  }, 600_000);
+
+  it('the model on the CUDA backend matches the CPU backend: step, decoding, 20-step curve, recompute', () => {
+    const r = run(['lima_cuda_selftest', '--filter', 'model ']);
+    for (const check of ['model step tiny fp32', 'model step hd64 bf16 tc', 'model decode hd64 bf16 tc', 'model curve tiny bf16', 'model recompute all == none tiny bf16'])
+      expect(r.out).toContain(`PASS ${check}`);
+    expectAllPassed(r, 14);
+  }, 600_000);
+});
