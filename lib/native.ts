@@ -102,8 +102,12 @@ export interface CudaAddon {
   NativeLlama: NativeLlamaCtor;
 }
 
-/** Path of the CUDA module built by `npm run build:cuda` (cmake-js, out dir build-cuda/). */
-export const cudaModulePath = join(packageRoot, 'build-cuda', 'Release', 'lima_cuda.node');
+/**
+ * Path of the CUDA module: `$LIMA_CUDA_MODULE` when set (another build, such as the CPU emulator's
+ * build-emu/Release/lima_cuda.node that the tests drive), else the one `npm run build:cuda` makes
+ * (cmake-js, out dir build-cuda/).
+ */
+export const cudaModulePath = process.env.LIMA_CUDA_MODULE || join(packageRoot, 'build-cuda', 'Release', 'lima_cuda.node');
 
 /** The CUDA module and the device it will use, or why there is none. */
 export type CudaResolution =

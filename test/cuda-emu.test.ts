@@ -1,10 +1,14 @@
 // The CUDA sources run on the CPU: test/cuda-emu translates every .cu file and runs each CUDA thread
-// as a fiber (see test/cuda-emu/lima_emu.h for what that checks and what only a GPU can). The same
-// lima_cuda_selftest a GPU machine runs (scripts/device-check.sh) then checks every kernel against
-// the CPU kernels, with threads in forward and in reverse order between barriers (a missing
-// barrier shows in one of them), and the model's training step, decoding, 20-step curve and
-// recomputation on the CUDA backend against the CPU backend. This is not a GPU: timing, the real
-// memory model and nvcc's code generation are checked only by scripts/device-check.sh.
+// as a fiber (see test/cuda-emu/lima_emu.h for what that checks and what only a GPU can).
+// `node scripts/build-cuda.mjs --emulator` builds the usual targets that way into build-emu/:
+//   - lima_cuda_selftest, the program a GPU machine runs (scripts/device-check.sh): every kernel
+//     against the CPU kernels, with threads in forward and in reverse order between barriers (a
+//     missing barrier shows in one of them), and the model's step, decoding, 20-step curve and
+//     recomputation on the CUDA backend against the CPU backend;
+//   - lima_cuda.node, through which scripts/device-e2e.mjs drives the library and the CLI with
+//     device 'cuda' (one step, fine-tuning, generation, resume across devices).
+// This is not a GPU: timing, the real memory model and nvcc's code generation are checked only by
+// scripts/device-check.sh on one.
 import { spawnSync } from 'node:child_process';
 import { arch } from 'node:os';
 import { join } from 'node:path';
@@ -12,6 +16,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { packageRoot } from '../lib/native.js';
 
 const buildDir = join(packageRoot, 'build-emu');
+const emulatedModule = join(buildDir, 'Release', 'lima_cuda.node');
 const has = (cmd: string, args: string[] = ['--version']) => spawnSync(cmd, args, { encoding: 'utf8' }).status === 0;
 const why =
   arch() !== 'x64'
@@ -43,10 +48,7 @@ function expectAllPassed(r: ReturnType<typeof run>, least: number) {
 
 describe.skipIf(why !== null)(why === null ? 'the CUDA sources on the CPU emulator' : `the CUDA sources on the CPU emulator (skipped: ${why})`, () => {
   beforeAll(() => {
-    const generator = has('ninja') ? ['-G', 'Ninja'] : [];
-    const configure = spawnSync('cmake', ['-S', packageRoot, '-B', buildDir, ...generator, '-DLIMA_CUDA_EMULATOR=ON', '-DCMAKE_BUILD_TYPE=Release'], { encoding: 'utf8' });
-    if (configure.status !== 0) throw new Error(`cmake configure failed:\n${configure.stdout}\n${configure.stderr}`);
-    const build = spawnSync('cmake', ['--build', buildDir, '--target', 'lima_cuda_selftest', 'lima_cuda_emu_check', '--parallel', '2'], { encoding: 'utf8' });
+    const build = spawnSync(process.execPath, [join(packageRoot, 'scripts', 'build-cuda.mjs'), '--emulator'], { cwd: packageRoot, encoding: 'utf8' });
     if (build.status !== 0) throw new Error(`emulator build failed:\n${build.stdout.slice(-6000)}\n${build.stderr.slice(-6000)}`);
   }, 900_000);
 
@@ -76,5 +78,16 @@ describe.skipIf(why !== null)(why === null ? 'the CUDA sources on the CPU emulat
     for (const check of ['model step tiny fp32', 'model step hd64 bf16 tc', 'model decode hd64 bf16 tc', 'model curve tiny bf16', 'model recompute all == none tiny bf16'])
       expect(r.out).toContain(`PASS ${check}`);
     expectAllPassed(r, 14);
+  }, 600_000);
+
+  it("the library and CLI with device 'cuda' (scripts/device-e2e.mjs on the emulated module)", () => {
+    const r = spawnSync(process.execPath, ['--import', 'tsx', join(packageRoot, 'scripts', 'device-e2e.mjs'), '--src'], {
+      cwd: packageRoot,
+      encoding: 'utf8',
+      timeout: 600_000,
+      env: { ...process.env, LIMA_CUDA_MODULE: emulatedModule },
+    });
+    expect(r.stdout).toMatch(/^device-e2e on cuda:0 \(lima-emu/m);
+    expectAllPassed({ status: r.status, out: r.stdout, err: r.stderr, all: `${r.stdout}\n${r.stderr}` }, 5);
   }, 600_000);
 });
