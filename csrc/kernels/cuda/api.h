@@ -209,7 +209,7 @@ struct AttentionDims {
 };
 /**
  * Which attention kernels run. Simt: the portable ones (fp32 tiles, any dtype and head dim).
- * TensorCore: bf16 with D 64 or 128, WMMA bf16 products (P and dS rounded to bf16, as
+ * TensorCore: bf16 with D 64 or 128, mma.sync bf16 products (P and dS rounded to bf16, as
  * FlashAttention-2 does) with fp32 accumulation and softmax, where its tiles fit in shared memory.
  * Auto: what attention_impl picks.
  */

@@ -7,14 +7,11 @@
 // Two implementations. The portable SIMT one: tiles of `tile` rows (32, 16 or 8, the largest whose
 // shared memory fits the device) in fp32 shared memory, any head dim 1..256, bf16 or fp32
 // storage, fp32 arithmetic; the correctness baseline. The tensor-core one (bf16, D 64/128): the
-// same passes with 64-row tiles, each warp owning 16 rows, the products on WMMA bf16 tiles with
-// fp32 accumulation, P and dS rounded to bf16 before their products (as FlashAttention-2 does),
-// softmax statistics in fp32; accumulators that need rescaling (O) live in shared memory, the
-// others (dK, dV, dQ) in registers. Neither has run on a GPU yet; the tensor-core one is used only
-// when asked for (AttentionImpl::TensorCore, or LIMA_CUDA_ATTENTION=tc) until the self-test has
-// passed it on one.
-#include <mma.h>
-
+// same passes with 64-row tiles, each warp owning 16 rows, bf16 products with fp32 accumulation,
+// P and dS rounded to bf16 before their products (as FlashAttention-2 does), softmax statistics
+// in fp32, all on mma.sync with scores, probabilities and accumulators in registers. Both have run only
+// on the CPU emulator (test/cuda-emu), never on a GPU; the tensor-core one is used only when asked
+// for (AttentionImpl::TensorCore, or LIMA_CUDA_ATTENTION=tc) until the self-test has passed it on one.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -271,23 +268,22 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(G* dq, const T* d
 }
 
 // ------------------------------------------------------------------ tensor-core kernels
-namespace wm = nvcuda::wmma;
+// Every product on mma.sync.m16n8k16 (bf16 in, fp32 accumulate; fragment layout at mma_bf16).
+// A warp owns 16 rows of a 64-row tile and keeps its scores, probabilities and accumulators in
+// registers in that layout: a row lives in one quad of lanes (g = lane / 4), so the online softmax
+// reduces with two xor-shuffles, and the score fragments of two adjacent 8-column tiles are exactly
+// the A fragment of the next product (P·V, dS·K, ...). Shared memory holds only the operand tiles.
 using bf = __nv_bfloat16;
-constexpr int kTile = 64;  // rows of every tile; 4 warps x 16 rows
+constexpr int kTile = 64;          // rows of every tile; 4 warps x 16 rows
+constexpr int kNt = kTile / 8;     // 8-column score tiles across a 64-column tile
 
 template <int D>
 struct TcLayout {
-  static constexpr int LD = D + 8;          // bf16 row stride of Q/K/V/dO tiles (16-byte multiple, fewer bank conflicts)
-  static constexpr int LS = kTile + 4;      // fp32 row stride of score tiles
-  static constexpr int LP = kTile + 8;      // bf16 row stride of P / dS tiles
-  static constexpr int LO = D + 4;          // fp32 row stride of O and of the final staging
-  static constexpr size_t kv = size_t{kTile} * LD * 2;  // one bf16 [64][LD] tile
-  static constexpr size_t sc = size_t{kTile} * LS * 4;  // one fp32 [64][LS] tile
-  static constexpr size_t pb = size_t{kTile} * LP * 2;  // one bf16 [64][LP] tile
-  static constexpr size_t fwd = 3 * kv + sc + pb + size_t{kTile} * LO * 4 + 2 * kTile * 4;
-  static constexpr size_t bwd = 4 * kv + 2 * sc + 2 * pb + 2 * kTile * 4;
-  static_assert(kv % 128 == 0 && sc % 128 == 0 && pb % 128 == 0, "WMMA needs 32-byte aligned regions");
-  static_assert(size_t{4} * 16 * LO * 4 <= 2 * kv && size_t{4} * 16 * LO * 4 <= 2 * sc, "staging fits");
+  static constexpr int LD = D + 8;  // bf16 row stride of the tiles (16-byte multiple; conflict-free fragment loads)
+  static constexpr size_t kv = size_t{kTile} * LD * 2;             // one bf16 [64][LD] tile
+  static constexpr size_t fwd = 3 * kv;                            // Q, K, V
+  static constexpr size_t bwd = 4 * kv + 2 * size_t{kTile} * 4;    // two row and two column tiles, lse, Di
+  static_assert(kv % 128 == 0, "tiles stay 128-byte aligned");
 };
 
 // Rows t0.. of a [B, T, heads, D] bf16 tensor into a [64][LD] tile, zeros past n rows; 16-byte
@@ -304,155 +300,137 @@ __device__ void tc_load(bf* dst, const bf* src, const Geo& g, int64_t b, int64_t
   }
 }
 
-// out[16 x 64] (fp32, row stride LS) = A[16 x D] · B[64 x D]ᵀ for one warp: A and B row-major
-// bf16 tiles (stride LD), B read as the column-major KxN operand.
+// s = A · Bᵀ for one warp: A its 16 rows (stride LD), B the 64 rows of a tile (stride LD), both
+// row-major over D. s[nt] covers columns nt*8.. (rows of B).
 template <int D>
-__device__ __forceinline__ void tc_abt(float* out, const bf* A, const bf* B) {
-  constexpr int LD = TcLayout<D>::LD, LS = TcLayout<D>::LS;
-  for (int n = 0; n < kTile / 16; ++n) {
-    wm::fragment<wm::accumulator, 16, 16, 16, float> acc;
-    wm::fill_fragment(acc, 0.0f);
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wm::fragment<wm::matrix_a, 16, 16, 16, bf, wm::row_major> a;
-      wm::fragment<wm::matrix_b, 16, 16, 16, bf, wm::col_major> bm;
-      wm::load_matrix_sync(a, A + kk * 16, LD);
-      wm::load_matrix_sync(bm, B + n * 16 * LD + kk * 16, LD);
-      wm::mma_sync(acc, a, bm, acc);
-    }
-    wm::store_matrix_sync(out + n * 16, acc, LS, wm::mem_row_major);
-  }
-}
-
-// acc[n] += A[16 x 64] · B[64 x D] (column block n of 16) for one warp: A bf16 row-major (stride
-// LP), B bf16 row-major (stride LD).
-template <int D>
-__device__ __forceinline__ void tc_ab_acc(wm::fragment<wm::accumulator, 16, 16, 16, float>* acc, const bf* A, const bf* B) {
-  constexpr int LD = TcLayout<D>::LD, LP = TcLayout<D>::LP;
-  for (int kk = 0; kk < kTile / 16; ++kk) {
-    wm::fragment<wm::matrix_a, 16, 16, 16, bf, wm::row_major> a;
-    wm::load_matrix_sync(a, A + kk * 16, LP);
-    for (int n = 0; n < D / 16; ++n) {
-      wm::fragment<wm::matrix_b, 16, 16, 16, bf, wm::row_major> bm;
-      wm::load_matrix_sync(bm, B + kk * 16 * LD + n * 16, LD);
-      wm::mma_sync(acc[n], a, bm, acc[n]);
+__device__ __forceinline__ void tc_scores(float (*s)[4], const bf* A, const bf* B) {
+  constexpr int LD = TcLayout<D>::LD;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3;
+  for (int nt = 0; nt < kNt; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+  for (int kc = 0; kc < D / 16; ++kc) {
+    const bf* a = A + gr * LD + kc * 16 + 2 * tq;
+    const uint32_t af[4] = {ld_pair(a), ld_pair(a + 8 * LD), ld_pair(a + 8), ld_pair(a + 8 * LD + 8)};
+    for (int nt = 0; nt < kNt; ++nt) {
+      const bf* bp = B + (nt * 8 + gr) * LD + kc * 16 + 2 * tq;
+      const uint32_t bfr[2] = {ld_pair(bp), ld_pair(bp + 8)};
+      mma_bf16(s[nt], af, bfr);
     }
   }
 }
 
-// A warp's 16 x D accumulators, times `scale`, to rows t0 + r0.. of a [B, T, heads, D] tensor of G
-// (bf16 or fp32; rows past n skipped), through a 16 x LO fp32 staging area of its own.
+// The bf16 A fragments (16 rows x 64, in 16-column chunks) of score-layout values p.
+__device__ __forceinline__ void tc_to_a(uint32_t (*a)[4], const float (*p)[4]) {
+  for (int nt = 0; nt < kNt; ++nt) {
+    a[nt >> 1][(nt & 1) * 2] = pack_bf16(p[nt][0], p[nt][1]);      // row g, columns 2t.. (+8 for odd nt)
+    a[nt >> 1][(nt & 1) * 2 + 1] = pack_bf16(p[nt][2], p[nt][3]);  // row g + 8
+  }
+}
+
+// acc += A · B for one warp: A the 16 x 64 fragments from tc_to_a, B a [64][LD] tile read as
+// 64 (k) x D (the tile's rows are k).
+template <int D>
+__device__ __forceinline__ void tc_acc(float (*acc)[4], const uint32_t (*a)[4], const bf* B) {
+  constexpr int LD = TcLayout<D>::LD;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3;
+  for (int kc = 0; kc < kTile / 16; ++kc) {
+    const bf* bk = B + (kc * 16 + 2 * tq) * LD + gr;
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const bf* bp = bk + dt * 8;
+      const uint32_t bfr[2] = {pack_bf16(bp[0], bp[LD]), pack_bf16(bp[8 * LD], bp[9 * LD])};
+      mma_bf16(acc[dt], a[kc], bfr);
+    }
+  }
+}
+
+// A warp's 16 x D accumulators, row r (0: g, 1: g + 8) times scale[r], to rows t0 + r0.. of a
+// [B, T, heads, D] tensor of G (bf16 or fp32); rows past n skipped.
 template <int D, class G>
-__device__ void tc_store_rows(G* dst, wm::fragment<wm::accumulator, 16, 16, 16, float>* acc, float scale, float* stage,
-                              const Geo& g, int64_t b, int64_t t0, int r0, int n, int64_t head, bool is_q) {
-  constexpr int LO = TcLayout<D>::LO;
-  for (int c = 0; c < D / 16; ++c) {
-    for (int t = 0; t < acc[c].num_elements; ++t) acc[c].x[t] *= scale;
-    wm::store_matrix_sync(stage + c * 16, acc[c], LO, wm::mem_row_major);
-  }
-  __syncwarp();
-  const int lane = threadIdx.x & 31;
-  for (int rr = 0; rr < 16; ++rr) {
-    if (r0 + rr >= n) break;
-    const int64_t base = is_q ? q_index(g, b, t0 + r0 + rr, head) : kv_index(g, b, t0 + r0 + rr, head);
-    for (int c = lane; c < D; c += 32) st(dst, base + c, stage[rr * LO + c]);
+__device__ void tc_store(G* dst, const float (*acc)[4], const float scale[2], const Geo& g, int64_t b, int64_t t0,
+                         int r0, int n, int64_t head, bool is_q) {
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3;
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + gr + 8 * r;
+    if (row >= n) continue;
+    const int64_t base = is_q ? q_index(g, b, t0 + row, head) : kv_index(g, b, t0 + row, head);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int c = dt * 8 + 2 * tq;
+      st(dst, base + c, acc[dt][2 * r] * scale[r]);
+      st(dst, base + c + 1, acc[dt][2 * r + 1] * scale[r]);
+    }
   }
 }
 
+// One block per (64 queries, head, batch row), as FlashAttention-2's forward: per K/V tile, scores,
+// the online softmax in registers, O += P V.
 template <int D>
-__global__ void __launch_bounds__(kThreads) attn_fwd_tc(bf* out, float* lse, const bf* q, const bf* k, const bf* v, Geo g) {
-  using L = TcLayout<D>;
+__global__ void __launch_bounds__(kThreads) attn_fwd_tc(bf* out, float* lse, const bf* q, const bf* k, const bf* v,
+                                                         Geo g) {
+  constexpr int LD = TcLayout<D>::LD, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   bf* Qs = reinterpret_cast<bf*>(smem);
-  bf* Ks = reinterpret_cast<bf*>(smem + L::kv);
-  bf* Vs = reinterpret_cast<bf*>(smem + 2 * L::kv);
-  float* S = reinterpret_cast<float*>(smem + 3 * L::kv);
-  bf* P = reinterpret_cast<bf*>(smem + 3 * L::kv + L::sc);
-  float* O = reinterpret_cast<float*>(smem + 3 * L::kv + L::sc + L::pb);
-  float* mrow = O + kTile * L::LO;
-  float* lrow = mrow + kTile;
+  bf* Ks = Qs + kTile * LD;
+  bf* Vs = Ks + kTile * LD;
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t kvh = h / g.group;
   const int nq = static_cast<int>(g.Tq - q0 < kTile ? g.Tq - q0 : kTile);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3, r0 = (threadIdx.x >> 5) * 16;
   tc_load<D>(Qs, q, g, b, q0, nq, h, true);
-  for (int idx = lane; idx < 16 * D; idx += 32) O[(r0 + idx / D) * L::LO + idx % D] = 0.0f;
-  if (lane < 16) {
-    mrow[r0 + lane] = -INFINITY;
-    lrow[r0 + lane] = 0.0f;
-  }
+  // Rows r = 0 (g) and 1 (g + 8): running max, this lane's part of the running sum, output.
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[DT][4];
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  const int64_t qrow = q0 + r0 + gr;
   const int64_t kend_c = q0 + nq + g.off;
   const int64_t kend = kend_c < g.Tk ? kend_c : g.Tk;
   for (int64_t j0 = 0; j0 < kend; j0 += kTile) {
     const int nk = static_cast<int>(kend - j0 < kTile ? kend - j0 : kTile);
-    __syncthreads();  // every warp is done with the previous K/V tiles (and Q is loaded)
+    __syncthreads();  // every warp is done with the previous K/V tiles
     tc_load<D>(Ks, k, g, b, j0, nk, kvh, false);
     tc_load<D>(Vs, v, g, b, j0, nk, kvh, false);
     __syncthreads();
-    tc_abt<D>(S + r0 * L::LS, Qs + r0 * L::LD, Ks);
-    __syncwarp();
-    for (int rr = 0; rr < 16; ++rr) {
-      const int i = r0 + rr;
-      const float m_old = mrow[i];
-      float sv[2];
-      for (int e = 0; e < 2; ++e) {
-        const int j = lane + 32 * e;
-        const bool ok = i < nq && j < nk && j0 + j <= q0 + i + g.off;
-        sv[e] = ok ? S[i * L::LS + j] * g.scale : -INFINITY;
+    float s[kNt][4];
+    tc_scores<D>(s, Qs + r0 * LD, Ks);
+    float mx[2] = {-INFINITY, -INFINITY};
+    for (int nt = 0; nt < kNt; ++nt)
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, col = nt * 8 + 2 * tq + (e & 1);
+        const bool ok = r0 + gr + 8 * r < nq && col < nk && j0 + col <= qrow + 8 * r + g.off;
+        s[nt][e] = ok ? s[nt][e] * g.scale : -INFINITY;
+        mx[r] = fmaxf(mx[r], s[nt][e]);
       }
-      const float m_new = fmaxf(m_old, warp_max(fmaxf(sv[0], sv[1])));
-      float sum = 0.0f;
-      for (int e = 0; e < 2; ++e) {
-        const float p = (m_new == -INFINITY || sv[e] == -INFINITY) ? 0.0f : expf(sv[e] - m_new);
-        P[i * L::LP + lane + 32 * e] = __float2bfloat16_rn(p);
-        sum += p;
-      }
-      sum = warp_sum(sum);
-      const float c = m_old == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m_old - m_new);
-      for (int cc = lane; cc < D; cc += 32) O[i * L::LO + cc] *= c;
-      if (lane == 0) {
-        lrow[i] = lrow[i] * c + sum;
-        mrow[i] = m_new;
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      const float c = m[r] == -INFINITY ? (m_new == -INFINITY ? 1.0f : 0.0f) : expf(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= c;
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][2 * r] *= c;
+        o[dt][2 * r + 1] *= c;
       }
     }
-    __syncwarp();
-    wm::fragment<wm::accumulator, 16, 16, 16, float> acc[D / 16];
-    for (int n = 0; n < D / 16; ++n) wm::load_matrix_sync(acc[n], O + r0 * L::LO + n * 16, L::LO, wm::mem_row_major);
-    tc_ab_acc<D>(acc, P + r0 * L::LP, Vs);
-    for (int n = 0; n < D / 16; ++n) wm::store_matrix_sync(O + r0 * L::LO + n * 16, acc[n], L::LO, wm::mem_row_major);
-    __syncwarp();
-  }
-  for (int rr = 0; rr < 16; ++rr) {
-    const int i = r0 + rr;
-    if (i >= nq) break;
-    const float l = lrow[i];
-    const int64_t base = q_index(g, b, q0 + i, h);
-    for (int cc = lane; cc < D; cc += 32) out[base + cc] = __float2bfloat16_rn(O[i * L::LO + cc] / l);
-    if (lane == 0) lse[(b * g.H + h) * g.Tq + q0 + i] = mrow[i] + logf(l);
-  }
-}
-
-// P and dS (bf16) of one warp's 16 rows from its fp32 scores S and dP (the same [16][LS] layout):
-// rows are `row0 + rr` of the tile, columns c; query and key indices of an element come from
-// qi(rr, c) and kj(rr, c) so one routine serves both the transposed (dK/dV) and plain (dQ) passes.
-template <int D, bool Transposed>
-__device__ __forceinline__ void tc_probs(bf* Pb, bf* dSb, const float* S, const float* dP, const float* lse_s,
-                                         const float* di_s, const Geo& g, int64_t q0, int nq, int64_t j0, int nk,
-                                         int row0) {
-  using L = TcLayout<D>;
-  const int lane = threadIdx.x & 31;
-  for (int rr = 0; rr < 16; ++rr)
-    for (int e = 0; e < 2; ++e) {
-      const int c = lane + 32 * e;
-      const int i = Transposed ? c : row0 + rr;   // query within the tile
-      const int j = Transposed ? row0 + rr : c;   // key within the tile
-      float p = 0.0f, ds = 0.0f;
-      if (i < nq && j < nk && j0 + j <= q0 + i + g.off) {
-        p = expf(S[rr * L::LS + c] * g.scale - lse_s[i]);
-        ds = p * (dP[rr * L::LS + c] - di_s[i]);
+    for (int nt = 0; nt < kNt; ++nt)
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        s[nt][e] = (m[r] == -INFINITY || s[nt][e] == -INFINITY) ? 0.0f : expf(s[nt][e] - m[r]);
+        l[r] += s[nt][e];
       }
-      if (Pb) Pb[rr * L::LP + c] = __float2bfloat16_rn(p);
-      dSb[rr * L::LP + c] = __float2bfloat16_rn(ds);
-    }
+    uint32_t pa[kTile / 16][4];
+    tc_to_a(pa, s);
+    tc_acc<D>(o, pa, Vs);
+  }
+  float inv[2];
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = 1.0f / l[r];  // rows past nq (l 0) are not stored
+  }
+  tc_store<D, bf>(out, o, inv, g, b, q0, r0, nq, h, true);
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + gr + 8 * r;
+    if (tq == 0 && row < nq) lse[(b * g.H + h) * g.Tq + q0 + row] = m[r] + logf(l[r]);
+  }
 }
 
 template <int D>
@@ -464,45 +442,28 @@ __device__ void tc_row_stats(float* lse_s, float* di_s, const float* lse, const 
   }
 }
 
-// The backward passes' shared memory: four bf16 [64][LD] tiles, two fp32 score tiles, two bf16
-// P/dS tiles, and the query rows' lse and Di.
-template <int D>
-struct TcBwdSmem {
-  bf* tile[4];
-  float* score[2];
-  bf* prob[2];
-  float *lse, *di;
-  __device__ explicit TcBwdSmem(unsigned char* smem) {
-    using L = TcLayout<D>;
-    for (int i = 0; i < 4; ++i) tile[i] = reinterpret_cast<bf*>(smem + i * L::kv);
-    for (int i = 0; i < 2; ++i) score[i] = reinterpret_cast<float*>(smem + 4 * L::kv + i * L::sc);
-    for (int i = 0; i < 2; ++i) prob[i] = reinterpret_cast<bf*>(smem + 4 * L::kv + 2 * L::sc + i * L::pb);
-    lse = reinterpret_cast<float*>(smem + 4 * L::kv + 2 * L::sc + 2 * L::pb);
-    di = lse + kTile;
-  }
-};
-
-// One block per (64 keys, kv head, batch row); warp w owns keys 16w.. and sums their dK and dV
-// in registers over every query tile of every query head in the GQA group.
+// One block per (64 keys, kv head, batch row); warp w owns keys 16w.. and sums their dK and dV in
+// registers over every query tile of every query head in the GQA group: Sᵀ = K Qᵀ and
+// dPᵀ = V dOᵀ (keys as rows), then dV += Pᵀ dO and dK += dSᵀ Q.
 template <int D, class G>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(G* dk, G* dv, const bf* dout, const bf* q, const bf* k,
                                                               const bf* v, const float* lse, const float* Di, Geo g) {
-  using L = TcLayout<D>;
+  constexpr int LD = TcLayout<D>::LD, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TcBwdSmem<D> m(smem);
-  bf *Ks = m.tile[0], *Vs = m.tile[1], *Qs = m.tile[2], *dOs = m.tile[3];
-  float *St = m.score[0], *dPt = m.score[1], *lse_s = m.lse, *di_s = m.di;
-  bf *Pt = m.prob[0], *dSt = m.prob[1];
+  bf* Ks = reinterpret_cast<bf*>(smem);
+  bf* Vs = Ks + kTile * LD;
+  bf* Qs = Vs + kTile * LD;
+  bf* dOs = Qs + kTile * LD;
+  float* lse_s = reinterpret_cast<float*>(dOs + kTile * LD);
+  float* di_s = lse_s + kTile;
   const int64_t b = blockIdx.z, kvh = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int nk = static_cast<int>(g.Tk - j0 < kTile ? g.Tk - j0 : kTile);
-  const int warp = threadIdx.x >> 5, r0 = warp * 16;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3, r0 = (threadIdx.x >> 5) * 16;
   tc_load<D>(Ks, k, g, b, j0, nk, kvh, false);
   tc_load<D>(Vs, v, g, b, j0, nk, kvh, false);
-  wm::fragment<wm::accumulator, 16, 16, 16, float> adk[D / 16], adv[D / 16];
-  for (int n = 0; n < D / 16; ++n) {
-    wm::fill_fragment(adk[n], 0.0f);
-    wm::fill_fragment(adv[n], 0.0f);
-  }
+  float adk[DT][4], adv[DT][4];
+  for (int dt = 0; dt < DT; ++dt)
+    for (int e = 0; e < 4; ++e) adk[dt][e] = adv[dt][e] = 0.0f;
   const int64_t i_start = j0 - g.off > 0 ? j0 - g.off : 0;  // first query that sees key j0
   for (int64_t hh = 0; hh < g.group; ++hh) {
     const int64_t h = kvh * g.group + hh;
@@ -513,42 +474,52 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(G* dk, G* dv, const
       tc_load<D>(dOs, dout, g, b, q0, nq, h, true);
       tc_row_stats<D>(lse_s, di_s, lse, Di, g, b, h, q0, nq);
       __syncthreads();
-      tc_abt<D>(St + r0 * L::LS, Ks + r0 * L::LD, Qs);    // Sᵀ: this warp's keys x 64 queries
-      tc_abt<D>(dPt + r0 * L::LS, Vs + r0 * L::LD, dOs);  // dPᵀ = V dOᵀ
-      __syncwarp();
-      tc_probs<D, true>(Pt + r0 * L::LP, dSt + r0 * L::LP, St + r0 * L::LS, dPt + r0 * L::LS, lse_s, di_s, g, q0, nq,
-                        j0, nk, r0);
-      __syncwarp();
-      tc_ab_acc<D>(adv, Pt + r0 * L::LP, dOs);  // dV += Pᵀ dO
-      tc_ab_acc<D>(adk, dSt + r0 * L::LP, Qs);  // dK += dSᵀ Q
+      float p[kNt][4], ds[kNt][4];
+      tc_scores<D>(p, Ks + r0 * LD, Qs);    // Sᵀ: this warp's keys x 64 queries
+      tc_scores<D>(ds, Vs + r0 * LD, dOs);  // dPᵀ
+      for (int nt = 0; nt < kNt; ++nt)
+        for (int e = 0; e < 4; ++e) {
+          const int key = r0 + gr + 8 * (e >> 1), qi = nt * 8 + 2 * tq + (e & 1);
+          const bool ok = qi < nq && key < nk && j0 + key <= q0 + qi + g.off;
+          p[nt][e] = ok ? expf(p[nt][e] * g.scale - lse_s[qi]) : 0.0f;
+          ds[nt][e] = ok ? p[nt][e] * (ds[nt][e] - di_s[qi]) : 0.0f;
+        }
+      uint32_t a[kTile / 16][4];
+      tc_to_a(a, p);
+      tc_acc<D>(adv, a, dOs);  // dV += Pᵀ dO
+      tc_to_a(a, ds);
+      tc_acc<D>(adk, a, Qs);   // dK += dSᵀ Q
     }
   }
-  __syncthreads();  // the Q/dO tiles become each warp's staging area
-  float* stage = reinterpret_cast<float*>(Qs) + warp * 16 * L::LO;
-  tc_store_rows<D, G>(dk, adk, g.scale, stage, g, b, j0, r0, nk, kvh, false);
-  __syncwarp();
-  tc_store_rows<D, G>(dv, adv, 1.0f, stage, g, b, j0, r0, nk, kvh, false);
+  const float sk[2] = {g.scale, g.scale}, one[2] = {1.0f, 1.0f};
+  tc_store<D, G>(dk, adk, sk, g, b, j0, r0, nk, kvh, false);
+  tc_store<D, G>(dv, adv, one, g, b, j0, r0, nk, kvh, false);
 }
 
 // One block per (64 queries, head, batch row); warp w owns queries 16w.. and sums their dQ in
-// registers over the key tiles.
+// registers over the key tiles: S = Q Kᵀ, dP = dO Vᵀ, dQ += dS K.
 template <int D, class G>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(G* dq, const bf* dout, const bf* q, const bf* k,
                                                             const bf* v, const float* lse, const float* Di, Geo g) {
-  using L = TcLayout<D>;
+  constexpr int LD = TcLayout<D>::LD, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  const TcBwdSmem<D> m(smem);
-  bf *Qs = m.tile[0], *dOs = m.tile[1], *Ks = m.tile[2], *Vs = m.tile[3], *dSb = m.prob[0];
-  float *S = m.score[0], *dP = m.score[1], *lse_s = m.lse, *di_s = m.di;
+  bf* Qs = reinterpret_cast<bf*>(smem);
+  bf* dOs = Qs + kTile * LD;
+  bf* Ks = dOs + kTile * LD;
+  bf* Vs = Ks + kTile * LD;
+  float* lse_s = reinterpret_cast<float*>(Vs + kTile * LD);
+  float* di_s = lse_s + kTile;
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t kvh = h / g.group;
   const int nq = static_cast<int>(g.Tq - q0 < kTile ? g.Tq - q0 : kTile);
-  const int warp = threadIdx.x >> 5, r0 = warp * 16;
+  const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3, r0 = (threadIdx.x >> 5) * 16;
   tc_load<D>(Qs, q, g, b, q0, nq, h, true);
   tc_load<D>(dOs, dout, g, b, q0, nq, h, true);
   tc_row_stats<D>(lse_s, di_s, lse, Di, g, b, h, q0, nq);
-  wm::fragment<wm::accumulator, 16, 16, 16, float> adq[D / 16];
-  for (int n = 0; n < D / 16; ++n) wm::fill_fragment(adq[n], 0.0f);
+  __syncthreads();
+  const float lse_r[2] = {lse_s[r0 + gr], lse_s[r0 + gr + 8]}, di_r[2] = {di_s[r0 + gr], di_s[r0 + gr + 8]};
+  float adq[DT][4];
+  for (int dt = 0; dt < DT; ++dt) adq[dt][0] = adq[dt][1] = adq[dt][2] = adq[dt][3] = 0.0f;
   const int64_t kend_c = q0 + nq + g.off;
   const int64_t kend = kend_c < g.Tk ? kend_c : g.Tk;
   for (int64_t j0 = 0; j0 < kend; j0 += kTile) {
@@ -557,16 +528,21 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(G* dq, const bf* dout
     tc_load<D>(Ks, k, g, b, j0, nk, kvh, false);
     tc_load<D>(Vs, v, g, b, j0, nk, kvh, false);
     __syncthreads();
-    tc_abt<D>(S + r0 * L::LS, Qs + r0 * L::LD, Ks);
-    tc_abt<D>(dP + r0 * L::LS, dOs + r0 * L::LD, Vs);
-    __syncwarp();
-    tc_probs<D, false>(nullptr, dSb + r0 * L::LP, S + r0 * L::LS, dP + r0 * L::LS, lse_s, di_s, g, q0, nq, j0, nk, r0);
-    __syncwarp();
-    tc_ab_acc<D>(adq, dSb + r0 * L::LP, Ks);  // dQ += dS K
+    float s[kNt][4], dp[kNt][4];
+    tc_scores<D>(s, Qs + r0 * LD, Ks);
+    tc_scores<D>(dp, dOs + r0 * LD, Vs);
+    for (int nt = 0; nt < kNt; ++nt)
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, qi = r0 + gr + 8 * r, key = nt * 8 + 2 * tq + (e & 1);
+        const bool ok = qi < nq && key < nk && j0 + key <= q0 + qi + g.off;
+        dp[nt][e] = ok ? expf(s[nt][e] * g.scale - lse_r[r]) * (dp[nt][e] - di_r[r]) : 0.0f;
+      }
+    uint32_t a[kTile / 16][4];
+    tc_to_a(a, dp);
+    tc_acc<D>(adq, a, Ks);  // dQ += dS K
   }
-  __syncthreads();  // the score tiles become each warp's staging area
-  float* stage = S + warp * 16 * L::LO;
-  tc_store_rows<D, G>(dq, adq, g.scale, stage, g, b, q0, r0, nq, h, true);
+  const float sq[2] = {g.scale, g.scale};
+  tc_store<D, G>(dq, adq, sq, g, b, q0, r0, nq, h, true);
 }
 
 enum class Pass { Forward, DkDv, Dq };

@@ -48,6 +48,29 @@ __device__ __forceinline__ float block_max(float v, float* smem32) {
   return warp_max(t);
 }
 
+/** c += a · b on tensor cores: mma.sync.m16n8k16, bf16 in, fp32 accumulate. Fragments as the PTX
+ *  ISA lays them out (g = lane / 4, t = lane % 4; two bf16 per register, the lower k first):
+ *  a[0..3] hold A (16 x 16, row-major) rows g, g+8, g, g+8 at columns 2t.., 2t.., 2t+8.., 2t+8..;
+ *  b[0..1] hold B (16 x 8) rows 2t.. and 2t+8.. of column g; c[0..3] hold rows g, g, g+8, g+8 at
+ *  columns 2t, 2t+1, 2t, 2t+1. */
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/** Two bf16 as one mma operand register, `lo` in the lower half. */
+__device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return pack_bf16(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
+}
+/** Two adjacent bf16 (4-byte aligned) as one operand register. */
+__device__ __forceinline__ uint32_t ld_pair(const __nv_bfloat16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline std::string str(int64_t v) { return std::to_string(v); }

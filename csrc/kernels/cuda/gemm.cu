@@ -75,14 +75,6 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(TC* C, const float* A, co
 // ---------------------------------------------------------------- bf16 mma.sync
 constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, LDS = BK + PAD;
 
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Stages a ROWS x BK tile of a k-contiguous or row-contiguous operand into S[row][k].
 // kcontig: element (r, k) at P[r * ld + k]; otherwise at P[k * ld + r].
 template <int ROWS>
