@@ -3,13 +3,13 @@
 // What it checks that a compile cannot: indexing, tails and masks of every kernel; that every
 // cross-thread read is ordered by a barrier (threads run in a chosen order between barriers, and
 // LIMA_EMU_ORDER=reverse runs them backwards); that warp collectives are reached by the whole
-// warp; the documented fragment layout of mma.sync.m16n8k16; WMMA's alignment rules; launch
-// limits (block size, grid y/z, dynamic shared memory over 48 KiB without the opt-in). Fresh
-// device memory and dynamic shared memory are filled with NaN bytes, as a GPU leaves them
-// undefined.
-// What it cannot check: timing, the memory model across concurrent blocks or streams (blocks run
-// one after another, every call is synchronous), the real WMMA fragment layout (kernels must not
-// depend on it, and ours do not), and nvcc's floating-point contraction (-ffp-contract=off here).
+// warp; the documented fragment layout of mma.sync.m16n8k16; launch limits (block size, grid y/z,
+// dynamic shared memory over 48 KiB without the opt-in); host copies and sets that leave their
+// allocation. Fresh device memory and shared memory are filled with NaN bytes, as a GPU leaves
+// them undefined.
+// What it cannot check: timing, the memory model across concurrent blocks or streams (blocks are
+// independent and run on host threads, every call is synchronous), and nvcc's floating-point
+// contraction (-ffp-contract=off here).
 #pragma once
 
 #include <math.h>
