@@ -75,7 +75,6 @@ struct Warp {
 
 struct Block {
   BlockCtx ctx{};
-  std::vector<Fiber>* fibers = nullptr;
   unsigned n = 0, arrived = 0, live = 0;
   uint64_t gen = 0;
   Warp warps[32];
@@ -93,7 +92,7 @@ thread_local std::vector<Fiber> pool;
 std::mutex mem_mu;
 std::map<uintptr_t, size_t> allocations;  // device allocations: base -> bytes
 size_t allocated = 0;
-cudaError_t last_error = cudaSuccess;
+thread_local cudaError_t last_error = cudaSuccess;  // per host thread, as CUDA's
 std::map<const void*, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 
 size_t capacity() {
@@ -331,7 +330,6 @@ std::string run_block(Job& job, uint3 bid) {
   const unsigned n = job.block.x * job.block.y * job.block.z;
   if (pool.size() < n) pool.resize(n);
   Block b;
-  b.fibers = &pool;
   b.n = n;
   b.body = job.body;
   b.state = job.state;
@@ -346,7 +344,6 @@ std::string run_block(Job& job, uint3 bid) {
     f.state = State::Ready;
     f.exchanges = 0;
     f.ctx.tid = {t % job.block.x, (t / job.block.x) % job.block.y, t / (job.block.x * job.block.y)};
-    f.ctx.linear = t;
     f.ctx.lane = t % 32;
     f.ctx.warp = t / 32;
     b.warps[t / 32].present |= 1u << (t % 32);

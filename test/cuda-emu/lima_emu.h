@@ -191,7 +191,7 @@ namespace lima_emu {
 /** One emulated CUDA thread's identity (a fiber). */
 struct ThreadCtx {
   uint3 tid;
-  unsigned linear, lane, warp;
+  unsigned lane, warp;
 };
 /** The block running on this host thread. */
 struct BlockCtx {
