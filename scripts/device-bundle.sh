@@ -20,6 +20,8 @@ cp build-cuda/Release/lima_cuda.node "$out/build-cuda/Release/"
 # The self-test too, so the GPU machine spends no device time compiling (device-check.sh uses it).
 cp build-cuda/lima_cuda_selftest "$out/"
 cp scripts/device-e2e.mjs "$out/scripts/"
+# Which sources this was built from: device-check.sh ignores a bundle from other sources.
+scripts/source-stamp.sh > "$out/SOURCES"
 # Runtime dependencies only (npm's own list, so transitive ones come along).
 npm ls --omit=dev --all --parseable 2> /dev/null | tail -n +2 | while read -r dir; do
   rel=${dir#"$PWD"/}

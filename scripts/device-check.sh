@@ -94,10 +94,21 @@ lt_flag=""
 [[ -n "$lt_inc" ]] && lt_flag="-DLIMA_CUBLASLT_INCLUDE_DIR=$lt_inc"
 
 # ---- 1. build
+# A bundle built from other sources (an older checkout) would test stale code: it is ignored.
+bundle=0
+if [[ -d device-bundle ]]; then
+  here=$(scripts/source-stamp.sh)
+  built=$(cat device-bundle/SOURCES 2> /dev/null || echo none)
+  if [[ "$here" == "$built" ]]; then
+    bundle=1
+  else
+    say "device-bundle/ was built from other sources (bundle $built, tree $here): ignoring it; run scripts/device-bundle.sh"
+  fi
+fi
 selftest=${LIMA_SELFTEST:-}
 # A carried bundle's self-test (built for sm_80-90 + PTX by scripts/device-bundle.sh) saves the
 # build's device minutes; --rebuild forces a build for this GPU.
-if [[ -z "$selftest" && $rebuild == 0 && -x device-bundle/lima_cuda_selftest ]]; then
+if [[ -z "$selftest" && $rebuild == 0 && $bundle == 1 && -x device-bundle/lima_cuda_selftest ]]; then
   selftest=$root/device-bundle/lima_cuda_selftest
   say "using the carried self-test (device-bundle/); --rebuild builds one for this GPU"
 fi
@@ -135,7 +146,7 @@ fi
 say "self-test binary: $selftest"
 if [[ $dry == 1 ]]; then
   say "(dry run) would run: $selftest; $sanitizer --tool memcheck $selftest --quick --kernels-only (and --filter 'model step tiny'); $selftest --bench-train [--attention tc]; $python scripts/torch-train-baseline.py; $selftest --bench; $python scripts/torch-baseline.py (each only while the ${BUDGET}s budget allows)"
-  [[ -f device-bundle/node.xz ]] && say "(dry run) would run: device-bundle/scripts/device-e2e.mjs with the bundled Node"
+  [[ $bundle == 1 && -f device-bundle/node.xz ]] && say "(dry run) would run: device-bundle/scripts/device-e2e.mjs with the bundled Node"
   exit 0
 fi
 
@@ -154,7 +165,7 @@ fi
 
 # ---- 3. the library and CLI on the GPU, with the carried bundle's Node (correctness first)
 e2e=0
-if [[ -f device-bundle/node.xz ]]; then
+if [[ $bundle == 1 && -f device-bundle/node.xz ]]; then
   say "library + CLI end to end (device-bundle/, scripts/device-e2e.mjs)"
   node_bin=/tmp/lima-node
   xz -dc device-bundle/node.xz > "$node_bin" && chmod +x "$node_bin"
@@ -163,7 +174,7 @@ if [[ -f device-bundle/node.xz ]]; then
   grep -E "^(PASS|FAIL)|passed, " "$out/e2e.log" | cut -c1-300 | tee -a "$out/summary.txt"
   say "e2e exit status $e2e (0 pass, 1 failures, 2 no device, 124 timeout)"
 else
-  say "no device-bundle/ carried (scripts/device-bundle.sh): the library and CLI were not run on the GPU"
+  say "no current device-bundle/ carried (scripts/device-bundle.sh): the library and CLI were not run on the GPU"
 fi
 
 # ---- 4. memcheck on the reduced set of kernels, then on one model step
