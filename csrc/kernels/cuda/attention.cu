@@ -442,6 +442,17 @@ __device__ void tc_row_stats(float* lse_s, float* di_s, const float* lse, const 
   }
 }
 
+// The backward passes' shared memory (TcLayout::bwd): four bf16 [64][LD] tiles, then the query
+// rows' lse and Di (lse at tc_bwd_stats, Di 64 floats after it).
+template <int D>
+__device__ __forceinline__ bf* tc_bwd_tile(unsigned char* smem, int i) {
+  return reinterpret_cast<bf*>(smem + i * TcLayout<D>::kv);
+}
+template <int D>
+__device__ __forceinline__ float* tc_bwd_stats(unsigned char* smem) {
+  return reinterpret_cast<float*>(smem + 4 * TcLayout<D>::kv);
+}
+
 // One block per (64 keys, kv head, batch row); warp w owns keys 16w.. and sums their dK and dV in
 // registers over every query tile of every query head in the GQA group: Sᵀ = K Qᵀ and
 // dPᵀ = V dOᵀ (keys as rows), then dV += Pᵀ dO and dK += dSᵀ Q.
@@ -450,12 +461,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_tc(G* dk, G* dv, const
                                                               const bf* v, const float* lse, const float* Di, Geo g) {
   constexpr int LD = TcLayout<D>::LD, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf* Ks = reinterpret_cast<bf*>(smem);
-  bf* Vs = Ks + kTile * LD;
-  bf* Qs = Vs + kTile * LD;
-  bf* dOs = Qs + kTile * LD;
-  float* lse_s = reinterpret_cast<float*>(dOs + kTile * LD);
-  float* di_s = lse_s + kTile;
+  bf *Ks = tc_bwd_tile<D>(smem, 0), *Vs = tc_bwd_tile<D>(smem, 1), *Qs = tc_bwd_tile<D>(smem, 2), *dOs = tc_bwd_tile<D>(smem, 3);
+  float *lse_s = tc_bwd_stats<D>(smem), *di_s = lse_s + kTile;
   const int64_t b = blockIdx.z, kvh = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int nk = static_cast<int>(g.Tk - j0 < kTile ? g.Tk - j0 : kTile);
   const int lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3, r0 = (threadIdx.x >> 5) * 16;
@@ -503,12 +510,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_tc(G* dq, const bf* dout
                                                             const bf* v, const float* lse, const float* Di, Geo g) {
   constexpr int LD = TcLayout<D>::LD, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf* Qs = reinterpret_cast<bf*>(smem);
-  bf* dOs = Qs + kTile * LD;
-  bf* Ks = dOs + kTile * LD;
-  bf* Vs = Ks + kTile * LD;
-  float* lse_s = reinterpret_cast<float*>(Vs + kTile * LD);
-  float* di_s = lse_s + kTile;
+  bf *Qs = tc_bwd_tile<D>(smem, 0), *dOs = tc_bwd_tile<D>(smem, 1), *Ks = tc_bwd_tile<D>(smem, 2), *Vs = tc_bwd_tile<D>(smem, 3);
+  float *lse_s = tc_bwd_stats<D>(smem), *di_s = lse_s + kTile;
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t kvh = h / g.group;
   const int nq = static_cast<int>(g.Tq - q0 < kTile ? g.Tq - q0 : kTile);
