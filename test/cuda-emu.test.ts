@@ -27,12 +27,10 @@ const why =
         ? 'no C++ compiler (c++)'
         : null;
 
-function run(args: string[], env: Record<string, string> = {}, timeout = 600_000) {
-  const r = spawnSync(join(buildDir, args[0]), args.slice(1), {
-    encoding: 'utf8',
-    timeout,
-    env: { ...process.env, ...env },
-  });
+// A program of build-emu/ (or, with an absolute path, any command).
+function run(args: string[], env: Record<string, string> = {}) {
+  const cmd = args[0].startsWith('/') ? args[0] : join(buildDir, args[0]);
+  const r = spawnSync(cmd, args.slice(1), { cwd: packageRoot, encoding: 'utf8', timeout: 600_000, env: { ...process.env, ...env } });
   return { status: r.status, out: r.stdout ?? '', err: r.stderr ?? '', all: `${r.stdout}\n${r.stderr}` };
 }
 
@@ -81,13 +79,8 @@ describe.skipIf(why !== null)(why === null ? 'the CUDA sources on the CPU emulat
   }, 600_000);
 
   it("the library and CLI with device 'cuda' (scripts/device-e2e.mjs on the emulated module)", () => {
-    const r = spawnSync(process.execPath, ['--import', 'tsx', join(packageRoot, 'scripts', 'device-e2e.mjs'), '--src'], {
-      cwd: packageRoot,
-      encoding: 'utf8',
-      timeout: 600_000,
-      env: { ...process.env, LIMA_CUDA_MODULE: emulatedModule },
-    });
-    expect(r.stdout).toMatch(/^device-e2e on cuda:0 \(lima-emu/m);
-    expectAllPassed({ status: r.status, out: r.stdout, err: r.stderr, all: `${r.stdout}\n${r.stderr}` }, 5);
+    const r = run([process.execPath, '--import', 'tsx', join(packageRoot, 'scripts', 'device-e2e.mjs'), '--src'], { LIMA_CUDA_MODULE: emulatedModule });
+    expect(r.out).toMatch(/^device-e2e on cuda:0 \(lima-emu/m);
+    expectAllPassed(r, 5);
   }, 600_000);
 });

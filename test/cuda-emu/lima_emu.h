@@ -26,9 +26,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __noinline__
 #define __shared__ static thread_local
-#define __constant__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __CUDACC__EMU 1
@@ -45,18 +43,7 @@ struct uint3 {
 struct __attribute__((aligned(16))) uint4 {
   unsigned x, y, z, w;
 };
-struct __attribute__((aligned(16))) float4 {
-  float x, y, z, w;
-};
-struct __attribute__((aligned(8))) float2 {
-  float x, y;
-};
-struct __attribute__((aligned(8))) uint2 {
-  unsigned x, y;
-};
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-inline float2 make_float2(float x, float y) { return {x, y}; }
 
 // ---- the runtime's types
 enum cudaError_t {
@@ -98,7 +85,6 @@ struct cudaDeviceProp {
 const char* cudaGetErrorString(cudaError_t e);
 const char* cudaGetErrorName(cudaError_t e);
 cudaError_t cudaGetLastError();
-cudaError_t cudaPeekAtLastError();
 cudaError_t cudaRuntimeGetVersion(int* v);
 cudaError_t cudaDriverGetVersion(int* v);
 cudaError_t cudaGetDeviceCount(int* n);
@@ -119,7 +105,6 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
 cudaError_t cudaMemset(void* dst, int value, size_t bytes);
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t s = nullptr);
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags);
-cudaError_t cudaStreamCreate(cudaStream_t* s);
 cudaError_t cudaStreamDestroy(cudaStream_t s);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
 cudaError_t cudaEventCreate(cudaEvent_t* e);
@@ -173,16 +158,11 @@ inline __nv_bfloat16::operator float() const { return __bfloat162float(*this); }
 // ---- arithmetic intrinsics (IEEE, no contraction: the emulator builds with -ffp-contract=off)
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t{a} * b) >> 32); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 
 // ---- the thread model
@@ -223,8 +203,6 @@ void mma_m16n8k16_row_col_f32_bf16_bf16_f32(float* d0, float* d1, float* d2, flo
 
 inline int src_xor(int lane, int m) { return lane ^ m; }
 inline int src_abs(int, int s) { return s & 31; }
-inline int src_down(int lane, int d) { return lane + d < 32 ? lane + d : lane; }
-inline int src_up(int lane, int d) { return lane - d >= 0 ? lane - d : lane; }
 
 /** A launch, `kernel<<<grid, block, smem, stream>>>(args)` as translate.mjs rewrites it:
  *  launch_cfg("kernel", kernel, grid, block, smem, stream)(args). Runs every block before returning. */
@@ -280,18 +258,6 @@ template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int = 32) {
   T r;
   ::lima_emu::warp_exchange(&v, &r, sizeof(T), mask, ::lima_emu::src_abs, src);
-  return r;
-}
-template <class T>
-T __shfl_down_sync(unsigned mask, T v, unsigned d, int = 32) {
-  T r;
-  ::lima_emu::warp_exchange(&v, &r, sizeof(T), mask, ::lima_emu::src_down, static_cast<int>(d));
-  return r;
-}
-template <class T>
-T __shfl_up_sync(unsigned mask, T v, unsigned d, int = 32) {
-  T r;
-  ::lima_emu::warp_exchange(&v, &r, sizeof(T), mask, ::lima_emu::src_up, static_cast<int>(d));
   return r;
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) { return ::lima_emu::ballot(mask, pred); }
