@@ -30,6 +30,7 @@ export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo,
 export { Llama2cReader, Llama2cError } from './io/llama2c.js';
 export { readJsonl, JsonlError, type JsonlRow, type ReadJsonlOptions } from './io/jsonl.js';
 export { writeAtomic, WriteError } from './util/fs.js';
+export { OutDirError, prepareModelDir, MODEL_FOLDER_FILES } from './io/outdir.js';
 export { LIMA } from './recipe.js';
 export { GgufReader, GgufError, convertGguf, type GgufTensor, type GgufConversion } from './io/gguf.js';
 export { dequantize, GgmlType, GGML_TYPE_INFO, ggmlTypeName } from './io/ggml-quants.js';

@@ -7,6 +7,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { loadDataset } from '../data/index.js';
 import { loadLlama2cTokenizer } from '../io/llama2c-tokenizer.js';
+import { prepareModelDir } from '../io/outdir.js';
 import { readJsonl } from '../io/jsonl.js';
 import { LlamaModel } from '../model/llama.js';
 import { packageRoot, type Device } from '../native.js';
@@ -106,6 +107,7 @@ export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesD
   const eot = tokenizer.ensureEot();
   await model.resizeVocab(tokenizer.vocabSize);
   const baseDir = join(opts.outDir, 'base');
+  await prepareModelDir(baseDir, { overwrite: opts.overwrite });
   await model.save(baseDir);
   log(`base model: ${files.model} (llama2.c, ${baseParams} parameters, pretrained on TinyStories), tokenizer ${files.tokenizer}`);
   log(`  + an end-of-turn token ${JSON.stringify(tokenizer.decode([eot]))} (id ${eot}, vocabulary ${tokenizer.vocabSize - 1} -> ${tokenizer.vocabSize}); converted to ${baseDir}`);

@@ -11,6 +11,7 @@ import { ggufToHfTokenizer, type HfTokenizerFiles } from '../tokenizer/gguf-voca
 import { dequantize, GGML_TYPE_INFO, ggmlByteSize, ggmlTypeName } from './ggml-quants.js';
 import { permuteRopeRows } from './llama2c.js';
 import { writeSafetensors } from './safetensors.js';
+import { prepareModelDir } from './outdir.js';
 
 /** A GGUF file we cannot import; the message names the file and the field or tensor. */
 export class GgufError extends Error {
@@ -323,12 +324,14 @@ async function writeJsonAtomic(path: string, value: unknown, pretty: boolean): P
  * Converts a LLaMA-architecture GGUF file into a Hugging Face folder: config.json,
  * model.safetensors (F32, or BF16 with `dtype`), and tokenizer.json + tokenizer_config.json
  * when the file embeds a vocabulary. Tensors are dequantised one at a time while the
- * safetensors file is written, so memory stays near the largest tensor.
+ * safetensors file is written, so memory stays near the largest tensor. A non-empty outDir is
+ * refused unless `overwrite` (see prepareModelDir).
  */
-export async function convertGguf(path: string, outDir: string, opts: { dtype?: 'F32' | 'BF16' } = {}): Promise<GgufConversion> {
+export async function convertGguf(path: string, outDir: string, opts: { dtype?: 'F32' | 'BF16'; overwrite?: boolean } = {}): Promise<GgufConversion> {
   const r = await GgufReader.open(path);
   try {
     const tok = r.tokenizerFiles();
+    await prepareModelDir(outDir, { overwrite: opts.overwrite });
     await mkdir(outDir, { recursive: true });
     const shapes = parameterShapes(r.config);
     const types: Record<string, number> = {};

@@ -5,6 +5,7 @@ import { convertGguf } from '../../io/gguf.js';
 import { Llama2cReader } from '../../io/llama2c.js';
 import { loadLlama2cTokenizer } from '../../io/llama2c-tokenizer.js';
 import { LlamaModel } from '../../model/llama.js';
+import { prepareModelDir } from '../../io/outdir.js';
 import { UsageError } from '../options.js';
 
 /** The `convert` command. */
@@ -16,11 +17,12 @@ export function convertCommand(): Command {
     .requiredOption('--out <dir>', 'output model folder')
     .option('--tokenizer <file>', "llama2.c only: its tokenizer.bin, written as tokenizer.json (a .bin holds no vocabulary)")
     .addOption(new Option('--dtype <dtype>', 'stored weight type').choices(['F32', 'BF16', 'f32', 'bf16']).default('F32'))
-    .action(async (file: string, v: { from: 'llama2c' | 'gguf'; out: string; dtype: string; tokenizer?: string }) => {
+    .option('--overwrite', 'replace the model files of an existing --out folder (other files there are never removed: the command refuses)')
+    .action(async (file: string, v: { from: 'llama2c' | 'gguf'; out: string; dtype: string; tokenizer?: string; overwrite?: boolean }) => {
       const dtype = v.dtype.toUpperCase() as 'F32' | 'BF16';
       if (v.from === 'gguf') {
         if (v.tokenizer) throw new UsageError('--tokenizer applies to --from llama2c only (a GGUF file carries its vocabulary)');
-        const r = await convertGguf(file, v.out, { dtype });
+        const r = await convertGguf(file, v.out, { dtype, overwrite: v.overwrite });
         const types = Object.entries(r.types).map(([t, n]) => `${n} ${t}`).join(', ');
         console.log(`wrote ${v.out} (${r.numParams} parameters, ${dtype}; from ${types} tensors${r.tokenizer ? `; tokenizer${r.chatTemplate ? ' with chat template' : ''}` : '; no vocabulary in the file'})`);
         return;
@@ -29,6 +31,7 @@ export function convertCommand(): Command {
       const header = await Llama2cReader.open(file);
       await header.close();
       const tokenizer = v.tokenizer ? await loadLlama2cTokenizer(v.tokenizer, header.config.vocabSize) : null;
+      await prepareModelDir(v.out, { overwrite: v.overwrite });
       await using model = await LlamaModel.fromLlama2c(file, { tokenizer });
       await model.save(v.out, { dtype });
       console.log(`wrote ${v.out} (${model.numParams} parameters, ${dtype}${tokenizer ? `, tokenizer.json from ${v.tokenizer}` : ''})`);

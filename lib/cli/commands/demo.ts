@@ -28,7 +28,7 @@ export function demoCommand(): Command {
     .option('--out <dir>', 'output folder', 'lima-demo')
     .addOption(new Option('--epochs <n>', 'epochs (default: 10, or 16 with --from-scratch)').argParser(int({ min: 1 })))
     .option('--from-scratch', 'instead: a small model trained from scratch on the bundled LIMA-style sample')
-    .option('--overwrite', 'replace the checkpoints of an earlier demo run in --out')
+    .option('--overwrite', 'replace an earlier demo run in --out (its model folder and checkpoints; files the demo did not write are never removed)')
     .addOption(deviceOption())
     .option('--json', 'print one JSON event per line')
     .action(async (v: { out: string; epochs?: number; fromScratch?: boolean; overwrite?: boolean; device?: Device; json?: boolean }) => {
@@ -37,7 +37,7 @@ export function demoCommand(): Command {
       const data = sampleDataDir();
       if (!existsSync(join(data, 'train.jsonl'))) throw new Error(`bundled sample data not found at ${data}`);
       const modelDir = join(v.out, 'init');
-      const n = await initModel('small', modelDir, 0);
+      const n = await initModel('small', modelDir, 0, { overwrite: v.overwrite });
       if (!v.json) console.log(`demo: a ${n}-parameter model from scratch, byte tokenizer, on ${join(data, 'train.jsonl')}`);
       // The LIMA recipe scaled to a model trained from scratch in a few minutes on 2 cores: random
       // weights need a far larger learning rate (with a short warmup) and small batches; the linear

@@ -1,6 +1,7 @@
 // `init`: a randomly initialised model with the built-in byte tokenizer.
 import { Command, Option } from 'commander';
 import { LlamaModel } from '../../model/llama.js';
+import { prepareModelDir } from '../../io/outdir.js';
 import { ByteTokenizer } from '../../tokenizer/index.js';
 import { int } from '../options.js';
 
@@ -10,8 +11,9 @@ export const INIT_CONFIGS = {
   small: { hidden_size: 256, intermediate_size: 688, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 1024 },
 } as const;
 
-/** Writes a random model of a named architecture; returns its parameter count. */
-export async function initModel(name: keyof typeof INIT_CONFIGS, out: string, seed: number): Promise<number> {
+/** Writes a random model of a named architecture; returns its parameter count. A non-empty `out` is refused unless `overwrite` (prepareModelDir). */
+export async function initModel(name: keyof typeof INIT_CONFIGS, out: string, seed: number, opts: { overwrite?: boolean } = {}): Promise<number> {
+  await prepareModelDir(out, opts);
   const tokenizer = new ByteTokenizer();
   await using model = await LlamaModel.create({ ...INIT_CONFIGS[name], vocab_size: tokenizer.vocabSize, rms_norm_eps: 1e-5, rope_theta: 10000 }, { seed, tokenizer });
   await model.save(out);
@@ -25,8 +27,9 @@ export function initCommand(): Command {
     .addOption(new Option('--config <name>', 'architecture').choices(Object.keys(INIT_CONFIGS)).makeOptionMandatory())
     .requiredOption('--out <dir>', 'output model folder')
     .addOption(new Option('--seed <s>', 'initialisation seed').argParser(int()).default(0))
-    .action(async (v: { config: keyof typeof INIT_CONFIGS; out: string; seed: number }) => {
-      const n = await initModel(v.config, v.out, v.seed);
+    .option('--overwrite', 'replace the model files of an existing --out folder (other files there are never removed: the command refuses)')
+    .action(async (v: { config: keyof typeof INIT_CONFIGS; out: string; seed: number; overwrite?: boolean }) => {
+      const n = await initModel(v.config, v.out, v.seed, { overwrite: v.overwrite });
       console.log(`wrote ${v.out}: ${v.config} model, ${n} parameters, byte tokenizer`);
     });
 }
