@@ -296,7 +296,7 @@ describe('item 5: interrupts', () => {
     expect(r.stderr).toContain(`cannot write checkpoint ${join(out, 'epoch-1')}: model.safetensors: EFBIG`);
     expect(r.stderr).not.toMatch(/\n\s+at /);
     expect(existsSync(join(out, 'epoch-1'))).toBe(false);
-    expect(noTemp(out)).toEqual([]);
+    expect(existsSync(out)).toBe(false); // nothing was written, so the folder this run created is gone too (no temporaries)
   });
 });
 

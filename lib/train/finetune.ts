@@ -8,12 +8,13 @@
 // kept, a diverging step is never saved, an interrupted epoch re-runs its dev generations on
 // resume, and resuming with changed settings needs each change to be accepted by name.
 import { randomUUID, createHash } from 'node:crypto';
-import { freemem } from 'node:os';
+import { freemem, hostname } from 'node:os';
 import type { Device } from '../native.js';
-import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers, type TrainDev } from '../data/index.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
+import { ownEntries, removeEntries, type OutDirRule } from '../io/outdir.js';
 import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
@@ -449,20 +450,73 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-// One run per folder at a time, so cleaning up temporary folders never hits a live writer.
+/**
+ * When process `pid` started: field 22 of /proc/<pid>/stat (clock ticks after boot; Linux only).
+ * With the pid it names one process, so a pid reused after a crash (PID 1 in every container) is
+ * told apart from the run that took a lock.
+ */
+async function processStart(pid: number): Promise<string | undefined> {
+  try {
+    const st = await readFile(`/proc/${pid}/stat`, 'utf8');
+    return st.slice(st.lastIndexOf(')') + 2).split(' ')[19]; // the name (field 2) may hold spaces and ')'
+  } catch {
+    return undefined;
+  }
+}
+
+// Milliseconds since 1970 of a start time in clock ticks after boot (USER_HZ is 100 on Linux).
+async function startMs(ticks: string): Promise<number | undefined> {
+  const btime = /^btime (\d+)$/m.exec(await readFile('/proc/stat', 'utf8').catch(() => ''));
+  return btime ? Number(btime[1]) * 1000 + Number(ticks) * 10 : undefined;
+}
+
+/** A lock file's owner; an old-format lock holds just the pid. */
+interface LockOwner {
+  pid: number;
+  start?: string;
+  host?: string;
+}
+
+function parseLock(text: string): LockOwner | null {
+  if (/^\s*\d+\s*$/.test(text)) return { pid: Number(text) };
+  try {
+    const v = JSON.parse(text) as Partial<LockOwner>;
+    return Number.isSafeInteger(v.pid) && v.pid! > 0 ? { pid: v.pid!, start: typeof v.start === 'string' ? v.start : undefined, host: typeof v.host === 'string' ? v.host : undefined } : null;
+  } catch {
+    return null;
+  }
+}
+
+// Whether the lock's process still runs here: its pid is alive and is the same process (same start
+// time; for an old-format lock, a process started before the lock was written).
+async function lockHeld(owner: LockOwner, path: string): Promise<boolean> {
+  if (!pidAlive(owner.pid)) return false;
+  const now = await processStart(owner.pid);
+  if (now === undefined) return true; // no /proc: the pid is all there is to go by
+  if (owner.start !== undefined) return owner.start === now;
+  const [started, written] = [await startMs(now), (await stat(path).catch(() => null))?.mtimeMs];
+  return started === undefined || written === undefined || started <= written + 2000;
+}
+
+// One run per folder at a time, so cleaning up temporary folders never hits a live writer. The
+// lock records pid, process start time and host, so a stale lock never blocks a folder forever.
 async function lockOutDir(outDir: string): Promise<() => Promise<void>> {
   const path = join(outDir, LOCK_FILE);
+  const me: LockOwner = { pid: process.pid, start: await processStart(process.pid), host: hostname() };
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       const fh = await open(path, 'wx');
-      await fh.writeFile(String(process.pid));
+      await fh.writeFile(JSON.stringify(me) + '\n');
       await fh.close();
       return () => rm(path, { force: true });
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-      const pid = Number((await readFile(path, 'utf8').catch(() => '')).trim());
-      if (Number.isInteger(pid) && pid > 0 && pidAlive(pid))
-        throw new FinetuneError('ERR_LIMA_OUTDIR_LOCKED', `${outDir} is in use by another fine-tuning run (process ${pid}, lock file ${path})`);
+      const owner = parseLock(await readFile(path, 'utf8').catch(() => ''));
+      const clear = `if no fine-tuning run is active in it, delete ${path} and start again`;
+      if (owner?.host !== undefined && owner.host !== me.host)
+        throw new FinetuneError('ERR_LIMA_OUTDIR_LOCKED', `${outDir} is in use by a fine-tuning run on host ${owner.host} (process ${owner.pid} there; lock file ${path}); ${clear}`);
+      if (owner && (await lockHeld(owner, path)))
+        throw new FinetuneError('ERR_LIMA_OUTDIR_LOCKED', `${outDir} is in use by another fine-tuning run (process ${owner.pid}, lock file ${path}); ${clear}`);
       await rm(path, { force: true }); // left by a process that no longer runs
     }
   }
@@ -562,16 +616,44 @@ async function listCheckpoints(outDir: string): Promise<CheckpointInfo[]> {
 
 interface OutDir {
   release: () => Promise<void>;
+  /** Removes the folders this run created when they are still empty (a run that failed before writing). */
+  discardIfEmpty: () => Promise<void>;
   /** Checkpoint to resume from (latest with weights and optimizer state). */
   resumeFrom?: CheckpointInfo;
 }
 
+// What a run writes into its folder besides dot-named temporaries and the lock, and which of those
+// entries are a run's: checkpoint folders (holding a trainer state) and this tool's report and curve.
+const RUN_FOLDER: OutDirRule = {
+  concerns: (n) => /^(epoch|step)-\d+$/.test(n) || n === 'report.html' || n === 'loss-curve.svg',
+  isOwn: async (n, path) => {
+    if (n.endsWith('.html') || n.endsWith('.svg')) {
+      const head = await readFile(path, 'utf8').then((t) => t.slice(0, 4096), () => '');
+      return n.endsWith('.html') ? head.includes('<title>lima-native ') : head.includes('class="loss-curve"');
+    }
+    return exists(join(path, STATE_FILE));
+  },
+};
+
 async function openOutDir(o: FinetuneOptions): Promise<OutDir> {
   const outDir = o.outDir;
-  await mkdir(outDir, { recursive: true });
-  const release = await lockOutDir(outDir);
+  const created = await mkdir(outDir, { recursive: true });
+  // rmdir removes only empty folders, from outDir up to the first one this run created.
+  const discardIfEmpty = async () => {
+    if (!created) return;
+    for (let d = resolve(outDir); d.length >= resolve(created).length; d = resolve(d, '..')) if (!(await rmdir(d).then(() => true, () => false))) return;
+  };
+  let release: () => Promise<void>;
+  try {
+    release = await lockOutDir(outDir);
+  } catch (e) {
+    await discardIfEmpty();
+    throw e;
+  }
   try {
     await cleanLeftovers(outDir);
+    // A folder named like a checkpoint that is not one (or a report this tool did not write) is never replaced.
+    const own = await ownEntries(outDir, RUN_FOLDER);
     const existing = await listCheckpoints(outDir);
     // Damaged state files count as a run too: overwriting must be asked for.
     const stateDirs = [];
@@ -592,21 +674,21 @@ async function openOutDir(o: FinetuneOptions): Promise<OutDir> {
         return m !== null && Number(m[2]) > (m[1] === 'epoch' ? from.state.epoch : from.state.globalStep);
       });
       if (newer.length) await readState(join(outDir, newer[0]));
-      return { release, resumeFrom: from };
+      return { release, discardIfEmpty, resumeFrom: from };
     }
-    if (stateDirs.length) {
+    if (stateDirs.length || own.length) {
       if (!o.overwrite)
         throw new FinetuneError(
           'ERR_LIMA_OUTDIR_IN_USE',
-          `${outDir} already holds checkpoints of another run (${stateDirs.sort().join(', ')}); continue it with resume (--resume), ` +
-            `replace it with overwrite (--overwrite), or choose another output folder`,
+          `${outDir} already holds ${stateDirs.length ? `checkpoints of another run (${stateDirs.sort().join(', ')})` : `the report of another run (${own.join(', ')})`}; ` +
+            `continue it with resume (--resume), replace it with overwrite (--overwrite), or choose another output folder`,
         );
-      for (const n of stateDirs) await rm(join(outDir, n), { recursive: true, force: true });
-      for (const f of ['report.html', 'loss-curve.svg']) await rm(join(outDir, f), { force: true });
+      await removeEntries(outDir, [...new Set([...stateDirs, ...own])]);
     }
-    return { release };
+    return { release, discardIfEmpty };
   } catch (e) {
     await release();
+    await discardIfEmpty();
     throw e;
   }
 }
@@ -758,6 +840,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
   } finally {
     if (ownModel) await model?.dispose();
     await out.release();
+    await out.discardIfEmpty(); // a start that failed (no GPU, bad data) leaves no empty folder behind
   }
 }
 
