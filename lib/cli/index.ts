@@ -70,7 +70,7 @@ export async function main(argv: string[]): Promise<number> {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2; // commander printed the message
     const cmd = program.commands.find((c) => c.name() === argv[0])?.name();
     process.stderr.write(`lima-native${cmd ? ` ${cmd}` : ''}: ${(e as Error).message}\n`);
-    if (e instanceof StoppedError) return 130;
+    if (e instanceof StoppedError) return e.exitCode;
     return e instanceof UsageError ? 2 : 1;
   }
 }

@@ -15,11 +15,19 @@ const CLI_ONLY = new Set([
   'devRepetitionPenalty', 'roleSystem', 'roleUser', 'roleAssistant',
 ]);
 
-/** A run stopped by Ctrl-C (exit code 130): its last checkpoint is valid and --resume continues it. */
+/** Exit codes of the stop signals, as a shell reports a process they end (128 + the signal's number). */
+const SIGNAL_EXIT = { SIGINT: 130, SIGTERM: 143 } as const;
+
+/**
+ * A run stopped by Ctrl-C (exit code 130) or SIGTERM (143, what docker stop, Kubernetes, systemd
+ * and Slurm send): its last checkpoint is valid and --resume continues it.
+ */
 export class StoppedError extends Error {
-  constructor() {
+  readonly exitCode: number;
+  constructor(signal: keyof typeof SIGNAL_EXIT = 'SIGINT') {
     super('stopped; continue with --resume');
     this.name = 'StoppedError';
+    this.exitCode = SIGNAL_EXIT[signal];
   }
 }
 
@@ -81,7 +89,7 @@ export function toFinetuneOptions(v: Record<string, unknown>): FinetuneOptions {
 
 /**
  * Runs finetune() for a person (progress display) or a program (--json: one event per line).
- * Ctrl-C stops after the current step, leaving the last checkpoint valid; a second Ctrl-C quits.
+ * Ctrl-C or SIGTERM stops after the current step, leaving the last checkpoint valid; a second one quits.
  */
 export async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean): Promise<void> {
   const ac = new AbortController();
@@ -92,12 +100,14 @@ export async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean
     ac.abort();
   };
   process.stdout.on('error', onPipe);
-  const onSigint = () => {
-    if (ac.signal.aborted) process.exit(130);
-    process.stderr.write('\nstopping after the current step (Ctrl-C again to quit at once)\n');
+  let stopSignal: keyof typeof SIGNAL_EXIT | undefined;
+  const onSignal = (sig: keyof typeof SIGNAL_EXIT) => {
+    if (ac.signal.aborted) process.exit(SIGNAL_EXIT[sig]);
+    stopSignal = sig;
+    process.stderr.write(`\nstopping after the current step (${sig === 'SIGINT' ? 'Ctrl-C' : sig} again to quit at once)\n`);
     ac.abort();
   };
-  process.on('SIGINT', onSigint);
+  for (const sig of Object.keys(SIGNAL_EXIT) as (keyof typeof SIGNAL_EXIT)[]) process.on(sig, onSignal);
   const tty = !json && process.stderr.isTTY;
   const display = new ProgressDisplay({
     status: (t) => process.stderr.write(t),
@@ -111,10 +121,10 @@ export async function drive(opts: Omit<FinetuneOptions, 'signal'>, json: boolean
       if (json) console.log(JSON.stringify(e));
       else display.update(e);
     }
-    if ((await run.result).aborted && !pipe.closed) throw new StoppedError();
+    if ((await run.result).aborted && !pipe.closed) throw new StoppedError(stopSignal);
   } finally {
     display.finish();
-    process.off('SIGINT', onSigint);
+    for (const sig of Object.keys(SIGNAL_EXIT)) process.off(sig, onSignal);
     if (!pipe.closed) process.stdout.off('error', onPipe); // late write errors of a closed pipe stay quiet
   }
 }
