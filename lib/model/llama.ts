@@ -13,6 +13,7 @@ import { nativeLlama, type NativeLlama, type NativeLlamaCtor, type NativePrecisi
 import { resolveDevice, type Device } from '../native.js';
 import { preferredPrecision } from '../kernels/system.js';
 import { GENERATION_DEFAULTS, resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
+import { writeRuntimeFiles } from './hf-chat.js';
 import { chatPromptIds, layoutJson, LAYOUT_FILE, rawPromptIds, readLayout, type ChatLayout, type SpecialTokenPolicy } from './layout.js';
 import type { Message } from '../data/format.js';
 import { HfTokenizer, loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
@@ -565,6 +566,8 @@ export class LlamaModel implements AsyncDisposable {
     if (this.tokenizer) await this.tokenizer.save(dir);
     if (this.layout) await writeAtomic(join(dir, LAYOUT_FILE), layoutJson(this.layout));
     else await rm(join(dir, LAYOUT_FILE), { force: true });
+    // The chat template, eos_token and stop ids other runtimes read, from the same stops as ours.
+    await writeRuntimeFiles(dir, this.tokenizer, this.layout, this.defaultStops());
   }
 
   /**

@@ -105,12 +105,53 @@ export class ByteTokenizer implements Tokenizer {
     return this.eotId ?? this.addSpecialToken(content);
   }
 
+  /**
+   * Writes lima-tokenizer.json (what loadTokenizer reads back) and the same tokenizer as Hugging
+   * Face files, so other runtimes tokenize exactly as we do: a merge-free BPE whose every
+   * character falls back to its UTF-8 bytes <0x00>…<0xFF> (ids 0–255), the specials after them.
+   */
   async save(dir: string): Promise<void> {
     await writeAtomic(join(dir, 'lima-tokenizer.json'), JSON.stringify({ type: 'bytes', special_tokens: this.specials }, null, 2) + '\n');
+    const vocab: Record<string, number> = {};
+    for (let b = 0; b < 256; b++) vocab[`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`] = b;
+    const specials = this.specialTokens();
+    for (const s of specials) vocab[s.text] = s.id;
+    const bos = this.bosId === undefined ? undefined : this.specials[this.bosId - 256];
+    const json = {
+      version: '1.0',
+      truncation: null,
+      padding: null,
+      added_tokens: specials.map((s) => ({ id: s.id, content: s.text, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true })),
+      normalizer: null,
+      pre_tokenizer: null,
+      // Plain-text encodes start with BOS, as ours do (a chat template writes its own).
+      post_processor:
+        bos === undefined
+          ? null
+          : {
+              type: 'TemplateProcessing',
+              single: [{ SpecialToken: { id: bos, type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+              pair: [{ SpecialToken: { id: bos, type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }, { SpecialToken: { id: bos, type_id: 1 } }, { Sequence: { id: 'B', type_id: 1 } }],
+              special_tokens: { [bos]: { id: bos, ids: [this.bosId], tokens: [bos] } },
+            },
+      decoder: { type: 'Sequence', decoders: [{ type: 'ByteFallback' }, { type: 'Fuse' }] },
+      model: { type: 'BPE', dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: false, byte_fallback: true, vocab, merges: [] },
+    };
+    const cfg: Json = { tokenizer_class: 'PreTrainedTokenizerFast', clean_up_tokenization_spaces: false };
+    if (bos !== undefined) cfg.bos_token = bos;
+    if (this.eosId !== undefined) cfg.eos_token = this.specials[this.eosId - 256];
+    await writeAtomic(join(dir, 'tokenizer.json'), JSON.stringify(json));
+    await writeAtomic(join(dir, 'tokenizer_config.json'), JSON.stringify(cfg, null, 2) + '\n');
   }
 }
 
 type Json = Record<string, unknown>;
+
+/**
+ * tokenizer_config.json key holding the tokenizer's own EOS (null: none) when eos_token names the
+ * end-of-turn, as a plain-layout checkpoint saves it for other runtimes (model/hf-chat.ts).
+ */
+export const LIMA_EOS_KEY = 'lima_eos_token';
 interface AddedTokenJson {
   id: number;
   content: string;
@@ -176,7 +217,8 @@ export class HfTokenizer implements Tokenizer {
     return t === undefined ? undefined : this.tokenToId(t);
   }
   get eosId(): number | undefined {
-    const t = tokenContent(this.cfg.eos_token);
+    // A chat checkpoint's eos_token is its end-of-turn (for other runtimes); its EOS is kept aside.
+    const t = tokenContent(LIMA_EOS_KEY in this.cfg ? this.cfg[LIMA_EOS_KEY] : this.cfg.eos_token);
     return t === undefined ? undefined : this.tokenToId(t);
   }
   get eotId(): number | undefined {
