@@ -89,7 +89,12 @@ export function addSamplingOptions(cmd: Command): Command {
     .addOption(new Option('--repetition-penalty <r>', 'penalty on tokens already in the context (1 disables)').argParser(num({ gt: 0 })).default(d.repetitionPenalty))
     .addOption(new Option('--max-new-tokens <n>', 'stop after this many tokens').argParser(int()).default(d.maxNewTokens))
     .addOption(new Option('--seed <s>', 'sampling seed').argParser(int({ min: 0, max: 0xffffffff })).default(d.seed))
-    .addOption(new Option('--special-tokens <policy>', 'special-token text typed in a prompt, e.g. "<s>": refuse it or use it as that token').choices(['error', 'parse']).default('error'));
+    .addOption(specialTokensOption('typed in a prompt'));
+}
+
+/** `--special-tokens error|parse`: special-token text (e.g. "<s>") `where`: refused (default) or used as that token. */
+export function specialTokensOption(where: string): Option {
+  return new Option('--special-tokens <policy>', `special-token text ${where}, e.g. "<s>": refuse it or use it as that token`).choices(['error', 'parse']).default('error');
 }
 
 /** The GenerateOptions of parsed sampling flags. */

@@ -8,14 +8,17 @@ import { Rng } from '../util/rng.js';
 import { expectInt, expectObject, fail, LimaArgumentError } from '../validate.js';
 import { countTargets } from './batch.js';
 import {
+  checkSpecialText,
   compileChatTemplate,
   formatConversation,
   IGNORE_INDEX,
   parseRow,
+  policyTokenizer,
   RowError,
   type Message,
   type RoleMarkers,
   type RowFormat,
+  type SpecialTokenPolicy,
 } from './format.js';
 
 /** LIMA's context length, the default `maxLength`. */
@@ -62,6 +65,11 @@ export interface LoadOptions {
   maxLength?: number;
   /** Skip and count unusable rows instead of failing on the first. */
   skipBadRows?: boolean;
+  /**
+   * Special-token text (e.g. "<|eot|>", "</s>") written inside a message: a bad row naming the
+   * field ('error', default: the model would learn to stop mid-answer) or that token ('parse').
+   */
+  specialTokens?: SpecialTokenPolicy;
   /** Upper bound of pre-tokenized ids (default: the tokenizer's vocabulary size). */
   vocabSize?: number;
   /** Accept conversations ending with a user turn (generation prompts without targets). */
@@ -103,6 +111,7 @@ function checkOptions(opts: LoadOptions): void {
     }
   }
   if (opts.chatTemplate !== undefined && typeof opts.chatTemplate !== 'string') fail('a string', 'chatTemplate', opts.chatTemplate);
+  if (opts.specialTokens !== undefined && opts.specialTokens !== 'error' && opts.specialTokens !== 'parse') fail('"error" or "parse"', 'specialTokens', opts.specialTokens);
   const tok = opts.tokenizer as unknown;
   if (tok !== undefined && (typeof tok !== 'object' || tok === null || typeof (tok as Tokenizer).encode !== 'function'))
     fail('a Tokenizer', 'tokenizer', tok);
@@ -113,7 +122,7 @@ function checkOptions(opts: LoadOptions): void {
 /**
  * Reads a JSONL dataset (LIMA `conversations`, chat `messages` or pre-tokenized `input_ids`
  * rows) into examples cut to `maxLength`. A bad row (invalid JSON, wrong fields or turn order,
- * empty utterance, ids out of range, no target token left) throws a JsonlError
+ * empty utterance, special-token text under specialTokens 'error', ids out of range, no target token left) throws a JsonlError
  * `file:line: reason`, or with `skipBadRows` is left out and reported in `skipped`.
  * The plain layout adds the EOT token to the tokenizer when it has none (`eotAdded`).
  */
@@ -157,7 +166,10 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
           eotAdded = true;
           tokVocab = undefined;
         }
-        const f = formatConversation(row.messages, { tokenizer: tok, roles: opts.roles, chatTemplate: template, trainOnPrompt: opts.trainOnPrompt, maxTokens });
+        const policy = opts.specialTokens ?? 'error';
+        const field = (i: number) => (row.format === 'lima' ? `conversations[${i}]` : `messages[${i}].content`);
+        checkSpecialText(tok, row.messages.map((m, i) => ({ where: field(i), text: m.content })), policy);
+        const f = formatConversation(row.messages, { tokenizer: policyTokenizer(tok, policy), roles: opts.roles, chatTemplate: template, trainOnPrompt: opts.trainOnPrompt, maxTokens });
         ex = { ...f, messages: row.messages, line };
       }
       if (row.source !== undefined) ex.source = row.source;

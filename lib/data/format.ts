@@ -352,6 +352,45 @@ export function encodeWithSpecials(encode: (text: string) => number[], text: str
   return ids;
 }
 
+/** What to do with special-token text (e.g. "<s>" or "<|eot|>") written inside a prompt or a data row. */
+export type SpecialTokenPolicy = 'error' | 'parse';
+
+// BOS/EOS/EOT plus every other special token the tokenizer lists, longest first.
+function allSpecials(tok: Tokenizer): { text: string; id: number }[] {
+  const out = specialTexts(tok);
+  for (const s of tok.specialTokens?.() ?? []) if (s.text && !out.some((o) => o.text === s.text)) out.push(s);
+  return out.sort((a, b) => b.text.length - a.text.length);
+}
+
+/**
+ * Refuses special-token text inside user-written content unless `policy` is 'parse' (RowError
+ * naming the field and the token): the byte tokenizer would otherwise spell "<|eot|>" out as
+ * bytes, and Hugging Face tokenizers would silently turn it into a real end-of-turn.
+ */
+export function checkSpecialText(tok: Tokenizer, texts: readonly { where: string; text: string }[], policy: SpecialTokenPolicy): void {
+  if (policy === 'parse') return;
+  if (policy !== 'error') fail('"error" or "parse"', 'specialTokens', policy);
+  for (const s of allSpecials(tok))
+    for (const t of texts)
+      if (t.text.includes(s.text))
+        throw new RowError(
+          `${t.where} contains the special token text ${JSON.stringify(s.text)} (id ${s.id}); ` +
+            `pass specialTokens: 'parse' (--special-tokens parse) to use it as that token, or remove it`,
+        );
+}
+
+/** The tokenizer whose encode() follows `policy`: under 'parse' a view mapping special-token text to ids. */
+export function policyTokenizer(tok: Tokenizer, policy: SpecialTokenPolicy): Tokenizer {
+  if (policy !== 'parse') return tok;
+  const specials = allSpecials(tok);
+  const view = Object.create(tok) as Tokenizer;
+  view.encode = (text: string, o?: { bos?: boolean }) => {
+    const ids = encodeWithSpecials((t) => tok.encode(t), text, specials);
+    return o?.bos && tok.bosId !== undefined ? [tok.bosId, ...ids] : ids;
+  };
+  return view;
+}
+
 function plainSpans(messages: readonly Message[], tok: Tokenizer, roles: RoleMarkers, maxTokens?: number): { spans: Span[]; promptEnd: number } {
   const eot = tok.ensureEot();
   const encode = budgeted(tok, maxTokens);

@@ -4,7 +4,7 @@
 import type { Tokenizer } from '../tokenizer/index.js';
 import { countTargets } from './batch.js';
 import { DEFAULT_MAX_LENGTH, loadDataset, type Example, type SkippedRow } from './dataset.js';
-import { IGNORE_INDEX, type RoleMarkers } from './format.js';
+import { IGNORE_INDEX, type RoleMarkers, type SpecialTokenPolicy } from './format.js';
 
 /** Options of previewDataset (the formatting ones are finetune's). */
 export interface PreviewOptions {
@@ -16,6 +16,8 @@ export interface PreviewOptions {
   /** Examples are cut to this many tokens (default 2048, as finetune). */
   maxLength?: number;
   skipBadRows?: boolean;
+  /** Special-token text inside a message: a bad row ('error', default) or that token ('parse'), as finetune. */
+  specialTokens?: SpecialTokenPolicy;
   /** Rows rendered in `text` (default 5; totals always cover every row). */
   limit?: number;
   /** ANSI colour (targets green, the rest dim) instead of [[brackets]] around targets. */
@@ -86,6 +88,7 @@ export async function previewDataset(file: string, opts: PreviewOptions): Promis
     trainOnPrompt: opts.trainOnPrompt,
     maxLength,
     skipBadRows: opts.skipBadRows,
+    specialTokens: opts.specialTokens,
   });
   const limit = opts.limit ?? 5;
   let tokens = 0;

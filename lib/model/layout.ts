@@ -4,9 +4,9 @@
 // BOS, markers and EOT, ending where the assistant's answer starts.
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { encodeWithSpecials, formatConversation, loadChatTemplate, parseRow, RowError, specialTexts, type Message, type RoleMarkers } from '../data/format.js';
+import { checkSpecialText, formatConversation, loadChatTemplate, parseRow, policyTokenizer, RowError, type Message, type RoleMarkers, type SpecialTokenPolicy } from '../data/format.js';
 import type { Tokenizer } from '../tokenizer/index.js';
-import { describe, fail, LimaArgumentError } from '../validate.js';
+import { describe, LimaArgumentError } from '../validate.js';
 
 /** File in a model folder that records its chat layout. */
 export const LAYOUT_FILE = 'lima-chat-layout.json';
@@ -18,8 +18,7 @@ export interface ChatLayout {
   chatTemplate?: string;
 }
 
-/** What to do with special-token text (e.g. "<s>" or "<|eot|>") typed inside a prompt. */
-export type SpecialTokenPolicy = 'error' | 'parse';
+export type { SpecialTokenPolicy };
 
 function checkLayout(v: unknown, where: string): ChatLayout {
   const bad = (what: string, field: string, got: unknown): never => {
@@ -76,45 +75,20 @@ export function layoutJson(layout: ChatLayout): string {
   return JSON.stringify({ roles: l.roles ?? {}, chatTemplate: l.chatTemplate ?? null }, null, 2) + '\n';
 }
 
-/**
- * Refuses special-token text inside user-written content unless `policy` is 'parse': the byte
- * tokenizer would otherwise spell "<|eot|>" out as bytes, and Hugging Face tokenizers would
- * silently turn it into a real end-of-turn.
- */
+// The prompt side of the one special-token check (see checkSpecialText): an argument error.
 function checkSpecials(tok: Tokenizer, texts: readonly { where: string; text: string }[], policy: SpecialTokenPolicy): void {
-  if (policy === 'parse') return;
-  if (policy !== 'error') fail('"error" or "parse"', 'specialTokens', policy);
-  for (const s of allSpecials(tok))
-    for (const t of texts)
-      if (t.text.includes(s.text))
-        throw new LimaArgumentError(
-          `${t.where} contains the special token text ${JSON.stringify(s.text)} (id ${s.id}); ` +
-            `pass specialTokens: 'parse' (--special-tokens parse) to use it as that token, or remove it`,
-        );
-}
-
-// BOS/EOS/EOT plus every other special token the tokenizer lists, longest first.
-function allSpecials(tok: Tokenizer): { text: string; id: number }[] {
-  const out = specialTexts(tok);
-  for (const s of tok.specialTokens?.() ?? []) if (s.text && !out.some((o) => o.text === s.text)) out.push(s);
-  return out.sort((a, b) => b.text.length - a.text.length);
-}
-
-// A view of the tokenizer whose encode() maps special-token text to ids (the 'parse' policy).
-function parsingTokenizer(tok: Tokenizer): Tokenizer {
-  const specials = allSpecials(tok);
-  const view = Object.create(tok) as Tokenizer;
-  view.encode = (text: string, o?: { bos?: boolean }) => {
-    const ids = encodeWithSpecials((t) => tok.encode(t), text, specials);
-    return o?.bos && tok.bosId !== undefined ? [tok.bosId, ...ids] : ids;
-  };
-  return view;
+  try {
+    checkSpecialText(tok, texts, policy);
+  } catch (e) {
+    if (e instanceof RowError) throw new LimaArgumentError(e.message);
+    throw e;
+  }
 }
 
 /** Token ids of a plain-text continuation prompt (BOS first), with the special-token policy applied. */
 export function rawPromptIds(tok: Tokenizer, text: string, policy: SpecialTokenPolicy = 'error'): number[] {
   checkSpecials(tok, [{ where: 'prompt', text }], policy);
-  return (policy === 'parse' ? parsingTokenizer(tok) : tok).encode(text, { bos: true });
+  return policyTokenizer(tok, policy).encode(text, { bos: true });
 }
 
 /**
@@ -138,7 +112,7 @@ export function chatPromptIds(tok: Tokenizer, layout: ChatLayout, messages: read
   if (layout.chatTemplate === undefined && tok.eotId === undefined)
     throw new LimaArgumentError('Expected a tokenizer with an end-of-turn token for the chat layout but received one without (use raw continuation)');
   try {
-    return formatConversation(msgs, { tokenizer: policy === 'parse' ? parsingTokenizer(tok) : tok, roles: layout.roles, chatTemplate: layout.chatTemplate }).promptIds;
+    return formatConversation(msgs, { tokenizer: policyTokenizer(tok, policy), roles: layout.roles, chatTemplate: layout.chatTemplate }).promptIds;
   } catch (e) {
     if (e instanceof RowError) throw new LimaArgumentError(e.message);
     throw e;

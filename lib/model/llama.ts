@@ -16,18 +16,41 @@ import { GENERATION_DEFAULTS, resolveSampling, sampleToken, type SamplingOptions
 import { writeRuntimeFiles } from './hf-chat.js';
 import { chatPromptIds, layoutJson, LAYOUT_FILE, rawPromptIds, readLayout, type ChatLayout, type SpecialTokenPolicy } from './layout.js';
 import type { Message } from '../data/format.js';
-import { HfTokenizer, loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { HfTokenizer, loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
 import { padBatch, type TokenBatch } from '../data/batch.js';
 import { writeAtomic } from '../util/fs.js';
 
-/** A model file set that cannot be loaded; the message names the file and the tensor. */
+/**
+ * A model file set that cannot be loaded; the message names the file and the tensor.
+ * `code`: ERR_LIMA_MODEL_LOAD, or ERR_LIMA_VOCAB_MISMATCH for a tokenizer larger than the model,
+ * or ERR_LIMA_NONFINITE_WEIGHT for a NaN/Inf weight in the file.
+ */
 export class ModelLoadError extends Error {
-  readonly code = 'ERR_LIMA_MODEL_LOAD';
-  constructor(message: string) {
+  constructor(
+    message: string,
+    readonly code: string = 'ERR_LIMA_MODEL_LOAD',
+  ) {
     super(message);
     this.name = 'ModelLoadError';
   }
 }
+
+/**
+ * Refuses a tokenizer with ids the model has no embedding row for (a Llama-3 tokenizer.json
+ * beside a 512-token model): growing the embedding to fit it would silently add a row the model
+ * never learned for every such id. The only growth is the end-of-turn token finetune adds
+ * itself, after this check.
+ */
+export function checkTokenizerFits(tokenizer: Tokenizer, vocabSize: number, tokenizerSource: string, modelSource: string): void {
+  const n = tokenizer.vocabSize;
+  if (n > vocabSize)
+    throw new ModelLoadError(
+      `${tokenizerSource} has ${n} tokens (ids up to ${n - 1}) but the model's vocab_size (${modelSource}) is ${vocabSize}: ` +
+        'ids from there on have no embedding row (a tokenizer for another model?)',
+      'ERR_LIMA_VOCAB_MISMATCH',
+    );
+}
+
 
 // Token batches and padBatch live with the data pipeline (closing the data ↔ model import
 // cycle); re-exported here where the model's callers look for them.
@@ -221,7 +244,8 @@ export class LlamaModel implements AsyncDisposable {
   }
 
   // Validates precision before anything is read, then sizes the model against the device's memory.
-  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, where: PlacementOptions, source = 'config'): LlamaModel {
+  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, where: PlacementOptions, source = 'config', tokenizerSource = 'the given tokenizer'): LlamaModel {
+    if (tokenizer) checkTokenizerFits(tokenizer, config.vocabSize, tokenizerSource, source);
     const pl = place(where.device);
     const precision = resolvePrecision(where.precision, pl.kind);
     checkModelSize(config, source, pl.memory, pl.label);
@@ -273,7 +297,7 @@ export class LlamaModel implements AsyncDisposable {
     }
     const tokenizer = await loadTokenizer(dir);
     const layout = tokenizer ? await readLayout(dir) : null;
-    const m = LlamaModel.make(cfg, tokenizer, opts, cfgPath);
+    const m = LlamaModel.make(cfg, tokenizer, opts, cfgPath, tokenizer ? tokenizerFile(dir, tokenizer) : undefined);
     m.layout = layout;
     const readers = new Map<string, SafetensorsReader>();
     try {
@@ -331,7 +355,7 @@ export class LlamaModel implements AsyncDisposable {
       // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
       const cfg = parseHfConfig(toHfConfig(r.config), file);
       const tok = r.tokenizerFiles();
-      return await LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file).fill((p) => r.read(p.name));
+      return await LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file, `${file} (tokenizer.ggml.tokens)`).fill((p) => r.read(p.name));
     } finally {
       await r.close();
     }

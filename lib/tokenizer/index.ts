@@ -268,6 +268,11 @@ export class HfTokenizer implements Tokenizer {
   }
 }
 
+/** The file of a model folder that loadTokenizer read `tok` from (for messages). */
+export function tokenizerFile(dir: string, tok: Tokenizer): string {
+  return join(dir, tok.kind === 'bytes' ? 'lima-tokenizer.json' : 'tokenizer.json');
+}
+
 /** The tokenizer stored in a model folder, or null when it has none. */
 export async function loadTokenizer(dir: string): Promise<Tokenizer | null> {
   try {

@@ -13,9 +13,10 @@ import type { Device } from '../native.js';
 import { mkdir, open, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarkers, type TrainDev } from '../data/index.js';
+import type { SpecialTokenPolicy } from '../data/format.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { ownEntries, removeEntries, type OutDirRule } from '../io/outdir.js';
-import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
+import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
 import { writeAtomic, WriteError } from '../util/fs.js';
@@ -99,6 +100,12 @@ export interface FinetuneOptions {
   chatTemplate?: string;
   trainOnPrompt?: boolean;
   skipBadRows?: boolean;
+  /**
+   * Special-token text ("<|eot|>", "</s>") written inside a data row's message: a bad row naming
+   * file:line and the field ('error', default: the model would learn to stop mid-answer), or
+   * that token ('parse').
+   */
+  specialTokens?: SpecialTokenPolicy;
   signal?: AbortSignal;
 }
 
@@ -124,6 +131,12 @@ export interface StartEvent {
   recompute: Recompute;
   /** The device, precision and code paths the run starts with. */
   codePaths: CodePaths;
+  /**
+   * The embedding grew for tokens the trainer added itself (the end-of-turn token of the plain
+   * layout when the tokenizer has none); absent when it did not grow. Any other token beyond the
+   * model's vocab_size is refused (ERR_LIMA_VOCAB_MISMATCH).
+   */
+  vocabGrowth?: { from: number; to: number; added: string[] };
 }
 /** Progress after each optimizer step. */
 export interface StepEvent {
@@ -241,6 +254,8 @@ export interface Hparams {
   /** sha256 of the chat template, or null for the plain layout. */
   chatTemplate: string | null;
   devGeneration: (SamplingOptions & { maxNewTokens?: number }) | false;
+  /** Special-token text in data rows (absent in checkpoints from before it: the resuming run's). */
+  specialTokens: SpecialTokenPolicy;
   /** Recomputation in backward (absent in checkpoints from before it: 'none'); never changes results. */
   recompute: Recompute;
 }
@@ -273,7 +288,7 @@ const LOCK_FILE = '.lima-run.lock';
 // needs no allowChanges for it.
 const FREE_CHANGES = new Set<string>(['recompute']);
 // Settings that decide which examples form which batch: changing them mid-epoch has no meaning.
-const EPOCH_BOUNDARY_ONLY = new Set(['data', 'devData', 'trainExamples', 'batchSize', 'seed', 'maxLength', 'trainOnPrompt', 'roles', 'chatTemplate']);
+const EPOCH_BOUNDARY_ONLY = new Set(['data', 'devData', 'trainExamples', 'batchSize', 'seed', 'maxLength', 'trainOnPrompt', 'roles', 'chatTemplate', 'specialTokens']);
 
 /** Starts fine-tuning; returns at once with a run handle. */
 export function finetune(options: FinetuneOptions): FinetuneRun {
@@ -393,7 +408,7 @@ function resolveOptions(o: FinetuneOptions): Settings {
 
 const HPARAM_KEYS: (keyof Hparams)[] = [
   'model', 'data', 'devData', 'trainExamples', 'epochs', 'batchSize', 'lr', 'lrFinal', 'warmupSteps', 'beta1', 'beta2', 'eps',
-  'weightDecay', 'dropout', 'maxLength', 'seed', 'gradClip', 'trainOnPrompt', 'roles', 'chatTemplate', 'devGeneration', 'recompute',
+  'weightDecay', 'dropout', 'maxLength', 'seed', 'gradClip', 'trainOnPrompt', 'roles', 'chatTemplate', 'devGeneration', 'recompute', 'specialTokens',
 ];
 
 function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExamples: number, recompute: Recompute): Hparams {
@@ -419,6 +434,7 @@ function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExam
     roles: o.roles ?? null,
     chatTemplate: o.chatTemplate === undefined ? null : createHash('sha256').update(o.chatTemplate).digest('hex'),
     devGeneration: s.genOpts ?? false,
+    specialTokens: o.specialTokens ?? 'error',
     recompute,
   };
 }
@@ -592,6 +608,8 @@ async function readState(dir: string): Promise<TrainerState> {
     if (!Array.isArray(s.changes)) stateError(file, 'an array', 'changes', s.changes);
     const rc = (s.hparams as Partial<Hparams>).recompute;
     if (rc !== undefined && !RECOMPUTE_MODES.includes(rc)) stateError(file, "'none' | 'mlp' | 'all'", 'hparams.recompute', rc);
+    const sp = (s.hparams as Partial<Hparams>).specialTokens;
+    if (sp !== undefined && sp !== 'error' && sp !== 'parse') stateError(file, "'error' | 'parse'", 'hparams.specialTokens', sp);
   } else if (s.version !== 1) stateError(file, 'version 1 or 2', 'version', s.version);
   return s as unknown as TrainerState;
 }
@@ -772,7 +790,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
         fail(`device '${model.device}' (the loaded model's) or no device`, 'device', o.device);
     }
 
-    const { data, maxLength } = await loadData(o, model);
+    const { data, maxLength, vocabGrowth } = await loadData(o, model);
     // Saved with every checkpoint, so generate/chat format prompts exactly as the dev generations.
     if (model.tokenizer) model.layout = { roles: o.roles, chatTemplate: o.chatTemplate };
     const stepsPerEpoch = Math.ceil(data.train.length / s.batchSize);
@@ -783,6 +801,8 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     await model.setRecompute(recompute);
     if (resumed?.version === 2) resumed.hparams.recompute ??= 'none';
     const hparams = hparamsOf(o, s, maxLength, data.train.length, recompute);
+    // Checkpoints from before the option: the data was just read under this run's policy.
+    if (resumed?.version === 2) resumed.hparams.specialTokens ??= hparams.specialTokens;
     let st: TrainerState;
     if (resumed) {
       if (resumed.version === 2) {
@@ -814,7 +834,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       type: 'start', runId: st.runId, resumedFrom: from?.dir, trainExamples: data.train.length, devExamples: data.dev.length,
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
       keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b), codePaths: model.codePaths,
-      ...(model.deviceFallback ? { deviceFallback: model.deviceFallback } : {}), recompute,
+      ...(model.deviceFallback ? { deviceFallback: model.deviceFallback } : {}), recompute, ...(vocabGrowth ? { vocabGrowth } : {}),
     });
 
     let aborted = false;
@@ -844,20 +864,30 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
   }
 }
 
-// Phase: data. Rows are checked against the model's positions here, before any training.
-async function loadData(o: FinetuneOptions, model: LlamaModel): Promise<{ data: TrainDev; maxLength: number }> {
+// Phase: data. Rows are checked against the model's positions here, before any training; the
+// tokenizer must fit the model's vocabulary, which grows only for the EOT token added here.
+// Exported for `eval`, so it reads rows exactly as finetune does.
+export async function loadData(o: FinetuneOptions, model: LlamaModel): Promise<{ data: TrainDev; maxLength: number; vocabGrowth?: StartEvent['vocabGrowth'] }> {
   const positions = model.config.maxPositionEmbeddings;
   const maxLength = o.maxLength === undefined ? Math.min(LIMA.maxLength, positions) : expectInt(o.maxLength, 'maxLength', 2);
   if (maxLength > positions)
     throw new LimaArgumentError(`Expected maxLength <= the model's max_position_embeddings (${positions}) but received ${maxLength}`);
   const tokenizer = model.tokenizer ?? undefined;
+  const V = model.config.vocabSize;
+  if (tokenizer) checkTokenizerFits(tokenizer, V, 'model.tokenizer', 'model.config'); // loading checked a model read from files
   const data = await loadTrainDev(o.data, {
     tokenizer, dev: o.devData, seed: o.seed ?? LIMA.seed, roles: o.roles, chatTemplate: o.chatTemplate, trainOnPrompt: o.trainOnPrompt,
-    maxLength, maxPositions: positions, skipBadRows: o.skipBadRows, vocabSize: tokenizer ? undefined : model.config.vocabSize,
+    maxLength, maxPositions: positions, skipBadRows: o.skipBadRows, specialTokens: o.specialTokens, vocabSize: tokenizer ? undefined : V,
   });
-  if (tokenizer && tokenizer.vocabSize > model.config.vocabSize) await model.resizeVocab(tokenizer.vocabSize);
   if (data.train.length === 0) fail('at least one training example', 'data', o.data);
-  return { data, maxLength };
+  let vocabGrowth: StartEvent['vocabGrowth'];
+  if (tokenizer && tokenizer.vocabSize > V) {
+    // Only loadTrainDev's EOT can have grown it past the size checked above.
+    const to = tokenizer.vocabSize;
+    vocabGrowth = { from: V, to, added: Array.from({ length: to - V }, (_, i) => tokenizer.decode([V + i])) };
+    await model.resizeVocab(to);
+  }
+  return { data, maxLength, vocabGrowth };
 }
 
 // Moments were saved with the weights; restoring them keeps the resumed run bit-identical.

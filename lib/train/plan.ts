@@ -7,9 +7,9 @@ import { join } from 'node:path';
 import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
 import { Llama2cReader } from '../io/llama2c.js';
 import { parameterShapes, parseHfConfig, type LlamaConfig } from '../model/config.js';
-import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
+import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
 import { resolveDevice } from '../native.js';
-import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
 import { expectInt } from '../validate.js';
 import { defaultActivationBudget, LIMA_DEFAULTS, type FinetuneOptions } from './finetune.js';
 
@@ -76,7 +76,10 @@ async function readConfig(model: string): Promise<{ config: LlamaConfig; tokeniz
   } catch (e) {
     throw new Error(`${path}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'not found' : (e as Error).message}`);
   }
-  return { config: parseHfConfig(raw, path), tokenizer: await loadTokenizer(model) };
+  const config = parseHfConfig(raw, path);
+  const tokenizer = await loadTokenizer(model);
+  if (tokenizer) checkTokenizerFits(tokenizer, config.vocabSize, tokenizerFile(model, tokenizer), path);
+  return { config, tokenizer };
 }
 
 // The memory of the device a run would use: the machine's RAM, or the GPU's (free = total: a new
@@ -131,7 +134,7 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const tokenizer = loaded.tokenizer ?? undefined;
   const data = await loadTrainDev(o.data, {
     tokenizer, dev: o.devData, seed, roles: o.roles, chatTemplate: o.chatTemplate, trainOnPrompt: o.trainOnPrompt,
-    maxLength: o.maxLength ?? LIMA_DEFAULTS.maxLength, skipBadRows: o.skipBadRows,
+    maxLength: o.maxLength ?? LIMA_DEFAULTS.maxLength, skipBadRows: o.skipBadRows, specialTokens: o.specialTokens,
     vocabSize: tokenizer ? undefined : loaded.config.vocabSize,
   });
   const train = data.train;

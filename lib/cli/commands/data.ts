@@ -6,7 +6,7 @@ import { resolveChatTemplate } from '../../data/format.js';
 import { previewDataset } from '../../data/preview.js';
 import { GgufReader } from '../../io/gguf.js';
 import { HfTokenizer, loadTokenizer } from '../../tokenizer/index.js';
-import { int, UsageError } from '../options.js';
+import { int, specialTokensOption, UsageError } from '../options.js';
 
 async function ggufTokenizer(file: string): Promise<HfTokenizer | null> {
   const r = await GgufReader.open(file);
@@ -29,8 +29,9 @@ export function dataCommand(): Command {
     .option('--limit <n>', 'rows to print (totals still count every row)', int({ min: 0 }))
     .option('--train-on-prompt', 'mark every token as trained, as finetune --train-on-prompt does')
     .option('--skip-bad-rows', 'skip and count unusable rows instead of failing on the first')
+    .addOption(specialTokensOption("inside a data row's message (error: a file:line error), as finetune"))
     .option('--json', 'print one JSON object')
-    .action(async (v: { model: string; data: string; chatTemplate?: string; maxLength?: number; limit?: number; trainOnPrompt?: boolean; skipBadRows?: boolean; json?: boolean }) => {
+    .action(async (v: { model: string; data: string; chatTemplate?: string; maxLength?: number; limit?: number; trainOnPrompt?: boolean; skipBadRows?: boolean; specialTokens: 'error' | 'parse'; json?: boolean }) => {
       const isFile = existsSync(v.model) && !statSync(v.model).isDirectory();
       if (isFile && !v.model.endsWith('.gguf'))
         throw new UsageError(`--model expects a model folder (with tokenizer.json) or a .gguf file, got the file "${v.model}"`);
@@ -39,7 +40,7 @@ export function dataCommand(): Command {
       const chatTemplate = v.chatTemplate === undefined ? undefined : await resolveChatTemplate(v.chatTemplate, v.model);
       const p = await previewDataset(v.data, {
         tokenizer, chatTemplate, maxLength: v.maxLength, limit: v.limit,
-        trainOnPrompt: v.trainOnPrompt, skipBadRows: v.skipBadRows, color: !v.json && process.stdout.isTTY,
+        trainOnPrompt: v.trainOnPrompt, skipBadRows: v.skipBadRows, specialTokens: v.specialTokens, color: !v.json && process.stdout.isTTY,
       });
       if (v.json) {
         console.log(JSON.stringify(p));

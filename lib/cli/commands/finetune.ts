@@ -7,7 +7,7 @@ import { finetune, LIMA_DEFAULTS, type FinetuneEvent, type FinetuneOptions } fro
 import { formatPlan, planFinetune } from '../../train/plan.js';
 import { deviceOption, precisionOption } from '../common.js';
 import { ProgressDisplay } from '../progress.js';
-import { int, num, parseInteger, UsageError } from '../options.js';
+import { int, num, parseInteger, specialTokensOption, UsageError } from '../options.js';
 
 // Flags that are not finetune() options, or carry a different name there.
 const CLI_ONLY = new Set([
@@ -187,6 +187,7 @@ export function finetuneCommand(): Command {
       .option('--no-dev-generation', 'skip the dev generations (dev loss only)')
       .option('--train-on-prompt', 'train on every token, not only the assistant turns')
       .option('--skip-bad-rows', 'skip and count unusable rows instead of failing on the first')
+      .addOption(specialTokensOption("inside a data row's message (error: a file:line error)"))
       .option('--resume', 'continue from the latest checkpoint in --out')
       .option('--overwrite', "start afresh in an --out that holds another run (deletes that run's checkpoints)")
       .addOption(opt('--allow-changes <names>', 'with --resume: accept these changed settings (comma-separated, e.g. epochs,lr)', listArg))
