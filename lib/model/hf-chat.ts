@@ -4,7 +4,7 @@
 // files, so apply_chat_template + generate there stop where generate/chat stop here.
 import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { compileChatTemplate, encodeWithSpecials, formatConversation, type Message, type RoleMarkers } from '../data/format.js';
+import { compileChatTemplate, encodeWithSpecials, formatConversation, specialTexts, type Message, type RoleMarkers } from '../data/format.js';
 import { LIMA_EOS_KEY, type Tokenizer } from '../tokenizer/index.js';
 import { writeAtomic } from '../util/fs.js';
 import type { ChatLayout } from './layout.js';
@@ -14,13 +14,8 @@ import { GENERATION_DEFAULTS } from './sampling.js';
 // (transformers) and @huggingface/jinja (transformers.js).
 const lit = (s: string): string => JSON.stringify(s);
 
-// The text of a special token, when the tokenizer maps that text back to it (so a rendered
-// template tokenizes to the id); undefined otherwise.
-function specialText(tok: Tokenizer, id: number | undefined): string | undefined {
-  if (id === undefined) return undefined;
-  const text = tok.decode([id]);
-  return text && tok.tokenToId(text) === id ? text : undefined;
-}
+// The text of BOS/EOS/EOT when the tokenizer maps it back to the id (so a rendering tokenizes to it).
+const specialText = (tok: Tokenizer, id: number | undefined): string | undefined => specialTexts(tok).find((s) => s.id === id)?.text;
 
 /**
  * LIMA's plain layout (format.ts plainSpans) as a Hugging Face chat template: BOS, then per
