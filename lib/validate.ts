@@ -4,9 +4,12 @@
 /** Error thrown for invalid arguments; `code` is stable for programmatic handling. */
 export class LimaArgumentError extends TypeError {
   readonly code = 'ERR_LIMA_ARGUMENT';
-  constructor(message: string) {
+  /** The option or argument at fault (e.g. "maxLength", "keepEpochs[0]"), when there is one: the CLI names its flag. */
+  readonly field?: string;
+  constructor(message: string, field?: string) {
     super(message);
     this.name = 'LimaArgumentError';
+    if (field !== undefined) this.field = field;
   }
 }
 
@@ -40,7 +43,7 @@ export function describe(v: unknown): string {
 
 /** Throws the library's argument error in the standard format. */
 export function fail(what: string, name: string, received: unknown): never {
-  throw new LimaArgumentError(`Expected ${what} for ${name} but received ${describe(received)}`);
+  throw new LimaArgumentError(`Expected ${what} for ${name} but received ${describe(received)}`, name);
 }
 
 /** A Float32Array, optionally of an exact length. */

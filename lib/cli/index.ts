@@ -5,7 +5,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError } from 'commander';
-import { UsageError } from './options.js';
+import { InterruptedError, UsageError } from './options.js';
+import { cliMessage } from './errors.js';
 import { chatCommand } from './commands/chat.js';
 import { convertCommand } from './commands/convert.js';
 import { demoCommand } from './commands/demo.js';
@@ -68,8 +69,9 @@ export async function main(argv: string[]): Promise<number> {
     return pipe.closed ? 141 : 0; // a closed stdout stops a run quietly, reported as a shell reports SIGPIPE
   } catch (e) {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2; // commander printed the message
-    const cmd = program.commands.find((c) => c.name() === argv[0])?.name();
-    process.stderr.write(`lima-native${cmd ? ` ${cmd}` : ''}: ${(e as Error).message}\n`);
+    if (e instanceof InterruptedError) return 130;
+    const cmd = program.commands.find((c) => c.name() === argv[0]);
+    process.stderr.write(`lima-native${cmd ? ` ${cmd.name()}` : ''}: ${cliMessage(e as Error, [cmd, program.commands.find((c) => c.name() === 'finetune')])}\n`);
     if (e instanceof StoppedError) return e.exitCode;
     return e instanceof UsageError ? 2 : 1;
   }

@@ -2,7 +2,7 @@
 // decimal only: "", "1,,2", "0x10", "1e3" for an integer or a value out of range are usage errors
 // that name the flag, never NaN, 16 or a silently clamped value.
 import { InvalidArgumentError, Option, type Command } from 'commander';
-import { GENERATION_DEFAULTS } from '../model/sampling.js';
+import { GENERATION_DEFAULTS, resolveSampling } from '../model/sampling.js';
 import type { GenerateOptions } from '../model/llama.js';
 
 /** A usage mistake found after parsing (exit code 2). */
@@ -10,6 +10,14 @@ export class UsageError extends Error {
   constructor(message: string) {
     super(message);
     this.name = 'UsageError';
+  }
+}
+
+/** Ctrl-C at an idle prompt: the CLI exits 130 (as a shell reports SIGINT) without a message. */
+export class InterruptedError extends Error {
+  constructor() {
+    super('interrupted');
+    this.name = 'InterruptedError';
   }
 }
 
@@ -73,6 +81,22 @@ export function parseIdList(value: string): number[] {
   });
 }
 
+const SIZE_UNITS: Record<string, number> = { b: 1, kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, tib: 2 ** 40 };
+
+/** Parses a byte size: plain bytes or a number with a unit (8GiB, 512MiB, 2GB, 1.5GiB; case-insensitive), within `r`. */
+export function parseBytes(value: string, r: Range = { min: 1 }): number {
+  const m = /^(\d+(?:\.\d+)?|\.\d+)\s*([a-z]*)$/i.exec(value.trim());
+  const unit = m ? SIZE_UNITS[m[2].toLowerCase() || 'b'] : undefined;
+  const n = m && unit !== undefined ? Number(m[1]) * unit : NaN;
+  if (!Number.isSafeInteger(Math.round(n)) || (unit === 1 && !Number.isInteger(n)))
+    throw new InvalidArgumentError(`expected a size in bytes such as 8GiB, 512MiB, 2GB or 1048576 (units B, kB, MB, GB, TB, KiB, MiB, GiB, TiB), got ${JSON.stringify(value)}`);
+  const bad = inRange(Math.round(n), r);
+  if (bad) throw new InvalidArgumentError(`expected a size ${bad} bytes, got ${JSON.stringify(value)}`);
+  return Math.round(n);
+}
+
+/** A commander parser for a byte-size flag. */
+export const bytes = (r: Range = { min: 1 }) => (v: string) => parseBytes(v, r);
 /** A commander parser for a number flag. */
 export const num = (r: Range = {}) => (v: string) => parseNumber(v, r);
 /** A commander parser for an integer flag. */
@@ -82,11 +106,12 @@ export const int = (r: Range = { min: 0 }) => (v: string) => parseInteger(v, r);
 export function addSamplingOptions(cmd: Command): Command {
   const d = GENERATION_DEFAULTS;
   return cmd
-    .option('--greedy', 'take the most likely token (ignores temperature, top-p, top-k)')
-    .addOption(new Option('--temperature <t>', 'sampling temperature').argParser(num({ gt: 0 })).default(d.temperature))
+    .option('--greedy', 'plain argmax decoding: always the most likely token, no repetition penalty unless --repetition-penalty is given (ignores temperature, top-p, top-k)')
+    .addOption(new Option('--temperature <t>', 'sampling temperature (0 = --greedy)').argParser(num({ min: 0 })).default(d.temperature))
     .addOption(new Option('--top-p <p>', 'nucleus sampling mass (1 disables)').argParser(num({ gt: 0, max: 1 })).default(d.topP))
     .addOption(new Option('--top-k <k>', 'keep only the k most likely tokens (0 disables)').argParser(int()).default(d.topK))
-    .addOption(new Option('--repetition-penalty <r>', 'penalty on tokens already in the context (1 disables)').argParser(num({ gt: 0 })).default(d.repetitionPenalty))
+    // No commander default: left unset, the library decides (LIMA's 1.2, or 1 when greedy).
+    .addOption(new Option('--repetition-penalty <r>', `penalty on tokens already in the context (1 disables; 1 with --greedy) (default: ${d.repetitionPenalty})`).argParser(num({ gt: 0 })))
     .addOption(new Option('--max-new-tokens <n>', 'stop after this many tokens').argParser(int()).default(d.maxNewTokens))
     .addOption(new Option('--seed <s>', 'sampling seed').argParser(int({ min: 0, max: 0xffffffff })).default(d.seed))
     .addOption(specialTokensOption('typed in a prompt'));
@@ -97,16 +122,18 @@ export function specialTokensOption(where: string): Option {
   return new Option('--special-tokens <policy>', `special-token text ${where}, e.g. "<s>": refuse it or use it as that token`).choices(['error', 'parse']).default('error');
 }
 
-/** The GenerateOptions of parsed sampling flags. */
+/** The GenerateOptions of parsed sampling flags, resolved as the library does (--temperature 0 is greedy). */
 export function samplingFrom(v: Record<string, unknown>): GenerateOptions {
   return {
-    greedy: (v.greedy as boolean | undefined) ?? false,
-    temperature: v.temperature as number,
-    topP: v.topP as number,
-    topK: v.topK as number,
-    repetitionPenalty: v.repetitionPenalty as number,
+    ...resolveSampling({
+      greedy: (v.greedy as boolean | undefined) ?? false,
+      temperature: v.temperature as number,
+      topP: v.topP as number,
+      topK: v.topK as number,
+      repetitionPenalty: v.repetitionPenalty as number | undefined,
+      seed: v.seed as number,
+    }),
     maxNewTokens: v.maxNewTokens as number,
-    seed: v.seed as number,
     specialTokens: v.specialTokens as 'error' | 'parse',
   };
 }

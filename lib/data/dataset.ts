@@ -257,6 +257,7 @@ export async function loadTrainDev(trainFile: string, opts: TrainDevOptions = {}
     devFile = dev;
     out = { train: t.examples, dev: d.examples, skipped: { train: t.skipped, dev: d.skipped }, truncated: { train: t.truncated, dev: d.truncated }, eotAdded: t.eotAdded || d.eotAdded };
   } else {
+    if (dev !== undefined) expectInt(dev, 'dev', 0, t.examples.length); // named as this option, not splitDev's n
     const split = splitDev(t.examples, dev ?? 0, seed);
     const cut = (xs: Example[]) => xs.filter((x) => x.truncated).length;
     out = { ...split, skipped: { train: t.skipped, dev: [] }, truncated: { train: cut(split.train), dev: cut(split.dev) }, eotAdded: t.eotAdded };

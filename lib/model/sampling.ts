@@ -5,8 +5,12 @@ import { expectInt, expectNumber } from '../validate.js';
 
 /** Decoding settings; defaults are LIMA's (nucleus 0.9, temperature 0.7, repetition penalty 1.2). */
 export interface SamplingOptions {
-  /** Take the most likely token (after the repetition penalty); ignores temperature/topK/topP. */
+  /**
+   * Plain argmax decoding, as llama.cpp's and Hugging Face's greedy search: the repetition
+   * penalty is 1 unless given; temperature, topK and topP are ignored.
+   */
   greedy?: boolean;
+  /** 0 means greedy. */
   temperature?: number;
   /** Keep the smallest set of tokens whose probability reaches topP (1 disables). */
   topP?: number;
@@ -31,15 +35,16 @@ export const GENERATION_DEFAULTS = Object.freeze({
   maxNewTokens: LIMA.decoding.maxNewTokens,
 });
 
-/** Fills the LIMA defaults and validates the ranges. */
+/** Fills the LIMA defaults (greedy: no repetition penalty unless given) and validates the ranges. */
 export function resolveSampling(o: SamplingOptions = {}): Required<SamplingOptions> {
   const d = GENERATION_DEFAULTS;
+  const greedy = (o.greedy ?? d.greedy) || o.temperature === 0;
   return {
-    greedy: o.greedy ?? d.greedy,
-    temperature: expectNumber(o.temperature ?? d.temperature, 'temperature', { min: 1e-6 }),
+    greedy,
+    temperature: o.temperature === 0 ? 0 : expectNumber(o.temperature ?? d.temperature, 'temperature', { min: 1e-6 }),
     topP: expectNumber(o.topP ?? d.topP, 'topP', { min: 1e-9, max: 1 }),
     topK: expectInt(o.topK ?? d.topK, 'topK', 0),
-    repetitionPenalty: expectNumber(o.repetitionPenalty ?? d.repetitionPenalty, 'repetitionPenalty', { min: 1e-6 }),
+    repetitionPenalty: expectNumber(o.repetitionPenalty ?? (greedy ? 1 : d.repetitionPenalty), 'repetitionPenalty', { min: 1e-6 }),
     seed: expectInt(o.seed ?? d.seed, 'seed', 0),
   };
 }

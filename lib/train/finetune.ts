@@ -567,7 +567,7 @@ async function cleanLeftovers(outDir: string): Promise<string[]> {
 function stateError(file: string, what: string, field: string, v: unknown): never {
   throw new FinetuneError(
     'ERR_LIMA_STATE',
-    `${file}: Expected ${what} for ${field} but received ${JSON.stringify(v) ?? 'undefined'} (the trainer state is damaged; move that checkpoint folder away to resume from the one before it, or start afresh with overwrite)`,
+    `${file}: Expected ${what} for ${field} but received ${JSON.stringify(v) ?? 'undefined'} (the trainer state is damaged; move that checkpoint folder away to resume from the one before it, or start afresh with overwrite (--overwrite))`,
   );
 }
 
@@ -683,7 +683,7 @@ async function openOutDir(o: FinetuneOptions): Promise<OutDir> {
       if (!from) {
         const damaged = stateDirs.find((n) => !existing.some((c) => c.name === n));
         if (damaged) await readState(join(outDir, damaged)); // throws the field-level error
-        throw new FinetuneError('ERR_LIMA_NOTHING_TO_RESUME', `${outDir}: nothing to resume from (no checkpoint with model weights, optimizer state and a trainer state); start without resume`);
+        throw new FinetuneError('ERR_LIMA_NOTHING_TO_RESUME', `${outDir}: nothing to resume from (no checkpoint with model weights, optimizer state and a trainer state); start without resume (--resume)`);
       }
       // A newer checkpoint whose state cannot be read must not be skipped silently.
       const newer = stateDirs.filter((n) => {
@@ -774,7 +774,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       // another one was asked for, which is refused).
       const was = resumed?.codePaths?.precision ?? 'fp32';
       if (o.precision !== undefined && o.precision !== 'auto' && was !== precision)
-        throw new FinetuneError('ERR_LIMA_RESUME_CHANGED', `${from.dir}: trained in ${was}; resume it with precision '${was}' (asked: ${precision})`);
+        throw new FinetuneError('ERR_LIMA_RESUME_CHANGED', `${from.dir}: trained in ${was}; resume it with precision: '${was}' (--precision ${was}) (asked: ${precision})`);
       model = await LlamaModel.fromPretrained(from.dir, { precision: was, ...where });
       ownModel = true;
     } else if (typeof o.model === 'string') {
@@ -960,7 +960,7 @@ async function diverged(ctx: Ctx, e: number, b: number, what: string): Promise<n
     'ERR_LIMA_DIVERGED',
     `training diverged at step ${ctx.st.globalStep + 1} (epoch ${e + 1}, batch ${b + 1}): ${what}; nothing from this step was applied or saved. ` +
       (ctx.lastCheckpoint ? `The last good checkpoint is ${ctx.lastCheckpoint}` : 'No checkpoint was written yet') +
-      '; try a lower lr, warmupSteps or gradClip',
+      '; try a lower lr (--lr), more warmupSteps or a gradClip',
   );
 }
 

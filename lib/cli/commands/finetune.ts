@@ -7,7 +7,8 @@ import { finetune, LIMA_DEFAULTS, type FinetuneEvent, type FinetuneOptions } fro
 import { formatPlan, planFinetune } from '../../train/plan.js';
 import { deviceOption, precisionOption } from '../common.js';
 import { ProgressDisplay } from '../progress.js';
-import { int, num, parseInteger, specialTokensOption, UsageError } from '../options.js';
+import { bytes, int, num, parseInteger, specialTokensOption, UsageError } from '../options.js';
+import { apiName } from '../errors.js';
 
 // Flags that are not finetune() options, or carry a different name there.
 const CLI_ONLY = new Set([
@@ -153,7 +154,7 @@ export function finetuneCommand(): Command {
       .addOption(opt('--epochs <n>', 'epochs', int({ min: 1 }), L.epochs))
       .addOption(opt('--batch-size <n>', 'examples per optimizer step', int({ min: 1 }), L.batchSize))
       .addOption(opt('--micro-batch-size <n>', 'rows per forward/backward (default: what fits --memory-budget)', int({ min: 1 })))
-      .addOption(opt('--memory-budget <bytes>', 'activation memory a micro-batch may use (default: half the free memory, at most 8 GiB)', int({ min: 1 })))
+      .addOption(opt('--memory-budget <bytes>', 'activation memory a micro-batch may use, e.g. 2GiB or 512MiB (default: half the free memory, at most 8 GiB)', bytes()))
       .addOption(
         new Option(
           '--recompute <mode>',
@@ -189,8 +190,8 @@ export function finetuneCommand(): Command {
       .option('--skip-bad-rows', 'skip and count unusable rows instead of failing on the first')
       .addOption(specialTokensOption("inside a data row's message (error: a file:line error)"))
       .option('--resume', 'continue from the latest checkpoint in --out')
-      .option('--overwrite', "start afresh in an --out that holds another run (deletes that run's checkpoints)")
-      .addOption(opt('--allow-changes <names>', 'with --resume: accept these changed settings (comma-separated, e.g. epochs,lr)', listArg))
+      .addOption(new Option('--overwrite', "start afresh in an --out that holds another run (deletes that run's checkpoints)").conflicts('resume'))
+      .addOption(opt('--allow-changes <names>', 'with --resume: accept these changed settings (comma-separated flag names without the dashes, e.g. epochs,lr,batch-size)', (v) => listArg(v).map((k) => apiName(k, finetuneCommand()))))
       .option('--dry-run', 'print parameters, memory per precision, tokens per epoch and the measured time per epoch; train nothing')
       .option('--json', 'print one JSON event per line instead of a progress bar')
       .action(async (v: Record<string, unknown>) => {
