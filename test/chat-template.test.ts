@@ -16,7 +16,8 @@ const LLAMA3_TEMPLATE = (JSON.parse(readFileSync(join(LLAMA3_DIR, 'tokenizer_con
 
 const ROWS: { messages?: { role: string; content: string }[]; conversations?: string[] }[] = [
   { messages: [{ role: 'user', content: 'Name a camelid.' }, { role: 'assistant', content: 'The alpaca. 🦙' }] },
-  { conversations: ['Count to three.', '1, 2, 3.', 'And back?', '3, 2, 1.'] },
+  // One file holds one format (issue 16 item 14): LIMA's conversations written as messages.
+  { messages: ['Count to three.', '1, 2, 3.', 'And back?', '3, 2, 1.'].map((content, i) => ({ role: i % 2 ? 'assistant' : 'user', content })) },
   { messages: [{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'Capital of France?' }, { role: 'assistant', content: '  Paris.\n' }] },
 ];
 

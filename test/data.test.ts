@@ -151,27 +151,22 @@ describe('Jinja chat templates', () => {
 describe('loadDataset', () => {
   const tok = () => new ByteTokenizer();
 
-  it('reads LIMA, chat-messages and pre-tokenized rows in one file (auto-detected)', async () => {
-    const f = await jsonl([
-      { conversations: ['Q1', 'A1'], source: 'stackexchange' },
-      '',
-      { messages: [{ role: 'system', content: 'S' }, { role: 'user', content: 'Q2' }, { role: 'assistant', content: 'A2' }] },
-      { input_ids: [5, 6, 7, 8] },
-      { input_ids: [5, 6, 7, 8, 9, 10], labels: [-100, -100, 7, -100, 9, 10] },
-    ]);
+  it('reads LIMA, chat-messages and pre-tokenized rows (auto-detected per file)', async () => {
     const t = tok();
-    const r = await loadDataset(f, { tokenizer: t });
-    expect(r.rows).toBe(4);
-    expect(r.skipped).toEqual([]);
-    expect(r.examples.map((e) => e.line)).toEqual([1, 3, 4, 5]);
-    expect(r.examples[0].source).toBe('stackexchange');
-    expect(r.examples[0].messages).toEqual(conv('Q1', 'A1'));
-    expect(t.decode(r.examples[1].inputIds)).toBe('<s>S<|eot|>Q2<|eot|>A2<|eot|>');
-    expect(targetRuns(t, r.examples[1])).toEqual(['A2<|eot|>']);
+    const lima = await loadDataset(await jsonl([{ conversations: ['Q1', 'A1'], source: 'stackexchange' }, '', { conversations: ['Q3', 'A3'] }]), { tokenizer: t });
+    expect(lima.rows).toBe(2);
+    expect(lima.skipped).toEqual([]);
+    expect(lima.examples.map((e) => e.line)).toEqual([1, 3]);
+    expect(lima.examples[0].source).toBe('stackexchange');
+    expect(lima.examples[0].messages).toEqual(conv('Q1', 'A1'));
+    const chat = await loadDataset(await jsonl([{ messages: [{ role: 'system', content: 'S' }, { role: 'user', content: 'Q2' }, { role: 'assistant', content: 'A2' }] }]), { tokenizer: t });
+    expect(t.decode(chat.examples[0].inputIds)).toBe('<s>S<|eot|>Q2<|eot|>A2<|eot|>');
+    expect(targetRuns(t, chat.examples[0])).toEqual(['A2<|eot|>']);
     // Pre-tokenized: used as is (no BOS); missing labels mean every token is a target.
-    expect(r.examples[2]).toMatchObject({ inputIds: [5, 6, 7, 8], labels: [5, 6, 7, 8], promptIds: [5] });
-    expect(r.examples[3].labels).toEqual([-100, -100, 7, -100, 9, 10]);
-    expect(r.examples[3].promptIds).toEqual([5, 6, 7, 8]); // before the last run of targets
+    const ids = await loadDataset(await jsonl([{ input_ids: [5, 6, 7, 8] }, { input_ids: [5, 6, 7, 8, 9, 10], labels: [-100, -100, 7, -100, 9, 10] }]), { tokenizer: t });
+    expect(ids.examples[0]).toMatchObject({ inputIds: [5, 6, 7, 8], labels: [5, 6, 7, 8], promptIds: [5] });
+    expect(ids.examples[1].labels).toEqual([-100, -100, 7, -100, 9, 10]);
+    expect(ids.examples[1].promptIds).toEqual([5, 6, 7, 8]); // before the last run of targets
   });
 
   it('pre-tokenized rows need no tokenizer', async () => {
@@ -197,28 +192,31 @@ describe('loadDataset', () => {
   });
 
   it('detects rows with no targets, before or after truncation', async () => {
-    const f = await jsonl([
-      { conversations: ['Q', 'A'] },
-      { conversations: ['a long prompt that fills the window', 'answer'] },
-      { input_ids: [1, 2, 3], labels: [-100, -100, -100] },
-      { input_ids: [1, 2, 3], labels: [1, -100, -100] }, // position 0 is never predicted
-    ]);
+    const f = await jsonl([{ conversations: ['Q', 'A'] }, { conversations: ['a long prompt that fills the window', 'answer'] }]);
     await expect(loadDataset(f, { tokenizer: tok(), maxLength: 16 })).rejects.toThrow(
       new JsonlError(f, 2, 'no target tokens left after truncation to maxLength 16 (the prompt is too long)'),
     );
     const r = await loadDataset(f, { tokenizer: tok(), maxLength: 16, skipBadRows: true });
     expect(r.examples.map((e) => e.line)).toEqual([1]);
-    expect(r.skipped.map((s) => s.line)).toEqual([2, 3, 4]);
-    expect(r.skipped[1].reason).toMatch(/^no target tokens/);
-    expect(r.skipped[2].reason).toMatch(/^no target tokens/);
+    expect(r.skipped.map((s) => s.line)).toEqual([2]);
     expect(r.truncated).toBe(0);
+    const g = await jsonl([
+      { input_ids: [1, 2, 3], labels: [1, 2, 3] },
+      { input_ids: [1, 2, 3], labels: [-100, -100, -100] },
+      { input_ids: [1, 2, 3], labels: [1, -100, -100] }, // position 0 is never predicted
+    ]);
+    const t = await loadDataset(g, { tokenizer: tok(), maxLength: 16, skipBadRows: true });
+    expect(t.examples.map((e) => e.line)).toEqual([1]);
+    expect(t.skipped.map((s) => s.line)).toEqual([2, 3]);
+    expect(t.skipped[0].reason).toMatch(/^no target tokens/);
+    expect(t.skipped[1].reason).toMatch(/^no target tokens/);
   });
 
   // Each bad row sits on line 3 after a good row and a blank line.
   const BAD: [string, string, RegExp][] = [
     ['invalid JSON', '{"conversations": ["a", "b"', /^invalid JSON \(/],
     ['not an object', '[1, 2]', /^Expected a JSON object for row but received an array of length 2$/],
-    ['no known fields', '{"prompt": "a", "answer": "b"}', /^Expected an object with "conversations", "messages" or "input_ids" for row but received "keys prompt, answer"$/],
+    ['no known fields', '{"question": "a", "answer": "b"}', /^Expected a lima row .* \(the file's format, detected from line 1\) but received keys question, answer$/],
     ['conversations not an array', '{"conversations": "hi"}', /^Expected an array of strings for conversations but received "hi"$/],
     ['no utterances', '{"conversations": []}', /^Expected at least one utterance for conversations/],
     ['utterance not a string', '{"conversations": ["a", 5]}', /^Expected a string for conversations\[1\] but received 5$/],
@@ -238,8 +236,15 @@ describe('loadDataset', () => {
     ['labels length mismatch', '{"input_ids": [1, 2, 3], "labels": [1, 2]}', /^Expected labels of the same length as input_ids \(3\) for labels but received an array of length 2$/],
     ['empty input_ids', '{"input_ids": []}', /^Expected at least one token id for input_ids/],
   ];
+  // One file holds one format: each bad row follows a good row of its own format.
+  const goodRowFor = (row: string): unknown =>
+    row.includes('"messages"')
+      ? { messages: [{ role: 'user', content: 'ok' }, { role: 'assistant', content: 'fine' }] }
+      : row.includes('"input_ids"')
+        ? { input_ids: [1, 2] }
+        : { conversations: ['ok', 'fine'] };
   it.each(BAD)('fails on a bad row with file:line: reason (%s)', async (_name, row, reason) => {
-    const f = await jsonl([{ conversations: ['ok', 'fine'] }, '', row]);
+    const f = await jsonl([goodRowFor(row), '', row]);
     const err = await loadDataset(f, { tokenizer: tok() }).then(
       () => null,
       (e: unknown) => e,
@@ -253,15 +258,19 @@ describe('loadDataset', () => {
   });
 
   it('skips and counts every bad row with skipBadRows', async () => {
-    const f = await jsonl([{ conversations: ['ok', 'fine'] }, ...BAD.map(([, row]) => row), { conversations: ['ok', 'again'] }]);
-    const r = await loadDataset(f, { tokenizer: tok(), skipBadRows: true });
-    expect(r.examples.map((e) => e.line)).toEqual([1, BAD.length + 2]);
-    expect(r.skipped).toHaveLength(BAD.length);
-    r.skipped.forEach((s, i) => {
-      expect(s.line).toBe(i + 2);
-      expect(s.reason).toMatch(BAD[i][2]);
-    });
-    expect(r.rows).toBe(BAD.length + 2);
+    const groups = new Map<string, typeof BAD>();
+    for (const b of BAD) groups.set(JSON.stringify(goodRowFor(b[1])), [...(groups.get(JSON.stringify(goodRowFor(b[1]))) ?? []), b]);
+    for (const [good, bad] of groups) {
+      const f = await jsonl([good, ...bad.map(([, row]) => row), good]);
+      const r = await loadDataset(f, { tokenizer: tok(), skipBadRows: true });
+      expect(r.examples.map((e) => e.line)).toEqual([1, bad.length + 2]);
+      expect(r.skipped).toHaveLength(bad.length);
+      r.skipped.forEach((s, i) => {
+        expect(s.line).toBe(i + 2);
+        expect(s.reason).toMatch(bad[i][2]);
+      });
+      expect(r.rows).toBe(bad.length + 2);
+    }
   });
 
   it('uses the explicit vocabSize for the id range and honours a forced format', async () => {

@@ -10,10 +10,15 @@ import { countTargets } from './batch.js';
 import {
   checkSpecialText,
   compileChatTemplate,
+  contentField,
+  detectFormat,
   formatConversation,
+  formatMismatch,
+  formatText,
   IGNORE_INDEX,
   parseRow,
   policyTokenizer,
+  ROW_FORMATS,
   RowError,
   type Message,
   type RoleMarkers,
@@ -91,12 +96,14 @@ export interface LoadedDataset {
   rows: number;
   /** Kept examples that were cut to maxLength. */
   truncated: number;
+  /** The file's row format and the line it was detected from (with `format` auto; absent when no row had one). */
+  format?: { format: RowFormat; line: number };
 }
 
 function checkOptions(opts: LoadOptions): void {
   expectObject(opts, 'options');
-  if (opts.format !== undefined && !['auto', 'lima', 'messages', 'tokens'].includes(opts.format))
-    fail('"auto", "lima", "messages" or "tokens"', 'format', opts.format);
+  if (opts.format !== undefined && opts.format !== 'auto' && !Object.hasOwn(ROW_FORMATS, opts.format))
+    fail(`"auto" or one of ${Object.keys(ROW_FORMATS).map((f) => `"${f}"`).join(', ')}`, 'format', opts.format);
   if (opts.maxLength !== undefined) expectInt(opts.maxLength, 'maxLength', 2);
   if (opts.maxPositions !== undefined) {
     expectInt(opts.maxPositions, 'maxPositions', 2);
@@ -115,7 +122,7 @@ function checkOptions(opts: LoadOptions): void {
   const tok = opts.tokenizer as unknown;
   if (tok !== undefined && (typeof tok !== 'object' || tok === null || typeof (tok as Tokenizer).encode !== 'function'))
     fail('a Tokenizer', 'tokenizer', tok);
-  if (tok === undefined && (opts.format === 'lima' || opts.format === 'messages'))
+  if (tok === undefined && opts.format !== undefined && opts.format !== 'auto' && opts.format !== 'tokens')
     fail(`a tokenizer for ${opts.format} rows`, 'tokenizer', tok);
 }
 
@@ -146,6 +153,8 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
   const vocabSize = (): number | undefined => opts.vocabSize ?? (tok ? (tokVocab ??= tok.vocabSize) : undefined);
 
   const out: LoadedDataset = { examples: [], skipped: [], eotAdded: false, rows: 0, truncated: 0 };
+  const auto = opts.format === undefined || opts.format === 'auto';
+  let fileFormat: LoadedDataset['format'];
   const bad = (line: number, reason: string) => {
     if (!opts.skipBadRows) throw new JsonlError(file, line, reason);
     out.skipped.push({ line, reason });
@@ -155,25 +164,33 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
     out.rows++;
     let ex: Example;
     try {
+      // The file's first row decides its format; every other row must have it.
+      if (auto && fileFormat === undefined) {
+        const f = detectFormat(value);
+        if (f) fileFormat = out.format = { format: f, line };
+      } else if (auto && fileFormat && isObject(value) && detectFormat(value) !== fileFormat.format) throw formatMismatch(fileFormat.format, fileFormat.line, value);
       const row = parseRow(value, { format: opts.format, vocabSize: vocabSize(), allowUnanswered: opts.allowUnanswered });
       if (row.format === 'tokens') {
         const labels = row.labels ?? [...row.inputIds];
         ex = { inputIds: row.inputIds, labels, promptIds: promptOfTokens(row.inputIds, labels), line };
       } else {
-        if (!tok) fail(`a tokenizer (${file}:${line} is a conversation)`, 'tokenizer', tok);
-        if (!template && tok.eotId === undefined) {
+        if (!tok) fail(`a tokenizer (${file}:${line} is ${row.format === 'text' ? 'text' : 'a conversation'})`, 'tokenizer', tok);
+        if (row.format !== 'text' && !template && tok.eotId === undefined) {
           tok.ensureEot();
           eotAdded = true;
           tokVocab = undefined;
         }
         const policy = opts.specialTokens ?? 'error';
-        const field = (i: number) => (row.format === 'lima' ? `conversations[${i}]` : `messages[${i}].content`);
-        checkSpecialText(tok, row.messages.map((m, i) => ({ where: field(i), text: m.content })), policy);
-        const f = formatConversation(row.messages, { tokenizer: policyTokenizer(tok, policy), roles: opts.roles, chatTemplate: template, trainOnPrompt: opts.trainOnPrompt, maxTokens });
-        ex = { ...f, messages: row.messages, line };
+        const texts = row.format === 'text' ? [row.text] : row.messages.map((m) => m.content);
+        checkSpecialText(tok, texts.map((text, i) => ({ where: contentField(row.format, i), text })), policy);
+        if (row.format === 'text') ex = { ...formatText(row.text, { tokenizer: policyTokenizer(tok, policy), maxTokens }), line };
+        else {
+          const f = formatConversation(row.messages, { tokenizer: policyTokenizer(tok, policy), roles: opts.roles, chatTemplate: template, trainOnPrompt: opts.trainOnPrompt, maxTokens });
+          ex = { ...f, messages: row.messages, line };
+        }
       }
       if (row.source !== undefined) ex.source = row.source;
-      const answered = row.format === 'tokens' || row.messages[row.messages.length - 1].role === 'assistant';
+      const answered = row.format === 'tokens' || row.format === 'text' || row.messages[row.messages.length - 1].role === 'assistant';
       if (answered && countTargets(ex.labels) === 0) {
         bad(line, 'no target tokens (every label after the first position is -100)');
         continue;
@@ -198,6 +215,9 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
   out.eotAdded = eotAdded;
   return out;
 }
+
+// Anything else is refused by parseRow as not a JSON object.
+const isObject = (v: unknown): boolean => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 // The prompt of a pre-tokenized row: everything before its last run of target labels.
 function promptOfTokens(inputIds: number[], labels: number[]): number[] {

@@ -21,12 +21,45 @@ export interface Message {
   content: string;
 }
 
-/** Row layouts a dataset file may use; `auto` detects it per row from the keys. */
-export type RowFormat = 'lima' | 'messages' | 'tokens';
+/** Row layouts a dataset file may use; `auto` detects it from the file's first row. */
+export type RowFormat = 'lima' | 'sharegpt' | 'messages' | 'alpaca' | 'prompt-completion' | 'text' | 'tokens';
 
-/** A validated row before tokenization: a conversation, or ids that are used as they are. */
+/** Separator between an Alpaca instruction and its non-empty input (Stanford Alpaca's "\n\n"). */
+export const ALPACA_SEPARATOR = '\n\n';
+
+/** ShareGPT `from` values and the role each becomes. */
+const SHAREGPT_ROLES: Record<string, Role> = { human: 'user', user: 'user', gpt: 'assistant', assistant: 'assistant', chatgpt: 'assistant', bing: 'assistant', system: 'system' };
+
+/** Each format's row shape (for errors) and how its fields become the conversation (`data` prints it). */
+export const ROW_FORMATS: Readonly<Record<RowFormat, { shape: string; mapping: string }>> = {
+  lima: { shape: '{"conversations": ["...", "..."]}', mapping: 'conversations[0, 2, ...] → user, conversations[1, 3, ...] → assistant' },
+  sharegpt: {
+    shape: '{"conversations": [{"from", "value"}, ...]}',
+    mapping: 'from human/user → user, gpt/assistant/chatgpt/bing → assistant, system → system',
+  },
+  messages: { shape: '{"messages": [{"role", "content"}, ...]}', mapping: 'role system/user/assistant as given' },
+  alpaca: { shape: '{"instruction", "input", "output"}', mapping: 'instruction + "\\n\\n" + input (when non-empty) → user, output → assistant' },
+  'prompt-completion': { shape: '{"prompt", "completion"}', mapping: 'prompt → user, completion → assistant' },
+  text: { shape: '{"text"}', mapping: 'BOS + text + EOS as one sequence, loss on every token' },
+  tokens: { shape: '{"input_ids", "labels"}', mapping: 'input_ids and labels used as given' },
+};
+
+/** The row field that message `i` of a parsed row came from (for errors about its content). */
+export function contentField(format: RowFormat, i: number): string {
+  switch (format) {
+    case 'lima': return `conversations[${i}]`;
+    case 'sharegpt': return `conversations[${i}].value`;
+    case 'messages': return `messages[${i}].content`;
+    case 'alpaca': return i === 0 ? 'instruction/input' : 'output';
+    case 'prompt-completion': return i === 0 ? 'prompt' : 'completion';
+    default: return format === 'text' ? 'text' : 'input_ids';
+  }
+}
+
+/** A validated row before tokenization: a conversation, plain text, or ids that are used as they are. */
 export type ParsedRow =
-  | { format: 'lima' | 'messages'; messages: Message[]; source?: string }
+  | { format: Exclude<RowFormat, 'text' | 'tokens'>; messages: Message[]; source?: string }
+  | { format: 'text'; text: string; source?: string }
   | { format: 'tokens'; inputIds: number[]; labels?: number[]; source?: string };
 
 /** Why a row is unusable; the loader prefixes `file:line: `. */
@@ -50,13 +83,36 @@ export interface ParseOptions {
   allowUnanswered?: boolean;
 }
 
-/** Detects the row's format from its keys, or undefined when none matches. */
+/**
+ * Detects the row's format from its keys, or undefined when none matches. `conversations` of
+ * objects is ShareGPT, of anything else LIMA (whose strings parseRow then checks).
+ */
 export function detectFormat(value: unknown): RowFormat | undefined {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) return undefined;
-  if ('conversations' in value) return 'lima';
+  if ('conversations' in value) {
+    const c = (value as { conversations: unknown }).conversations;
+    return Array.isArray(c) && typeof c[0] === 'object' && c[0] !== null ? 'sharegpt' : 'lima';
+  }
   if ('messages' in value) return 'messages';
   if ('input_ids' in value) return 'tokens';
+  if ('instruction' in value) return 'alpaca';
+  if ('prompt' in value || 'completion' in value) return 'prompt-completion';
+  if ('text' in value) return 'text';
   return undefined;
+}
+
+/**
+ * Why a row does not match its file's format (detected from the file's first row at `firstLine`):
+ * names the expected format and the keys found.
+ */
+export function formatMismatch(expected: RowFormat, firstLine: number, value: unknown): RowError {
+  const found = detectFormat(value);
+  const keys = typeof value === 'object' && value !== null && !Array.isArray(value) ? `keys ${Object.keys(value).join(', ') || '(none)'}` : describe(value);
+  const a = (f: string) => (/^[aeiou]/.test(f) ? `an ${f}` : `a ${f}`);
+  return new RowError(
+    `Expected ${a(expected)} row ${ROW_FORMATS[expected].shape} (the file's format, detected from line ${firstLine}) but received ${keys}` +
+      (found ? ` (${a(found)} row; one file holds one format)` : ''),
+  );
 }
 
 function checkContent(v: unknown, name: string): string {
@@ -67,12 +123,13 @@ function checkContent(v: unknown, name: string): string {
 
 // Order after an optional leading system message: user, assistant, user, ...; a training row
 // must end with an assistant turn.
-function checkTurns(messages: Message[], field: string, allowUnanswered: boolean): void {
+// `roleKey` names the field a role came from (none for LIMA, whose roles are positions).
+function checkTurns(messages: Message[], field: string, allowUnanswered: boolean, roleKey?: string): void {
   const start = messages[0]?.role === 'system' ? 1 : 0;
   for (let i = start; i < messages.length; i++) {
     const want: Role = (i - start) % 2 === 0 ? 'user' : 'assistant';
     if (messages[i].role !== want) {
-      const where = field === 'conversations' ? `${field}[${i}]` : `${field}[${i}].role`;
+      const where = roleKey ? `${field}[${i}].${roleKey}` : `${field}[${i}]`;
       throw new RowError(
         `Expected role "${want}" for ${where} but received "${messages[i].role}"` +
           (messages[i].role === 'system' ? ' (a system message may only come first)' : ' (turns must alternate user, assistant, starting with user)'),
@@ -104,7 +161,8 @@ export function parseRow(value: unknown, opts: ParseOptions = {}): ParsedRow {
   const row = value as Record<string, unknown>;
   const detected = detectFormat(row);
   const format = !opts.format || opts.format === 'auto' ? detected : opts.format;
-  if (format === undefined) rowFail('an object with "conversations", "messages" or "input_ids"', 'row', `keys ${Object.keys(row).join(', ') || '(none)'}`);
+  if (format === undefined)
+    rowFail('an object with "conversations", "messages", "input_ids", "instruction", "prompt" or "text"', 'row', `keys ${Object.keys(row).join(', ') || '(none)'}`);
   let source: string | undefined;
   if (row.source !== undefined && row.source !== null) {
     if (typeof row.source !== 'string') rowFail('a string', 'source', row.source);
@@ -131,9 +189,38 @@ export function parseRow(value: unknown, opts: ParseOptions = {}): ParsedRow {
       if (role !== 'system' && role !== 'user' && role !== 'assistant') rowFail('"system", "user" or "assistant"', `messages[${i}].role`, role);
       return { role, content: checkContent(content, `messages[${i}].content`) };
     });
-    checkTurns(messages, 'messages', allowUnanswered);
+    checkTurns(messages, 'messages', allowUnanswered, 'role');
     return withSource({ format, messages });
   }
+  if (format === 'sharegpt') {
+    const conv = row.conversations;
+    if (!Array.isArray(conv)) rowFail('an array of {from, value} objects', 'conversations', conv);
+    if (conv.length === 0) rowFail('at least one utterance', 'conversations', conv);
+    const messages = conv.map((c: unknown, i): Message => {
+      if (typeof c !== 'object' || c === null || Array.isArray(c)) rowFail('a {from, value} object', `conversations[${i}]`, c);
+      const { from, value: content } = c as Record<string, unknown>;
+      const role = typeof from === 'string' && Object.hasOwn(SHAREGPT_ROLES, from) ? SHAREGPT_ROLES[from] : undefined;
+      if (!role) rowFail('"human", "user", "gpt", "assistant", "chatgpt", "bing" or "system"', `conversations[${i}].from`, from);
+      return { role, content: checkContent(content, `conversations[${i}].value`) };
+    });
+    checkTurns(messages, 'conversations', allowUnanswered, 'from');
+    return withSource({ format, messages });
+  }
+  if (format === 'alpaca') {
+    const instruction = checkContent(row.instruction, 'instruction');
+    let input = '';
+    if (row.input !== undefined && row.input !== null) {
+      if (typeof row.input !== 'string') rowFail('a string', 'input', row.input);
+      input = row.input;
+    }
+    const user = input.trim() ? instruction + ALPACA_SEPARATOR + input : instruction;
+    return withSource({ format, messages: [{ role: 'user', content: user }, { role: 'assistant', content: checkContent(row.output, 'output') }] });
+  }
+  if (format === 'prompt-completion') {
+    const prompt = checkContent(row.prompt, 'prompt');
+    return withSource({ format, messages: [{ role: 'user', content: prompt }, { role: 'assistant', content: checkContent(row.completion, 'completion') }] });
+  }
+  if (format === 'text') return withSource({ format, text: checkContent(row.text, 'text') });
   const inputIds = checkIds(row.input_ids, 'input_ids', opts.vocabSize, false);
   if (inputIds.length === 0) rowFail('at least one token id', 'input_ids', inputIds);
   if (row.labels === undefined || row.labels === null) return withSource({ format, inputIds });
@@ -501,4 +588,15 @@ export function formatConversation(messages: readonly Message[], opts: FormatOpt
     if (i < promptEnd) promptIds.push(...s.ids);
   });
   return { inputIds, labels, promptIds };
+}
+
+/**
+ * Tokenizes a plain text row as one sequence for continuation training: BOS (when the tokenizer
+ * has one), the text, EOS (when it has one); every token is a target, whatever the layout.
+ */
+export function formatText(text: string, opts: Pick<FormatOptions, 'tokenizer' | 'maxTokens'>): FormattedConversation {
+  const tok = opts.tokenizer;
+  const inputIds = [...(tok.bosId === undefined ? [] : [tok.bosId]), ...budgeted(tok, opts.maxTokens)(text), ...(tok.eosId === undefined ? [] : [tok.eosId])];
+  // No prompt/answer split: generation (a dev row) starts from the first token, as for ids with every label a target.
+  return { inputIds, labels: [...inputIds], promptIds: inputIds.slice(0, 1) };
 }

@@ -1,12 +1,15 @@
 // Data pipeline: JSONL rows → tokenized, masked, truncated examples → shuffled, padded batches.
 export {
+  ALPACA_SEPARATOR,
   ChatTemplateError,
   IGNORE_INDEX,
+  ROW_FORMATS,
   RowError,
   resolveChatTemplate,
   compileChatTemplate,
   detectFormat,
   formatConversation,
+  formatText,
   loadChatTemplate,
   parseRow,
   type FormatOptions,

@@ -4,7 +4,7 @@
 import type { Tokenizer } from '../tokenizer/index.js';
 import { countTargets } from './batch.js';
 import { DEFAULT_MAX_LENGTH, loadDataset, type Example, type SkippedRow } from './dataset.js';
-import { IGNORE_INDEX, type RoleMarkers, type SpecialTokenPolicy } from './format.js';
+import { IGNORE_INDEX, ROW_FORMATS, type RoleMarkers, type RowFormat, type SpecialTokenPolicy } from './format.js';
 
 /** Options of previewDataset (the formatting ones are finetune's). */
 export interface PreviewOptions {
@@ -40,6 +40,9 @@ export interface DatasetPreview {
   /** Whether the plain layout had to add an EOT token to the tokenizer. */
   eotAdded: boolean;
   longest: number;
+  /** The file's row format (detected from its first row) and how its fields become the conversation. */
+  format?: RowFormat;
+  mapping?: string;
   /** The first `limit` examples rendered with their targets marked. */
   text: string[];
 }
@@ -114,6 +117,7 @@ export async function previewDataset(file: string, opts: PreviewOptions): Promis
     skipped: d.skipped,
     eotAdded: d.eotAdded,
     longest,
+    ...(d.format ? { format: d.format.format, mapping: ROW_FORMATS[d.format.format].mapping } : {}),
     text,
   };
 }

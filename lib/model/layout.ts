@@ -103,7 +103,7 @@ export function chatPromptIds(tok: Tokenizer, layout: ChatLayout, messages: read
     if (e instanceof RowError) throw new LimaArgumentError(e.message);
     throw e;
   }
-  if (parsed.format === 'tokens') throw new Error('unreachable');
+  if (!('messages' in parsed)) throw new Error('unreachable');
   const msgs = parsed.messages;
   if (msgs[msgs.length - 1].role !== 'user')
     throw new LimaArgumentError(`Expected the last message to be a user turn (the model answers it) but received role "${msgs[msgs.length - 1].role}"`);

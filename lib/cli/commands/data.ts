@@ -46,6 +46,7 @@ export function dataCommand(): Command {
         console.log(JSON.stringify(p));
         return;
       }
+      if (p.format) console.log(`format: ${p.format} (${p.mapping})\n`);
       for (const t of p.text) console.log(`${t}\n`);
       console.log(
         `rows ${p.rows}  examples ${p.examples}  tokens ${p.tokens}  target tokens ${p.targetTokens}  truncated rows ${p.truncated}` +
