@@ -69,16 +69,16 @@ export function expectInt(v: unknown, name: string, min = 0, max = Number.MAX_SA
   return v;
 }
 
-/** A finite number within [min, max] (bounds inclusive unless `exclusiveMax`). */
+/** A finite number within [min, max] (bounds inclusive unless `exclusiveMin` / `exclusiveMax`). */
 export function expectNumber(
   v: unknown,
   name: string,
-  opts: { min?: number; max?: number; exclusiveMax?: boolean } = {},
+  opts: { min?: number; max?: number; exclusiveMin?: boolean; exclusiveMax?: boolean } = {},
 ): number {
-  const { min = -Infinity, max = Infinity, exclusiveMax = false } = opts;
-  if (typeof v !== 'number' || !Number.isFinite(v) || v < min || (exclusiveMax ? v >= max : v > max)) {
+  const { min = -Infinity, max = Infinity, exclusiveMin = false, exclusiveMax = false } = opts;
+  if (typeof v !== 'number' || !Number.isFinite(v) || (exclusiveMin ? v <= min : v < min) || (exclusiveMax ? v >= max : v > max)) {
     const parts: string[] = [];
-    if (min > -Infinity) parts.push(`>= ${min}`);
+    if (min > -Infinity) parts.push(`${exclusiveMin ? '>' : '>='} ${min}`);
     if (max < Infinity) parts.push(`${exclusiveMax ? '<' : '<='} ${max}`);
     fail(`a finite number${parts.length ? ' ' + parts.join(' and ') : ''}`, name, v);
   }

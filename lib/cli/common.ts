@@ -4,6 +4,7 @@ import { readFile } from 'node:fs/promises';
 import { Option } from 'commander';
 import { LlamaModel, type PlacementOptions } from '../model/llama.js';
 import { resolveChatTemplate, type Message } from '../data/format.js';
+import { expectRegularFile } from '../util/fs.js';
 import { UsageError } from './options.js';
 
 /** A Hugging Face folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf), on a device in a compute precision. */
@@ -55,6 +56,7 @@ export function fallbackNote(model: LlamaModel): string | null {
  * row format). Shape errors name the file; roles and order are checked when it is formatted.
  */
 export async function readMessagesFile(path: string): Promise<Message[]> {
+  await expectRegularFile(path, 'a JSON messages file', (why) => new UsageError(`${path}: ${why}`));
   let text: string;
   try {
     text = await readFile(path, 'utf8');

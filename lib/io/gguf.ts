@@ -6,7 +6,8 @@
 import { mkdir, open, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { gguf, type GGUFParseOutput } from '@huggingface/gguf';
-import { parameterShapes, toHfConfig, type Llama3RopeScaling, type LlamaConfig } from '../model/config.js';
+import { iterParameterShapes, parameterShape, parameterShapes, parameterTensorCount, toHfConfig, type Llama3RopeScaling, type LlamaConfig } from '../model/config.js';
+import { expectOutputDir, expectRegularFile } from '../util/fs.js';
 import { ggufToHfTokenizer, type HfTokenizerFiles } from '../tokenizer/gguf-vocab.js';
 import { dequantize, GGML_TYPE_INFO, ggmlByteSize, ggmlTypeName } from './ggml-quants.js';
 import { permuteRopeRows } from './llama2c.js';
@@ -202,6 +203,12 @@ export class GgufReader {
 
   /** Parses the header and checks every tensor's name, type, shape and byte range. */
   static async open(path: string): Promise<GgufReader> {
+    await expectRegularFile(path, 'a GGUF model', (why) => new GgufError(`${path}: ${why}`));
+    // Refused by its version field before parsing: read as v1 (32-bit counts), a file is misparsed.
+    const head = Buffer.alloc(8);
+    await open(path, 'r').then(async (f) => f.read(head, 0, 8, 0).finally(() => f.close()), () => undefined);
+    if (head.toString('latin1', 0, 4) === 'GGUF' && head.readUInt32LE(4) === 1)
+      throw new GgufError(`${path}: GGUF version 1 is not supported (llama.cpp dropped it too; re-convert the model to GGUF v3)`);
     let parsed: GGUFParseOutput<{ strict: false }>;
     try {
       parsed = (await gguf(resolve(path), { allowLocalFile: true })) as unknown as GGUFParseOutput<{ strict: false }>;
@@ -211,6 +218,18 @@ export class GgufReader {
     }
     const md = parsed.metadata as unknown as Metadata;
     if (!parsed.littleEndian) throw new GgufError(`${path}: big-endian GGUF files are not supported`);
+    // As llama.cpp's gguf reader: the alignment is a power of two, every tensor offset (relative
+    // to the aligned start of the data section) a multiple of it, and tensor names are unique.
+    const alignment = num(md['general.alignment'] ?? 32) as number;
+    if (!(alignment > 0 && (alignment & (alignment - 1)) === 0 && alignment < 2 ** 31))
+      throw new GgufError(`${path}: general.alignment is ${alignment}; it must be a power of two`);
+    const seen = new Set<string>();
+    for (const t of parsed.tensorInfos) {
+      if (seen.has(t.name)) throw new GgufError(`${path}: duplicate tensor name "${t.name}"`);
+      seen.add(t.name);
+      if (Number(t.offset) % alignment !== 0)
+        throw new GgufError(`${path}: tensor "${t.name}" has offset ${t.offset}, not a multiple of general.alignment (${alignment})`);
+    }
     const splits = num(md['split.count']);
     if (typeof splits === 'number' && splits > 1)
       throw new GgufError(`${path}: is shard ${Number(num(md['split.no']) ?? 0) + 1} of ${splits} of a split GGUF; merge the shards first (llama-gguf-split --merge)`);
@@ -220,7 +239,6 @@ export class GgufReader {
       const shapes = new Map<string, number[]>();
       for (const t of parsed.tensorInfos) shapes.set(t.name, t.shape.map(Number).reverse());
       const config = ggufToLlamaConfig(md, shapes, path);
-      const expected = new Map(parameterShapes(config).map((p) => [p.name, p.shape as number[]]));
       const dataStart = Number(parsed.tensorDataOffset);
       const tensors = new Map<string, GgufTensor>();
       for (const t of parsed.tensorInfos) {
@@ -229,7 +247,7 @@ export class GgufReader {
         const name = t.name === 'rope_freqs.weight' ? t.name : hfName(t.name);
         if (!name) throw new GgufError(`${path}: unexpected tensor "${t.name}" (not part of a plain LLaMA model: biases and other extras are not supported)`);
         if (name !== 'rope_freqs.weight') {
-          const want = expected.get(name);
+          const want = parameterShape(config, name);
           if (!want) throw new GgufError(`${path}: tensor "${t.name}" is beyond the ${config.numLayers} layers in llama.block_count`);
           if (want.length !== shape.length || want.some((d, i) => d !== shape[i]))
             throw new GgufError(`${path}: tensor "${t.name}" has shape [${shape}] but the metadata needs [${want}]`);
@@ -251,8 +269,11 @@ export class GgufReader {
         const ropeHeads = /q_proj/.test(name) ? config.numHeads : /k_proj/.test(name) ? config.numKvHeads : undefined;
         tensors.set(name, { name, ggufName: t.name, type: ggmlTypeName(type), ggmlType: type, shape, offset, bytes, ropeHeads });
       }
-      for (const [name, shape] of expected)
-        if (!tensors.has(name)) throw new GgufError(`${path}: missing tensor for "${name}" (shape [${shape}])`);
+      // Every present tensor is a distinct expected one, so a shortfall means one is missing: the
+      // first is found by walking the names lazily (a header may claim 1e9 blocks).
+      if (tensors.size - (tensors.has('rope_freqs.weight') ? 1 : 0) < parameterTensorCount(config))
+        for (const p of iterParameterShapes(config))
+          if (!tensors.has(p.name)) throw new GgufError(`${path}: missing tensor for "${p.name}" (shape [${p.shape}]; llama.block_count is ${config.numLayers})`);
       const reader = new GgufReader(path, fh, md, config, tensors);
       if (tensors.has('rope_freqs.weight')) {
         const f = await reader.read('rope_freqs.weight');
@@ -328,6 +349,7 @@ async function writeJsonAtomic(path: string, value: unknown, pretty: boolean): P
  * refused unless `overwrite` (see prepareModelDir).
  */
 export async function convertGguf(path: string, outDir: string, opts: { dtype?: 'F32' | 'BF16'; overwrite?: boolean } = {}): Promise<GgufConversion> {
+  await expectOutputDir(outDir, 'the output folder');
   const r = await GgufReader.open(path);
   try {
     const tok = r.tokenizerFiles();

@@ -3,6 +3,7 @@
 // text streams would silently turn invalid bytes into U+FFFD and train on them.
 import { createReadStream } from 'node:fs';
 import { isUtf8 } from 'node:buffer';
+import { expectRegularFile } from '../util/fs.js';
 
 /** A JSONL row that failed to parse; names the file and line. */
 export class JsonlError extends Error {
@@ -86,6 +87,7 @@ export async function* readJsonl(file: string, opts: ReadJsonlOptions = {}): Asy
     if (!opts.onBadLine) throw err;
     opts.onBadLine(err);
   };
+  await expectRegularFile(file, 'a JSONL file', (why) => new JsonlError(file, 0, why));
   try {
     for await (let { bytes, line } of lines(file)) {
       if (line === 1 && bytes[0] === 0xef && bytes[1] === 0xbb && bytes[2] === 0xbf) bytes = bytes.subarray(3);

@@ -7,6 +7,7 @@
 // fallback whose merges are every split of every piece, ranked by the merged piece's score.
 import { readFile } from 'node:fs/promises';
 import { HfTokenizer } from '../tokenizer/index.js';
+import { expectRegularFile } from '../util/fs.js';
 import { Llama2cError } from './llama2c.js';
 
 /** The pieces and scores of a llama2.c tokenizer file. */
@@ -24,6 +25,7 @@ const BYTE_PIECE = /^<0x[0-9A-F]{2}>$/;
  * given, the file must hold exactly that many.
  */
 export async function readLlama2cTokenizer(path: string, vocabSize?: number): Promise<Llama2cVocab> {
+  await expectRegularFile(path, 'a llama2.c tokenizer', (why) => new Llama2cError(`${path}: ${why}`));
   let buf: Buffer;
   try {
     buf = await readFile(path);

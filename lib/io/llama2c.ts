@@ -4,6 +4,7 @@
 // (2i, 2i+1); Hugging Face rotates halves (i, i + hd/2), so q/k rows are permuted on import.
 import { open, type FileHandle } from 'node:fs/promises';
 import type { LlamaConfig } from '../model/config.js';
+import { expectRegularFile } from '../util/fs.js';
 import { LimaDisposedError } from '../validate.js';
 
 /** A malformed llama2.c file; the message names the file and what is wrong. */
@@ -54,6 +55,7 @@ export class Llama2cReader {
 
   /** Opens the file and checks the header against the file size. */
   static async open(path: string): Promise<Llama2cReader> {
+    await expectRegularFile(path, 'a llama2.c checkpoint', (why) => new Llama2cError(`${path}: ${why}`));
     const fh = await open(path, 'r');
     try {
       const { size } = await fh.stat();

@@ -4,7 +4,7 @@
 import { constants } from 'node:fs';
 import { open, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import { syncDir, WriteError } from '../util/fs.js';
+import { expectRegularFile, syncDir, WriteError } from '../util/fs.js';
 import { LimaDisposedError } from '../validate.js';
 
 /** Tensor element types we read; everything is held as fp32 on the CPU. */
@@ -149,14 +149,13 @@ export class SafetensorsReader {
  * read() forever. O_NONBLOCK keeps open() itself from waiting on a FIFO swapped in after stat().
  */
 export async function openRegularFile(path: string, error: (why: string) => Error): Promise<FileHandle> {
-  let st;
   try {
-    st = await stat(path);
+    await stat(path);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     throw error(code === 'ENOENT' ? 'file not found' : `cannot read (${(e as Error).message})`);
   }
-  if (!st.isFile()) throw error('not a regular file (a FIFO, device or folder cannot hold tensors)');
+  await expectRegularFile(path, 'a safetensors file of tensors', error);
   const fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   if (!(await fh.stat()).isFile()) {
     await fh.close();

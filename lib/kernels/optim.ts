@@ -50,7 +50,7 @@ function adamwArgs(param: unknown, grad: unknown, m: unknown, v: unknown, opts: 
     expectNumber(o.lr, 'lr', { min: 0 }),
     expectNumber(o.beta1, 'beta1', { min: 0, max: 1, exclusiveMax: true }),
     expectNumber(o.beta2, 'beta2', { min: 0, max: 1, exclusiveMax: true }),
-    expectNumber(o.eps, 'eps', { min: 0 }),
+    expectNumber(o.eps, 'eps', { min: 0, exclusiveMin: true }),
     expectNumber(o.weightDecay, 'weightDecay', { min: 0 }),
     expectInt(o.step, 'step', 1),
     o.gradScale === undefined ? 1 : expectNumber(o.gradScale, 'gradScale'),

@@ -163,27 +163,57 @@ export function toHfConfig(cfg: LlamaConfig, extra: Record<string, unknown> = {}
   return out;
 }
 
-/** Hugging Face tensor names and shapes of a config, in a stable order. */
-export function parameterShapes(cfg: LlamaConfig): { name: string; shape: [number, number] | [number] }[] {
-  const { vocabSize: V, hiddenSize: D, intermediateSize: F, numLayers: L, numHeads: H, numKvHeads: KV, headDim: hd } = cfg;
-  const out: { name: string; shape: [number, number] | [number] }[] = [{ name: 'model.embed_tokens.weight', shape: [V, D] }];
-  for (let i = 0; i < L; i++) {
-    const p = `model.layers.${i}.`;
-    out.push(
-      { name: p + 'input_layernorm.weight', shape: [D] },
-      { name: p + 'self_attn.q_proj.weight', shape: [H * hd, D] },
-      { name: p + 'self_attn.k_proj.weight', shape: [KV * hd, D] },
-      { name: p + 'self_attn.v_proj.weight', shape: [KV * hd, D] },
-      { name: p + 'self_attn.o_proj.weight', shape: [D, H * hd] },
-      { name: p + 'post_attention_layernorm.weight', shape: [D] },
-      { name: p + 'mlp.gate_proj.weight', shape: [F, D] },
-      { name: p + 'mlp.up_proj.weight', shape: [F, D] },
-      { name: p + 'mlp.down_proj.weight', shape: [D, F] },
-    );
+type ParamShape = { name: string; shape: [number, number] | [number] };
+
+// The tensors of layer i, in order.
+function layerShapes(cfg: LlamaConfig, i: number): ParamShape[] {
+  const { hiddenSize: D, intermediateSize: F, numHeads: H, numKvHeads: KV, headDim: hd } = cfg;
+  const p = `model.layers.${i}.`;
+  return [
+    { name: p + 'input_layernorm.weight', shape: [D] },
+    { name: p + 'self_attn.q_proj.weight', shape: [H * hd, D] },
+    { name: p + 'self_attn.k_proj.weight', shape: [KV * hd, D] },
+    { name: p + 'self_attn.v_proj.weight', shape: [KV * hd, D] },
+    { name: p + 'self_attn.o_proj.weight', shape: [D, H * hd] },
+    { name: p + 'post_attention_layernorm.weight', shape: [D] },
+    { name: p + 'mlp.gate_proj.weight', shape: [F, D] },
+    { name: p + 'mlp.up_proj.weight', shape: [F, D] },
+    { name: p + 'mlp.down_proj.weight', shape: [D, F] },
+  ];
+}
+
+/**
+ * Hugging Face tensor names and shapes of a config, in a stable order, one at a time: a config
+ * claiming 1e9 layers must be sized arithmetically (paramCount), never listed (that exhausts the heap).
+ */
+export function* iterParameterShapes(cfg: LlamaConfig): Generator<ParamShape> {
+  const { vocabSize: V, hiddenSize: D } = cfg;
+  yield { name: 'model.embed_tokens.weight', shape: [V, D] };
+  for (let i = 0; i < cfg.numLayers; i++) yield* layerShapes(cfg, i);
+  yield { name: 'model.norm.weight', shape: [D] };
+  if (!cfg.tieWordEmbeddings) yield { name: 'lm_head.weight', shape: [V, D] };
+}
+
+/** Hugging Face tensor names and shapes of a config, in a stable order (call after checkModelSize: it lists every layer). */
+export function parameterShapes(cfg: LlamaConfig): ParamShape[] {
+  return [...iterParameterShapes(cfg)];
+}
+
+/** How many parameter tensors a config has (arithmetic, for any layer count). */
+export function parameterTensorCount(cfg: LlamaConfig): number {
+  return 9 * cfg.numLayers + (cfg.tieWordEmbeddings ? 2 : 3);
+}
+
+/** The shape of one parameter tensor by Hugging Face name, or undefined when the config has no such tensor. */
+export function parameterShape(cfg: LlamaConfig, name: string): ParamShape['shape'] | undefined {
+  const m = /^model\.layers\.(0|[1-9]\d*)\./.exec(name);
+  if (m) {
+    const i = Number(m[1]);
+    return i < cfg.numLayers ? layerShapes(cfg, i).find((p) => p.name === name)?.shape : undefined;
   }
-  out.push({ name: 'model.norm.weight', shape: [D] });
-  if (!cfg.tieWordEmbeddings) out.push({ name: 'lm_head.weight', shape: [V, D] });
-  return out;
+  if (name === 'model.embed_tokens.weight' || (name === 'lm_head.weight' && !cfg.tieWordEmbeddings)) return [cfg.vocabSize, cfg.hiddenSize];
+  if (name === 'model.norm.weight') return [cfg.hiddenSize];
+  return undefined;
 }
 
 /** Every distinct parameter tensor shape, its element count and how many of it there are (BigInt: nothing can wrap). */

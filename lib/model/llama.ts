@@ -18,7 +18,7 @@ import { chatPromptIds, layoutJson, LAYOUT_FILE, rawPromptIds, readLayout, type 
 import type { Message } from '../data/format.js';
 import { HfTokenizer, loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
 import { padBatch, type TokenBatch } from '../data/batch.js';
-import { writeAtomic } from '../util/fs.js';
+import { expectOutputDir, expectRegularFile, writeAtomic } from '../util/fs.js';
 
 /**
  * A model file set that cannot be loaded; the message names the file and the tensor.
@@ -238,9 +238,15 @@ export class LlamaModel implements AsyncDisposable {
    * gradients, with the given recomputation (default 'none').
    */
   static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision, recompute?: Recompute): number {
-    return nativeLlama().activationBytes(
-      config, expectInt(batch, 'batch', 1), expectInt(seqLen, 'seqLen', 1), resolvePrecision(precision), resolveRecompute(recompute),
-    );
+    const b = expectInt(batch, 'batch', 1);
+    const t = expectInt(seqLen, 'seqLen', 1);
+    const p = resolvePrecision(precision);
+    const r = resolveRecompute(recompute);
+    // The native count walks every layer, and each adds the same bytes: it is taken at one and
+    // two layers and extended, exactly, so a config claiming 1e9 layers is sized at once.
+    const at = (numLayers: number) => nativeLlama().activationBytes({ ...config, numLayers }, b, t, p, r);
+    const one = at(1);
+    return config.numLayers === 1 ? one : one + (config.numLayers - 1) * (at(2) - one);
   }
 
   // Validates precision before anything is read, then sizes the model against the device's memory.
@@ -275,6 +281,7 @@ export class LlamaModel implements AsyncDisposable {
   static async fromPretrained(dir: string, opts: PlacementOptions = {}): Promise<LlamaModel> {
     resolvePrecision(opts.precision);  // a bad value fails before any file is read
     const cfgPath = join(dir, 'config.json');
+    await expectRegularFile(cfgPath, 'a model config (JSON)', (why) => new ModelLoadError(`${cfgPath}: ${why}`));
     let raw: unknown;
     try {
       raw = JSON.parse(await readFile(cfgPath, 'utf8'));
@@ -314,17 +321,29 @@ export class LlamaModel implements AsyncDisposable {
         if (info.shape.length !== p.shape.length || info.shape.some((d, i) => d !== p.shape[i]))
           throw new ModelLoadError(`${file}: tensor "${p.name}" has shape [${info.shape}] but the config needs [${p.shape}]`);
         return r.read(p.name);
-      });
+      }, (p) => files.get(p.name)!);
     } finally {
       for (const r of readers.values()) await r.close();
     }
   }
 
   // Sets every parameter from read(p); on any failure the model is disposed (never half-loaded)
-  // and the error rethrown.
-  private async fill(read: (p: ParamInfo) => Promise<Float32Array>): Promise<LlamaModel> {
+  // and the error rethrown. A NaN or Inf weight is refused by name: it would make every logit
+  // NaN, and generation would emit token 0 forever. `source(p)` names the file holding p.
+  private async fill(read: (p: ParamInfo) => Promise<Float32Array>, source: (p: ParamInfo) => string): Promise<LlamaModel> {
     try {
-      for (const p of this.params) await this.native.setTensor(p.name, await read(p));
+      for (const p of this.params) {
+        const w = await read(p);
+        const bad = firstNonFinite(w);
+        if (bad >= 0) {
+          const at = p.shape.length === 2 ? ` (row ${Math.floor(bad / p.shape[1])}, column ${bad % p.shape[1]})` : '';
+          throw new ModelLoadError(
+            `${source(p)}: tensor "${p.name}" holds ${w[bad]} at index ${bad}${at}; weights must be finite (the file is damaged, or was saved from a diverged run)`,
+            'ERR_LIMA_NONFINITE_WEIGHT',
+          );
+        }
+        await this.native.setTensor(p.name, w);
+      }
     } catch (e) {
       await this.dispose();
       throw e;
@@ -337,7 +356,7 @@ export class LlamaModel implements AsyncDisposable {
     resolvePrecision(opts.precision);
     const r = await Llama2cReader.open(file);
     try {
-      return await LlamaModel.make(r.config, opts.tokenizer ?? null, opts, file).fill((p) => r.read(p.name));
+      return await LlamaModel.make(r.config, opts.tokenizer ?? null, opts, file).fill((p) => r.read(p.name), () => file);
     } finally {
       await r.close();
     }
@@ -355,7 +374,10 @@ export class LlamaModel implements AsyncDisposable {
       // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
       const cfg = parseHfConfig(toHfConfig(r.config), file);
       const tok = r.tokenizerFiles();
-      return await LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file, `${file} (tokenizer.ggml.tokens)`).fill((p) => r.read(p.name));
+      return await LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file, `${file} (tokenizer.ggml.tokens)`).fill(
+        (p) => r.read(p.name),
+        (p) => `${file} (${r.tensors.get(p.name)?.ggufName})`,
+      );
     } finally {
       await r.close();
     }
@@ -580,6 +602,7 @@ export class LlamaModel implements AsyncDisposable {
    */
   async save(dir: string, opts: { dtype?: 'F32' | 'BF16' } = {}): Promise<void> {
     this.check();
+    await expectOutputDir(dir, 'the model folder');
     await mkdir(dir, { recursive: true });
     const tensors: TensorToWrite[] = [];
     for (const p of this.params)
@@ -639,7 +662,7 @@ export class LlamaModel implements AsyncDisposable {
     expectNumber(p.lr, 'lr', { min: 0 });
     expectNumber(p.beta1, 'beta1', { min: 0, max: 1, exclusiveMax: true });
     expectNumber(p.beta2, 'beta2', { min: 0, max: 1, exclusiveMax: true });
-    expectNumber(p.eps, 'eps', { min: 0 });
+    expectNumber(p.eps, 'eps', { min: 0, exclusiveMin: true });
     expectNumber(p.weightDecay, 'weightDecay', { min: 0 });
     expectInt(p.step, 'step', 1);
     await this.native.adamwStep({ ...p, gradScale: expectNumber(p.gradScale ?? 1, 'gradScale', { min: 0 }) });
@@ -701,6 +724,7 @@ async function prunedMessage(dir: string): Promise<string> {
  * data, and a crafted one must not make us open /etc/passwd or a device.
  */
 async function readShardIndex(dir: string, indexPath: string): Promise<Map<string, string>> {
+  await expectRegularFile(indexPath, 'a shard index (JSON)', (why) => new ModelLoadError(`${indexPath}: ${why}`));
   let index: unknown;
   try {
     index = JSON.parse(await readFile(indexPath, 'utf8'));
@@ -735,6 +759,15 @@ async function readShardIndex(dir: string, indexPath: string): Promise<Map<strin
     out.set(name, full);
   }
   return out;
+}
+
+/** Index of the first NaN or ±Inf in `w`, or -1. One multiply-add per element (x·0 is NaN only for them); the search runs only on a hit. */
+function firstNonFinite(w: Float32Array): number {
+  let s = 0;
+  for (let i = 0; i < w.length; i++) s += w[i] * 0;
+  if (s === 0) return -1;
+  for (let i = 0; i < w.length; i++) if (!Number.isFinite(w[i])) return i;
+  return -1;
 }
 
 async function exists(p: string): Promise<boolean> {

@@ -2,7 +2,7 @@
 // byte-level BPE as in Llama 3 / SmolLM) through @huggingface/tokenizers, and a built-in byte
 // tokenizer for models trained from scratch. Both expose BOS/EOS/EOT and can grow special tokens.
 import { readFile } from 'node:fs/promises';
-import { writeAtomic } from '../util/fs.js';
+import { expectRegularFile, writeAtomic } from '../util/fs.js';
 import { join } from 'node:path';
 import { Tokenizer as HfCore } from '@huggingface/tokenizers';
 
@@ -183,6 +183,8 @@ export class HfTokenizer implements Tokenizer {
   /** Reads tokenizer.json and, when present, tokenizer_config.json from a folder. */
   static async load(dir: string): Promise<HfTokenizer> {
     const path = join(dir, 'tokenizer.json');
+    await expectRegularFile(path, 'a tokenizer (JSON)');
+    await expectRegularFile(join(dir, 'tokenizer_config.json'), 'a tokenizer configuration (JSON)');
     let json: Json;
     try {
       json = JSON.parse(await readFile(path, 'utf8')) as Json;
@@ -277,6 +279,7 @@ export function tokenizerFile(dir: string, tok: Tokenizer): string {
 export async function loadTokenizer(dir: string): Promise<Tokenizer | null> {
   try {
     const path = join(dir, 'lima-tokenizer.json');
+    await expectRegularFile(path, 'a tokenizer (JSON)');
     const text = await readFile(path, 'utf8');
     let raw: Json;
     try {

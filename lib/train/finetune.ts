@@ -19,7 +19,7 @@ import { ownEntries, removeEntries, type OutDirRule } from '../io/outdir.js';
 import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
-import { writeAtomic, WriteError } from '../util/fs.js';
+import { expectOutputDir, writeAtomic, WriteError } from '../util/fs.js';
 import { expectInt, expectNumber, fail, LimaArgumentError } from '../validate.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from './report.js';
 
@@ -392,11 +392,11 @@ function resolveOptions(o: FinetuneOptions): Settings {
     warmup: expectInt(o.warmupSteps ?? LIMA.warmupSteps, 'warmupSteps', 0),
     beta1: expectNumber(o.beta1 ?? LIMA.beta1, 'beta1', { min: 0, max: 1, exclusiveMax: true }),
     beta2: expectNumber(o.beta2 ?? LIMA.beta2, 'beta2', { min: 0, max: 1, exclusiveMax: true }),
-    eps: expectNumber(o.eps ?? LIMA.eps, 'eps', { min: 0 }),
+    eps: expectNumber(o.eps ?? LIMA.eps, 'eps', { min: 0, exclusiveMin: true }), // 0 divides 0 by 0 where a gradient is 0
     weightDecay: expectNumber(o.weightDecay ?? LIMA.weightDecay, 'weightDecay', { min: 0 }),
     pMax: expectNumber(o.dropout ?? LIMA.dropout, 'dropout', { min: 0, max: 1, exclusiveMax: true }),
     seed: expectInt(o.seed ?? LIMA.seed, 'seed', 0, 0xffffffff),
-    gradClip: o.gradClip === undefined ? undefined : expectNumber(o.gradClip, 'gradClip', { min: Number.MIN_VALUE }),
+    gradClip: o.gradClip === undefined ? undefined : expectNumber(o.gradClip, 'gradClip', { min: 0, exclusiveMin: true }),
     every,
     keepEpochs: new Set(keepEpochs),
     keepLast: expectInt(o.keepLast ?? 1, 'keepLast', 1),
@@ -655,6 +655,7 @@ const RUN_FOLDER: OutDirRule = {
 
 async function openOutDir(o: FinetuneOptions): Promise<OutDir> {
   const outDir = o.outDir;
+  await expectOutputDir(outDir, 'outDir');
   const created = await mkdir(outDir, { recursive: true });
   // rmdir removes only empty folders, from outDir up to the first one this run created.
   const discardIfEmpty = async () => {

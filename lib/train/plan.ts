@@ -6,10 +6,11 @@ import { freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
 import { Llama2cReader } from '../io/llama2c.js';
-import { parameterShapes, parseHfConfig, type LlamaConfig } from '../model/config.js';
+import { paramCount, parseHfConfig, type LlamaConfig } from '../model/config.js';
 import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
 import { resolveDevice } from '../native.js';
 import { loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
+import { expectRegularFile } from '../util/fs.js';
 import { expectInt } from '../validate.js';
 import { defaultActivationBudget, LIMA_DEFAULTS, type FinetuneOptions } from './finetune.js';
 
@@ -70,6 +71,7 @@ async function readConfig(model: string): Promise<{ config: LlamaConfig; tokeniz
     return { config: r.config, tokenizer: null };
   }
   const path = join(model, 'config.json');
+  await expectRegularFile(path, 'a model config (JSON)');
   let raw: unknown;
   try {
     raw = JSON.parse(await readFile(path, 'utf8'));
@@ -90,9 +92,9 @@ function deviceMemory(device: PlanOptions['device']): FinetunePlan['machine'] {
   return { device: 'cpu', totalBytes: totalmem(), freeBytes: freemem(), ...(r.reason ? { fallback: r.reason.message } : {}) };
 }
 
-/** Parameter count of a config (tied heads counted once). */
+/** Parameter count of a config (tied heads counted once), arithmetically: a config may claim 1e9 layers. */
 export function countParameters(config: LlamaConfig): number {
-  return parameterShapes(config).reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0);
+  return Number(paramCount(config));
 }
 
 /** Memory of a run: 4-byte weights, gradients and two moments, plus the activations given. */

@@ -6,6 +6,7 @@ import { Llama2cReader } from '../../io/llama2c.js';
 import { loadLlama2cTokenizer } from '../../io/llama2c-tokenizer.js';
 import { LlamaModel } from '../../model/llama.js';
 import { prepareModelDir } from '../../io/outdir.js';
+import { expectOutputDir } from '../../util/fs.js';
 import { UsageError } from '../options.js';
 
 /** The `convert` command. */
@@ -20,6 +21,7 @@ export function convertCommand(): Command {
     .option('--overwrite', 'replace the model files of an existing --out folder (other files there are never removed: the command refuses)')
     .action(async (file: string, v: { from: 'llama2c' | 'gguf'; out: string; dtype: string; tokenizer?: string; overwrite?: boolean }) => {
       const dtype = v.dtype.toUpperCase() as 'F32' | 'BF16';
+      await expectOutputDir(v.out, '--out');
       if (v.from === 'gguf') {
         if (v.tokenizer) throw new UsageError('--tokenizer applies to --from llama2c only (a GGUF file carries its vocabulary)');
         const r = await convertGguf(file, v.out, { dtype, overwrite: v.overwrite });

@@ -166,7 +166,7 @@ export function finetuneCommand(): Command {
       .addOption(opt('--warmup-steps <n>', 'linear warmup steps', int(), L.warmupSteps))
       .addOption(opt('--beta1 <x>', 'AdamW beta1', num({ min: 0, lt: 1 }), L.beta1))
       .addOption(opt('--beta2 <x>', 'AdamW beta2', num({ min: 0, lt: 1 }), L.beta2))
-      .addOption(opt('--eps <x>', 'AdamW epsilon', num({ min: 0 }), L.eps))
+      .addOption(opt('--eps <x>', 'AdamW epsilon (> 0)', num({ gt: 0 }), L.eps))
       .addOption(opt('--weight-decay <x>', 'AdamW weight decay (never on norm gains)', num({ min: 0 }), L.weightDecay))
       .addOption(opt('--dropout <p>', 'residual dropout at the top layer, rising linearly from 0 at the bottom', num({ min: 0, lt: 1 }), L.dropout))
       .addOption(opt('--max-length <n>', "tokens per example (longer ones are cut)", int({ min: 2 }), `min(${L.maxLength}, the model's positions)`))
