@@ -7,6 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Template } from '@huggingface/jinja';
 import type { Tokenizer } from '../tokenizer/index.js';
+import { expectRegularFile } from '../util/fs.js';
 import { describe, fail } from '../validate.js';
 
 /** Label value of positions that are not trained on (Hugging Face convention). */
@@ -324,6 +325,7 @@ export function compileChatTemplate(source: string): CompiledTemplate {
  */
 export async function loadChatTemplate(dir: string): Promise<string | undefined> {
   const path = join(dir, 'tokenizer_config.json');
+  await expectRegularFile(path, 'a tokenizer configuration (JSON)');
   let cfg: Record<string, unknown>;
   try {
     cfg = JSON.parse(await readFile(path, 'utf8')) as Record<string, unknown>;
@@ -382,6 +384,7 @@ export async function resolveChatTemplate(spec: string, modelDir: string): Promi
     source = t;
   } else {
     origin = spec;
+    await expectRegularFile(spec, 'a Jinja chat template file', (why) => new ChatTemplateError(`${spec}: ${why}`));
     try {
       source = await readFile(spec, 'utf8');
     } catch (e) {

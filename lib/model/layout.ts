@@ -6,6 +6,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { checkSpecialText, formatConversation, loadChatTemplate, parseRow, policyTokenizer, RowError, type Message, type RoleMarkers, type SpecialTokenPolicy } from '../data/format.js';
 import type { Tokenizer } from '../tokenizer/index.js';
+import { expectRegularFile } from '../util/fs.js';
 import { describe, LimaArgumentError } from '../validate.js';
 
 /** File in a model folder that records its chat layout. */
@@ -50,6 +51,7 @@ function checkLayout(v: unknown, where: string): ChatLayout {
  */
 export async function readLayout(dir: string): Promise<ChatLayout | null> {
   const path = join(dir, LAYOUT_FILE);
+  await expectRegularFile(path, 'a chat layout (JSON)');
   let text: string | undefined;
   try {
     text = await readFile(path, 'utf8');
