@@ -318,10 +318,15 @@ describe('terminal output', () => {
 });
 
 describe('progress display', () => {
-  const step = (step: number, epoch: number, etaSeconds: number, totalSteps = 20): FinetuneEvent => ({
-    type: 'step', epoch, step, totalSteps, loss: 2.345678, lr: 1e-5, tokensPerSecond: 1234.5, etaSeconds,
-    codePaths: { device: 'cpu', precision: 'fp32', isa: 'avx512', bf16Path: 'avx512bf16' },
-  });
+  // The trainer's ETA: steps left plus epoch ends (estimated 20 s before the first, 30 s measured after it).
+  const step = (step: number, epoch: number, stepsEta: number, totalSteps = 20): FinetuneEvent => {
+    const epochEndSeconds = epoch === 1 ? 20 : 30;
+    const epochEndsLeft = 3 - epoch;
+    return {
+      type: 'step', epoch, step, totalSteps, loss: 2.345678, lr: 1e-5, tokensPerSecond: 1234.5, etaSeconds: stepsEta + epochEndSeconds * epochEndsLeft,
+      epochEndSeconds, epochEndsLeft, codePaths: { device: 'cpu', precision: 'fp32', isa: 'avx512', bf16Path: 'avx512bf16' },
+    };
+  };
 
   function run(columns: number | undefined) {
     let now = 0;
@@ -344,8 +349,10 @@ describe('progress display', () => {
     const statuses = writes.filter((w) => w.ch === 'status' && w.text !== '\n').map((w) => w.text.replace(/^\r/, '').replace(/\x1b\[K$/, ''));
     expect(statuses.length).toBeGreaterThan(10);
     for (const s of statuses) expect(s.length, s).toBeLessThan(80);
-    expect(statuses.some((s) => s.includes('epoch 1: dev loss on 4 examples ETA ?'))).toBe(true);
-    expect(statuses.some((s) => s.includes('dev generation 3/4'))).toBe(true);
+    // 10 steps of 1 s left, plus this epoch end's 20 s estimate and epoch 2's.
+    expect(statuses.some((s) => s.includes('epoch 1: dev loss on 4 examples ETA 50s'))).toBe(true);
+    // 3 generations done after 30 s: the 4th needs 10 s more, then 10 steps and epoch 2's 20 s.
+    expect(statuses.some((s) => s.includes('dev generation 4/4 ETA 40s'))).toBe(true);
     // Epoch 2: 9 steps of 1 s plus epoch 2's dev phase (30 s measured in epoch 1) = 39 s.
     expect(statuses.at(-1)).toContain('ETA 39s');
     // Every permanent line follows a newline that ended the status line.

@@ -40,10 +40,7 @@ export function fitLine(bar: (width: number) => string, parts: readonly string[]
 export class ProgressDisplay {
   private statusShown = false;
   private lastStep?: Extract<FinetuneEvent, { type: 'step' }>;
-  private stepSeconds = NaN; // mean seconds per optimizer step, from the trainer's own ETA
   private devStart = NaN; // when the current dev phase began (ms)
-  private devSeconds: number[] = []; // measured dev phases (eval + generations + checkpoint)
-  private stepsPerEpoch = NaN;
 
   constructor(
     private readonly out: ProgressSink,
@@ -61,26 +58,18 @@ export class ProgressDisplay {
     this.out.line(text);
   }
 
-  /** Mean dev-phase seconds, or an estimate from the phase in progress. */
-  private devEstimate(cur?: { done: number; total: number; elapsed: number }): number {
-    if (this.devSeconds.length) return this.devSeconds.reduce((a, b) => a + b, 0) / this.devSeconds.length;
-    if (cur) return cur.done > 0 ? (cur.elapsed / cur.done) * cur.total : NaN; // '?' until one is done
-    return 0; // before the first dev phase its length is unknown: the ETA counts the steps only
-
-  }
-
-  /** Seconds left: remaining steps plus a dev phase for every epoch whose phase has not finished. */
-  private eta(curEpoch: number, inDev?: { done: number; total: number; elapsed: number }): number {
+  /**
+   * Seconds left. The trainer's ETA counts the remaining steps and epoch ends (checkpoint and dev
+   * phase); during a dev phase the current one's part counts down, extrapolated from the
+   * generations done once there are some.
+   */
+  private eta(inDev?: { done: number; total: number; elapsed: number }): number {
     const s = this.lastStep;
     if (!s) return NaN;
-    const stepsLeft = s.totalSteps - s.step;
-    const epochs = Number.isFinite(this.stepsPerEpoch) ? Math.round(s.totalSteps / this.stepsPerEpoch) : NaN;
-    const dev = this.devEstimate(inDev);
-    let left = (Number.isFinite(this.stepSeconds) ? this.stepSeconds : 0) * stepsLeft;
-    if (inDev) left += Math.max(0, dev - inDev.elapsed);
-    // Later epochs each end with a dev phase; the current one too unless it is under way.
-    const later = Number.isFinite(epochs) ? Math.max(0, epochs - curEpoch) : 0;
-    return left + dev * (later + (inDev ? 0 : 1));
+    if (!inDev) return s.etaSeconds;
+    const steps = s.etaSeconds - s.epochEndSeconds * s.epochEndsLeft;
+    const current = inDev.done > 0 ? (inDev.elapsed / inDev.done) * inDev.total : s.epochEndSeconds;
+    return steps + Math.max(0, current - inDev.elapsed) + s.epochEndSeconds * Math.max(0, s.epochEndsLeft - 1);
   }
 
   private bar(frac: number) {
@@ -95,13 +84,11 @@ export class ProgressDisplay {
     const cols = this.out.columns;
     if (e.type === 'step') {
       this.lastStep = e;
-      const left = e.totalSteps - e.step;
-      if (left > 0 && Number.isFinite(e.etaSeconds)) this.stepSeconds = e.etaSeconds / left;
       const parts = [
         `step ${e.step}/${e.totalSteps}`,
         `epoch ${e.epoch}`,
         `loss ${e.loss.toFixed(4)}`,
-        `ETA ${fmtTime(this.eta(e.epoch))}`,
+        `ETA ${fmtTime(this.eta())}`,
         `${e.tokensPerSecond.toFixed(0)} tok/s`,
         `lr ${e.lr.toExponential(2)}`,
       ];
@@ -116,12 +103,10 @@ export class ProgressDisplay {
       if (cols === undefined) return;
       const elapsed = (this.now() - this.devStart) / 1000;
       const what = e.phase === 'eval' ? `epoch ${e.epoch}: dev loss on ${e.total} examples` : `epoch ${e.epoch}: dev generation ${e.done + 1}/${e.total}`;
-      const eta = `ETA ${fmtTime(this.eta(e.epoch, { done: e.phase === 'eval' ? 0 : e.done, total: e.total, elapsed }))}`;
+      const eta = `ETA ${fmtTime(this.eta({ done: e.phase === 'eval' ? 0 : e.done, total: e.total, elapsed }))}`;
       this.status(`\r${fitLine(this.bar(e.phase === 'eval' ? 0 : e.done / e.total), [what, eta], cols)}\x1b[K`);
     } else if (e.type === 'epoch') {
-      if (Number.isFinite(this.devStart)) this.devSeconds.push((this.now() - this.devStart) / 1000);
       this.devStart = NaN;
-      if (this.lastStep) this.stepsPerEpoch = this.lastStep.step / e.epoch;
       this.line(
         `epoch ${e.epoch}: train loss ${e.trainLoss.toFixed(4)}${e.devLoss !== undefined ? `, dev loss ${e.devLoss.toFixed(4)} (perplexity ${e.devPerplexity!.toFixed(2)})` : ''} -> ${e.checkpoint}`,
       );

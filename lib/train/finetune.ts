@@ -21,6 +21,7 @@ import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
 import { expectOutputDir, writeAtomic, WriteError } from '../util/fs.js';
 import { expectInt, expectNumber, fail, LimaArgumentError } from '../validate.js';
+import { estimateDevPhase } from './dev-estimate.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from './report.js';
 
 /** The LIMA recipe (the same object as `LIMA` in recipe.ts); every field is an option of finetune(). */
@@ -88,6 +89,12 @@ export interface FinetuneOptions {
   keepEpochs?: readonly number[] | 'all';
   /** The newest N checkpoints also keep their weights (default 1); only the newest keeps optimizer state. */
   keepLast?: number;
+  /**
+   * dtype of each checkpoint's model.safetensors: 'fp32' (default) or 'bf16' (half the size; the
+   * fp32 master weights then go into optimizer.safetensors, so a resume stays bit-exact). Unset on
+   * resume: the checkpoint's.
+   */
+  saveDtype?: 'fp32' | 'bf16';
   /** Continue from the latest complete checkpoint in outDir (an error when there is none). */
   resume?: boolean;
   /** Delete the checkpoints, report and curve of a previous run in outDir and start afresh. */
@@ -149,7 +156,15 @@ export interface StepEvent {
   /** Global gradient norm before clipping. */
   gradNorm?: number;
   tokensPerSecond: number;
+  /** Seconds left: the remaining steps plus `epochEndsLeft` epoch ends of `epochEndSeconds` each. */
   etaSeconds: number;
+  /**
+   * What one epoch end (checkpoint, dev loss, dev generations) takes: the last one's duration, or
+   * before the first an estimate from a timed forward and decode steps (0 without a dev set).
+   */
+  epochEndSeconds: number;
+  /** Epoch ends still to come, the current epoch's included. */
+  epochEndsLeft: number;
   /** Which precision and code paths ran this step. */
   codePaths: CodePaths;
 }
@@ -258,6 +273,8 @@ export interface Hparams {
   specialTokens: SpecialTokenPolicy;
   /** Recomputation in backward (absent in checkpoints from before it: 'none'); never changes results. */
   recompute: Recompute;
+  /** dtype of saved weights (absent in checkpoints from before it: 'fp32'); never changes results. */
+  saveDtype: 'fp32' | 'bf16';
 }
 
 interface TrainerState {
@@ -283,10 +300,12 @@ interface TrainerState {
 const STATE_FILE = 'trainer-state.json';
 const OPTIM_FILE = 'optimizer.safetensors';
 const WEIGHTS_FILE = 'model.safetensors';
+/** optimizer.safetensors holds `m.<name>`, `v.<name>` and, when the weights are saved in bf16, the fp32 masters `w.<name>`. */
+const MASTER_PREFIX = 'w.';
 const LOCK_FILE = '.lima-run.lock';
 // Settings that change memory and time but never results: a resume records a change of them and
 // needs no allowChanges for it.
-const FREE_CHANGES = new Set<string>(['recompute']);
+const FREE_CHANGES = new Set<string>(['recompute', 'saveDtype']);
 // Settings that decide which examples form which batch: changing them mid-epoch has no meaning.
 const EPOCH_BOUNDARY_ONLY = new Set(['data', 'devData', 'trainExamples', 'batchSize', 'seed', 'maxLength', 'trainOnPrompt', 'roles', 'chatTemplate', 'specialTokens']);
 
@@ -361,6 +380,25 @@ interface Settings {
   allowChanges: Set<string>;
   /** undefined: not asked for (see FinetuneOptions.recompute). */
   recompute?: Recompute;
+  /** undefined: not asked for (see FinetuneOptions.saveDtype). */
+  saveDtype?: 'fp32' | 'bf16';
+}
+
+/** The epochs whose weights a run keeps (FinetuneOptions.keepEpochs), checked. */
+export function resolveKeepEpochs(keep: FinetuneOptions['keepEpochs'], epochs: number): number[] {
+  if (keep === 'all') return Array.from({ length: epochs }, (_, i) => i + 1);
+  if (keep === undefined) return selectionEpochs(epochs);
+  if (!Array.isArray(keep)) fail('an array of epoch numbers or "all"', 'keepEpochs', keep);
+  return keep.map((e, i) => expectInt(e, `keepEpochs[${i}]`, 1));
+}
+
+/**
+ * Whether checkpoint `name`, `fromNewest` places behind the run's newest, keeps its weights: the
+ * `keepLast` newest do and so does every epoch of `keepEpochs` (prune() and the plan's disk figure).
+ */
+export function keepsWeights(name: string, fromNewest: number, keepLast: number, keepEpochs: ReadonlySet<number>): boolean {
+  const epoch = /^epoch-(\d+)$/.exec(name);
+  return fromNewest < keepLast || (epoch !== null && keepEpochs.has(Number(epoch[1])));
 }
 
 function resolveOptions(o: FinetuneOptions): Settings {
@@ -371,18 +409,11 @@ function resolveOptions(o: FinetuneOptions): Settings {
   const epochs = expectInt(o.epochs ?? LIMA.epochs, 'epochs', 1);
   const every = o.checkpointEvery ?? 'epoch';
   if (every !== 'epoch') expectInt(every, 'checkpointEvery', 1);
-  let keepEpochs: number[];
-  if (o.keepEpochs === 'all') keepEpochs = Array.from({ length: epochs }, (_, i) => i + 1);
-  else if (o.keepEpochs === undefined) keepEpochs = selectionEpochs(epochs);
-  else {
-    if (!Array.isArray(o.keepEpochs)) fail('an array of epoch numbers or "all"', 'keepEpochs', o.keepEpochs);
-    keepEpochs = o.keepEpochs.map((e, i) => expectInt(e, `keepEpochs[${i}]`, 1));
-  }
+  const keepEpochs = resolveKeepEpochs(o.keepEpochs, epochs);
   const allow = o.allowChanges ?? [];
   if (!Array.isArray(allow)) fail('an array of hyper-parameter names', 'allowChanges', allow);
   for (const [i, k] of allow.entries()) if (!HPARAM_KEYS.includes(k as keyof Hparams)) fail(`one of ${HPARAM_KEYS.join(', ')}`, `allowChanges[${i}]`, k);
-  const genOpts = o.devGeneration === false ? null : { ...LIMA.decoding, ...(o.devGeneration ?? {}) };
-  if (genOpts) resolveSampling(genOpts);
+  const genOpts = devGenerationOptions(o.devGeneration);
   return {
     outDir: o.outDir,
     epochs,
@@ -403,15 +434,30 @@ function resolveOptions(o: FinetuneOptions): Settings {
     genOpts,
     allowChanges: new Set(allow),
     recompute: o.recompute === undefined ? undefined : resolveRecompute(o.recompute),
+    saveDtype: resolveSaveDtype(o.saveDtype),
   };
+}
+
+/** FinetuneOptions.saveDtype, checked (undefined when unset). */
+export function resolveSaveDtype(v: FinetuneOptions['saveDtype']): 'fp32' | 'bf16' | undefined {
+  if (v !== undefined && v !== 'fp32' && v !== 'bf16') fail("'fp32' | 'bf16'", 'saveDtype', v);
+  return v;
+}
+
+/** The dev generations' decoding (LIMA's, overridden by the given fields), checked; null when off. */
+export function devGenerationOptions(g: FinetuneOptions['devGeneration']): Settings['genOpts'] {
+  const genOpts = g === false ? null : { ...LIMA.decoding, ...(g ?? {}) };
+  if (genOpts) resolveSampling(genOpts);
+  return genOpts;
 }
 
 const HPARAM_KEYS: (keyof Hparams)[] = [
   'model', 'data', 'devData', 'trainExamples', 'epochs', 'batchSize', 'lr', 'lrFinal', 'warmupSteps', 'beta1', 'beta2', 'eps',
   'weightDecay', 'dropout', 'maxLength', 'seed', 'gradClip', 'trainOnPrompt', 'roles', 'chatTemplate', 'devGeneration', 'recompute', 'specialTokens',
+  'saveDtype',
 ];
 
-function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExamples: number, recompute: Recompute): Hparams {
+function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExamples: number, recompute: Recompute, saveDtype: Hparams['saveDtype']): Hparams {
   return {
     model: typeof o.model === 'string' ? resolve(o.model) : '(a LlamaModel object)',
     data: resolve(o.data),
@@ -436,6 +482,7 @@ function hparamsOf(o: FinetuneOptions, s: Settings, maxLength: number, trainExam
     devGeneration: s.genOpts ?? false,
     specialTokens: o.specialTokens ?? 'error',
     recompute,
+    saveDtype,
   };
 }
 
@@ -756,6 +803,8 @@ interface Ctx {
   /** globalStep of the newest checkpoint (0 before the first). */
   savedStep: number;
   stepTimes: number[];
+  /** See StepEvent.epochEndSeconds. */
+  epochEndSeconds: number;
 }
 
 async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promise<FinetuneResult> {
@@ -801,7 +850,10 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     const recompute = s.recompute ?? (resumed ? (resumed.hparams?.recompute ?? 'none') : model.recompute);
     await model.setRecompute(recompute);
     if (resumed?.version === 2) resumed.hparams.recompute ??= 'none';
-    const hparams = hparamsOf(o, s, maxLength, data.train.length, recompute);
+    // Unset, the checkpoint's (those from before the option saved fp32).
+    if (resumed?.version === 2) resumed.hparams.saveDtype ??= 'fp32';
+    const saveDtype = s.saveDtype ?? resumed?.hparams?.saveDtype ?? 'fp32';
+    const hparams = hparamsOf(o, s, maxLength, data.train.length, recompute, saveDtype);
     // Checkpoints from before the option: the data was just read under this run's policy.
     if (resumed?.version === 2) resumed.hparams.specialTokens ??= hparams.specialTokens;
     let st: TrainerState;
@@ -830,7 +882,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     st.totalSteps = totalSteps;
     const longest = data.train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
     const micro = o.microBatchSize !== undefined ? expectInt(o.microBatchSize, 'microBatchSize', 1) : autoMicroBatch(model, s.batchSize, longest, o.memoryBudget);
-    const ctx: Ctx = { o, s, model, data, st, micro, stepsPerEpoch, totalSteps, emit, lastCheckpoint: from?.dir, savedStep: st.globalStep, stepTimes: [] };
+    const ctx: Ctx = { o, s, model, data, st, micro, stepsPerEpoch, totalSteps, emit, lastCheckpoint: from?.dir, savedStep: st.globalStep, stepTimes: [], epochEndSeconds: 0 };
     emit({
       type: 'start', runId: st.runId, resumedFrom: from?.dir, trainExamples: data.train.length, devExamples: data.dev.length,
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
@@ -839,15 +891,28 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     });
 
     let aborted = false;
-    if (st.devPending) aborted = !(await devPhase(ctx, ctx.lastCheckpoint!)); // an epoch stopped during its dev generations
+    let t0 = performance.now();
+    if (st.devPending) {
+      aborted = !(await devPhase(ctx, ctx.lastCheckpoint!)); // an epoch stopped during its dev generations
+      ctx.epochEndSeconds = (performance.now() - t0) / 1000;
+    } else if (data.dev.length && st.epoch < s.epochs && !o.signal?.aborted) {
+      // The ETA counts the dev phases from the first step on, not only once one has run.
+      const est = await estimateDevPhase(model, data.dev, s.genOpts, micro, o.signal).catch((err) => {
+        if (o.signal?.aborted) return undefined;
+        throw err;
+      });
+      ctx.epochEndSeconds = est?.seconds ?? 0;
+    }
     for (let e = st.epoch; !aborted && e < s.epochs; e++) {
       if (!(await trainEpoch(ctx, e))) {
         aborted = true;
         await saveProgress(ctx);
         break;
       }
+      t0 = performance.now();
       const path = await endEpoch(ctx, e);
       if (!(await devPhase(ctx, path))) aborted = true;
+      ctx.epochEndSeconds = (performance.now() - t0) / 1000; // later epoch ends take about as long
     }
     await writeReport(ctx);
     const epochsWithWeights = await weightEpochs(s.outDir, st.runId);
@@ -891,13 +956,15 @@ export async function loadData(o: FinetuneOptions, model: LlamaModel): Promise<{
   return { data, maxLength, vocabGrowth };
 }
 
-// Moments were saved with the weights; restoring them keeps the resumed run bit-identical.
+// Moments were saved with the weights; restoring them keeps the resumed run bit-identical. With
+// bf16 weights the fp32 masters saved beside the moments replace the rounded weights.
 async function restoreMoments(model: LlamaModel, dir: string): Promise<void> {
   const r = await SafetensorsReader.open(join(dir, OPTIM_FILE));
   try {
     for (const p of model.params) {
       await model.setMoment(p.name, 1, await r.read(`m.${p.name}`));
       await model.setMoment(p.name, 2, await r.read(`v.${p.name}`));
+      if (r.tensors.has(`${MASTER_PREFIX}${p.name}`)) await model.setTensor(p.name, await r.read(`${MASTER_PREFIX}${p.name}`));
     }
   } finally {
     await r.close();
@@ -936,7 +1003,8 @@ async function trainEpoch(ctx: Ctx, e: number): Promise<boolean> {
     const mean = recent.reduce((a, x) => a + x, 0) / recent.length;
     ctx.emit({
       type: 'step', epoch: e + 1, step: st.globalStep, totalSteps, loss, lr: lrS, gradNorm,
-      tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep), codePaths: st.codePaths,
+      tokensPerSecond: tokens / dt, etaSeconds: mean * (totalSteps - st.globalStep) + ctx.epochEndSeconds * (s.epochs - e),
+      epochEndSeconds: ctx.epochEndSeconds, epochEndsLeft: s.epochs - e, codePaths: st.codePaths,
     });
     if (s.every !== 'epoch' && st.globalStep % s.every === 0 && b + 1 < batches.length) {
       const path = await checkpoint(ctx, `step-${st.globalStep}`);
@@ -1095,12 +1163,15 @@ async function checkpoint(ctx: Ctx, name: string): Promise<string> {
     await rm(tmp, { recursive: true, force: true });
     await mkdir(tmp, { recursive: true });
     file = `${WEIGHTS_FILE}, config.json and tokenizer files`;
-    await model.save(tmp);
+    const bf16 = st.hparams.saveDtype === 'bf16';
+    await model.save(tmp, { dtype: bf16 ? 'BF16' : 'F32' });
     file = OPTIM_FILE;
     const moments: TensorToWrite[] = [];
     for (const p of model.params) {
       moments.push({ name: `m.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 1) });
       moments.push({ name: `v.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 2) });
+      // bf16 weights lose the masters' low bits: they are kept here so a resume is exact.
+      if (bf16) moments.push({ name: `${MASTER_PREFIX}${p.name}`, shape: p.shape, data: () => model.getTensor(p.name) });
     }
     await writeSafetensors(join(tmp, OPTIM_FILE), moments);
     file = STATE_FILE;
@@ -1141,9 +1212,7 @@ async function prune(ctx: Ctx): Promise<void> {
     const fromNewest = mine.length - 1 - i;
     if (fromNewest === 0) continue;
     await rm(join(c.dir, OPTIM_FILE), { force: true });
-    const epoch = /^epoch-(\d+)$/.exec(c.name);
-    const keep = fromNewest < ctx.s.keepLast || (epoch !== null && ctx.s.keepEpochs.has(Number(epoch[1])));
-    if (!keep) await rm(join(c.dir, WEIGHTS_FILE), { force: true });
+    if (!keepsWeights(c.name, fromNewest, ctx.s.keepLast, ctx.s.keepEpochs)) await rm(join(c.dir, WEIGHTS_FILE), { force: true });
   }
 }
 

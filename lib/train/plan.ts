@@ -12,7 +12,10 @@ import { resolveDevice } from '../native.js';
 import { loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
 import { expectRegularFile } from '../util/fs.js';
 import { expectInt } from '../validate.js';
-import { defaultActivationBudget, LIMA_DEFAULTS, type FinetuneOptions } from './finetune.js';
+import { estimateDevPhase, type DevPhaseEstimate } from './dev-estimate.js';
+import {
+  defaultActivationBudget, devGenerationOptions, keepsWeights, LIMA_DEFAULTS, resolveKeepEpochs, resolveSaveDtype, type FinetuneOptions,
+} from './finetune.js';
 
 /** Bytes of one training configuration. */
 export interface MemoryPlan {
@@ -35,6 +38,42 @@ export interface MemoryPlan {
   recomputeToFit?: Recompute | null;
 }
 
+/** Bytes the checkpoints of a run hold when it ends (besides configs, tokenizer files and dev generations). */
+export interface DiskPlan {
+  saveDtype: 'fp32' | 'bf16';
+  /** Checkpoint folders the run writes (each keeps its trainer state and dev generations). */
+  checkpoints: number;
+  /** Those that keep model.safetensors: the keepLast newest and the keepEpochs epochs. */
+  withWeights: number;
+  /** One model.safetensors: 4 bytes a parameter, 2 in bf16. */
+  weightsBytes: number;
+  /** The newest's optimizer.safetensors: the two fp32 moments, plus the fp32 master weights with bf16 weights. */
+  optimizerBytes: number;
+  total: number;
+}
+
+/**
+ * The disk a run's checkpoints take at its end: the names it writes (step-N every `every` steps
+ * inside an epoch, epoch-N at each end) kept as prune() keeps them. Tensor data only: each
+ * safetensors header adds about 100 bytes a tensor.
+ */
+export function diskPlan(
+  parameters: number,
+  o: { epochs: number; stepsPerEpoch: number; every: 'epoch' | number; keepEpochs: readonly number[]; keepLast: number; saveDtype: 'fp32' | 'bf16' },
+): DiskPlan {
+  const names: string[] = [];
+  for (let e = 1; e <= o.epochs; e++) {
+    if (o.every !== 'epoch')
+      for (let b = 1; b < o.stepsPerEpoch; b++) if (((e - 1) * o.stepsPerEpoch + b) % o.every === 0) names.push(`step-${(e - 1) * o.stepsPerEpoch + b}`);
+    names.push(`epoch-${e}`);
+  }
+  const keep = new Set(o.keepEpochs);
+  const withWeights = names.filter((n, i) => keepsWeights(n, names.length - 1 - i, o.keepLast, keep)).length;
+  const weightsBytes = parameters * (o.saveDtype === 'bf16' ? 2 : 4);
+  const optimizerBytes = parameters * (o.saveDtype === 'bf16' ? 12 : 8);
+  return { saveDtype: o.saveDtype, checkpoints: names.length, withWeights, weightsBytes, optimizerBytes, total: withWeights * weightsBytes + optimizerBytes };
+}
+
 /** The result of planFinetune. */
 export interface FinetunePlan {
   config: LlamaConfig;
@@ -55,8 +94,16 @@ export interface FinetunePlan {
   memory: { fp32: MemoryPlan; bf16: MemoryPlan };
   /** The device the run would use ('cpu' or 'cuda:N (name)') and its memory; on a GPU free = total. */
   machine: { device: string; totalBytes: number; freeBytes: number; fallback?: string };
-  /** Present when steps were measured (on the run's device and precision). */
-  measured?: { device: string; precision: string; steps: number; seconds: number; tokens: number; tokensPerSecond: number; secondsPerEpoch: number; secondsTotal: number };
+  /** The run's checkpoints on disk when it ends. */
+  disk: DiskPlan;
+  /**
+   * Present when steps were measured (on the run's device and precision). secondsPerEpoch is the
+   * training steps; secondsTotal adds every epoch's dev phase (`dev`: dev loss and generations).
+   */
+  measured?: {
+    device: string; precision: string; steps: number; seconds: number; tokens: number; tokensPerSecond: number; secondsPerEpoch: number;
+    dev: DevPhaseEstimate; secondsTotal: number;
+  };
   /** Why no steps were measured, when none were. */
   notMeasured?: string;
 }
@@ -164,11 +211,17 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
     return m;
   };
   const stepsPerEpoch = Math.ceil(train.length / batchSize);
+  const every = o.checkpointEvery ?? 'epoch';
+  const disk = diskPlan(parameters, {
+    epochs, stepsPerEpoch, every: every === 'epoch' ? every : expectInt(every, 'checkpointEvery', 1),
+    keepEpochs: resolveKeepEpochs(o.keepEpochs, epochs), keepLast: expectInt(o.keepLast ?? 1, 'keepLast', 1), saveDtype: resolveSaveDtype(o.saveDtype) ?? 'fp32',
+  });
+  const genOpts = devGenerationOptions(o.devGeneration);
   const plan: FinetunePlan = {
     config, parameters, trainExamples: train.length, devExamples: data.dev.length, tokensPerEpoch, targetTokensPerEpoch,
     longestRow, epochs, batchSize, microBatchSize: micro, recompute, stepsPerEpoch,
     memory: { fp32: memory('fp32'), bf16: memory('bf16') },
-    machine,
+    machine, disk,
   };
   if (measureSteps === 0) {
     plan.notMeasured = 'measureSteps is 0';
@@ -208,9 +261,10 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
       timed++;
     }
     const tps = tokens / seconds;
+    const dev = await estimateDevPhase(m, data.dev, genOpts, micro);
     plan.measured = {
       device: m.device, precision: m.precision, steps: timed, seconds, tokens, tokensPerSecond: tps,
-      secondsPerEpoch: tokensPerEpoch / tps, secondsTotal: (epochs * tokensPerEpoch) / tps,
+      secondsPerEpoch: tokensPerEpoch / tps, dev, secondsTotal: epochs * (tokensPerEpoch / tps + dev.seconds),
     };
   } finally {
     await m.dispose();
@@ -220,6 +274,18 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
 
 const gib = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(2)} GiB` : `${(b / 2 ** 20).toFixed(1)} MiB`);
 const dur = (s: number) => (s >= 3600 ? `${(s / 3600).toFixed(1)} h` : s >= 60 ? `${(s / 60).toFixed(1)} min` : `${s.toFixed(1)} s`);
+
+// The time line: training per epoch, the dev phase per epoch, and both over all epochs.
+function timeLine(p: FinetunePlan): string {
+  const m = p.measured;
+  if (!m) return `time: not measured (${p.notMeasured})`;
+  const d = m.dev;
+  const dev = d.devExamples === 0 ? 'no dev set'
+    : `dev phase ~${dur(d.seconds)} per epoch (dev loss on ${d.devExamples} examples ~${dur(d.evalSeconds)}` +
+      (d.decodeSteps ? `, generations of up to ${d.decodeSteps.toLocaleString('en-US')} tokens ~${dur(d.generateSeconds)})` : ')');
+  return `time: ${m.tokensPerSecond.toFixed(0)} tokens/s over ${m.steps} measured step(s) -> ~${dur(m.secondsPerEpoch)} per epoch of training, ` +
+    `${dev}; ~${dur(m.secondsTotal)} in all (${m.device}, ${m.precision})`;
+}
 
 /** The plan as the lines `finetune --dry-run` prints. */
 export function formatPlan(p: FinetunePlan): string {
@@ -237,8 +303,8 @@ export function formatPlan(p: FinetunePlan): string {
     `memory with --recompute ${p.recompute} (${p.machine.device}: ${gib(p.machine.totalBytes)}, ${gib(p.machine.freeBytes)} free):`,
     mem('fp32', p.memory.fp32),
     mem('bf16', p.memory.bf16),
-    p.measured
-      ? `time: ${p.measured.tokensPerSecond.toFixed(0)} tokens/s over ${p.measured.steps} measured step(s) -> ~${dur(p.measured.secondsPerEpoch)} per epoch, ~${dur(p.measured.secondsTotal)} in all (${p.measured.device}, ${p.measured.precision})`
-      : `time: not measured (${p.notMeasured})`,
+    `disk: ${p.disk.checkpoints} checkpoints, ${p.disk.withWeights} keeping weights (${p.disk.saveDtype}, ${gib(p.disk.weightsBytes)} each) + optimizer state ${gib(p.disk.optimizerBytes)} ` +
+      `= ${gib(p.disk.total)} at the end (plus configs, tokenizer files and dev generations)`,
+    timeLine(p),
   ].join('\n');
 }

@@ -175,6 +175,10 @@ export function finetuneCommand(): Command {
       .addOption(opt('--checkpoint-every <n|epoch>', 'also checkpoint every n optimizer steps', checkpointEveryArg, 'epoch'))
       .addOption(opt('--keep-last <n>', 'the newest n checkpoints keep their weights (the newest also its optimizer state)', int({ min: 1 }), 1))
       .addOption(opt('--keep-epochs <list|all>', "epochs whose weights are kept besides the newest (comma-separated, or all)", keepEpochsArg, `LIMA's selection window, epochs ${L.selectionEpochs.first}-${L.selectionEpochs.last}`))
+      .addOption(
+        new Option('--save-dtype <dtype>', 'dtype of saved weights: fp32, or bf16 for half the size (optimizer state keeps fp32 masters, so --resume stays exact) (default: fp32, or the checkpoint\'s on --resume)')
+          .choices(['fp32', 'bf16']),
+      )
       .addOption(precisionOption())
       .addOption(deviceOption())
       .option('--chat-template <tokenizer|file>', "lay conversations out with a Jinja chat template: 'tokenizer' (the model's chat_template) or a file; default: LIMA's plain layout (utterance + EOT)")
@@ -192,7 +196,7 @@ export function finetuneCommand(): Command {
       .option('--resume', 'continue from the latest checkpoint in --out')
       .addOption(new Option('--overwrite', "start afresh in an --out that holds another run (deletes that run's checkpoints)").conflicts('resume'))
       .addOption(opt('--allow-changes <names>', 'with --resume: accept these changed settings (comma-separated flag names without the dashes, e.g. epochs,lr,batch-size)', (v) => listArg(v).map((k) => apiName(k, finetuneCommand()))))
-      .option('--dry-run', 'print parameters, memory per precision, tokens per epoch and the measured time per epoch; train nothing')
+      .option('--dry-run', 'print parameters, memory per precision, tokens per epoch, disk of the kept checkpoints and the measured time (training and dev phase); train nothing')
       .option('--json', 'print one JSON event per line instead of a progress bar')
       .action(async (v: Record<string, unknown>) => {
         if (v.devGeneration === false) {
