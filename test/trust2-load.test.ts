@@ -121,31 +121,28 @@ describe('item 7: a config claiming 1e9 layers is sized arithmetically', () => {
     const file = join(tmp(), 'claims.gguf');
     writeGguf(file, { ...kv, 'llama.block_count': u32(1e9) }, tensors);
     const missing = /claims\.gguf: missing tensor for "model\.layers\.2\.input_layernorm\.weight" .*llama\.block_count is 1000000000/;
-    const t0 = performance.now();
-    await expect(GgufReader.open(file)).rejects.toThrow(missing);
-    expect(performance.now() - t0).toBeLessThan(2000);
+    // Child processes first: with a small heap, listing the layers fails there in seconds.
     const conv = cli(['convert', '--from', 'gguf', file, '--out', join(tmp(), 'out')]);
     expect(conv.stderr).toMatch(missing);
     expect(conv.status).toBe(1);
     const gen = cli(['generate', '--model', file, '--prompt-ids', '1,2']);
     expect(gen.stderr).toMatch(missing);
     expect(gen.status).toBe(1);
+    const t0 = performance.now();
+    await expect(GgufReader.open(file)).rejects.toThrow(missing);
+    expect(performance.now() - t0).toBeLessThan(2000);
   }, 60_000);
 });
 
 describe('item 9: GGUF structure as llama.cpp checks it', () => {
-  it('the well-formed tiny GGUF loads (the reference the broken variants differ from)', async () => {
-    const { kv, tensors } = await tinyGgufParts();
-    const file = join(tmp(), 'good.gguf');
-    writeGguf(file, kv, tensors);
-    await using m = await LlamaModel.fromGguf(file);
-    expect(m.config.numLayers).toBe(2);
-  });
-
-  it('a tensor offset that is not a multiple of general.alignment is refused', async () => {
+  it('a tensor offset that is not a multiple of general.alignment is refused (the same file unpatched loads)', async () => {
     const { kv, tensors } = await tinyGgufParts();
     const file = join(tmp(), 'misaligned.gguf');
     writeGguf(file, kv, tensors);
+    {
+      await using m = await LlamaModel.fromGguf(file);
+      expect(m.config.numLayers).toBe(2);
+    }
     const buf = readFileSync(file);
     const first = tensors[0];
     const at = offsetField(buf, first.name, first.ne.length);
