@@ -95,7 +95,8 @@ export {
   type DoneEvent,
   type DevPhaseEvent,
 } from './train/finetune.js';
-export { planFinetune, formatPlan, countParameters, memoryPlan, type FinetunePlan, type MemoryPlan, type PlanOptions } from './train/plan.js';
+export { planFinetune, formatPlan, countParameters, memoryPlan, diskPlan, type DiskPlan, type FinetunePlan, type MemoryPlan, type PlanOptions } from './train/plan.js';
+export type { DevPhaseEstimate } from './train/dev-estimate.js';
 export { readLlama2cTokenizer, llama2cTokenizerJson, loadLlama2cTokenizer, type Llama2cVocab } from './io/llama2c-tokenizer.js';
 export { runStoriesDemo, sharesTable, STORIES_DEMO_RECIPE, STORIES_DEMO_FILES, type StoriesDemoOptions, type StoriesDemoResult, type DemoEpochShares } from './demo/stories.js';
 export { demoShares, usesWord, fmtShare, type DemoShares, type StoryRequest, type ScoredGeneration } from './demo/metrics.js';
