@@ -29,7 +29,7 @@ export { ByteTokenizer, HfTokenizer, loadTokenizer, DEFAULT_EOT, type Tokenizer 
 export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo, type TensorToWrite, type SafetensorsDtype } from './io/safetensors.js';
 export { Llama2cReader, Llama2cError } from './io/llama2c.js';
 export { readJsonl, JsonlError, type JsonlRow, type ReadJsonlOptions } from './io/jsonl.js';
-export { writeAtomic, WriteError } from './util/fs.js';
+export { expectOutputDir, expectRegularFile, FileKindError, writeAtomic, WriteError } from './util/fs.js';
 export { OutDirError, prepareModelDir, MODEL_FOLDER_FILES } from './io/outdir.js';
 export { LIMA } from './recipe.js';
 export { GgufReader, GgufError, convertGguf, type GgufTensor, type GgufConversion } from './io/gguf.js';
