@@ -445,7 +445,7 @@ export function resolveSaveDtype(v: FinetuneOptions['saveDtype']): 'fp32' | 'bf1
 }
 
 /** The dev generations' decoding (LIMA's, overridden by the given fields), checked; null when off. */
-export function devGenerationOptions(g: FinetuneOptions['devGeneration']): Settings['genOpts'] {
+export function devGenerationOptions(g: FinetuneOptions['devGeneration']): Exclude<FinetuneOptions['devGeneration'], false | undefined> | null {
   const genOpts = g === false ? null : { ...LIMA.decoding, ...(g ?? {}) };
   if (genOpts) resolveSampling(genOpts);
   return genOpts;
