@@ -107,6 +107,29 @@ describe('item 13: eval reads the rows finetune trains on', () => {
     expect(r3.status).toBe(2);
     expect(r3.stderr).toContain("--max-length 65 is more than the model's 64 positions");
   });
+
+  it('with no layout flag, a model saved with a layout (a fine-tuned checkpoint) is evaluated in that layout', async () => {
+    const dir = tmp();
+    const model = join(dir, 'tuned');
+    {
+      await using m = await LlamaModel.create(cfg, { seed: 3, tokenizer: new ByteTokenizer() });
+      m.layout = { roles: { user: 'U:', assistant: 'A:' } };
+      await m.save(model);
+    }
+    const conv = writeJsonl(dir, 'conv.jsonl', CONVS.map((c) => ({ conversations: c })));
+    const byHand = CONVS.map((c) =>
+      tokenRow([[[BOS], false], ...c.flatMap((u, i): [number[], boolean][] => [[bytes(i % 2 === 0 ? 'U:' : 'A:'), false], [[...bytes(u), EOT], i % 2 === 1]])]),
+    );
+    const tokens = writeJsonl(dir, 'tokens.jsonl', byHand);
+    const saved = cli('eval', '--model', model, '--data', conv, '--json');
+    expect(saved.status, saved.stderr).toBe(0);
+    const onTokens = cli('eval', '--model', model, '--data', tokens, '--json');
+    expect(onTokens.status, onTokens.stderr).toBe(0);
+    const a = JSON.parse(saved.stdout) as { loss: number; tokens: number };
+    const b = JSON.parse(onTokens.stdout) as { loss: number; tokens: number };
+    expect(a.tokens).toBe(b.tokens);
+    expect(Math.abs(a.loss - b.loss)).toBeLessThan(1e-6);
+  });
 });
 
 describe('item 14: the data formats users bring', () => {

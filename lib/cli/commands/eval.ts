@@ -32,6 +32,12 @@ export function evalCommand(): Command {
       if (v.maxLength !== undefined && v.maxLength > P) throw new UsageError(`--max-length ${v.maxLength} is more than the model's ${P} positions (max_position_embeddings)`);
       const opts = toFinetuneOptions(v);
       if (v.chatTemplate !== undefined) opts.chatTemplate = await resolveChatTemplate(v.chatTemplate, v.model);
+      // No layout flag given: the layout the model was fine-tuned with (saved beside it), as
+      // generate and chat use, so a checkpoint is evaluated on the tokens it was trained on.
+      else if (opts.roles === undefined && model.layout) {
+        if (model.layout.roles) opts.roles = model.layout.roles;
+        if (model.layout.chatTemplate !== undefined) opts.chatTemplate = model.layout.chatTemplate;
+      }
       const V = model.config.vocabSize;
       const { data, maxLength } = await loadData({ ...opts, devData: undefined }, model);
       if (model.config.vocabSize > V)
