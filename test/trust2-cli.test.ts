@@ -57,6 +57,49 @@ function chatProcess(args: string[]) {
 
 const count = (s: string, sub: string) => s.split(sub).length - 1;
 
+/**
+ * A chat model whose greedy replies hold the BOS token (not a stop token): the final norm keeps
+ * one hidden unit, and the head scores BOS by +h0 and "A" by -h0, every other token 0.
+ */
+async function bosModel(dir: string): Promise<string> {
+  const tok = new ByteTokenizer();
+  await using m = await LlamaModel.create(
+    { vocab_size: tok.vocabSize, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 512 },
+    { seed: 5, tokenizer: tok },
+  );
+  m.layout = {};
+  const C = m.config.hiddenSize;
+  const g = new Float32Array(C);
+  g[0] = 1;
+  await m.setTensor('model.norm.weight', g);
+  const w = new Float32Array(tok.vocabSize * C);
+  w[tok.bosId! * C] = 1;
+  w[65 * C] = -1;
+  await m.setTensor('lm_head.weight', w);
+  await m.save(dir);
+  return dir;
+}
+
+describe('chat: a reply holding special-token text', () => {
+  it('goes back into the conversation as that token, and the next message is answered; typed special text is still refused', async () => {
+    const model = await bosModel(join(tmp(), 'bos'));
+    const r = cli(['chat', '--model', model, '--greedy', '--max-new-tokens', '6', '--json'], 'Hi\nAgain\n');
+    expect(r.status, r.stderr).toBe(0);
+    const turns = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { turn: number; promptIds: number[]; ids: number[]; text: string });
+    const BOS = new ByteTokenizer().bosId!;
+    expect(turns[0].ids).toContain(BOS); // the precondition: the model produced the special token
+    expect(turns[0].text).toContain('<s>');
+    expect(turns.map((t) => t.turn)).toEqual([1, 2]);
+    // The second prompt holds the first reply's ids as generated (BOS as BOS, not as "<", "s", ">").
+    const reply = turns[1].promptIds.join(',');
+    expect(reply).toContain(turns[0].ids.join(','));
+    const typed = cli(['chat', '--model', model, '--greedy', '--max-new-tokens', '2', '--json'], 'say <s>\nHi\n');
+    expect(typed.status, typed.stderr).toBe(0);
+    expect(typed.stderr).toContain('contains the special token text "<s>"');
+    expect(typed.stdout.trim().split('\n')).toHaveLength(1);
+  });
+});
+
 describe('item 11: chat and Ctrl-C, /help, /reset', () => {
   let model: string;
   beforeAll(async () => {

@@ -2,7 +2,7 @@
 // with the model's chat layout, exactly as in training, and answered until the end-of-turn token.
 import { createInterface } from 'node:readline';
 import { Command } from 'commander';
-import type { Message } from '../../data/format.js';
+import { checkSpecialText, type Message } from '../../data/format.js';
 import { applyChatTemplate, chatTemplateOption, deviceOption, fallbackNote, loadModel } from '../common.js';
 import type { Device } from '../../native.js';
 import { addSamplingOptions, InterruptedError, samplingFrom, terminalSafe, UsageError } from '../options.js';
@@ -28,6 +28,7 @@ export function chatCommand(): Command {
       );
     const opts = samplingFrom(v);
     const system: Message[] = v.system !== undefined ? [{ role: 'system', content: v.system as string }] : [];
+    if (v.system !== undefined) checkSpecialText(model.tokenizer, [{ where: '--system', text: v.system as string }], opts.specialTokens ?? 'error');
     let history: Message[] = [...system];
     const tty = process.stdin.isTTY && process.stdout.isTTY;
     const show = (t: string) => (process.stdout.isTTY ? terminalSafe(t) : t);
@@ -69,12 +70,17 @@ export function chatCommand(): Command {
         else if (text) {
           let messages: Message[] = [...history, { role: 'user', content: text }];
           let promptIds: number[];
+          // The policy (--special-tokens) judges what the person types, once, as it comes; the
+          // conversation is then laid out parsing special-token text, so a reply in which the
+          // model itself produced a special token ("</s>") goes back as that token, not refused.
+          const laidOut = { ...opts, specialTokens: 'parse' as const };
           try {
-            promptIds = model.promptIds(messages, opts);
+            checkSpecialText(model.tokenizer, [{ where: 'this message', text }], opts.specialTokens ?? 'error');
+            promptIds = model.promptIds(messages, laidOut);
             // Forget the oldest exchanges rather than overflow the model's positions.
             while (promptIds.length >= model.config.maxPositionEmbeddings && messages.length > system.length + 1) {
               messages = [...system, ...messages.slice(system.length + 2)];
-              promptIds = model.promptIds(messages, opts);
+              promptIds = model.promptIds(messages, laidOut);
               say('(the conversation is longer than the model can see: dropped the oldest exchange)');
             }
             if (promptIds.length >= model.config.maxPositionEmbeddings) throw new Error(`this message alone needs ${promptIds.length} tokens; the model sees ${model.config.maxPositionEmbeddings}`);
