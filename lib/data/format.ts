@@ -5,7 +5,7 @@
 // a re-tokenized string, so the targets are exactly the assistant turns.
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Template } from '@huggingface/jinja';
+import { BoundedTemplate, GENERATION_END, GENERATION_START, RenderLimitError } from './chat-template.js';
 import type { Tokenizer } from '../tokenizer/index.js';
 import { expectRegularFile } from '../util/fs.js';
 import { describe, fail } from '../validate.js';
@@ -278,7 +278,7 @@ export interface CompiledTemplate {
   render(items: Record<string, unknown>): string;
 }
 
-const templateCache = new Map<string, Template>();
+const templateCache = new Map<string, BoundedTemplate>();
 
 // Encodes a prefix of `text` long enough to give more than `cap` tokens, growing it 4x at a
 // time; the margin keeps the first `cap` ids identical to those of the whole text, since
@@ -304,18 +304,22 @@ function budgeted(tok: Tokenizer, budget: number | undefined): (text: string) =>
   };
 }
 
-/** Compiles a chat template (cached), reporting syntax errors by name. */
-export function compileChatTemplate(source: string): CompiledTemplate {
+/**
+ * Compiles a chat template (cached), reporting syntax errors by name. Its renderings are bounded
+ * (RENDER_LIMITS); `origin`, the file it came from, is named when one exceeds them.
+ */
+export function compileChatTemplate(source: string, origin?: string): CompiledTemplate {
   let t = templateCache.get(source);
   if (!t) {
     try {
-      t = new Template(source);
+      t = new BoundedTemplate(source, origin);
     } catch (e) {
       throw new Error(`Invalid chat template: ${(e as Error).message}`);
     }
     if (templateCache.size >= 16) templateCache.delete(templateCache.keys().next().value as string);
     templateCache.set(source, t);
   }
+  t.origin ??= origin;
   return t;
 }
 
@@ -346,8 +350,11 @@ export async function loadChatTemplate(dir: string): Promise<string | undefined>
 
 /** A chat template that cannot be found or compiled; the message names the file. */
 export class ChatTemplateError extends Error {
-  readonly code = 'ERR_LIMA_CHAT_TEMPLATE';
-  constructor(message: string) {
+  /** ERR_LIMA_CHAT_TEMPLATE_LIMIT: a rendering exceeded RENDER_LIMITS (the template, whatever the row). */
+  constructor(
+    message: string,
+    readonly code: 'ERR_LIMA_CHAT_TEMPLATE' | 'ERR_LIMA_CHAT_TEMPLATE_LIMIT' = 'ERR_LIMA_CHAT_TEMPLATE',
+  ) {
     super(message);
     this.name = 'ChatTemplateError';
   }
@@ -396,7 +403,7 @@ export async function resolveChatTemplate(spec: string, modelDir: string): Promi
     if (!source.trim()) throw new ChatTemplateError(`${spec}: chat template file is empty`);
   }
   try {
-    compileChatTemplate(source);
+    compileChatTemplate(source, origin);
   } catch (e) {
     throw new ChatTemplateError(`${origin}: ${(e as Error).message}`);
   }
@@ -501,6 +508,35 @@ function plainSpans(messages: readonly Message[], tok: Tokenizer, roles: RoleMar
   return { spans, promptEnd };
 }
 
+// Hugging Face's layout for templates with {% generation %} blocks (return_assistant_tokens_mask):
+// one rendering of the whole conversation, whose generation blocks are the targets. It needs no
+// incremental rendering, so templates that rewrite earlier turns work.
+function generationSpans(
+  messages: readonly Message[],
+  render: (k: number, gen: boolean) => string,
+  piece: (text: string, target: boolean) => void,
+  spans: Span[],
+): { spans: Span[]; promptEnd: number } {
+  messages.forEach((m, i) => {
+    if (m.content.includes(GENERATION_START) || m.content.includes(GENERATION_END))
+      throw new RowError(`messages[${i}].content holds U+FDD0 or U+FDD1, the characters that mark the chat template's {% generation %} blocks`);
+  });
+  const answered = messages[messages.length - 1].role === 'assistant';
+  let promptEnd = -1;
+  let inside = false;
+  for (const part of render(messages.length, !answered).split(/([\uFDD0\uFDD1])/)) {
+    if (part === GENERATION_START || part === GENERATION_END) {
+      if (inside === (part === GENERATION_START))
+        throw new RowError(`chat template renders ${inside ? 'a {% generation %} block inside another' : '{% endgeneration %} outside a block'}`);
+      inside = !inside;
+      // The last answer's prompt is everything before its block.
+      if (inside && answered) promptEnd = spans.length;
+    } else piece(part, inside);
+  }
+  if (inside) throw new RowError('chat template renders a {% generation %} block without {% endgeneration %}');
+  return { spans, promptEnd: promptEnd < 0 ? spans.length : promptEnd };
+}
+
 function templateSpans(messages: readonly Message[], tok: Tokenizer, template: CompiledTemplate, maxTokens?: number): { spans: Span[]; promptEnd: number } {
   const specials = specialTexts(tok);
   const encode = budgeted(tok, maxTokens);
@@ -509,10 +545,17 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: C
     eos_token: tok.eosId === undefined ? '' : tok.decode([tok.eosId]),
   };
   if (tok.eotId !== undefined) vars.eot_token = tok.decode([tok.eotId]);
+  const bounded = template instanceof BoundedTemplate ? template : undefined;
   const renderRaw = (k: number, gen: boolean): string => {
+    const items = { ...vars, messages: messages.slice(0, k).map((m) => ({ ...m })), add_generation_prompt: gen };
     try {
-      return template.render({ ...vars, messages: messages.slice(0, k).map((m) => ({ ...m })), add_generation_prompt: gen });
+      return bounded ? bounded.renderMarked(items) : template.render(items);
     } catch (e) {
+      if (e instanceof RenderLimitError)
+        throw new ChatTemplateError(
+          `chat template${bounded?.origin ? ` ${bounded.origin}` : ''}: ${e.message} rendering ${k ? `messages[0..${k - 1}]` : 'no messages'}`,
+          'ERR_LIMA_CHAT_TEMPLATE_LIMIT',
+        );
       throw new RowError(`chat template failed on messages[0..${k - 1}]: ${(e as Error).message}`);
     }
   };
@@ -522,8 +565,9 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: C
   // never to an answer's target span.
   let trailer = '';
   try {
-    trailer = template.render({ ...vars, messages: [], add_generation_prompt: false });
-  } catch {
+    trailer = renderRaw(0, false);
+  } catch (e) {
+    if (e instanceof ChatTemplateError) throw e;
     trailer = '';
   }
   const render = (k: number, gen: boolean): string => {
@@ -532,13 +576,19 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: C
   };
   const extend = (prev: string, next: string, what: string): string => {
     if (!next.startsWith(prev))
-      throw new RowError(`chat template is not incremental: rendering ${what} does not start with the rendering of the messages before it`);
+      throw new RowError(
+        `chat template is not incremental${bounded?.origin ? ` (${bounded.origin})` : ''}: rendering ${what} does not start with the rendering of the messages before it. ` +
+          'The assistant tokens are found by rendering the conversation one message more at a time, so each rendering must start with the previous one; ' +
+          'this template rewrites earlier turns (e.g. drops the reasoning of earlier assistant turns, or moves the system prompt into the last user turn). ' +
+          'Use a template that marks the assistant text with {% generation %}...{% endgeneration %} or renders incrementally (--chat-template FILE), or leave out --chat-template for the plain layout',
+      );
     return next.slice(prev.length);
   };
   const spans: Span[] = [];
   const piece = (text: string, target: boolean) => {
     if (text) spans.push({ ids: encodeWithSpecials(encode, text, specials), target });
   };
+  if (bounded?.generation) return generationSpans(messages, render, piece, spans);
   let prev = '';
   let promptEnd = -1;
   for (let k = 1; k <= messages.length; k++) {
@@ -569,8 +619,11 @@ function templateSpans(messages: readonly Message[], tok: Tokenizer, template: C
  * plus whatever the template closes the turn with) are exact target spans. The template decides
  * BOS and end-of-turn tokens itself; it sees `bos_token`, `eos_token` and `eot_token`. A trailer
  * the template renders even for no messages (an always-on assistant header) starts the next turn,
- * so it is never part of a target.
- * Throws RowError for a template that fails or is not incremental.
+ * so it is never part of a target. A template with {% generation %} blocks is rendered once for
+ * the whole conversation instead and the blocks' text are the targets (Hugging Face's
+ * return_assistant_tokens_mask), so it may rewrite earlier turns.
+ * Throws RowError for a template that fails or is not incremental, ChatTemplateError
+ * (ERR_LIMA_CHAT_TEMPLATE_LIMIT) for one that exceeds RENDER_LIMITS.
  */
 export function formatConversation(messages: readonly Message[], opts: FormatOptions): FormattedConversation {
   if (messages.length === 0) fail('at least one message', 'messages', messages);
