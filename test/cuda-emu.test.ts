@@ -10,7 +10,8 @@
 // This is not a GPU: timing, the real memory model and nvcc's code generation are checked only by
 // scripts/device-check.sh on one.
 import { spawnSync } from 'node:child_process';
-import { arch } from 'node:os';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { arch, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { packageRoot } from '../lib/native.js';
@@ -76,6 +77,52 @@ describe.skipIf(why !== null)(why === null ? 'the CUDA sources on the CPU emulat
     for (const check of ['model step tiny fp32', 'model step hd64 bf16 tc', 'model decode hd64 bf16 tc', 'model curve tiny bf16', 'model recompute all == none tiny bf16'])
       expect(r.out).toContain(`PASS ${check}`);
     expectAllPassed(r, 14);
+  }, 600_000);
+
+  // A stand-in libcublasLt.so.12 with the entry points the module opens: every call succeeds, the
+  // heuristic finds no algorithm, and cublasLtMatmul (which must then never run) fails.
+  const FAKE_LT = `
+    typedef struct { unsigned long long d[8]; } Algo;
+    typedef struct { Algo algo; unsigned long ws; int state; float waves; int r[4]; } Heur;
+    int cublasLtCreate(void** h) { *h = (void*)1; return 0; }
+    int cublasLtDestroy(void* h) { return 0; }
+    int cublasLtMatmulDescCreate(void** d, int c, int s) { *d = (void*)1; return 0; }
+    int cublasLtMatmulDescSetAttribute(void* d, int a, const void* v, unsigned long n) { return 0; }
+    int cublasLtMatmulDescDestroy(void* d) { return 0; }
+    int cublasLtMatrixLayoutCreate(void** l, int t, unsigned long long r, unsigned long long c, long long ld) { *l = (void*)1; return 0; }
+    int cublasLtMatrixLayoutDestroy(void* l) { return 0; }
+    int cublasLtMatmulPreferenceCreate(void** p) { *p = (void*)1; return 0; }
+    int cublasLtMatmulPreferenceSetAttribute(void* p, int a, const void* v, unsigned long n) { return 0; }
+    int cublasLtMatmulPreferenceDestroy(void* p) { return 0; }
+    int cublasLtMatmulAlgoGetHeuristic(void* h, void* d, void* a, void* b, void* c, void* e, void* p, int n, Heur* r, int* found) { *found = 0; return 0; }
+    int cublasLtMatmul() { return 7; }
+  `;
+  function fakeCublasLt(dir: string): string {
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, 'fake_lt.c'), FAKE_LT);
+    const lib = join(dir, 'libcublasLt.so.12');
+    const cc = spawnSync('cc', ['-shared', '-fPIC', '-o', lib, join(dir, 'fake_lt.c')], { encoding: 'utf8' });
+    if (cc.status !== 0) throw new Error(`cc: ${cc.stderr}`);
+    return lib;
+  }
+
+  it('finds cuBLASLt where users have it (CUDA toolkit, pip wheels, LIMA_CUBLASLT_LIB) and runs our GEMM where it has no algorithm', () => {
+    const root = mkdtempSync(join(tmpdir(), 'lima-fake-lt-'));
+    // The toolkit's folder, found through CUDA_HOME without LD_LIBRARY_PATH.
+    const toolkit = fakeCublasLt(join(root, 'cuda', 'lib64'));
+    let r = run(['lima_cuda_selftest', '--kernels-only', '--filter', 'gemm-cublaslt/bf16->fp32'], { CUDA_HOME: join(root, 'cuda') });
+    expect(r.out).toContain(`cuBLASLt: ${toolkit}`);
+    expect(r.out).toMatch(/^PASS gemm-cublaslt\/bf16->fp32\/.*no algorithm for this shape/m);
+    expectAllPassed(r, 1);
+    // A pip wheel under the user's site-packages (what PyTorch's wheels bring).
+    const wheel = fakeCublasLt(join(root, 'home', '.local', 'lib', 'python3.11', 'site-packages', 'nvidia', 'cublas', 'lib'));
+    r = run(['lima_cuda_selftest', '--kernels-only', '--filter', 'nothing'], { HOME: join(root, 'home') });
+    expect(r.out).toContain(`cuBLASLt: ${wheel}`);
+    // The model's products go through gemm(): with no algorithm it falls back instead of failing the step.
+    r = run(['lima_cuda_selftest', '--filter', 'model step tiny bf16'], { LIMA_CUBLASLT_LIB: toolkit });
+    expect(r.out).toContain(`cuBLASLt: ${toolkit}`);
+    expect(r.out).toContain('PASS model step tiny bf16');
+    expectAllPassed(r, 1);
   }, 600_000);
 
   it("the library and CLI with device 'cuda' (scripts/device-e2e.mjs on the emulated module)", () => {

@@ -75,7 +75,10 @@ std::string CudaBackend::bf16_path() const {
   const bool tc = attention_ == cu::AttentionImpl::TensorCore ||
                   (attention_ == cu::AttentionImpl::Auto &&
                    cu::attention_impl(ctx_, DType::BF16, 64) == cu::AttentionImpl::TensorCore);
-  return std::string(cu::cublaslt_available() ? "cuda cublaslt" : "cuda mma.sync") +
+  // Which GEMM runs and why: a missing cuBLASLt silently costs speed, so its reason is named.
+  std::string lt;
+  const bool found = cu::cublaslt_available(&lt);
+  return (found ? "cuda cublaslt (" + lt + ")" : "cuda mma.sync GEMM (cuBLASLt: " + lt + ")") +
          (tc ? " + tensor-core attention" : " + SIMT attention");
 }
 

@@ -195,10 +195,17 @@ void gemm(const CudaContext& ctx, DType ab, DType c, void* C, const void* A, con
 void gemm_ours(const CudaContext& ctx, DType ab, DType c, void* C, const void* A, const void* B,
                const GemmArgs& args);
 
-/** cuBLASLt opened with dlopen: true when the library and its entry points were found. */
+/**
+ * cuBLASLt opened with dlopen (searched in the toolkit and pip's nvidia wheels too): true when the
+ * library and its entry points were found. *why: the loaded file, or why none was.
+ */
 bool cublaslt_available(std::string* why = nullptr);
-/** bf16 x bf16 -> (c) via cuBLASLt; throws CudaError when it is missing or fails. */
-void gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, const void* B,
+/**
+ * bf16 x bf16 -> (c) via cuBLASLt. False (nothing queued) when it has no algorithm for the shape
+ * or an operand is not 16-byte aligned: the caller then runs ours. Throws CudaError when it is
+ * missing or fails.
+ */
+bool gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, const void* B,
                    const GemmArgs& args, Workspace& ws);
 
 // ---- Flash attention (kernels/attention.h layout): q, out [B, Tq, H, D]; k, v [B, Tk, KV, D];

@@ -3,8 +3,12 @@
 // we need are declared here; when the real cublasLt.h is on the include path, static_asserts
 // check every declaration against it.
 #include <dlfcn.h>
+#include <glob.h>
 
 #include <cstddef>
+#include <cstdlib>
+#include <string>
+#include <vector>
 #include <mutex>
 
 #include "kernels/cuda/common.cuh"
@@ -30,6 +34,7 @@ struct HeuristicResult {             // cublasLtMatmulHeuristicResult_t
   int reserved[4];
 };
 
+constexpr Status kStatusNotSupported = 15;  // CUBLAS_STATUS_NOT_SUPPORTED
 constexpr int kComputeF32 = 68;      // CUBLAS_COMPUTE_32F
 constexpr int kR32F = 0;             // CUDA_R_32F
 constexpr int kR16BF = 14;           // CUDA_R_16BF
@@ -71,6 +76,7 @@ struct Api {
   MatmulFn matmul = nullptr;
   Handle handle = nullptr;
   std::string why;
+  std::string path;  // the file that was loaded
   bool ok = false;
 };
 
@@ -85,6 +91,7 @@ static_assert(sizeof(lt::MatmulAlgo) == sizeof(cublasLtMatmulAlgo_t), "cublasLtM
 static_assert(sizeof(lt::HeuristicResult) == sizeof(cublasLtMatmulHeuristicResult_t), "heuristic result size");
 static_assert(offsetof(lt::HeuristicResult, workspaceSize) == offsetof(cublasLtMatmulHeuristicResult_t, workspaceSize), "workspaceSize offset");
 static_assert(offsetof(lt::HeuristicResult, state) == offsetof(cublasLtMatmulHeuristicResult_t, state), "state offset");
+static_assert(lt::kStatusNotSupported == CUBLAS_STATUS_NOT_SUPPORTED, "CUBLAS_STATUS_NOT_SUPPORTED");
 static_assert(lt::kComputeF32 == CUBLAS_COMPUTE_32F, "CUBLAS_COMPUTE_32F");
 static_assert(lt::kR32F == CUDA_R_32F && lt::kR16BF == CUDA_R_16BF, "cudaDataType values");
 static_assert(lt::kDescTransA == CUBLASLT_MATMUL_DESC_TRANSA && lt::kDescTransB == CUBLASLT_MATMUL_DESC_TRANSB, "desc attributes");
@@ -112,16 +119,59 @@ static_assert(std::is_same<decltype(&cublasLtMatmulDescCreate),
 
 namespace {
 
+// Where libcublasLt is looked for, in order: LIMA_CUBLASLT_LIB (a file), the dynamic loader's own
+// search (LD_LIBRARY_PATH, ldconfig's cache), the CUDA toolkit's folders, and the pip wheels
+// nvidia-cublas-* (PyTorch brings them) under the usual Python prefixes. A Node process started
+// by a user has no LD_LIBRARY_PATH pointing at a wheel, so the loader alone would miss it.
+std::vector<std::string> cublaslt_candidates() {
+  std::vector<std::string> out;
+  if (const char* f = std::getenv("LIMA_CUBLASLT_LIB"); f && *f) out.emplace_back(f);
+  for (const char* n : {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11"}) out.emplace_back(n);
+  std::vector<std::string> patterns;
+  for (const char* var : {"CUDA_HOME", "CUDA_PATH"})
+    if (const char* v = std::getenv(var); v && *v) {
+      patterns.push_back(std::string(v) + "/lib64/libcublasLt.so.1[1-9]");
+      patterns.push_back(std::string(v) + "/targets/*-linux/lib/libcublasLt.so.1[1-9]");
+    }
+  for (const char* p : {"/usr/local/cuda/lib64", "/usr/local/cuda/targets/*-linux/lib", "/usr/local/cuda-*/lib64",
+                        "/usr/local/cuda-*/targets/*-linux/lib", "/opt/cuda/lib64"})
+    patterns.push_back(std::string(p) + "/libcublasLt.so.1[1-9]");
+  std::vector<std::string> prefixes = {"/usr/local/lib/python3*", "/usr/lib/python3*", "/opt/conda/lib/python3*"};
+  for (const char* var : {"VIRTUAL_ENV", "CONDA_PREFIX"})
+    if (const char* v = std::getenv(var); v && *v) {
+      prefixes.insert(prefixes.begin(), std::string(v) + "/lib/python3*");
+      patterns.push_back(std::string(v) + "/lib/libcublasLt.so.1[1-9]");
+    }
+  if (const char* h = std::getenv("HOME"); h && *h) prefixes.push_back(std::string(h) + "/.local/lib/python3*");
+  for (const std::string& p : prefixes)
+    for (const char* sp : {"site-packages", "dist-packages"})
+      patterns.push_back(p + "/" + sp + "/nvidia/*/lib/libcublasLt.so.1[1-9]");
+  for (const std::string& pat : patterns) {
+    glob_t g{};
+    if (glob(pat.c_str(), 0, nullptr, &g) == 0) {
+      // Newest major first (.so.13 before .so.12): glob sorts names ascending.
+      for (size_t i = g.gl_pathc; i-- > 0;) out.emplace_back(g.gl_pathv[i]);
+    }
+    globfree(&g);
+  }
+  return out;
+}
+
 lt::Api& api() {
   static lt::Api a;
   static std::once_flag once;
   std::call_once(once, [] {
-    const char* names[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11", "libcublasLt.so"};
     void* h = nullptr;
-    for (const char* n : names)
-      if ((h = dlopen(n, RTLD_NOW | RTLD_LOCAL))) break;
+    std::string tried_error;
+    for (const std::string& n : cublaslt_candidates()) {
+      if ((h = dlopen(n.c_str(), RTLD_NOW | RTLD_LOCAL))) break;
+      // A file that exists but does not load (missing dependency, wrong architecture) is worth naming.
+      if (n.find('/') != std::string::npos && tried_error.empty())
+        if (const char* e = dlerror()) tried_error = e;
+    }
     if (!h) {
-      a.why = "libcublasLt.so (13, 12 or 11) not found by dlopen";
+      a.why = "libcublasLt.so.13/12/11 not found (LIMA_CUBLASLT_LIB, LD_LIBRARY_PATH, ldconfig, the CUDA toolkit, pip nvidia wheels)" +
+              (tried_error.empty() ? std::string() : "; " + tried_error);
       return;
     }
     bool all = true;
@@ -145,8 +195,10 @@ lt::Api& api() {
     sym(a.heuristic, "cublasLtMatmulAlgoGetHeuristic");
     sym(a.matmul, "cublasLtMatmul");
     if (!all) return;
+    Dl_info info{};
+    a.path = dladdr(reinterpret_cast<void*>(a.create), &info) && info.dli_fname ? info.dli_fname : "libcublasLt";
     if (a.create(&a.handle) != 0) {
-      a.why = "cublasLtCreate failed";
+      a.why = "cublasLtCreate failed (" + a.path + ")";
       return;
     }
     a.ok = true;
@@ -154,14 +206,12 @@ lt::Api& api() {
   return a;
 }
 
-// The largest power of two <= 256 dividing the address: the model hands cuBLASLt sub-tensors at
-// element offsets, and the heuristic assumes 256-byte alignment unless told otherwise.
-uint32_t alignment(const void* p) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  uint32_t k = 256;
-  while (k > 1 && (a % k) != 0) k >>= 1;
-  return k;
-}
+// Every operand is declared 16-byte aligned, whatever its real address: the heuristic then picks
+// an algorithm from the shape alone, so the same product gives the same bits wherever its
+// operands sit (the model hands cuBLASLt sub-tensors at element offsets, and recompute modes place
+// them differently). Operands that are not 16-byte aligned take our own GEMM.
+constexpr uint32_t kAlignment = 16;
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kAlignment == 0; }
 
 void lt_check(lt::Status s, const char* call) {
   if (s != 0) throw CudaError(std::string(call) + " failed with cublasStatus " + std::to_string(s), s);
@@ -186,15 +236,16 @@ struct Guard {
 
 bool cublaslt_available(std::string* why) {
   lt::Api& a = api();
-  if (why) *why = a.ok ? "" : a.why;
+  if (why) *why = a.ok ? a.path : a.why;
   return a.ok;
 }
 
-void gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, const void* B,
+bool gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, const void* B,
                    const GemmArgs& g, Workspace& ws) {
   lt::Api& a = api();
   if (!a.ok) throw CudaError("cuBLASLt is not available: " + a.why, -1);
   expect(g.lda > 0 && g.ldb > 0 && g.ldc > 0, "resolved leading dimensions", "lda/ldb/ldc", "0");
+  if (!aligned16(A) || !aligned16(B) || !aligned16(C)) return false;
   // Row-major C[M,N] = op(A) op(B) is column-major Cᵀ[N,M] = op(B)ᵀ op(A)ᵀ: swap the operands.
   // A row-major matrix stored [r, c] with ld is column-major [c, r] with the same ld.
   Guard gd{a};
@@ -215,19 +266,19 @@ void gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, cons
   lt_check(a.pref_create(&gd.pref), "cublasLtMatmulPreferenceCreate");
   lt_check(a.pref_set(gd.pref, lt::kPrefMaxWorkspace, &ws_bytes, sizeof ws_bytes), "cublasLtMatmulPreferenceSetAttribute");
   // Operands as cuBLASLt sees them: its A is our B and its B our A (the swap above).
-  const uint32_t align[4] = {alignment(B), alignment(A), alignment(C), alignment(C)};
-  const int attr[4] = {lt::kPrefAlignA, lt::kPrefAlignB, lt::kPrefAlignC, lt::kPrefAlignD};
-  for (int i = 0; i < 4; ++i)
-    lt_check(a.pref_set(gd.pref, attr[i], &align[i], sizeof align[i]), "cublasLtMatmulPreferenceSetAttribute");
+  for (const int attr : {lt::kPrefAlignA, lt::kPrefAlignB, lt::kPrefAlignC, lt::kPrefAlignD})
+    lt_check(a.pref_set(gd.pref, attr, &kAlignment, sizeof kAlignment), "cublasLtMatmulPreferenceSetAttribute");
   lt::HeuristicResult res{};
   int found = 0;
-  lt_check(a.heuristic(a.handle, gd.desc, gd.lb, gd.la, gd.lc, gd.lc, gd.pref, 1, &res, &found),
-           "cublasLtMatmulAlgoGetHeuristic");
-  if (found == 0) throw CudaError("cuBLASLt found no algorithm for this GEMM", -1);
+  const lt::Status hs = a.heuristic(a.handle, gd.desc, gd.lb, gd.la, gd.lc, gd.lc, gd.pref, 1, &res, &found);
+  // A shape cuBLASLt has no algorithm for is not an error: the caller runs ours.
+  if (hs == lt::kStatusNotSupported || (hs == 0 && found == 0)) return false;
+  lt_check(hs, "cublasLtMatmulAlgoGetHeuristic");
   const float alpha = g.alpha, beta = g.beta;
   lt_check(a.matmul(a.handle, gd.desc, &alpha, B, gd.lb, A, gd.la, &beta, C, gd.lc, C, gd.lc, &res.algo, wsp,
                     ws_bytes, ctx.stream),
            "cublasLtMatmul");
+  return true;
 }
 
 }  // namespace lima::cuda

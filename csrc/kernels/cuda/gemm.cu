@@ -240,8 +240,7 @@ void gemm(const CudaContext& ctx, DType ab, DType c, void* C, const void* A, con
       if (!ws) ws = std::make_unique<Workspace>(ctx.device);
       lt_ws = ws.get();
     }
-    gemm_cublaslt(ctx, c, C, A, B, resolved(args), *lt_ws);
-    return;
+    if (gemm_cublaslt(ctx, c, C, A, B, resolved(args), *lt_ws)) return;
   }
   gemm_ours(ctx, ab, c, C, A, B, args);
 }
