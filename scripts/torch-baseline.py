@@ -2,7 +2,7 @@
 """PyTorch on the shapes of `lima_cuda_selftest --bench`, the side-by-side baseline of
 scripts/device-check.sh: D2D copy, bf16 matmul 8192^3, fused AdamW over 256M fp32 params,
 dropout-add, rms_norm, cross-entropy fwd+bwd, SDPA causal bf16 (T 4096, D 128 / 64,
-H = 2048 / D) forward and backward. Prints TORCH lines; byte counts as in the self-test."""
+H = 2048 / D, and the 1.1B model's T 2048 H 32 KV 4 D 64) forward and backward. Prints TORCH lines; byte counts as in the self-test."""
 import time
 
 import torch
@@ -70,17 +70,20 @@ def main():
     line("cross_entropy fwd+bwd bf16 8192x32000", 2 * 2 * n_rows * v / (ms * 1e6), "GB/s")
     del logits
 
-    for d in (128, 64):
-        h, t = 2048 // d, 4096
-        q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        flops = 4 * h * t * t * d / 2
-        f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # The shapes of lima_cuda_selftest --bench: T 4096 at D 128 and 64, then the 1.1B model's
+    # (H 32, KV 4: grouped-query attention, K/V not expanded).
+    for b, t, h, kv, d in ((1, 4096, 16, 16, 128), (1, 4096, 32, 32, 64), (1, 2048, 32, 4, 64)):
+        q = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(b, kv, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        flops = 4 * b * h * t * t * d / 2
+        f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
         ms = timed(f, 10)
-        line(f"SDPA fwd bf16 causal T{t} H{h} D{d}", flops / (ms * 1e9), "TFLOP/s")
+        tag = f"causal T{t} H{h} KV{kv} D{d}"
+        line(f"SDPA fwd bf16 {tag}", flops / (ms * 1e9), "TFLOP/s")
         o = f()
         do = torch.randn_like(o)
         ms_fb = timed(lambda: torch.autograd.grad(f(), (q, k, v), do), 5)
-        line(f"SDPA bwd bf16 causal T{t} H{h} D{d}", 2.5 * flops / ((ms_fb - ms) * 1e9), "TFLOP/s")
+        line(f"SDPA bwd bf16 {tag}", 2.5 * flops / ((ms_fb - ms) * 1e9), "TFLOP/s")
 
 
 if __name__ == "__main__":

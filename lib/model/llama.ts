@@ -51,7 +51,6 @@ export function checkTokenizerFits(tokenizer: Tokenizer, vocabSize: number, toke
     );
 }
 
-
 // Token batches and padBatch live with the data pipeline (closing the data ↔ model import
 // cycle); re-exported here where the model's callers look for them.
 export { padBatch, type TokenBatch };

@@ -260,23 +260,28 @@ void test_convert(const Run& run, const Report& report) {
   });
 }
 
-void test_model(bool quick, const Run& run, const Report& report, bool dut_on_cpu) {
+void test_model(bool quick, const Run& run, const Report& report, bool dut_on_cpu, bool tensor_core) {
   g_dut_cpu = dut_on_cpu;
   // Odd sizes (C not a multiple of 16, head dim 8, GQA 3:1, T not a tile multiple) and, unless
   // quick, a shape on the head-dim-64 path.
   std::vector<Shape> shapes = {{"tiny", config(67, 48, 80, 2, 6, 2, 8), 3, 37}};
   if (!quick) shapes.push_back({"hd64", config(512, 256, 688, 2, 4, 2, 64), 2, 129});
+  if (tensor_core) {
+    // The tensor-core attention inside a whole step and in decoding (Tq < Tk), where it applies
+    // (bf16, head dim 64/128): run last, after everything it could hide.
+    const cuda::CudaContext probe;  // device 0, as the models use
+    for (const Shape& s : shapes)
+      for (DType dt : {DType::F32, DType::BF16})
+        if (!dut_on_cpu && cuda::attention_tensor_core_applies(probe, dt, s.cfg.hd)) {
+          step_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
+          decode_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
+        }
+    return;
+  }
   for (const Shape& s : shapes)
     for (DType dt : {DType::F32, DType::BF16}) {
       step_parity(s, dt, cuda::AttentionImpl::Simt, run, report);
       decode_parity(s, dt, cuda::AttentionImpl::Simt, run, report);
-      // The tensor-core attention inside a whole step and in decoding (Tq < Tk), where it applies
-      // (bf16, head dim 64/128).
-      const cuda::CudaContext probe;  // device 0, as the models use
-      if (!dut_on_cpu && cuda::attention_tensor_core_applies(probe, dt, s.cfg.hd)) {
-        step_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
-        decode_parity(s, dt, cuda::AttentionImpl::TensorCore, run, report);
-      }
     }
   for (DType dt : {DType::F32, DType::BF16}) {
     curve(shapes[0], dt, quick ? 5 : 20, run, report);

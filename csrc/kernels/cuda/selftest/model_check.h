@@ -32,9 +32,10 @@ using Run = std::function<void(const std::string& name, const std::function<void
 
 /**
  * The model checks. dut_on_cpu: the CPU backend stands in for the GPU (no device needed), which
- * checks the harness itself — its shapes, rules and bookkeeping — not CUDA.
+ * checks the harness itself — its shapes, rules and bookkeeping — not CUDA. tensor_core: only the
+ * checks with the tensor-core attention (run last); otherwise every other one.
  */
-void test_model(bool quick, const Run& run, const Report& report, bool dut_on_cpu = false);
+void test_model(bool quick, const Run& run, const Report& report, bool dut_on_cpu = false, bool tensor_core = false);
 /** Bit-exact fill and fp32 <-> bf16 conversion against core/dtype.h (NaN, infinities, ties). */
 void test_convert(const Run& run, const Report& report);
 
