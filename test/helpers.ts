@@ -1,10 +1,12 @@
 // Shared test utilities: seeded data, error metrics, ISA iteration, finite differences.
+import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
 import { SafetensorsReader } from '../lib/io/safetensors.js';
 import * as kernels from '../lib/kernels/index.js';
+import { finetune, type FinetuneEvent, type FinetuneOptions } from '../lib/train/finetune.js';
 
 /** Deterministic PRNG (mulberry32) so failures reproduce. */
 export function rng(seed: number): () => number {
@@ -150,4 +152,39 @@ export function writeSequenceRows(file: string, n: number, V: number, minLength 
     return JSON.stringify({ input_ids: ids, labels: ids });
   });
   writeFileSync(file, lines.join('\n') + '\n');
+}
+
+/** Runs finetune() to its end: the events it emitted and the error it failed with, if any. */
+export async function collectRun(opts: FinetuneOptions): Promise<{ events: FinetuneEvent[]; error?: Error & { code?: string } }> {
+  const run = finetune(opts);
+  const events: FinetuneEvent[] = [];
+  try {
+    for await (const e of run) events.push(e);
+    await run.result;
+    return { events };
+  } catch (e) {
+    return { events, error: e as Error & { code?: string } };
+  }
+}
+
+/**
+ * `lima-native finetune ... --json` in a child process, sent `signal` once its first step event
+ * is out: its exit code, events and stderr.
+ */
+export async function signalledFinetune(cli: string, args: string[], signal: NodeJS.Signals, cwd: string): Promise<{ code: number | null; events: FinetuneEvent[]; err: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', cli, ...args], { cwd });
+  let out = '';
+  let err = '';
+  child.stderr.on('data', (d) => (err += d));
+  let sent = false;
+  child.stdout.on('data', (d) => {
+    out += d;
+    if (!sent && out.includes('"type":"step"')) {
+      sent = true;
+      child.kill(signal);
+    }
+  });
+  const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+  const events = out.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as FinetuneEvent);
+  return { code, events, err };
 }

@@ -1,7 +1,7 @@
 // Trustworthy runs (issue 8, items 1–6, 11, 12): a user's work is never lost or hidden — output
 // folder reuse, the checkpoints LIMA's choice needs, divergence, interrupts, resume with changed
 // settings, bad data and closed pipes — plus the shared helpers those paths rely on.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -10,10 +10,10 @@ import { LlamaModel } from '../lib/model/llama.js';
 import { resolveSampling } from '../lib/model/sampling.js';
 import { LIMA } from '../lib/recipe.js';
 import { ByteTokenizer, type Tokenizer } from '../lib/tokenizer/index.js';
-import { finetune, LIMA_DEFAULTS, selectionEpochs, type FinetuneEvent, type FinetuneOptions } from '../lib/train/finetune.js';
+import { finetune, LIMA_DEFAULTS, selectionEpochs, type FinetuneEvent} from '../lib/train/finetune.js';
 import { DEFAULT_MAX_LENGTH } from '../lib/data/dataset.js';
 import { writeAtomic } from '../lib/util/fs.js';
-import { readAllTensors, tempDirs } from './helpers.js';
+import { collectRun, readAllTensors, signalledFinetune, tempDirs } from './helpers.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const tmp = tempDirs('lima-trust-');
@@ -40,17 +40,7 @@ async function setup(rows = 8, seed = 5): Promise<{ base: string; data: string; 
   return { base, data, init };
 }
 
-async function collect(opts: FinetuneOptions): Promise<{ events: FinetuneEvent[]; error?: Error & { code?: string } }> {
-  const run = finetune(opts);
-  const events: FinetuneEvent[] = [];
-  try {
-    for await (const e of run) events.push(e);
-    await run.result;
-    return { events };
-  } catch (e) {
-    return { events, error: e as Error & { code?: string } };
-  }
-}
+const collect = collectRun;
 
 const state = (dir: string) => JSON.parse(readFileSync(join(dir, 'trainer-state.json'), 'utf8')) as Record<string, any>;
 const noTemp = (dir: string) => readdirSync(dir).filter((f) => /\.(tmp|old)-\d+$/.test(f));
@@ -265,22 +255,9 @@ describe('item 5: interrupts', () => {
     const { base, init } = await setup(8);
     const data = join(base, 'many.jsonl');
     writeTokenRows(data, 40, 61);
-    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), 'finetune', '--model', init, '--data', data, '--out', join(base, 'run'),
-      '--epochs', '20', '--batch-size', '4', '--no-dev-generation', '--json'], { cwd: ROOT });
-    let out = '';
-    let err = '';
-    child.stderr.on('data', (d) => (err += d));
-    let sent = false;
-    child.stdout.on('data', (d) => {
-      out += d;
-      if (!sent && out.includes('"type":"step"')) {
-        sent = true;
-        child.kill('SIGINT');
-      }
-    });
-    const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+    const { code, events, err } = await signalledFinetune(join(ROOT, 'lib', 'cli.ts'), ['finetune', '--model', init, '--data', data, '--out', join(base, 'run'),
+      '--epochs', '20', '--batch-size', '4', '--no-dev-generation', '--json'], 'SIGINT', ROOT);
     expect(code, err).toBe(130);
-    const events = out.trim().split('\n').map((l) => JSON.parse(l) as FinetuneEvent);
     expect(events.some((e) => e.type === 'stopped')).toBe(true);
     expect(events.at(-1)).toMatchObject({ type: 'done', aborted: true });
     expect(err).toContain('--resume');

@@ -1,7 +1,7 @@
 // Trustworthy runs, round 2 (issue 16, items 1–4 and 17's last part): output folders never lose
 // what this tool did not write, SIGTERM stops a run as Ctrl-C does, stale locks clear themselves,
 // and a failed start leaves no empty folder behind.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -11,7 +11,7 @@ import { OutDirError, prepareModelDir } from '../lib/io/outdir.js';
 import { LlamaModel } from '../lib/model/llama.js';
 import { resolveDevice } from '../lib/native.js';
 import { finetune, type FinetuneEvent, type FinetuneOptions } from '../lib/train/finetune.js';
-import { readAllTensors, tempDirs } from './helpers.js';
+import { readAllTensors, signalledFinetune, tempDirs } from './helpers.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const tmp = tempDirs('lima-trust2-');
@@ -165,21 +165,8 @@ describe('item 3: SIGTERM stops a run as the first Ctrl-C does', () => {
     writeTokenRows(data, 40, 61);
     const args = (out: string) => ['finetune', '--model', init, '--data', data, '--dev', '3', '--out', out, '--epochs', '20', '--batch-size', '4', '--no-dev-generation', '--json'];
     const run = join(base, 'run');
-    const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), ...args(run)], { cwd: ROOT });
-    let out = '';
-    let err = '';
-    child.stderr.on('data', (d) => (err += d));
-    let sent = false;
-    child.stdout.on('data', (d) => {
-      out += d;
-      if (!sent && out.includes('"type":"step"')) {
-        sent = true;
-        child.kill('SIGTERM');
-      }
-    });
-    const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+    const { code, events, err } = await signalledFinetune(join(ROOT, 'lib', 'cli.ts'), args(run), 'SIGTERM', ROOT);
     expect(code, err).toBe(143);
-    const events = out.trim().split('\n').map((l) => JSON.parse(l) as FinetuneEvent);
     const stopped = events.find((e) => e.type === 'stopped') as Extract<FinetuneEvent, { type: 'stopped' }>;
     expect(stopped.lastCheckpoint).toBe(join(run, `step-${stopped.step}`));
     expect(stopped.step).toBeLessThan(200);

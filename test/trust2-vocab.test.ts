@@ -9,8 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { loadDataset } from '../lib/data/index.js';
 import { LlamaModel } from '../lib/model/llama.js';
 import { ByteTokenizer, HfTokenizer } from '../lib/tokenizer/index.js';
-import { finetune, type FinetuneEvent, type FinetuneOptions } from '../lib/train/finetune.js';
-import { tempDirs } from './helpers.js';
+import { collectRun, tempDirs } from './helpers.js';
 
 const ROOT = join(import.meta.dirname, '..');
 const LLAMA3_DIR = join(ROOT, 'node_modules', '@lenml', 'tokenizer-llama3', 'models');
@@ -22,17 +21,7 @@ const bytes = (s: string) => [...Buffer.from(s, 'utf8')];
 const cli = (...args: string[]) =>
   spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'lib', 'cli.ts'), ...args], { encoding: 'utf8', cwd: ROOT, timeout: 120_000 });
 
-async function collect(opts: FinetuneOptions): Promise<{ events: FinetuneEvent[]; error?: Error & { code?: string } }> {
-  const run = finetune(opts);
-  const events: FinetuneEvent[] = [];
-  try {
-    for await (const e of run) events.push(e);
-    await run.result;
-    return { events };
-  } catch (e) {
-    return { events, error: e as Error & { code?: string } };
-  }
-}
+const collect = collectRun;
 
 // One past the largest id a tokenizer.json names, read from the file itself.
 function tokenizerJsonSize(file: string): number {

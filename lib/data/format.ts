@@ -1,5 +1,5 @@
-// Training rows → token ids and labels. Three row formats (LIMA conversations, chat messages,
-// pre-tokenized ids) and two ways to lay a conversation out: LIMA's plain layout (BOS, then every
+// Training rows → token ids and labels. The row formats (one per file: LIMA conversations, chat
+// messages, ShareGPT, Alpaca, prompt/completion, plain text, pre-tokenized ids) and two ways to lay a conversation out: LIMA's plain layout (BOS, then every
 // utterance followed by an end-of-turn token, optional role markers) or a Jinja chat template.
 // Loss masks always come from token spans that were tokenized separately, never from searching
 // a re-tokenized string, so the targets are exactly the assistant turns.

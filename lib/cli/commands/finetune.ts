@@ -148,7 +148,7 @@ export function finetuneCommand(): Command {
     new Command('finetune')
       .description('supervised fine-tuning with the LIMA recipe (its values are the defaults)')
       .requiredOption('--model <dir>', 'model folder, llama2.c .bin or .gguf to start from')
-      .requiredOption('--data <jsonl>', 'training rows: {"conversations"}, {"messages"} or {"input_ids", "labels"}')
+      .requiredOption('--data <jsonl>', 'training rows, one format per file: LIMA {"conversations"}, {"messages"}, ShareGPT, Alpaca, {"prompt", "completion"}, {"text"} or {"input_ids", "labels"}')
       .option('--dev <jsonl|n>', 'dev rows (a JSONL file) or how many training rows to hold out (LIMA: 50)', devArg)
       .option('--out <dir>', 'run folder: checkpoints, report.html, loss-curve.svg (required unless --dry-run)')
       .addOption(opt('--epochs <n>', 'epochs', int({ min: 1 }), L.epochs))
