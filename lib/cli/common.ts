@@ -2,15 +2,18 @@
 // a conversation file for `generate --messages`.
 import { readFile } from 'node:fs/promises';
 import { Option } from 'commander';
-import { LlamaModel, type PlacementOptions } from '../model/llama.js';
+import type { LlamaModel, PlacementOptions } from '../model/llama.js';
+import { loadModel as loadModelFile } from '../model/load.js';
 import { resolveChatTemplate, type Message } from '../data/format.js';
 import { expectRegularFile } from '../util/fs.js';
 import { UsageError } from './options.js';
 
-/** A Hugging Face folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf), on a device in a compute precision. */
+/**
+ * A Hugging Face folder, a llama2.c checkpoint or a GGUF file, told apart by what the path is (see
+ * modelKind), on a device in a compute precision.
+ */
 export async function loadModel(path: string, where: PlacementOptions = {}): Promise<LlamaModel> {
-  if (path.endsWith('.gguf')) return LlamaModel.fromGguf(path, where);
-  return path.endsWith('.bin') ? LlamaModel.fromLlama2c(path, where) : LlamaModel.fromPretrained(path, where);
+  return loadModelFile(path, where);
 }
 
 /** `--chat-template tokenizer|<file.jinja>` for generate and chat: overrides the model's saved layout. */

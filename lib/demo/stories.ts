@@ -9,7 +9,7 @@ import { loadDataset } from '../data/index.js';
 import { loadLlama2cTokenizer } from '../io/llama2c-tokenizer.js';
 import { prepareModelDir } from '../io/outdir.js';
 import { readJsonl } from '../io/jsonl.js';
-import { LlamaModel } from '../model/llama.js';
+import { loadModel } from '../model/load.js';
 import { packageRoot, type Device } from '../native.js';
 import { finetune, type FinetuneEvent } from '../train/finetune.js';
 import { lossCurveSvg, reportHtml, type EpochReport, type StepPoint } from '../train/report.js';
@@ -101,7 +101,7 @@ export async function runStoriesDemo(opts: StoriesDemoOptions): Promise<StoriesD
   const files = STORIES_DEMO_FILES;
 
   const tokenizer = await loadLlama2cTokenizer(files.tokenizer, 512);
-  await using model = await LlamaModel.fromLlama2c(files.model, { tokenizer, device: opts.device });
+  await using model = await loadModel(files.model, { tokenizer, device: opts.device });
   if (model.deviceFallback) log(`device auto: using the CPU (${model.deviceFallback.replace(/^lima-native: /, '')})`);
   const baseParams = model.numParams;
   const eot = tokenizer.ensureEot();

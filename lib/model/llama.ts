@@ -1,11 +1,9 @@
 // LlamaModel: the typed face of the native model. Weights live in native memory; loading and
 // saving stream one tensor at a time; every long call runs on the model's own worker thread.
-import { mkdir, readFile, readdir, rm, access, realpath } from 'node:fs/promises';
-import { dirname, isAbsolute, join, resolve, sep } from 'node:path';
+import { mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import { totalmem } from 'node:os';
-import { Llama2cReader } from '../io/llama2c.js';
-import { GgufReader } from '../io/gguf.js';
-import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
+import { writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../util/rng.js';
 import { expectI32, expectInt, expectNumber, fail, LimaDisposedError } from '../validate.js';
 import { checkModelSize, ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
@@ -14,11 +12,11 @@ import { resolveDevice, type Device } from '../native.js';
 import { preferredPrecision } from '../kernels/system.js';
 import { GENERATION_DEFAULTS, resolveSampling, sampleToken, type SamplingOptions } from './sampling.js';
 import { writeRuntimeFiles } from './hf-chat.js';
-import { chatPromptIds, layoutJson, LAYOUT_FILE, rawPromptIds, readLayout, type ChatLayout, type SpecialTokenPolicy } from './layout.js';
+import { chatPromptIds, layoutJson, LAYOUT_FILE, rawPromptIds, type ChatLayout, type SpecialTokenPolicy } from './layout.js';
 import type { Message } from '../data/format.js';
-import { HfTokenizer, loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
+import type { Tokenizer } from '../tokenizer/index.js';
 import { padBatch, type TokenBatch } from '../data/batch.js';
-import { expectOutputDir, expectRegularFile, writeAtomic } from '../util/fs.js';
+import { expectOutputDir, writeAtomic } from '../util/fs.js';
 
 /**
  * A model file set that cannot be loaded; the message names the file and the tensor.
@@ -248,8 +246,11 @@ export class LlamaModel implements AsyncDisposable {
     return config.numLayers === 1 ? one : one + (config.numLayers - 1) * (at(2) - one);
   }
 
-  // Validates precision before anything is read, then sizes the model against the device's memory.
-  private static make(config: LlamaConfig, tokenizer: Tokenizer | null, where: PlacementOptions, source = 'config', tokenizerSource = 'the given tokenizer'): LlamaModel {
+  /**
+   * @internal For the loaders (load.ts) and create: validates precision before anything is
+   * allocated, then sizes the model against the device's memory.
+   */
+  static make(config: LlamaConfig, tokenizer: Tokenizer | null, where: PlacementOptions, source = 'config', tokenizerSource = 'the given tokenizer'): LlamaModel {
     if (tokenizer) checkTokenizerFits(tokenizer, config.vocabSize, tokenizerSource, source);
     const pl = place(where.device);
     const precision = resolvePrecision(where.precision, pl.kind);
@@ -273,92 +274,19 @@ export class LlamaModel implements AsyncDisposable {
     return m;
   }
 
+  // The loaders live in load.ts (which builds on this class); imported when first used, so this
+  // module does not depend on the file readers.
   /**
    * Loads a Hugging Face model folder: config.json, model.safetensors or a sharded index, tokenizer
    * files. Weights are kept in fp32 whatever the precision (bf16 copies are derived from them).
    */
   static async fromPretrained(dir: string, opts: PlacementOptions = {}): Promise<LlamaModel> {
-    resolvePrecision(opts.precision);  // a bad value fails before any file is read
-    const cfgPath = join(dir, 'config.json');
-    await expectRegularFile(cfgPath, 'a model config (JSON)', (why) => new ModelLoadError(`${cfgPath}: ${why}`));
-    let raw: unknown;
-    try {
-      raw = JSON.parse(await readFile(cfgPath, 'utf8'));
-    } catch (e) {
-      throw new ModelLoadError(`${cfgPath}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'not found' : (e as Error).message}`);
-    }
-    const cfg = parseHfConfig(raw, cfgPath);
-    // Which file holds each tensor.
-    const files = new Map<string, string>();
-    const indexPath = join(dir, 'model.safetensors.index.json');
-    if (await exists(indexPath)) {
-      for (const [name, file] of await readShardIndex(dir, indexPath)) files.set(name, file);
-    } else if (await exists(join(dir, 'model.safetensors'))) {
-      const r = await SafetensorsReader.open(join(dir, 'model.safetensors'));
-      for (const name of r.tensors.keys()) files.set(name, r.path);
-      await r.close();
-    } else {
-      if (await exists(join(dir, 'trainer-state.json'))) throw new ModelLoadError(await prunedMessage(dir));
-      throw new ModelLoadError(`${dir}: no model.safetensors or model.safetensors.index.json`);
-    }
-    const tokenizer = await loadTokenizer(dir);
-    const layout = tokenizer ? await readLayout(dir) : null;
-    const m = LlamaModel.make(cfg, tokenizer, opts, cfgPath, tokenizer ? tokenizerFile(dir, tokenizer) : undefined);
-    m.layout = layout;
-    const readers = new Map<string, SafetensorsReader>();
-    try {
-      return await m.fill(async (p) => {
-        const file = files.get(p.name);
-        if (!file) throw new ModelLoadError(`${dir}: missing tensor "${p.name}" (shape [${p.shape}])`);
-        let r = readers.get(file);
-        if (!r) {
-          r = await SafetensorsReader.open(file);
-          readers.set(file, r);
-        }
-        const info = r.tensors.get(p.name);
-        if (!info) throw new ModelLoadError(`${file}: missing tensor "${p.name}" named in the index`);
-        if (info.shape.length !== p.shape.length || info.shape.some((d, i) => d !== p.shape[i]))
-          throw new ModelLoadError(`${file}: tensor "${p.name}" has shape [${info.shape}] but the config needs [${p.shape}]`);
-        return r.read(p.name);
-      }, (p) => files.get(p.name)!);
-    } finally {
-      for (const r of readers.values()) await r.close();
-    }
-  }
-
-  // Sets every parameter from read(p); on any failure the model is disposed (never half-loaded)
-  // and the error rethrown. A NaN or Inf weight is refused by name: it would make every logit
-  // NaN, and generation would emit token 0 forever. `source(p)` names the file holding p.
-  private async fill(read: (p: ParamInfo) => Promise<Float32Array>, source: (p: ParamInfo) => string): Promise<LlamaModel> {
-    try {
-      for (const p of this.params) {
-        const w = await read(p);
-        const bad = firstNonFinite(w);
-        if (bad >= 0) {
-          const at = p.shape.length === 2 ? ` (row ${Math.floor(bad / p.shape[1])}, column ${bad % p.shape[1]})` : '';
-          throw new ModelLoadError(
-            `${source(p)}: tensor "${p.name}" holds ${w[bad]} at index ${bad}${at}; weights must be finite (the file is damaged, or was saved from a diverged run)`,
-            'ERR_LIMA_NONFINITE_WEIGHT',
-          );
-        }
-        await this.native.setTensor(p.name, w);
-      }
-    } catch (e) {
-      await this.dispose();
-      throw e;
-    }
-    return this;
+    return (await import('./load.js')).fromPretrained(dir, opts);
   }
 
   /** Imports a llama2.c checkpoint (.bin, version 0), permuting q/k rows into the HF RoPE layout. */
   static async fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | null } & PlacementOptions = {}): Promise<LlamaModel> {
-    resolvePrecision(opts.precision);
-    const r = await Llama2cReader.open(file);
-    try {
-      return await LlamaModel.make(r.config, opts.tokenizer ?? null, opts, file).fill((p) => r.read(p.name), () => file);
-    } finally {
-      await r.close();
-    }
+    return (await import('./load.js')).fromLlama2c(file, opts);
   }
 
   /**
@@ -367,19 +295,7 @@ export class LlamaModel implements AsyncDisposable {
    * as a Hugging Face folder instead.
    */
   static async fromGguf(file: string, opts: PlacementOptions = {}): Promise<LlamaModel> {
-    resolvePrecision(opts.precision);
-    const r = await GgufReader.open(file);
-    try {
-      // The same shape rules as a config.json, so a GGUF loads exactly when its converted folder would.
-      const cfg = parseHfConfig(toHfConfig(r.config), file);
-      const tok = r.tokenizerFiles();
-      return await LlamaModel.make(cfg, tok ? new HfTokenizer(tok.tokenizer, tok.config) : null, opts, file, `${file} (tokenizer.ggml.tokens)`).fill(
-        (p) => r.read(p.name),
-        (p) => `${file} (${r.tensors.get(p.name)?.ggufName})`,
-      );
-    } finally {
-      await r.close();
-    }
+    return (await import('./load.js')).fromGguf(file, opts);
   }
 
   private async takeCacheTurn(): Promise<() => void> {
@@ -697,84 +613,6 @@ export class LlamaModel implements AsyncDisposable {
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.dispose();
-  }
-}
-
-// A fine-tuning checkpoint whose weights the trainer's keep policy removed: say so and point at
-// the sibling checkpoints that still have weights.
-async function prunedMessage(dir: string): Promise<string> {
-  const parent = dirname(resolve(dir));
-  const kept: string[] = [];
-  for (const e of await readdir(parent, { withFileTypes: true }).catch(() => [])) {
-    if (e.isDirectory() && !e.name.startsWith('.') && (await exists(join(parent, e.name, 'model.safetensors'))) && (await exists(join(parent, e.name, 'trainer-state.json'))))
-      kept.push(e.name);
-  }
-  kept.sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
-  return (
-    `${dir}: this fine-tuning checkpoint's weights were pruned to save space (it keeps only its dev generations and trainer state); ` +
-    (kept.length ? `checkpoints with weights: ${kept.join(', ')}` : 'no checkpoint beside it has weights') +
-    ' (keep more with the keepEpochs / keepLast options)'
-  );
-}
-
-/**
- * The tensor → file map of a sharded checkpoint. Every shard must be a plain file name or a
- * relative path that stays inside the model folder (also after resolving symlinks): an index is
- * data, and a crafted one must not make us open /etc/passwd or a device.
- */
-async function readShardIndex(dir: string, indexPath: string): Promise<Map<string, string>> {
-  await expectRegularFile(indexPath, 'a shard index (JSON)', (why) => new ModelLoadError(`${indexPath}: ${why}`));
-  let index: unknown;
-  try {
-    index = JSON.parse(await readFile(indexPath, 'utf8'));
-  } catch (e) {
-    throw new ModelLoadError(`${indexPath}: ${e instanceof SyntaxError ? `not valid JSON (${e.message})` : (e as Error).message}`);
-  }
-  const map = (index as { weight_map?: unknown } | null)?.weight_map;
-  if (typeof map !== 'object' || map === null || Array.isArray(map))
-    throw new ModelLoadError(`${indexPath}: expected a "weight_map" object of tensor name -> shard file`);
-  const root = await realpath(dir);
-  const out = new Map<string, string>();
-  const checked = new Map<string, string>();
-  for (const [name, file] of Object.entries(map as Record<string, unknown>)) {
-    if (typeof file !== 'string' || !file)
-      throw new ModelLoadError(`${indexPath}: weight_map["${name}"] must be a shard file name, got ${JSON.stringify(file)}`);
-    let full = checked.get(file);
-    if (full === undefined) {
-      const lexical = resolve(root, file);
-      const inside = (p: string) => p.startsWith(root + sep);
-      if (isAbsolute(file) || !inside(lexical))
-        throw new ModelLoadError(`${indexPath}: weight_map["${name}"] = "${file}" points outside the model folder ${dir}`);
-      let real: string;
-      try {
-        real = await realpath(lexical);
-      } catch {
-        throw new ModelLoadError(`${indexPath}: shard "${file}" (for tensor "${name}") not found in ${dir}`);
-      }
-      if (!inside(real)) throw new ModelLoadError(`${indexPath}: shard "${file}" is a link that leads outside the model folder ${dir}`);
-      full = lexical;
-      checked.set(file, full);
-    }
-    out.set(name, full);
-  }
-  return out;
-}
-
-/** Index of the first NaN or ±Inf in `w`, or -1. One multiply-add per element (x·0 is NaN only for them); the search runs only on a hit. */
-function firstNonFinite(w: Float32Array): number {
-  let s = 0;
-  for (let i = 0; i < w.length; i++) s += w[i] * 0;
-  if (s === 0) return -1;
-  for (let i = 0; i < w.length; i++) if (!Number.isFinite(w[i])) return i;
-  return -1;
-}
-
-async function exists(p: string): Promise<boolean> {
-  try {
-    await access(p);
-    return true;
-  } catch {
-    return false;
   }
 }
 

@@ -17,6 +17,7 @@ import type { SpecialTokenPolicy } from '../data/format.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { ownEntries, removeEntries, type OutDirRule } from '../io/outdir.js';
 import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
+import { fromPretrained, loadModel } from '../model/load.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
 import { expectOutputDir, writeAtomic, WriteError } from '../util/fs.js';
@@ -29,7 +30,7 @@ export const LIMA_DEFAULTS = LIMA;
 
 /** Options of finetune(); unset fields take the LIMA defaults. */
 export interface FinetuneOptions {
-  /** A loaded model, a Hugging Face folder or a llama2.c `.bin`. */
+  /** A loaded model, a Hugging Face folder, a llama2.c `.bin` or a GGUF file (see loadModel). */
   model: LlamaModel | string;
   /**
    * Compute precision when `model` is a path (a loaded model keeps its own): 'fp32' (the CPU's
@@ -825,12 +826,11 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       const was = resumed?.codePaths?.precision ?? 'fp32';
       if (o.precision !== undefined && o.precision !== 'auto' && was !== precision)
         throw new FinetuneError('ERR_LIMA_RESUME_CHANGED', `${from.dir}: trained in ${was}; resume it with precision: '${was}' (--precision ${was}) (asked: ${precision})`);
-      model = await LlamaModel.fromPretrained(from.dir, { precision: was, ...where });
+      model = await fromPretrained(from.dir, { precision: was, ...where });
       ownModel = true;
     } else if (typeof o.model === 'string') {
       const opts = { precision: o.precision, ...where };
-      model = o.model.endsWith('.bin') ? await LlamaModel.fromLlama2c(o.model, opts)
-        : o.model.endsWith('.gguf') ? await LlamaModel.fromGguf(o.model, opts) : await LlamaModel.fromPretrained(o.model, opts);
+      model = await loadModel(o.model, opts);
       ownModel = true;
     } else {
       model = o.model;
