@@ -7,16 +7,12 @@
 // grad_scale folds loss normalisation and gradient clipping into the same pass.
 #pragma once
 
+#include "core/ops.h"
 #include "kernels/common.h"
 
 namespace lima {
 
-struct AdamWParams {
-  float lr = 1e-5f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
-  int64_t step = 1;  // 1-based count of updates including this one (bias correction)
-  float grad_scale = 1.0f;
-};
-
+// AdamWParams: core/ops.h.
 // param, m, v [N] updated in place; grad [N] read only. Throws KernelError if step < 1.
 void adamw_update(const CpuContext& ctx, float* param, float* m, float* v, const float* grad,
                   int64_t n, const AdamWParams& p);

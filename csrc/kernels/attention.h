@@ -11,14 +11,12 @@
 // j <= i + (Tk - Tq). Training has Tq == Tk; KV-cached decoding has Tq < Tk. Scale 1/sqrt(D).
 #pragma once
 
+#include "core/ops.h"
 #include "kernels/common.h"
 
 namespace lima {
 
-struct AttentionDims {
-  int64_t B = 1, Tq = 0, Tk = 0, H = 1, KV = 1, D = 64;
-};
-
+// AttentionDims (B, Tq, Tk, H, KV, D): core/ops.h.
 // Supports any Tq >= 1, Tk >= Tq, D in [1, 256]. Multiples of 16 run the tile loops directly;
 // other head dims run them on zero-padded copies (exact, a little slower).
 void attention_forward(const CpuContext& ctx, float* out, float* lse, const float* q,

@@ -10,22 +10,13 @@
 // (scale 1). Kept values are multiplied by 1 / (1 - p) computed in float.
 #pragma once
 
+#include "core/ops.h"
 #include "core/philox.h"
 #include "kernels/common.h"
 
 namespace lima {
 
-struct DropoutSite {
-  float p = 0.0f;      // drop probability in [0, 1)
-  uint64_t seed = 0;   // run seed
-  uint64_t step = 0;   // optimizer step (micro-steps share it only if they use different sites)
-  uint32_t layer = 0;  // < 65536
-  uint32_t site = 0;   // which dropout in the layer (0 attention, 1 MLP, ...), < 65536
-  // Index of the call's first element in the site's index space (a multiple of 4), so a tensor
-  // processed in pieces (one batch row at a time, micro-batches) draws the mask of the whole.
-  uint64_t offset = 0;
-};
-
+// DropoutSite (p, seed, step, layer, site, offset): core/ops.h.
 // The keep decision for one element (reference path and tests).
 bool dropout_keep(const DropoutSite& s, uint64_t index);
 

@@ -13,17 +13,12 @@
 //   dW        dW[out,in] += dyᵀ[out,N] · x[N,in]  trans_a, beta 1
 #pragma once
 
+#include "core/ops.h"
 #include "kernels/common.h"
 
 namespace lima {
 
-struct GemmArgs {
-  int64_t M = 0, N = 0, K = 0;
-  bool trans_a = false, trans_b = false;
-  int64_t lda = 0, ldb = 0, ldc = 0;  // 0 means "packed": the natural leading dimension
-  float alpha = 1.0f, beta = 0.0f;
-};
-
+// GemmArgs (M, N, K, trans_a/b, lda/ldb/ldc, alpha, beta): core/ops.h.
 // Leading dimensions of a GEMM with 0 ("packed") resolved to the natural ones.
 struct GemmLeadingDims {
   int64_t lda, ldb, ldc;

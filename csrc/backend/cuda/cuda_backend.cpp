@@ -7,11 +7,6 @@ namespace lima {
 
 namespace cu = lima::cuda;
 
-namespace {
-cu::DropoutSite site(const DropoutSite& s) { return cu::DropoutSite{s.p, s.seed, s.step, s.layer, s.site, s.offset}; }
-cu::AttentionDims dims(const AttentionDims& d) { return cu::AttentionDims{d.B, d.Tq, d.Tk, d.H, d.KV, d.D}; }
-}  // namespace
-
 CudaBackend::CudaBackend(int device, cu::AttentionImpl attention) : attention_(attention) {
   const cu::DeviceProbe p = cu::probe_device(device);
   if (p.status != cu::DeviceStatus::Ok)
@@ -232,11 +227,11 @@ void CudaBackend::swiglu_backward(float* dgate, float* dup, const float* dout, c
 void CudaBackend::residual_dropout_forward(float* out, const float* residual, const float* x, int64_t n,
                                            const DropoutSite& s) {
   activate();
-  cu::residual_dropout_forward(ctx_, DType::F32, out, residual, x, n, site(s));
+  cu::residual_dropout_forward(ctx_, DType::F32, out, residual, x, n, s);
 }
 void CudaBackend::residual_dropout_backward(float* dx, const float* dout, int64_t n, const DropoutSite& s) {
   activate();
-  cu::residual_dropout_backward(ctx_, DType::F32, dx, dout, n, site(s));
+  cu::residual_dropout_backward(ctx_, DType::F32, dx, dout, n, s);
 }
 
 void CudaBackend::cross_entropy(float* dlogits, const float* logits, const int32_t* targets, int64_t N,
@@ -261,7 +256,7 @@ void CudaBackend::reset_loss() {
 void CudaBackend::linear_forward(DType dt, float* y, const void* x, const void* W, int64_t N, int64_t I,
                                  int64_t O) {
   activate();
-  cu::GemmArgs g;
+  GemmArgs g;
   g.M = N, g.N = O, g.K = I;
   g.trans_b = true;
   g.lda = I, g.ldb = I, g.ldc = O;
@@ -272,14 +267,14 @@ void CudaBackend::linear_backward(DType dt, float* dx, float* dW, const void* dy
                                   int64_t N, int64_t I, int64_t O, bool acc) {
   activate();
   if (dx) {  // dx [N, I] = dy [N, O] · W [O, I]
-    cu::GemmArgs g;
+    GemmArgs g;
     g.M = N, g.N = I, g.K = O;
     g.lda = O, g.ldb = I, g.ldc = I;
     g.beta = acc ? 1.0f : 0.0f;
     cu::gemm(ctx_, dt, DType::F32, dx, dy, W, g, ws_[kGemmWs].get());
   }
   if (dW) {  // dW [O, I] += dyᵀ [O, N] · x [N, I]
-    cu::GemmArgs g;
+    GemmArgs g;
     g.M = O, g.N = I, g.K = N;
     g.trans_a = true;
     g.lda = O, g.ldb = I, g.ldc = I;
@@ -294,12 +289,12 @@ void CudaBackend::attention_forward(DType dt, float* out, float* lse, const void
                                     const AttentionDims& d) {
   activate();
   if (dt == DType::F32) {
-    cu::attention_forward(ctx_, dt, out, lse, q, k, v, dims(d), attention_for(dt, d.D));
+    cu::attention_forward(ctx_, dt, out, lse, q, k, v, d, attention_for(dt, d.D));
     return;
   }
   const int64_t n = checked_mul(checked_mul(d.B, d.Tq, "attention"), checked_mul(d.H, d.D, "attention"), "attention");
   void* o16 = scratch(1, 2 * n);
-  cu::attention_forward(ctx_, dt, o16, lse, q, k, v, dims(d), attention_for(dt, d.D));
+  cu::attention_forward(ctx_, dt, o16, lse, q, k, v, d, attention_for(dt, d.D));
   cu::convert(ctx_, out, DType::F32, o16, DType::BF16, n);
 }
 
@@ -316,7 +311,7 @@ void CudaBackend::attention_backward(DType dt, float* dq, float* dk, float* dv, 
     cu::convert(ctx_, o16, DType::BF16, out, DType::F32, nq);
     o = o16;
   }
-  cu::attention_backward(ctx_, dt, DType::F32, dq, dk, dv, dout, q, k, v, o, lse, dims(d), *ws_[0],
+  cu::attention_backward(ctx_, dt, DType::F32, dq, dk, dv, dout, q, k, v, o, lse, d, *ws_[0],
                          attention_for(dt, d.D));
 }
 
@@ -352,10 +347,7 @@ void CudaBackend::adamw(float* w, float* m, float* v, const float* g, int64_t n,
     nseg_ = static_cast<int64_t>(begin.size());
     spans_ = spans;
   }
-  cu::AdamWParams q;
-  q.lr = p.lr, q.beta1 = p.beta1, q.beta2 = p.beta2, q.eps = p.eps, q.weight_decay = p.weight_decay;
-  q.step = p.step, q.grad_scale = p.grad_scale;
-  cu::adamw_update(ctx_, w, m, v, g, nullptr, n, q, seg_begin_, seg_decay_, nseg_);
+  cu::adamw_update(ctx_, w, m, v, g, nullptr, n, p, seg_begin_, seg_decay_, nseg_);
 }
 
 }  // namespace lima

@@ -48,7 +48,7 @@ __global__ void adamw_kernel(float* param, float* m, float* v, const float* grad
 
 void adamw_update(const CudaContext& ctx, float* param, float* m, float* v, const float* grad,
                   bf16* param_bf16, int64_t n, const AdamWParams& p, const int64_t* seg_begin,
-                  const uint8_t* seg_decay, int64_t nseg) {
+                  const uint8_t* seg_decay, int64_t nseg, const float* grad_scale_device) {
   expect(p.step >= 1, "a step >= 1", "step", str(p.step));
   expect(n >= 0, "a length >= 0", "n", str(n));
   expect(nseg == 0 || (seg_begin && seg_decay), "segment arrays", "seg_begin/seg_decay", "null");
@@ -59,7 +59,7 @@ void adamw_update(const CudaContext& ctx, float* param, float* m, float* v, cons
   const Consts k{p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, static_cast<float>(bc1),
                  static_cast<float>(std::sqrt(bc2)), p.grad_scale};
   adamw_kernel<<<grid_for(ctx, n, 256), 256, 0, ctx.stream>>>(
-      param, m, v, grad, reinterpret_cast<__nv_bfloat16*>(param_bf16), n, k, p.grad_scale_device,
+      param, m, v, grad, reinterpret_cast<__nv_bfloat16*>(param_bf16), n, k, grad_scale_device,
       seg_begin, seg_decay, nseg);
   check_launch("adamw_kernel");
 }

@@ -1,6 +1,7 @@
 // The CUDA kernels' host API: namespace lima::cuda mirrors the CPU kernels (kernels/*.h) with a
-// `const CudaContext&` in the first slot. Pure C++ (g++ can compile a file that includes this);
-// every pointer except the host-side arguments named `host_*` is device memory.
+// `const CudaContext&` in the first slot and the same argument structs (core/ops.h). Pure C++
+// (g++ can compile a file that includes this); every pointer except the host-side arguments
+// named `host_*` is device memory.
 //
 // dtype: ops whose activations may be bf16 take a DType and `void*` operands; inside a kernel
 // every sum, norm and softmax runs in fp32 (fp32 accumulation), and DType::F32 is the "parity
@@ -19,6 +20,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/ops.h"
 
 namespace lima::cuda {
 
@@ -93,12 +95,6 @@ void convert(const CudaContext& ctx, void* dst, DType dst_type, const void* src,
 
 // ---- Residual dropout-add, the CPU layout of kernels/dropout.h (bit-identical masks, and
 // bit-identical fp32 outputs: the product and the sum are rounded separately).
-struct DropoutSite {
-  float p = 0.0f;
-  uint64_t seed = 0, step = 0;
-  uint32_t layer = 0, site = 0;
-  uint64_t offset = 0;  // multiple of 4
-};
 /** out = residual + keep · x / (1 - p); out may alias residual or x. */
 void residual_dropout_forward(const CudaContext& ctx, DType dt, void* out, const void* residual,
                               const void* x, int64_t n, const DropoutSite& s);
@@ -158,16 +154,11 @@ void cross_entropy(const CudaContext& ctx, DType dt, void* dlogits, float* losse
 // param_bf16 (optional) receives the rounded copy in the same pass. Weight decay per segment:
 // segments [seg_begin[i], seg_begin[i+1]) (device, sorted, seg_begin[0] == 0) use
 // seg_decay[i] (1 = weight_decay, 0 = none, e.g. norm gains); nseg == 0 decays everything.
-struct AdamWParams {
-  float lr = 1e-5f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
-  int64_t step = 1;
-  float grad_scale = 1.0f;
-  /** Device float read at run time and multiplied into grad_scale (clipping without a sync). */
-  const float* grad_scale_device = nullptr;
-};
+// grad_scale_device (optional): a device float read at run time and multiplied into
+// p.grad_scale (clipping without a sync).
 void adamw_update(const CudaContext& ctx, float* param, float* m, float* v, const float* grad,
                   bf16* param_bf16, int64_t n, const AdamWParams& p, const int64_t* seg_begin,
-                  const uint8_t* seg_decay, int64_t nseg);
+                  const uint8_t* seg_decay, int64_t nseg, const float* grad_scale_device = nullptr);
 
 /** Deterministic L2 norm of x [n] (fp32) into *out (device float); fixed reduction tree. */
 void grad_norm(const CudaContext& ctx, float* out, const float* x, int64_t n, Workspace& ws);
@@ -181,12 +172,6 @@ void clip_scale(const CudaContext& ctx, float* scale, const float* norm, float m
 //   bf16 inputs: our tensor-core kernel (mma.sync m16n8k16, fp32 accumulation), or cuBLASLt
 //   when it was found (use_cublaslt) — both any shape and leading dimension.
 //   fp32 inputs: an fp32 SIMT kernel (parity mode; the same rounding class as the CPU GEMM).
-struct GemmArgs {
-  int64_t M = 0, N = 0, K = 0;
-  bool trans_a = false, trans_b = false;
-  int64_t lda = 0, ldb = 0, ldc = 0;
-  float alpha = 1.0f, beta = 0.0f;
-};
 // lt_ws: cuBLASLt's workspace for this stream; null takes one per thread and device, which is
 // only safe while one stream per thread and device queues GEMMs (a backend passes its own).
 void gemm(const CudaContext& ctx, DType ab, DType c, void* C, const void* A, const void* B,
@@ -211,9 +196,6 @@ bool gemm_cublaslt(const CudaContext& ctx, DType c, void* C, const void* A, cons
 // ---- Flash attention (kernels/attention.h layout): q, out [B, Tq, H, D]; k, v [B, Tk, KV, D];
 // lse [B, H, Tq] fp32. Causal with queries aligned to the end of the keys, GQA without
 // expanding K/V, any D in [1, 256].
-struct AttentionDims {
-  int64_t B = 1, Tq = 0, Tk = 0, H = 1, KV = 1, D = 64;
-};
 /**
  * Which attention kernels run. Simt: the portable ones (fp32 tiles, any dtype and head dim).
  * TensorCore: bf16 with D 64 or 128, mma.sync bf16 products (P and dS rounded to bf16, as

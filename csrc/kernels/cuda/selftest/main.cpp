@@ -278,7 +278,7 @@ void test_dropout(DType dt, bool quick) {
           cpu::dropout_bwd(dref.data(), x.data(), n, p, 1234567890123ull, 42, 3, 1, off);
           if (dt == DType::BF16)
             for (int64_t i = 0; i < n; ++i) ref[i] = round_bf16(ref[i]), dref[i] = round_bf16(dref[i]);
-          cu::DropoutSite s{p, 1234567890123ull, 42, 3, 1, off};
+          lima::DropoutSite s{p, 1234567890123ull, 42, 3, 1, off};
           Buf br = upload(r, dt), bx = upload(x, dt), bo = poisoned(n, dt), bd = poisoned(n, dt);
           cu::residual_dropout_forward(g_ctx, dt, bo.p, br.p, bx.p, n, s);
           cu::residual_dropout_backward(g_ctx, dt, bd.p, bx.p, n, s);
@@ -330,7 +330,7 @@ void test_dropout_rmsnorm(DType dt, bool quick) {
         if (dt == DType::BF16)
           for (auto& e : sum) e = round_bf16(e);
         cpu::rmsnorm_fwd(norm.data(), rstd.data(), sum.data(), w.data(), N, C, 1e-5f);
-        const cu::DropoutSite s{p, 99, 7, 2, 0, 16};
+        const lima::DropoutSite s{p, 99, 7, 2, 0, 16};
         Buf br = upload(r, dt), bx = upload(x, dt), bw = upload(w, dt), bs = poisoned(n, dt), bn = poisoned(n, dt),
             brs = poisoned(N, DType::F32), us = poisoned(n, dt), un = poisoned(n, dt), urs = poisoned(N, DType::F32);
         cu::residual_dropout_rmsnorm_forward(g_ctx, dt, bs.p, bn.p, brs.f(), br.p, bx.p, bw.p, N, C, 1e-5f, s);
@@ -475,7 +475,7 @@ void test_adamw(bool quick) {
         cpu::adamw(p.data() + half, m.data() + half, v.data() + half, g.data() + half, n - half, 1e-3f, 0.9f, 0.95f,
                    1e-8f, 0.0f, step, 0.5f);
         Buf bg = upload(g, DType::F32);
-        cu::AdamWParams ap;
+        lima::AdamWParams ap;
         ap.lr = 1e-3f;
         ap.step = step;
         ap.grad_scale = 0.5f;
@@ -554,7 +554,7 @@ void test_gemm(DType ab, DType c, bool quick, bool lt) {
       cpu::gemm(C.data(), A.data(), B.data(), g.M, g.N, g.K, g.ta, g.tb, lda, ldb, ldc, 1.0f, g.beta);
       Buf bA = upload(A, ab), bB = upload(B, ab);
       Buf bC = g.beta != 0 ? upload(C0, c) : poisoned(g.M * ldc, c);
-      cu::GemmArgs a{g.M, g.N, g.K, g.ta, g.tb, lda, ldb, ldc, 1.0f, g.beta};
+      lima::GemmArgs a{g.M, g.N, g.K, g.ta, g.tb, lda, ldb, ldc, 1.0f, g.beta};
       if (lt) {
         cu::Workspace ws;
         if (!cu::gemm_cublaslt(g_ctx, c, bC.p, bA.p, bB.p, a, ws)) {
@@ -603,7 +603,7 @@ void test_attention(DType dt, bool quick, cu::AttentionImpl impl_wanted) {
                 dout = as_dtype(randn(nq, 25), dt);
       Vec out(nq), lse(nl), dq(nq), dk(nk), dv(nk);
       cpu::attention_fwd(out.data(), lse.data(), q.data(), k.data(), v.data(), a.B, a.Tq, a.Tk, a.H, a.KV, a.D);
-      const cu::AttentionDims d{a.B, a.Tq, a.Tk, a.H, a.KV, a.D};
+      const lima::AttentionDims d{a.B, a.Tq, a.Tk, a.H, a.KV, a.D};
       Buf bq = upload(q, dt), bk = upload(k, dt), bv = upload(v, dt), bo = poisoned(nq, dt), bl = poisoned(nl, DType::F32);
       cu::attention_forward(g_ctx, dt, bo.p, bl.f(), bq.p, bk.p, bv.p, d, impl);
       const Vec gout = download(bo, nq, dt), glse = download(bl, nl, DType::F32);
@@ -649,7 +649,7 @@ void test_errors(bool quick) {
   run_case("errors/argument", [&] {
     bool threw = false;
     try {
-      cu::AttentionDims d{1, 8, 4, 4, 2, 64};  // Tq > Tk
+      lima::AttentionDims d{1, 8, 4, 4, 2, 64};  // Tq > Tk
       cu::attention_forward(g_ctx, DType::F32, nullptr, nullptr, nullptr, nullptr, nullptr, d);
     } catch (const lima::KernelError& e) {
       threw = std::string(e.what()).find("Tq") != std::string::npos;
@@ -699,7 +699,7 @@ double gemm_ceiling(const char** label) {
   Buf A(G * G * 2), B(G * G * 2), C(G * G * 2);
   fill_uniform(A, G * G, DType::BF16, 1);
   fill_uniform(B, G * G, DType::BF16, 2);
-  const cu::GemmArgs ga{G, G, G, false, true, 0, 0, 0, 1.0f, 0.0f};
+  const lima::GemmArgs ga{G, G, G, false, true, 0, 0, 0, 1.0f, 0.0f};
   const double gflop = 2.0 * G * G * G / 1e9;
   std::string why;
   if (!cu::cublaslt_available(&why)) {
@@ -734,10 +734,10 @@ void run_bench() {
   Buf A(G * G * 2), B(G * G * 2), C(G * G * 2);
   fill_uniform(A, G * G, DType::BF16, 1);
   fill_uniform(B, G * G, DType::BF16, 2);
-  const cu::GemmArgs ga{G, G, G, false, true, 0, 0, 0, 1.0f, 0.0f};
+  const lima::GemmArgs ga{G, G, G, false, true, 0, 0, 0, 1.0f, 0.0f};
   const double gflop = 2.0 * G * G * G / 1e9;
   for (auto [ta, tb, label] : {std::tuple{false, true, "x.W^T"}, std::tuple{false, false, "dy.W"}, std::tuple{true, false, "dy^T.x"}}) {
-    cu::GemmArgs g2 = ga;
+    lima::GemmArgs g2 = ga;
     g2.trans_a = ta;
     g2.trans_b = tb;
     const float ms = time_ms([&] { cu::gemm_ours(g_ctx, DType::BF16, DType::BF16, C.p, A.p, B.p, g2); }, 3);
@@ -773,7 +773,7 @@ void run_bench() {
     LIMA_CUDA_CHECK(cudaMemcpyAsync(bseg.p, seg_begin.data(), seg_begin.size() * 8, cudaMemcpyHostToDevice, g_stream));
     LIMA_CUDA_CHECK(cudaMemcpyAsync(bdec.p, seg_decay.data(), seg_decay.size(), cudaMemcpyHostToDevice, g_stream));
     sync();
-    cu::AdamWParams ap;
+    lima::AdamWParams ap;
     const float ms = time_ms([&] {
       cu::adamw_update(g_ctx, p.f(), m.f(), v.f(), g.f(), p16.as<lima::bf16>(), n, ap, bseg.as<int64_t>(),
                        bdec.as<uint8_t>(), static_cast<int64_t>(seg_begin.size()));
@@ -786,7 +786,7 @@ void run_bench() {
     Buf r(nd * 2), x(nd * 2), o(nd * 2);
     fill_uniform(r, nd, DType::BF16, 8);
     fill_uniform(x, nd, DType::BF16, 9);
-    const cu::DropoutSite s{0.1f, 1, 1, 1, 0, 0};
+    const lima::DropoutSite s{0.1f, 1, 1, 1, 0, 0};
     const float ms = time_ms([&] { cu::residual_dropout_forward(g_ctx, DType::BF16, o.p, r.p, x.p, nd, s); }, 5);
     bench_line("dropout-add bf16 256M", 3.0 * 2 * nd / (ms * 1e6), "GB/s", copy_gbs, "copy");
   }
@@ -818,7 +818,7 @@ void run_bench() {
   for (const AttnCase& a : {AttnCase{1, 4096, 4096, 16, 16, 128}, AttnCase{1, 4096, 4096, 32, 32, 64},
                             AttnCase{1, 2048, 2048, 32, 4, 64}}) {
     const int64_t Bb = a.B, T = a.Tq, H = a.H, KV = a.KV, D = a.D;
-    const cu::AttentionDims d{Bb, T, T, H, KV, D};
+    const lima::AttentionDims d{Bb, T, T, H, KV, D};
     const int64_t nq = Bb * T * H * D, nk = Bb * T * KV * D;
     Buf q(nq * 2), k(nk * 2), v(nk * 2), o(nq * 2), l(Bb * H * T * 4), dO(nq * 2), dq(nq * 2), dk(nk * 2), dv(nk * 2);
     fill_uniform(q, nq, DType::BF16, 14);
