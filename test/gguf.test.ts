@@ -307,7 +307,10 @@ describe('convert --from gguf', () => {
     expect(untyped.encode('the ab', { bos: true })).toEqual([1, 37, 33]);
     expect(untyped.bosId).toBe(1);
     expect(() => tok({ 'tokenizer.ggml.scores': undefined })).toThrow(/v\.gguf: expected an array of 40 numbers \(SentencePiece piece scores\) for "tokenizer\.ggml\.scores"/);
-    expect(() => tok({ 'tokenizer.ggml.bos_token_id': 99 })).toThrow(/v\.gguf: expected a token id in \[0, 40\) for "tokenizer\.ggml\.bos_token_id" but found 99/);
+    // Out of range: absent with a warning, as llama.cpp (test/gguf-import.test.ts covers the rest).
+    const warned: string[] = [];
+    expect(ggufToHfTokenizer({ ...md, 'tokenizer.ggml.bos_token_id': 99 }, 'v.gguf', { warn: (m) => warned.push(m) })!.config.bos_token).toBeUndefined();
+    expect(warned).toEqual([expect.stringMatching(/^v\.gguf: ignoring "tokenizer\.ggml\.bos_token_id" = 99, not a token id in \[0, 40\)/)]);
   });
 
   it('every tensor type in one file, dequantised and unpermuted exactly', async () => {

@@ -8,12 +8,19 @@ import { resolveChatTemplate, type Message } from '../data/format.js';
 import { expectRegularFile } from '../util/fs.js';
 import { UsageError } from './options.js';
 
+/** Prints what loading a file ignored (e.g. GgufReader.warnings) on stderr, one `warning:` line each. */
+export function printLoadWarnings(warnings: readonly string[]): void {
+  for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
+}
+
 /**
  * A Hugging Face folder, a llama2.c checkpoint or a GGUF file, told apart by what the path is (see
- * modelKind), on a device in a compute precision.
+ * modelKind), on a device in a compute precision; what loading ignored is printed as warnings.
  */
 export async function loadModel(path: string, where: PlacementOptions = {}): Promise<LlamaModel> {
-  return loadModelFile(path, where);
+  const model = await loadModelFile(path, where);
+  printLoadWarnings(model.loadWarnings);
+  return model;
 }
 
 /** `--chat-template tokenizer|<file.jinja>` for generate and chat: overrides the model's saved layout. */

@@ -8,7 +8,7 @@ import { join, resolve } from 'node:path';
 import { gguf, type GGUFParseOutput } from '@huggingface/gguf';
 import { iterParameterShapes, parameterShape, parameterShapes, parameterTensorCount, toHfConfig, type Llama3RopeScaling, type LlamaConfig } from '../model/config.js';
 import { expectOutputDir, expectRegularFile } from '../util/fs.js';
-import { ggufToHfTokenizer, type HfTokenizerFiles } from '../tokenizer/gguf-vocab.js';
+import { ggufSpecialTokenId, ggufToHfTokenizer, type HfTokenizerFiles } from '../tokenizer/gguf-vocab.js';
 import { dequantize, GGML_TYPE_INFO, ggmlByteSize, ggmlTypeName } from './ggml-quants.js';
 import { permuteRopeRows } from './llama2c.js';
 import { writeSafetensors } from './safetensors.js';
@@ -68,8 +68,8 @@ type Metadata = Record<string, unknown>;
 
 const num = (v: unknown): unknown => (typeof v === 'bigint' ? Number(v) : v);
 
-/** The LlamaConfig a GGUF's llama.* metadata and tensor shapes describe. */
-export function ggufToLlamaConfig(md: Metadata, tensorShapes: ReadonlyMap<string, number[]>, source: string): LlamaConfig {
+/** The LlamaConfig a GGUF's llama.* metadata and tensor shapes describe; `warn` gets what was ignored. */
+export function ggufToLlamaConfig(md: Metadata, tensorShapes: ReadonlyMap<string, number[]>, source: string, warn?: (message: string) => void): LlamaConfig {
   const bad = (field: string, what: string, got: unknown): never => {
     const shown = Array.isArray(got) ? `[${got.slice(0, 8).join(', ')}${got.length > 8 ? ', …' : ''}]` : JSON.stringify(num(got));
     throw new GgufError(`${source}: expected ${what} for "${field}" but found ${shown ?? 'nothing'}`);
@@ -132,10 +132,13 @@ export function ggufToLlamaConfig(md: Metadata, tensorShapes: ReadonlyMap<string
   const factor = num(md['llama.rope.scaling.factor']);
   if (scaling !== undefined && scaling !== 'none' && !(scaling === 'linear' && (factor === undefined || factor === 1)))
     bad('llama.rope.scaling.type', '"none" (linear and YaRN scaling are not supported; Llama 3 scaling comes as rope_freqs.weight)', scaling);
-  const bos = num(md['tokenizer.ggml.bos_token_id']);
-  const eos = num(md['tokenizer.ggml.eos_token_id']);
-  if (typeof bos === 'number') cfg.bosTokenId = bos;
-  if (typeof eos === 'number') cfg.eosTokenId = eos;
+  // Checked against the vocabulary as llama.cpp does (the model's rows when the file has none).
+  const tokens = md['tokenizer.ggml.tokens'];
+  const V = Array.isArray(tokens) ? tokens.length : cfg.vocabSize;
+  const bos = ggufSpecialTokenId(md, 'tokenizer.ggml.bos_token_id', V, source, warn);
+  const eos = ggufSpecialTokenId(md, 'tokenizer.ggml.eos_token_id', V, source, warn);
+  if (bos !== undefined) cfg.bosTokenId = bos;
+  if (eos !== undefined) cfg.eosTokenId = eos;
   return cfg;
 }
 
@@ -201,6 +204,13 @@ export class GgufReader {
     readonly tensors: ReadonlyMap<string, GgufTensor>,
   ) {}
 
+  /** What reading ignored (out-of-range special-token ids), one message each, naming the key and value. */
+  readonly warnings: string[] = [];
+
+  private warn(message: string): void {
+    if (!this.warnings.includes(message)) this.warnings.push(message);
+  }
+
   /** Parses the header and checks every tensor's name, type, shape and byte range. */
   static async open(path: string): Promise<GgufReader> {
     await expectRegularFile(path, 'a GGUF model', (why) => new GgufError(`${path}: ${why}`));
@@ -238,7 +248,8 @@ export class GgufReader {
       const { size } = await fh.stat();
       const shapes = new Map<string, number[]>();
       for (const t of parsed.tensorInfos) shapes.set(t.name, t.shape.map(Number).reverse());
-      const config = ggufToLlamaConfig(md, shapes, path);
+      const warnings: string[] = [];
+      const config = ggufToLlamaConfig(md, shapes, path, (m) => warnings.push(m));
       const dataStart = Number(parsed.tensorDataOffset);
       const tensors = new Map<string, GgufTensor>();
       for (const t of parsed.tensorInfos) {
@@ -275,6 +286,7 @@ export class GgufReader {
         for (const p of iterParameterShapes(config))
           if (!tensors.has(p.name)) throw new GgufError(`${path}: missing tensor for "${p.name}" (shape [${p.shape}]; llama.block_count is ${config.numLayers})`);
       const reader = new GgufReader(path, fh, md, config, tensors);
+      for (const m of warnings) reader.warn(m);
       if (tensors.has('rope_freqs.weight')) {
         const f = await reader.read('rope_freqs.weight');
         config.ropeScaling = llama3ScalingFromFactors(f, config.headDim, config.ropeTheta, path);
@@ -310,7 +322,7 @@ export class GgufReader {
 
   /** tokenizer.json / tokenizer_config.json built from the embedded vocabulary, or null without one. */
   tokenizerFiles(): HfTokenizerFiles | null {
-    return ggufToHfTokenizer(this.metadata, this.path, { contextLength: this.config.maxPositionEmbeddings });
+    return ggufToHfTokenizer(this.metadata, this.path, { contextLength: this.config.maxPositionEmbeddings, warn: (m) => this.warn(m) });
   }
 
   /** Closes the file descriptor. */
@@ -328,6 +340,8 @@ export interface GgufConversion {
   /** Whether tokenizer.json / tokenizer_config.json were written. */
   tokenizer: boolean;
   chatTemplate: boolean;
+  /** What was ignored on the way (GgufReader.warnings); the `convert` command prints them. */
+  warnings: string[];
 }
 
 async function writeJsonAtomic(path: string, value: unknown, pretty: boolean): Promise<void> {
@@ -370,7 +384,7 @@ export async function convertGguf(path: string, outDir: string, opts: { dtype?: 
       await writeJsonAtomic(join(outDir, 'tokenizer_config.json'), tok.config, true);
     }
     const numParams = shapes.reduce((a, p) => a + p.shape.reduce((x, d) => x * d, 1), 0);
-    return { config: r.config, numParams, types, tokenizer: tok !== null, chatTemplate: typeof tok?.config.chat_template === 'string' };
+    return { config: r.config, numParams, types, tokenizer: tok !== null, chatTemplate: typeof tok?.config.chat_template === 'string', warnings: r.warnings };
   } finally {
     await r.close();
   }

@@ -183,6 +183,8 @@ export class LlamaModel implements AsyncDisposable {
    * read back by fromPretrained); null: text prompts are continued as plain text.
    */
   layout: ChatLayout | null = null;
+  /** What loading ignored in the file (fromGguf: out-of-range special-token ids), one message each. */
+  loadWarnings: readonly string[] = [];
 
   private constructor(
     private cfg: LlamaConfig,

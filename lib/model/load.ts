@@ -198,7 +198,9 @@ export async function fromGguf(file: string, opts: PlacementOptions = {}): Promi
   const r = await GgufReader.open(file);
   try {
     const { config, tokenizer, tokenizerSource } = ggufModel(r, file);
-    return await fill(LlamaModel.make(config, tokenizer, opts, file, tokenizerSource), (p) => r.read(p.name), (p) => `${file} (${r.tensors.get(p.name)?.ggufName})`);
+    const m = await fill(LlamaModel.make(config, tokenizer, opts, file, tokenizerSource), (p) => r.read(p.name), (p) => `${file} (${r.tensors.get(p.name)?.ggufName})`);
+    m.loadWarnings = r.warnings;
+    return m;
   } finally {
     await r.close();
   }

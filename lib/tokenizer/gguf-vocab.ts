@@ -54,11 +54,31 @@ BPE_PRE['llama-v3'] = BPE_PRE['llama-bpe'];
 export const SUPPORTED_BPE_PRE = Object.keys(BPE_PRE);
 
 /**
+ * The token id a tokenizer.ggml.*_token_id key names, or undefined when there is none. llama.cpp's
+ * converters write 4294967295 (-1) for "no such token" (stories260K's padding_token_id), and
+ * llama.cpp ignores any id outside the vocabulary with a warning; so does this (the message goes
+ * to `warn`) instead of refusing the file. Unlike llama.cpp it does not fall back to a default id
+ * (1 for BOS, ...): the token is absent, as when the key is missing. A value that is not an
+ * integer at all is still an error.
+ */
+export function ggufSpecialTokenId(md: GgufMetadata, field: string, vocabSize: number, source: string, warn?: (message: string) => void): number | undefined {
+  const raw = md[field];
+  if (raw === undefined) return undefined;
+  const v = typeof raw === 'bigint' ? Number(raw) : raw;
+  if (typeof v !== 'number' || !Number.isInteger(v))
+    throw new GgufVocabError(`${source}: expected a token id (an integer) for "${field}" but found ${JSON.stringify(v) ?? 'nothing'}`);
+  if (v >= 0 && v < vocabSize) return v;
+  warn?.(`${source}: ignoring "${field}" = ${String(raw)}, not a token id in [0, ${vocabSize}) (llama.cpp writes 4294967295 for "none"); the model has no such token`);
+  return undefined;
+}
+
+/**
  * Builds tokenizer.json and tokenizer_config.json from a GGUF's tokenizer.* metadata, or returns
  * null when the file has no vocabulary (tokenizer.ggml.model absent or "no_vocab"). `source`
- * names the file in errors; `contextLength` becomes model_max_length.
+ * names the file in errors; `contextLength` becomes model_max_length; `warn` receives what was
+ * ignored (see ggufSpecialTokenId).
  */
-export function ggufToHfTokenizer(md: GgufMetadata, source: string, opts: { contextLength?: number } = {}): HfTokenizerFiles | null {
+export function ggufToHfTokenizer(md: GgufMetadata, source: string, opts: { contextLength?: number; warn?: (message: string) => void } = {}): HfTokenizerFiles | null {
   const bad = (field: string, what: string, got: unknown): never => {
     const shown = Array.isArray(got) ? `an array of length ${got.length}` : JSON.stringify(typeof got === 'bigint' ? String(got) : got);
     throw new GgufVocabError(`${source}: expected ${what} for "${field}" but found ${shown ?? 'nothing'}`);
@@ -80,13 +100,7 @@ export function ggufToHfTokenizer(md: GgufMetadata, source: string, opts: { cont
     return v as number[];
   };
   const types = numArray('tokenizer.ggml.token_type') ?? new Array<number>(V).fill(TokenType.NORMAL);
-  const idField = (field: string): number | undefined => {
-    let v = md[field];
-    if (v === undefined) return undefined;
-    if (typeof v === 'bigint') v = Number(v);
-    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= V) bad(field, `a token id in [0, ${V})`, v);
-    return v as number;
-  };
+  const idField = (field: string) => ggufSpecialTokenId(md, field, V, source, opts.warn);
   const boolField = (field: string, fallback: boolean): boolean => {
     const v = md[field];
     if (v === undefined) return fallback;

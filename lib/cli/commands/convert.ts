@@ -8,6 +8,7 @@ import { LlamaModel } from '../../model/llama.js';
 import { prepareModelDir } from '../../io/outdir.js';
 import { expectOutputDir } from '../../util/fs.js';
 import { UsageError } from '../options.js';
+import { printLoadWarnings } from '../common.js';
 
 /** The `convert` command. */
 export function convertCommand(): Command {
@@ -25,6 +26,7 @@ export function convertCommand(): Command {
       if (v.from === 'gguf') {
         if (v.tokenizer) throw new UsageError('--tokenizer applies to --from llama2c only (a GGUF file carries its vocabulary)');
         const r = await convertGguf(file, v.out, { dtype, overwrite: v.overwrite });
+        printLoadWarnings(r.warnings);
         const types = Object.entries(r.types).map(([t, n]) => `${n} ${t}`).join(', ');
         console.log(`wrote ${v.out} (${r.numParams} parameters, ${dtype}; from ${types} tensors${r.tokenizer ? `; tokenizer${r.chatTemplate ? ' with chat template' : ''}` : '; no vocabulary in the file'})`);
         return;

@@ -7,11 +7,13 @@ import { previewDataset } from '../../data/preview.js';
 import { GgufReader } from '../../io/gguf.js';
 import { HfTokenizer, loadTokenizer } from '../../tokenizer/index.js';
 import { int, specialTokensOption, UsageError } from '../options.js';
+import { printLoadWarnings } from '../common.js';
 
 async function ggufTokenizer(file: string): Promise<HfTokenizer | null> {
   const r = await GgufReader.open(file);
   try {
     const t = r.tokenizerFiles();
+    printLoadWarnings(r.warnings);
     return t && new HfTokenizer(t.tokenizer, t.config);
   } finally {
     await r.close();
