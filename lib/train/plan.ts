@@ -1,16 +1,12 @@
 // planFinetune(): what a fine-tune will cost before it starts — parameters, memory per precision,
 // tokens per epoch and, from a few measured optimizer steps, time per epoch — so a user knows
 // whether e.g. TinyLlama-1.1B fits in 24 GB before loading 4 GB of weights and waiting.
-import { readFile } from 'node:fs/promises';
 import { freemem, totalmem } from 'node:os';
-import { join } from 'node:path';
 import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
-import { Llama2cReader } from '../io/llama2c.js';
-import { paramCount, parseHfConfig, type LlamaConfig } from '../model/config.js';
-import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
+import { paramCount, type LlamaConfig } from '../model/config.js';
+import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
+import { loadModel, readModelHeader } from '../model/load.js';
 import { resolveDevice } from '../native.js';
-import { loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
-import { expectRegularFile } from '../util/fs.js';
 import { expectInt } from '../validate.js';
 import { estimateDevPhase, type DevPhaseEstimate } from './dev-estimate.js';
 import {
@@ -111,26 +107,6 @@ export interface FinetunePlan {
 /** Options of planFinetune: finetune's, plus how many optimizer steps to time (0: none). */
 export type PlanOptions = Omit<FinetuneOptions, 'outDir' | 'signal' | 'resume'> & { outDir?: string; measureSteps?: number };
 
-async function readConfig(model: string): Promise<{ config: LlamaConfig; tokenizer: Tokenizer | null }> {
-  if (model.endsWith('.bin')) {
-    const r = await Llama2cReader.open(model);
-    await r.close();
-    return { config: r.config, tokenizer: null };
-  }
-  const path = join(model, 'config.json');
-  await expectRegularFile(path, 'a model config (JSON)');
-  let raw: unknown;
-  try {
-    raw = JSON.parse(await readFile(path, 'utf8'));
-  } catch (e) {
-    throw new Error(`${path}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'not found' : (e as Error).message}`);
-  }
-  const config = parseHfConfig(raw, path);
-  const tokenizer = await loadTokenizer(model);
-  if (tokenizer) checkTokenizerFits(tokenizer, config.vocabSize, tokenizerFile(model, tokenizer), path);
-  return { config, tokenizer };
-}
-
 // The memory of the device a run would use: the machine's RAM, or the GPU's (free = total: a new
 // process holds none of it, and the CUDA module reports no per-process figure before a context).
 function deviceMemory(device: PlanOptions['device']): FinetunePlan['machine'] {
@@ -173,7 +149,8 @@ export function recomputeToFit(
  */
 export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const modelPath = typeof o.model === 'string' ? o.model : undefined;
-  const loaded = typeof o.model === 'string' ? await readConfig(o.model) : { config: o.model.config, tokenizer: o.model.tokenizer };
+  // A path: its config.json or file header (a GGUF's, a llama2.c file's), never its weights.
+  const loaded = typeof o.model === 'string' ? await readModelHeader(o.model) : { config: o.model.config, tokenizer: o.model.tokenizer };
   const epochs = expectInt(o.epochs ?? LIMA_DEFAULTS.epochs, 'epochs', 1);
   const batchSize = expectInt(o.batchSize ?? LIMA_DEFAULTS.batchSize, 'batchSize', 1);
   const measureSteps = expectInt(o.measureSteps ?? 3, 'measureSteps', 0);
@@ -237,7 +214,7 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
     return plan;
   }
 
-  const m = modelPath.endsWith('.bin') ? await LlamaModel.fromLlama2c(modelPath, where) : await LlamaModel.fromPretrained(modelPath, where);
+  const m = await loadModel(modelPath, where);
   try {
     if (m.config.vocabSize < config.vocabSize) await m.resizeVocab(config.vocabSize);
     await m.setRecompute(recompute);
