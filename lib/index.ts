@@ -23,7 +23,7 @@ export {
   RECOMPUTE_MODES,
 } from './model/llama.js';
 export { LAYOUT_FILE, readLayout, type ChatLayout, type SpecialTokenPolicy } from './model/layout.js';
-export { ConfigError, ModelMemoryError, parseHfConfig, toHfConfig, parameterShapes, paramCount, checkModelSize, type LlamaConfig, type Llama3RopeScaling } from './model/config.js';
+export { ConfigError, ModelMemoryError, parseHfConfig, toHfConfig, parameterShapes, paramCount, checkModelSize, type LlamaConfig, type Llama3RopeScaling } from './io/config.js';
 export { GENERATION_DEFAULTS, resolveSampling, sampleToken, applyRepetitionPenalty, type SamplingOptions } from './model/sampling.js';
 export { ByteTokenizer, HfTokenizer, loadTokenizer, DEFAULT_EOT, type Tokenizer } from './tokenizer/index.js';
 export { SafetensorsReader, SafetensorsError, writeSafetensors, type TensorInfo, type TensorToWrite, type SafetensorsDtype } from './io/safetensors.js';

@@ -6,7 +6,7 @@ import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { LlamaModel } from '../lib/model/llama.js';
-import { checkModelSize, paramCount, parseHfConfig } from '../lib/model/config.js';
+import { checkModelSize, paramCount, parseHfConfig } from '../lib/io/config.js';
 import { SafetensorsReader } from '../lib/io/safetensors.js';
 import { ByteTokenizer } from '../lib/tokenizer/index.js';
 import { tempDirs } from './helpers.js';

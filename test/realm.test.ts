@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { demoShares, fmtShare, usesWord } from '../lib/demo/metrics.js';
 import { runStoriesDemo, sharesTable, STORIES_DEMO_FILES } from '../lib/demo/stories.js';
 import { loadLlama2cTokenizer, llama2cTokenizerJson, readLlama2cTokenizer } from '../lib/io/llama2c-tokenizer.js';
-import { parseHfConfig } from '../lib/model/config.js';
+import { parseHfConfig } from '../lib/io/config.js';
 import { LlamaModel, padBatch } from '../lib/model/llama.js';
 import { HfTokenizer } from '../lib/tokenizer/index.js';
 import { countParameters, formatPlan, memoryPlan, planFinetune, recomputeToFit } from '../lib/train/plan.js';

@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { GgufReader } from '../lib/io/gguf.js';
 import { readJsonl } from '../lib/io/jsonl.js';
 import { LlamaModel } from '../lib/model/llama.js';
-import { parseHfConfig } from '../lib/model/config.js';
+import { parseHfConfig } from '../lib/io/config.js';
 import { nativeLlama } from '../lib/model/native-model.js';
 import { resolveChatTemplate } from '../lib/data/format.js';
 import { loadTokenizer } from '../lib/tokenizer/index.js';

@@ -6,7 +6,7 @@
 import { mkdir, open, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { gguf, type GGUFParseOutput } from '@huggingface/gguf';
-import { iterParameterShapes, parameterShape, parameterShapes, parameterTensorCount, toHfConfig, type Llama3RopeScaling, type LlamaConfig } from '../model/config.js';
+import { iterParameterShapes, parameterShape, parameterShapes, parameterTensorCount, toHfConfig, type Llama3RopeScaling, type LlamaConfig } from './config.js';
 import { expectOutputDir, expectRegularFile } from '../util/fs.js';
 import { ggufSpecialTokenId, ggufToHfTokenizer, type HfTokenizerFiles } from '../tokenizer/gguf-vocab.js';
 import { dequantize, GGML_TYPE_INFO, ggmlByteSize, ggmlTypeName } from './ggml-quants.js';

@@ -3,7 +3,7 @@
 // seq_len — then fp32 tensors in a fixed order. llama2.c applies RoPE to interleaved pairs
 // (2i, 2i+1); Hugging Face rotates halves (i, i + hd/2), so q/k rows are permuted on import.
 import { open, type FileHandle } from 'node:fs/promises';
-import type { LlamaConfig } from '../model/config.js';
+import type { LlamaConfig } from './config.js';
 import { expectRegularFile } from '../util/fs.js';
 import { LimaDisposedError } from '../validate.js';
 

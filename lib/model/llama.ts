@@ -6,7 +6,7 @@ import { totalmem } from 'node:os';
 import { writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../util/rng.js';
 import { expectI32, expectInt, expectNumber, fail, LimaDisposedError } from '../validate.js';
-import { checkModelSize, ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
+import { checkModelSize, ConfigError, parseHfConfig, toHfConfig, type LlamaConfig } from '../io/config.js';
 import { nativeLlama, type NativeLlama, type NativeLlamaCtor, type NativePrecision, type ParamInfo, type Recompute } from './native-model.js';
 import { resolveDevice, type Device } from '../native.js';
 import { preferredPrecision } from '../kernels/system.js';

@@ -6,7 +6,7 @@ import { dirname, isAbsolute, join, resolve, sep } from 'node:path';
 import { Llama2cReader } from '../io/llama2c.js';
 import { GgufReader } from '../io/gguf.js';
 import { SafetensorsReader } from '../io/safetensors.js';
-import { parseHfConfig, toHfConfig, type LlamaConfig } from './config.js';
+import { parseHfConfig, toHfConfig, type LlamaConfig } from '../io/config.js';
 import { checkTokenizerFits, LlamaModel, ModelLoadError, resolvePrecision, type PlacementOptions } from './llama.js';
 import type { ParamInfo } from './native-model.js';
 import { readLayout } from './layout.js';

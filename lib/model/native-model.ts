@@ -1,6 +1,6 @@
 // The slice of the addon the model uses. Raw numbers cross here; LlamaModel wraps them in types.
 import { loadAddon } from '../native.js';
-import type { LlamaConfig } from './config.js';
+import type { LlamaConfig } from '../io/config.js';
 
 /** One parameter tensor of a model: Hugging Face name, shape and element count. */
 export interface ParamInfo {

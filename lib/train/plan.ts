@@ -3,7 +3,7 @@
 // whether e.g. TinyLlama-1.1B fits in 24 GB before loading 4 GB of weights and waiting.
 import { freemem, totalmem } from 'node:os';
 import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
-import { paramCount, type LlamaConfig } from '../model/config.js';
+import { paramCount, type LlamaConfig } from '../io/config.js';
 import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
 import { loadModel, readModelHeader } from '../model/load.js';
 import { resolveDevice } from '../native.js';
