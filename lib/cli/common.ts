@@ -2,7 +2,7 @@
 // a conversation file for `generate --messages`.
 import { readFile } from 'node:fs/promises';
 import { Option } from 'commander';
-import type { LlamaModel, PlacementOptions } from '../model/llama.js';
+import { DEVICES, PRECISIONS, type LlamaModel, type PlacementOptions } from '../model/llama.js';
 import { loadModel as loadModelFile } from '../model/load.js';
 import { resolveChatTemplate, type Message } from '../data/format.js';
 import { expectRegularFile } from '../util/fs.js';
@@ -45,7 +45,7 @@ export function precisionOption(): Option {
   return new Option(
     '--precision <p>',
     "compute precision: fp32 (exact), bf16 mixed precision (fp32 master weights), or auto = bf16 where this CPU's bf16 units are faster (default: fp32, or the checkpoint's on --resume)",
-  ).choices(['auto', 'bf16', 'fp32']);
+  ).choices(PRECISIONS);
 }
 
 /** `--device cpu|cuda|auto`: cuda fails with the reason when no usable GPU; auto falls back to the CPU and says why. */
@@ -53,7 +53,7 @@ export function deviceOption(): Option {
   return new Option(
     '--device <d>',
     'where to compute: cpu, cuda (GPU 0 through the CUDA module: `npm run build:cuda`), or auto = the GPU when usable, else the CPU (default: cpu)',
-  ).choices(['cpu', 'cuda', 'auto']);
+  ).choices(DEVICES);
 }
 
 /** The line a command prints when --device auto fell back to the CPU. */

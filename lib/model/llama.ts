@@ -111,6 +111,11 @@ export interface EvalResult {
  */
 export type Precision = 'auto' | 'bf16' | 'fp32';
 
+/** The values of PlacementOptions.precision and .device (also the CLI's --precision and --device choices). */
+export const PRECISIONS: readonly Precision[] = ['auto', 'bf16', 'fp32'];
+export const DEVICES: readonly Device[] = ['cpu', 'cuda', 'auto'];
+const oneOf = (values: readonly string[]) => values.map((v) => `'${v}'`).join(' | ');
+
 /**
  * The precision 'auto' (or an explicit one) resolves to on this machine. On a GPU, unset and
  * 'auto' mean bf16 (every supported GPU, compute capability >= 8.0, has bf16 tensor cores; fp32
@@ -118,7 +123,7 @@ export type Precision = 'auto' | 'bf16' | 'fp32';
  */
 export function resolvePrecision(p: Precision | undefined, device: 'cpu' | 'cuda' = 'cpu'): NativePrecision {
   const v = p ?? (device === 'cuda' ? 'auto' : 'fp32');
-  if (v !== 'auto' && v !== 'bf16' && v !== 'fp32') fail("'auto' | 'bf16' | 'fp32'", 'precision', v);
+  if (!PRECISIONS.includes(v)) fail(oneOf(PRECISIONS), 'precision', v);
   if (v !== 'auto') return v;
   return device === 'cuda' ? 'bf16' : preferredPrecision().precision;
 }
@@ -143,6 +148,19 @@ export interface PlacementOptions {
   device?: Device;
 }
 
+/**
+ * PlacementOptions checked before anything is read or allocated, with the device's default
+ * ('cpu'): the one place that decides which values they take; resolvePrecision then decides what
+ * the precision means on the device the model lands on. Loaders, finetune and the planner call it
+ * first and pass its result down.
+ */
+export function resolvePlacement(where: PlacementOptions): { device: Device; precision?: Precision } {
+  const device = where.device ?? 'cpu';
+  if (!DEVICES.includes(device)) fail(oneOf(DEVICES), 'device', device);
+  resolvePrecision(where.precision);
+  return where.precision === undefined ? { device } : { device, precision: where.precision };
+}
+
 // The native constructor, memory and device of a new model, from PlacementOptions.device.
 interface Placement {
   kind: 'cpu' | 'cuda';
@@ -153,8 +171,8 @@ interface Placement {
   fallback: string | null;
 }
 
-function place(device: Device | undefined): Placement {
-  const r = resolveDevice(device ?? 'cpu');
+function place(device: Device): Placement {
+  const r = resolveDevice(device);
   if (r.device === 'cuda') {
     return { kind: 'cuda', ctor: r.addon.NativeLlama, gpu: r.info.device, memory: r.info.totalMemory, label: `cuda:${r.info.device} (${r.info.name})`, fallback: null };
   }
@@ -249,13 +267,14 @@ export class LlamaModel implements AsyncDisposable {
   }
 
   /**
-   * @internal For the loaders (load.ts) and create: validates precision before anything is
+   * @internal For the loaders (load.ts) and create: checks the placement before anything is
    * allocated, then sizes the model against the device's memory.
    */
   static make(config: LlamaConfig, tokenizer: Tokenizer | null, where: PlacementOptions, source = 'config', tokenizerSource = 'the given tokenizer'): LlamaModel {
+    const { device, precision: asked } = resolvePlacement(where);
     if (tokenizer) checkTokenizerFits(tokenizer, config.vocabSize, tokenizerSource, source);
-    const pl = place(where.device);
-    const precision = resolvePrecision(where.precision, pl.kind);
+    const pl = place(device);
+    const precision = resolvePrecision(asked, pl.kind);
     checkModelSize(config, source, pl.memory, pl.label);
     return new LlamaModel(config, new pl.ctor(config, precision, pl.gpu), tokenizer, pl);
   }

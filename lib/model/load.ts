@@ -7,7 +7,7 @@ import { Llama2cReader } from '../io/llama2c.js';
 import { GgufReader } from '../io/gguf.js';
 import { SafetensorsReader } from '../io/safetensors.js';
 import { parseHfConfig, toHfConfig, type LlamaConfig } from '../io/config.js';
-import { checkTokenizerFits, LlamaModel, ModelLoadError, resolvePrecision, type PlacementOptions } from './llama.js';
+import { checkTokenizerFits, LlamaModel, ModelLoadError, resolvePlacement, type PlacementOptions } from './llama.js';
 import type { ParamInfo } from './native-model.js';
 import { readLayout } from './layout.js';
 import { HfTokenizer, loadTokenizer, tokenizerFile, type Tokenizer } from '../tokenizer/index.js';
@@ -46,11 +46,11 @@ export type LoadOptions = PlacementOptions & { tokenizer?: Tokenizer | null };
 
 /** Loads a Hugging Face folder, a llama2.c checkpoint or a GGUF file (see modelKind), on a device in a compute precision. */
 export async function loadModel(path: string, where: LoadOptions = {}): Promise<LlamaModel> {
-  resolvePrecision(where.precision); // a bad value fails before any file is read
+  const placed = resolvePlacement(where); // a bad value fails before any file is read
   const kind = await modelKind(path);
   if (where.tokenizer != null && kind !== 'llama2c') fail(`no tokenizer (${path} brings its own)`, 'tokenizer', where.tokenizer);
-  if (kind === 'gguf') return fromGguf(path, where);
-  return kind === 'llama2c' ? fromLlama2c(path, where) : fromPretrained(path, where);
+  if (kind === 'gguf') return fromGguf(path, placed);
+  return kind === 'llama2c' ? fromLlama2c(path, { ...placed, tokenizer: where.tokenizer }) : fromPretrained(path, placed);
 }
 
 /** A model's config and tokenizer, read from its config.json or file header (no weights). */
@@ -113,7 +113,7 @@ function ggufModel(r: GgufReader, file: string): { config: LlamaConfig; tokenize
  * files. Weights are kept in fp32 whatever the precision (bf16 copies are derived from them).
  */
 export async function fromPretrained(dir: string, opts: PlacementOptions = {}): Promise<LlamaModel> {
-  resolvePrecision(opts.precision); // a bad value fails before any file is read
+  resolvePlacement(opts); // a bad value fails before any file is read
   const { config: cfg, cfgPath } = await readHfConfig(dir);
   // Which file holds each tensor.
   const files = new Map<string, string>();
@@ -179,7 +179,7 @@ async function fill(m: LlamaModel, read: (p: ParamInfo) => Promise<Float32Array>
 
 /** Imports a llama2.c checkpoint (.bin, version 0), permuting q/k rows into the HF RoPE layout. */
 export async function fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | null } & PlacementOptions = {}): Promise<LlamaModel> {
-  resolvePrecision(opts.precision);
+  resolvePlacement(opts);
   const r = await Llama2cReader.open(file);
   try {
     return await fill(LlamaModel.make(r.config, opts.tokenizer ?? null, opts, file), (p) => r.read(p.name), () => file);
@@ -194,7 +194,7 @@ export async function fromLlama2c(file: string, opts: { tokenizer?: Tokenizer | 
  * as a Hugging Face folder instead.
  */
 export async function fromGguf(file: string, opts: PlacementOptions = {}): Promise<LlamaModel> {
-  resolvePrecision(opts.precision);
+  resolvePlacement(opts);
   const r = await GgufReader.open(file);
   try {
     const { config, tokenizer, tokenizerSource } = ggufModel(r, file);

@@ -16,7 +16,7 @@ import { loadTrainDev, epochBatches, microBatches, type Example, type RoleMarker
 import type { SpecialTokenPolicy } from '../data/format.js';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { ownEntries, removeEntries, type OutDirRule } from '../io/outdir.js';
-import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
+import { checkTokenizerFits, LlamaModel, RECOMPUTE_MODES, resolvePlacement, resolvePrecision, resolveRecompute, type CodePaths, type Precision, type Recompute } from '../model/llama.js';
 import { fromPretrained, loadModel } from '../model/load.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
@@ -817,9 +817,9 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
   try {
     const from = out.resumeFrom;
     const resumed = from?.state ?? null;
-    if (o.device !== undefined && o.device !== 'cpu' && o.device !== 'cuda' && o.device !== 'auto') fail("'cpu' | 'cuda' | 'auto'", 'device', o.device);
-    const where = { device: o.device };
-    const precision = resolvePrecision(o.precision);
+    const placed = resolvePlacement(o); // device and precision checked once, passed down
+    const where = { device: placed.device };
+    const precision = resolvePrecision(placed.precision);
     if (from) {
       // Bit-exact resume needs the precision the checkpoint was trained in (taken from it unless
       // another one was asked for, which is refused).
@@ -829,8 +829,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       model = await fromPretrained(from.dir, { precision: was, ...where });
       ownModel = true;
     } else if (typeof o.model === 'string') {
-      const opts = { precision: o.precision, ...where };
-      model = await loadModel(o.model, opts);
+      model = await loadModel(o.model, placed);
       ownModel = true;
     } else {
       model = o.model;

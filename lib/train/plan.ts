@@ -4,9 +4,9 @@
 import { freemem, totalmem } from 'node:os';
 import { epochBatches, loadTrainDev, microBatches } from '../data/index.js';
 import { paramCount, type LlamaConfig } from '../io/config.js';
-import { LlamaModel, RECOMPUTE_MODES, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
+import { LlamaModel, RECOMPUTE_MODES, resolvePlacement, resolvePrecision, resolveRecompute, type Recompute } from '../model/llama.js';
 import { loadModel, readModelHeader } from '../model/load.js';
-import { resolveDevice } from '../native.js';
+import { resolveDevice, type Device } from '../native.js';
 import { expectInt } from '../validate.js';
 import { estimateDevPhase, type DevPhaseEstimate } from './dev-estimate.js';
 import {
@@ -109,8 +109,8 @@ export type PlanOptions = Omit<FinetuneOptions, 'outDir' | 'signal' | 'resume'> 
 
 // The memory of the device a run would use: the machine's RAM, or the GPU's (free = total: a new
 // process holds none of it, and the CUDA module reports no per-process figure before a context).
-function deviceMemory(device: PlanOptions['device']): FinetunePlan['machine'] {
-  const r = resolveDevice(device ?? 'cpu');
+function deviceMemory(device: Device): FinetunePlan['machine'] {
+  const r = resolveDevice(device);
   if (r.device === 'cuda') return { device: `cuda:${r.info.device} (${r.info.name})`, totalBytes: r.info.totalMemory, freeBytes: r.info.totalMemory };
   return { device: 'cpu', totalBytes: totalmem(), freeBytes: freemem(), ...(r.reason ? { fallback: r.reason.message } : {}) };
 }
@@ -149,6 +149,7 @@ export function recomputeToFit(
  */
 export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const modelPath = typeof o.model === 'string' ? o.model : undefined;
+  const where = resolvePlacement(o); // device and precision checked once, passed down
   // A path: its config.json or file header (a GGUF's, a llama2.c file's), never its weights.
   const loaded = typeof o.model === 'string' ? await readModelHeader(o.model) : { config: o.model.config, tokenizer: o.model.tokenizer };
   const epochs = expectInt(o.epochs ?? LIMA_DEFAULTS.epochs, 'epochs', 1);
@@ -172,10 +173,10 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const tokensPerEpoch = train.reduce((n, e) => n + e.inputIds.length, 0);
   const targetTokensPerEpoch = train.reduce((n, e) => n + e.labels.filter((l) => l >= 0).length, 0);
   const longestRow = train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
-  const machine = deviceMemory(o.device);
+  const machine = deviceMemory(where.device);
   // The run's precision (a GPU's default is bf16) sizes the micro-batch; each row of the plan
   // counts its own precision's activations.
-  const runPrecision = resolvePrecision(o.precision, machine.device === 'cpu' ? 'cpu' : 'cuda');
+  const runPrecision = resolvePrecision(where.precision, machine.device === 'cpu' ? 'cpu' : 'cuda');
   // finetune()'s default micro-batch: halve the batch until its activations fit the budget.
   const budget = o.memoryBudget ?? defaultActivationBudget(machine.device, machine.totalBytes, parameters, runPrecision);
   let micro = o.microBatchSize ?? batchSize;
@@ -208,7 +209,6 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
     plan.notMeasured = 'timing steps would change the given model (pass a model path to measure)';
     return plan;
   }
-  const where = { device: o.device, precision: o.precision };
   if (!plan.memory[runPrecision].fitsFree) {
     plan.notMeasured = 'the run does not fit in free memory';
     return plan;
