@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "binding/util.h"
+#include "core/rope.h"
 #include "kernels/layers.h"
 
 namespace lima::binding {

@@ -1,6 +1,7 @@
 // N-API glue for the optimizer (AdamW) and residual dropout. Full validation lives in
 // lib/kernels/optim.ts; here only what keeps native memory safe (types, lengths).
 #include "binding/util.h"
+#include "core/dropout_rate.h"
 #include "kernels/adamw.h"
 #include "kernels/dropout.h"
 

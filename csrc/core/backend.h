@@ -6,8 +6,9 @@
 //
 // Pointers passed to ops point into this backend's Buffers (device memory for a GPU backend);
 // "host" pointers appear only in upload/download. Shapes and letters follow the kernel headers
-// (kernels/layers.h, gemm.h, attention.h, dropout.h, adamw.h); ops whose inputs may be bf16 take
-// the dtype per call and `const void*` operands, with fp32 outputs.
+// (kernels/layers.h, gemm.h, attention.h, dropout.h, adamw.h; their argument structs are
+// core/ops.h); ops whose inputs may be bf16 take the dtype per call and `const void*` operands,
+// with fp32 outputs. Backend-neutral: includes only core/ headers.
 #pragma once
 
 #include <cstdint>
@@ -17,10 +18,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
-#include "kernels/adamw.h"
-#include "kernels/attention.h"
-#include "kernels/dropout.h"
-#include "kernels/layers.h"
+#include "core/ops.h"
 
 namespace lima {
 

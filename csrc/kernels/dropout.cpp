@@ -1,5 +1,5 @@
-// The keep rule (Philox4x32-10 itself is core/philox.h), the depth schedule, the reference and portable paths, and the
-// dispatcher of residual dropout.
+// The keep rule (Philox4x32-10 itself is core/philox.h, the depth schedule core/dropout_rate.h),
+// the reference and portable paths, and the dispatcher of residual dropout.
 //
 // Bit-identity across paths: every path evaluates residual + (x * scale) as two separately rounded
 // float operations (never one FMA) and returns residual itself for dropped elements, so CPU
@@ -64,15 +64,6 @@ bool dropout_keep(const DropoutSite& s, uint64_t index) {
   return mask_word(k, index) >= k.keep_from;
 }
 
-float dropout_rate(int64_t layer, int64_t num_layers, float p_max) {
-  expect(num_layers >= 1, "an integer >= 1", "numLayers", std::to_string(num_layers));
-  expect(layer >= 0 && layer < num_layers, ("an integer in [0, " + std::to_string(num_layers - 1) + "]").c_str(),
-         "layer", std::to_string(layer));
-  expect(p_max >= 0.0f && p_max < 1.0f, "a probability in [0, 1)", "pMax", std::to_string(p_max));
-  if (num_layers == 1) return 0.0f;
-  return static_cast<float>(static_cast<double>(p_max) * static_cast<double>(layer) /
-                            static_cast<double>(num_layers - 1));
-}
 
 namespace scalar {
 

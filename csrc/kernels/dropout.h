@@ -20,10 +20,6 @@ namespace lima {
 // The keep decision for one element (reference path and tests).
 bool dropout_keep(const DropoutSite& s, uint64_t index);
 
-// p_l for layer l of num_layers (0 at the bottom, p_max at the top; p_max for a 1-layer model
-// is 0 by the formula's limit, so a single layer gets 0).
-float dropout_rate(int64_t layer, int64_t num_layers, float p_max);
-
 // x, residual, out [N]; out may alias residual or x.
 void residual_dropout_forward(const CpuContext& ctx, float* out, const float* residual,
                               const float* x, int64_t n, const DropoutSite& s);

@@ -25,16 +25,8 @@ void rmsnorm_backward_reference(float* dx, float* dweight, const float* dout, co
 // ---- RoPE, Hugging Face rotate_half layout: for i < D/2, with c = cos[pos, i], s = sin[pos, i]
 //   out[i]       = x[i] * c - x[i + D/2] * s
 //   out[i + D/2] = x[i + D/2] * c + x[i] * s
-// Tables are [P, D/2] for positions 0..P-1; token t of every batch row is at position pos0 + t.
-struct RopeScaling {
-  enum Type { None = 0, Llama3 = 1 } type = None;
-  float factor = 8.0f, low_freq_factor = 1.0f, high_freq_factor = 4.0f;
-  int64_t original_max_position_embeddings = 8192;
-};
-// inv_freq [D/2] = theta^(-2i/D), then adjusted by the scaling (Llama 3 smooths low frequencies).
-void rope_inv_freq(float* inv_freq, int64_t D, float theta, const RopeScaling& scaling);
-// cos, sin [P, D/2], computed as HF does: angle = float(pos) * inv_freq (fp32), then cos/sin.
-void rope_tables(float* cos, float* sin, const float* inv_freq, int64_t D, int64_t P);
+// Tables are [P, D/2] for positions 0..P-1 (core/rope.h computes them on the host); token t of
+// every batch row is at position pos0 + t.
 // x, out [B, T, NH, D] (out may alias x); requires pos0 + T <= P.
 void rope_forward(const CpuContext& ctx, float* out, const float* x, const float* cos,
                   const float* sin, int64_t B, int64_t T, int64_t NH, int64_t D, int64_t pos0);

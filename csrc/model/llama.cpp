@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/dropout_rate.h"
 
 namespace lima {
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/rope.h"
 #include "model/optimizer.h"
 
 namespace lima {

@@ -7,10 +7,15 @@
 
 #include <unistd.h>
 
-#include "core/philox.h"
+#include "core/init.h"
+#include "core/rope.h"
+#include "kernels/adamw.h"
+#include "kernels/attention.h"
 #include "kernels/bf16.h"
 #include "kernels/cpu_features.h"
+#include "kernels/dropout.h"
 #include "kernels/gemm.h"
+#include "kernels/layers.h"
 #include "kernels/threadpool.h"
 
 namespace lima {
@@ -86,22 +91,8 @@ void CpuBackend::convert(void* dst, DType dt, const void* src, DType st, int64_t
 }
 
 void CpuBackend::init_normal(float* w, int64_t n, uint64_t seed, uint32_t stream, float std) {
-  const uint32_t key[2] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
-  const int64_t blocks = (n + 3) / 4;
-  ctx().pool->parallel_for(blocks, 1 << 12, [&](int64_t b0, int64_t b1, int) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint32_t ctr[4] = {static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), stream, 0x494e4954u};
-      uint32_t r[4];
-      philox4x32_10(r, ctr, key);
-      // Box–Muller on two pairs of 32-bit uniforms in (0, 1].
-      for (int j = 0; j < 4; j += 2) {
-        const double u1 = (r[j] + 1.0) / 4294967296.0, u2 = r[j + 1] / 4294967296.0;
-        const double rad = std::sqrt(-2.0 * std::log(u1)), ang = 6.283185307179586 * u2;
-        const int64_t i = 4 * b + j;
-        if (i < n) w[i] = static_cast<float>(std * rad * std::cos(ang));
-        if (i + 1 < n) w[i + 1] = static_cast<float>(std * rad * std::sin(ang));
-      }
-    }
+  ctx().pool->parallel_for(normal_init_blocks(n), 1 << 12, [&](int64_t b0, int64_t b1, int) {
+    normal_init(w, n, b0, b1, seed, stream, std);
   });
 }
 

@@ -3,6 +3,11 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/init.h"
+#include "core/rope.h"
+#include "kernels/common.h"
+#include "kernels/threadpool.h"
+
 namespace lima {
 
 namespace cu = lima::cuda;
@@ -150,9 +155,12 @@ void CudaBackend::convert(void* dst, DType dt, const void* src, DType st, int64_
 }
 
 void CudaBackend::init_normal(float* w, int64_t n, uint64_t seed, uint32_t stream, float std) {
-  // The CPU's Philox + Box–Muller in double, so a seed gives the same model on either device.
+  // The CPU's Philox + Box–Muller in double (core/init.h), so a seed gives the same model on
+  // either device; spread over the CPU's thread pool as CpuBackend does.
   std::vector<float> host(static_cast<size_t>(n));
-  host_.init_normal(host.data(), n, seed, stream, std);
+  default_context().pool->parallel_for(normal_init_blocks(n), 1 << 12, [&](int64_t b0, int64_t b1, int) {
+    normal_init(host.data(), n, b0, b1, seed, stream, std);
+  });
   upload(w, host.data(), 4 * n);
   synchronize();  // `host` dies here
 }
@@ -169,7 +177,7 @@ void CudaBackend::rope_tables(float* cos, float* sin, const float* inv_freq, int
   const int64_t half = checked_mul(P, D / 2, "the RoPE tables");
   std::vector<float> inv(static_cast<size_t>(D / 2)), c(static_cast<size_t>(half)), s(static_cast<size_t>(half));
   download(inv.data(), inv_freq, 4 * (D / 2));
-  host_.rope_tables(c.data(), s.data(), inv.data(), D, P);
+  lima::rope_tables(c.data(), s.data(), inv.data(), D, P);
   upload(cos, c.data(), 4 * half);
   upload(sin, s.data(), 4 * half);
   synchronize();

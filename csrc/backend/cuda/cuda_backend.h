@@ -2,13 +2,12 @@
 // stream of one device, so a micro-step runs without host synchronisation except where the
 // Backend interface returns a number (cross_entropy's loss, sum_squares) or hands data to the
 // host (download). Host-side maths that must equal the CPU's bit for bit (Philox normal init,
-// RoPE tables) runs on a CpuBackend and is uploaded.
+// RoPE tables: core/init.h, core/rope.h) runs on the host and is uploaded.
 #pragma once
 
 #include <memory>
 #include <vector>
 
-#include "backend/cpu/cpu_backend.h"
 #include "core/backend.h"
 #include "kernels/cuda/api.h"
 
@@ -101,7 +100,6 @@ class CudaBackend final : public Backend {
   cuda::AttentionImpl attention_;
   int64_t total_memory_ = 0;
   std::string name_;
-  CpuBackend host_;
   // ws_[0] is handed to kernels, ws_[kGemmWs] to cuBLASLt (one per stream: two backends on one
   // thread must not share it), ws_[1] holds the bf16 attention output around one call.
   static constexpr int kGemmWs = 2;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/rope.h"
 #include "kernels/adamw.h"
 #include "kernels/attention.h"
 #include "kernels/dropout.h"
