@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "backend/cpu/cpu_backend.h"
 #include "core/dropout_rate.h"
 
 namespace lima {
@@ -144,7 +143,8 @@ struct LlamaModel::Acts {
 };
 
 LlamaModel::LlamaModel(const LlamaConfig& c, std::unique_ptr<Backend> backend, DType compute)
-    : cfg_(c), be_(backend ? std::move(backend) : std::make_unique<CpuBackend>()), dt_(compute) {
+    : cfg_(c), be_(std::move(backend)), dt_(compute) {
+  expect(be_ != nullptr, "a backend", "LlamaModel", "none");
   expect(c.V >= 1 && c.C >= 1 && c.F >= 1 && c.L >= 1 && c.H >= 1 && c.KV >= 1, "positive sizes",
          "config", "a zero or negative size");
   expect(c.H % c.KV == 0, "num_key_value_heads dividing num_attention_heads", "config",

@@ -70,9 +70,9 @@ enum class Recompute { None, Mlp, All };
 class LlamaModel {
  public:
   // Throws KernelError for an inconsistent config and OutOfMemory when weights, gradients (and
-  // bf16 copies) cannot fit; allocates them zeroed. backend null: a CpuBackend.
-  LlamaModel(const LlamaConfig& cfg, std::unique_ptr<Backend> backend = nullptr,
-             DType compute = DType::F32);
+  // bf16 copies) cannot fit; allocates them zeroed. `backend` (required: the model knows no
+  // device of its own) runs every op and owns every buffer.
+  LlamaModel(const LlamaConfig& cfg, std::unique_ptr<Backend> backend, DType compute = DType::F32);
   ~LlamaModel();
 
   const LlamaConfig& config() const { return cfg_; }
