@@ -1,7 +1,7 @@
 // Issue 17: one loadModel() picks the reader by what the path is (a folder, a file starting with
 // "GGUF", any other regular file = llama2.c), never by its name; the planner reads a GGUF's or a
 // llama2.c file's config from its header (finetune --dry-run --model x.gguf failed with ENOTDIR).
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { copyFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -100,11 +100,18 @@ describe('loadModel picks the reader by what the path is', () => {
     expect(JSON.parse(r.stdout).ids).toEqual(want);
   }, 60_000);
 
-  it('a missing model path is named with the three kinds accepted (not as <path>/config.json)', () => {
+  it('a missing model path, or a FIFO, is named with the three kinds accepted (not as <path>/config.json), without opening it', () => {
+    const kinds = 'a Hugging Face model folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf)';
     const missing = join(tmp(), 'no-such-model');
-    const r = cli(['generate', '--model', missing, '--prompt-ids', '1']);
-    expect(r.stderr).toContain(`${missing}: not found; expected a Hugging Face model folder, a llama2.c checkpoint (.bin) or a GGUF file (.gguf)`);
+    let r = cli(['generate', '--model', missing, '--prompt-ids', '1']);
+    expect(r.stderr).toContain(`${missing}: not found; expected ${kinds}`);
     expect(r.stderr).not.toContain('config.json');
     expect(r.status).toBe(1);
-  }, 30_000);
+    // Reading its first bytes would block forever: it is refused by its kind first.
+    const fifo = join(tmp(), 'model.fifo');
+    execFileSync('mkfifo', [fifo]);
+    r = cli(['generate', '--model', fifo, '--prompt-ids', '1']);
+    expect(r.stderr).toContain(`${fifo}: not a regular file (a FIFO); expected ${kinds}`);
+    expect(r.status).toBe(1);
+  }, 60_000);
 });
