@@ -240,7 +240,7 @@ describe("item 17: a failed start leaves no empty --out folder", () => {
     const { base, data, init } = await setup();
     const r = cli('finetune', '--model', init, '--data', data, '--dev', '3', '--out', join(base, 'a', 'run'), '--device', 'cuda');
     expect(r.status).toBe(1);
-    expect(r.stderr).toMatch(/CUDA/);
+    expect(r.stderr).toMatch(/CUDA|NVIDIA|GPU/); // the module missing, no driver, or no device: whichever this machine lacks
     expect(existsSync(join(base, 'a'))).toBe(false);
   });
 
