@@ -16,7 +16,7 @@ const FORMAT_FLAGS = new Set(['--chat-template', '--role-system', '--role-user',
 export function evalCommand(): Command {
   const cmd = new Command('eval')
     .description('mean loss and perplexity over target tokens of rows formatted and masked exactly as finetune formats them')
-    .requiredOption('--model <dir>', 'model folder or llama2.c .bin')
+    .requiredOption('--model <path>', 'Hugging Face model folder, llama2.c checkpoint or GGUF file')
     .requiredOption('--data <jsonl>', 'rows in any format finetune reads (conversations, messages, ShareGPT, Alpaca, prompt/completion, text, input_ids/labels)')
     .addOption(new Option('--batch-size <n>', 'rows per forward pass').argParser(int({ min: 1 })).default(8))
     .addOption(precisionOption())

@@ -13,7 +13,7 @@ export function generateCommand(): Command {
       "generate a reply. --prompt is one user turn in the model's chat layout (the one it was fine-tuned with; " +
         'a model without one continues the text); --raw continues the text as is',
     )
-    .requiredOption('--model <dir>', 'model folder or llama2.c .bin')
+    .requiredOption('--model <path>', 'Hugging Face model folder, llama2.c checkpoint or GGUF file')
     .option('--prompt <text>', 'the user turn to answer')
     .option('--prompt-ids <ids>', 'comma-separated token ids to continue (no layout applied)', parseIdList)
     .option('--messages <file>', 'a JSON conversation [{"role", "content"}, ...] ending with a user turn')
