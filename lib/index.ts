@@ -34,6 +34,7 @@ export { OutDirError, prepareModelDir, MODEL_FOLDER_FILES } from './io/outdir.js
 export { LIMA } from './recipe.js';
 export { GgufReader, GgufError, convertGguf, type GgufTensor, type GgufConversion } from './io/gguf.js';
 export { dequantize, GgmlType, GGML_TYPE_INFO, ggmlTypeName } from './io/ggml-quants.js';
+export { readPeftAdapter, writePeftAdapter, checkAdapterFits, PeftAdapterError, type PeftAdapter } from './io/peft.js';
 export { ggufToHfTokenizer, GgufVocabError, type HfTokenizerFiles } from './tokenizer/gguf-vocab.js';
 export { resolveChatTemplate, ChatTemplateError } from './data/format.js';
 export { previewDataset, renderExample, type PreviewOptions, type DatasetPreview } from './data/preview.js';

@@ -5,7 +5,7 @@
 import { mkdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe } from '../validate.js';
-import { expectOutputDir, expectRegularFile, writeAtomic } from '../util/fs.js';
+import { expectOutputDir, expectRegularFile, writeAtomic, WriteError } from '../util/fs.js';
 import { parameterShape, type LlamaConfig } from './config.js';
 import { SafetensorsReader, writeSafetensors } from './safetensors.js';
 
@@ -117,7 +117,9 @@ export async function writePeftAdapter(dir: string, a: PeftAdapter): Promise<voi
     throw new PeftAdapterError(`${where}: expected a string for baseModel but received ${describe(a.baseModel)}`);
   const tensors = checkTensors(a.tensors, config, where, (n) => n);
   await expectOutputDir(dir, 'the adapter folder');
-  await mkdir(dir, { recursive: true });
+  await mkdir(dir, { recursive: true }).catch((e) => {
+    throw new WriteError(dir, e);
+  });
   await writeSafetensors(
     join(dir, WEIGHTS_FILE),
     [...tensors].map(([name, t]) => ({ name: PREFIX + name, shape: t.shape, data: t.data })),
