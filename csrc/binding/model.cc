@@ -86,6 +86,8 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
                         InstanceMethod<&NativeLlama::G<&NativeLlama::Dispose>>("dispose"),
                         InstanceMethod<&NativeLlama::G<&NativeLlama::Paths>>("paths"),
                         InstanceMethod<&NativeLlama::G<&NativeLlama::SetRecompute>>("setRecompute"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::EnableLora>>("enableLora"),
+                        InstanceMethod<&NativeLlama::G<&NativeLlama::LoraParams>>("loraParams"),
                         StaticMethod<&guarded<&NativeLlama::ActivationBytes>>("activationBytes")});
   }
 
@@ -142,18 +144,18 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
   const ParamInfo& param(const Napi::CallbackInfo& info, size_t i) {
     if (!info[i].IsString()) throw_type(info.Env(), "a parameter name", "name", describe(info[i]));
     const std::string name = info[i].As<Napi::String>().Utf8Value();
-    const ParamInfo* p = model(info.Env()).find(name);
+    LlamaModel& m = model(info.Env());
+    const ParamInfo* p = m.find(name);
+    for (const ParamInfo& q : m.lora_params())
+      if (!p && q.name == name) p = &q;
     if (!p) throw_range(info.Env(), "the name of a model parameter", "name", "\"" + name + "\"");
     return *p;
   }
 
-  Napi::Value Info(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    LlamaModel& m = model(env);
-    Napi::Object out = Napi::Object::New(env);
-    Napi::Array params = Napi::Array::New(env, m.params().size());
-    for (size_t i = 0; i < m.params().size(); ++i) {
-      const ParamInfo& p = m.params()[i];
+  static Napi::Array param_list(Napi::Env env, const std::vector<ParamInfo>& ps) {
+    Napi::Array params = Napi::Array::New(env, ps.size());
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const ParamInfo& p = ps[i];
       Napi::Object o = Napi::Object::New(env);
       o.Set("name", p.name);
       Napi::Array shape = Napi::Array::New(env, p.shape.size());
@@ -163,7 +165,49 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
       o.Set("decay", Napi::Boolean::New(env, p.decay));
       params.Set(i, o);
     }
-    out.Set("params", params);
+    return params;
+  }
+
+  // enableLora({r, alpha, dropout, targets: string[], rslora}, seed) -> Promise<void> (checked
+  // here; the model checks again on the worker).
+  Napi::Value EnableLora(const Napi::CallbackInfo& info) {
+    LlamaModel* m = &model(info.Env());
+    if (!info[0].IsObject()) throw_type(info.Env(), "a LoRA config object", "lora", describe(info[0]));
+    Napi::Object o = info[0].As<Napi::Object>();
+    LoraConfig c;
+    c.r = prop_int(o, "r", 1);
+    c.alpha = prop_num(o, "alpha");
+    c.dropout = static_cast<float>(prop_num(o, "dropout"));
+    c.rslora = o.Get("rslora").ToBoolean();
+    Napi::Value t = o.Get("targets");
+    if (!t.IsArray()) throw_type(info.Env(), "an array of projection names", "targets", describe(t));
+    Napi::Array ta = t.As<Napi::Array>();
+    for (uint32_t i = 0; i < ta.Length(); ++i) {
+      Napi::Value v = ta.Get(i);
+      const std::string name = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+      int found = -1;
+      for (int k = 0; k < kLoraProjections; ++k)
+        if (name == kLoraTargets[k]) found = k;
+      if (found < 0) throw_range(info.Env(), "one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj", "targets", describe(v));
+      c.targets |= 1u << found;
+    }
+    c.seed = static_cast<uint64_t>(integer(info, 1, "seed"));
+    return jobs_->enqueue(info.Env(), Value(), [m, c]() -> JobQueue::Result {
+      m->enable_lora(c);
+      return nullptr;
+    });
+  }
+
+  // loraParams() -> [{name, shape, numel, decay}]: the adapters' tensors in model order ([] without).
+  Napi::Value LoraParams(const Napi::CallbackInfo& info) {
+    return param_list(info.Env(), model(info.Env()).lora_params());
+  }
+
+  Napi::Value Info(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    LlamaModel& m = model(env);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("params", param_list(env, m.params()));
     out.Set("numParams", Napi::Number::New(env, static_cast<double>(m.num_params())));
     out.Set("precision", Napi::String::New(env, dtype_name(m.compute_dtype())));
     out.Set("device", Napi::String::New(env, m.backend().device()));
@@ -367,7 +411,11 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     const int64_t B = integer(info, 1, "batch", 1), T = integer(info, 2, "seqLen", 1);
     const DType dt = parse_precision(info, 3);
     const Recompute r = parse_recompute(info, 4);
-    return Napi::Number::New(info.Env(), static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, r)));
+    // Optional LoRA rank and dropout (their scratch).
+    const int64_t lora_r = info[5].IsUndefined() ? 0 : integer(info, 5, "loraRank", 0);
+    const bool lora_drop = !info[6].IsUndefined() && boolean(info, 6, "loraDropout");
+    return Napi::Number::New(info.Env(),
+                             static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, r, lora_r, lora_drop)));
   }
 
   std::unique_ptr<LlamaModel> model_;

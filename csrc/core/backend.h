@@ -127,6 +127,7 @@ class Backend {
                                   int64_t C, int64_t V) = 0;
   virtual void rmsnorm_forward(float* out, float* rstd, const float* x, const float* weight,
                                int64_t N, int64_t C, float eps) = 0;
+  // dweight null: a frozen gain (LoRA), input gradient only.
   virtual void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float* x,
                                 const float* weight, const float* rstd, int64_t N, int64_t C,
                                 bool accumulate_dx) = 0;
@@ -156,6 +157,7 @@ class Backend {
   // ---- Matrix products: operands of `dtype` (F32 or BF16), fp32 outputs and accumulation.
   virtual void linear_forward(DType dtype, float* y, const void* x, const void* W, int64_t N,
                               int64_t I, int64_t O) = 0;
+  // dx and dW may each be null to skip that product (dW null: a frozen weight).
   virtual void linear_backward(DType dtype, float* dx, float* dW, const void* dy, const void* x,
                                const void* W, int64_t N, int64_t I, int64_t O,
                                bool accumulate_dx = false) = 0;

@@ -102,6 +102,7 @@ void rmsnorm_backward(const CpuContext& ctx, float* dx, float* dweight, const fl
     const int64_t r0 = c * step, r1 = r0 + step < N ? r0 + step : N;
     if (r0 < r1) k.rmsnorm_backward(dx, partial.data() + c * C, dout, x, weight, rstd, r0, r1, C, accumulate_dx);
   });
+  if (!dweight) return;  // a frozen gain (LoRA): input gradient only
   ctx.pool->parallel_for(C, 1 << 12, [&](int64_t c0, int64_t c1, int) {
     for (int64_t c = 0; c < chunks; ++c) k.accumulate(dweight + c0, partial.data() + c * C + c0, c1 - c0);
   });

@@ -12,7 +12,7 @@ namespace lima {
 // x, out [N, C]; weight [C]; rstd [N] (saved for backward: 1 / sqrt(mean(x²) + eps))
 void rmsnorm_forward(const CpuContext& ctx, float* out, float* rstd, const float* x,
                      const float* weight, int64_t N, int64_t C, float eps);
-// dx [N, C] (= or += with accumulate_dx); dweight [C] +=; dout [N, C]
+// dx [N, C] (= or += with accumulate_dx); dweight [C] += (null: skipped); dout [N, C]
 void rmsnorm_backward(const CpuContext& ctx, float* dx, float* dweight, const float* dout,
                       const float* x, const float* weight, const float* rstd, int64_t N,
                       int64_t C, bool accumulate_dx);

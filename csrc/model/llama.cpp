@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/dropout_rate.h"
+#include "core/philox.h"
 
 namespace lima {
 
@@ -23,10 +24,16 @@ inline float* F(void* p) { return static_cast<float*>(p); }
 inline int64_t act_mul(int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); }
 }  // namespace
 
+// What LoRA adds to the activations: the rank (0: none) and whether adapter inputs drop.
+struct LoraDims {
+  int64_t r = 0;
+  bool drop = false;
+};
+
 struct LlamaModel::Layer {
   const float *ln1, *ln2;
-  const void *wq, *wk, *wv, *wo, *wgate, *wdown;  // in the compute dtype; up follows gate
-  float *gln1, *gq, *gk, *gv, *go, *gln2, *ggate, *gdown;  // gradients
+  const void *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;  // in the compute dtype; up follows gate
+  float *gln1, *gq, *gk, *gv, *go, *gln2, *ggate, *gdown;  // gradients (null: frozen under LoRA)
 };
 
 // Activation memory of one (B, T) shape: per-layer tensors saved for backward, plus scratch
@@ -50,6 +57,11 @@ struct LlamaModel::Acts {
   void* h_fx;  // h_f in X (h_f itself in fp32 mode)
   float *tmp, *dx, *dh, *dq, *dk, *dv, *datt, *dgu, *dact, *logits;
   void* dyb;  // bf16 scratch for upstream gradients cast before a product (bf16 mode only)
+  // LoRA scratch (null without adapters): t = u·Aᵀ and s·t [N, r] (lt, lt2; ltx the latter in
+  // X), the adapter's output [N, max O] (lz); with adapter dropout drop(x) in fp32 and X (lu,
+  // lux) and its gradient (ldu), [N, max I].
+  float *lt, *lt2, *lz, *lu, *ldu;
+  void *ltx, *lux;
 
   // Elements of dyb: the widest per-token gradient a layer casts, N·max(C, Q, 2F), and at least
   // one row of logits. The LM head casts its dlogits to bf16 in place in the logits buffer (see
@@ -87,7 +99,7 @@ struct LlamaModel::Acts {
   // Calls f(slot, count, dtype) for every buffer in a fixed order; used both to size and to carve.
   template <class Fn>
   static void layout(const LlamaConfig& c, int64_t B, int64_t T, int64_t head_rows, DType X, Recompute r,
-                     std::vector<Saved>* layers, Acts* a, Fn&& f) {
+                     LoraDims lr, std::vector<Saved>* layers, Acts* a, Fn&& f) {
     const auto M = act_mul;
     const int64_t N = M(B, T), Q = M(c.H, c.hd), K = M(c.KV, c.hd);
     const bool lo = X != DType::F32;
@@ -117,6 +129,15 @@ struct LlamaModel::Acts {
     fs(a ? &a->dact : nullptr, M(N, c.F));
     fs(a ? &a->logits : nullptr, M(head_rows, c.V));
     f(a ? &a->dyb : nullptr, lo ? dyb_elems(c, N) : 0, X);
+    // LoRA's scratch last, so a model without adapters has exactly the layout above.
+    const int64_t wide = std::max({int64_t{c.C}, Q, int64_t{c.F}}), nr = M(N, lr.r);
+    fs(a ? &a->lt : nullptr, nr);
+    fs(a ? &a->lt2 : nullptr, nr);
+    f(a ? &a->ltx : nullptr, lo ? nr : 0, X);
+    fs(a ? &a->lz : nullptr, lr.r > 0 ? M(N, wide) : 0);
+    fs(a ? &a->lu : nullptr, lr.drop ? M(N, wide) : 0);
+    fs(a ? &a->ldu : nullptr, lr.drop ? M(N, wide) : 0);
+    f(a ? &a->lux : nullptr, lr.drop && lo ? M(N, wide) : 0, X);
   }
 
   // Points every layer's non-kept fields at the shared slots (after layout has carved them).
@@ -131,10 +152,10 @@ struct LlamaModel::Acts {
     return std::max<int64_t>(1, std::min<int64_t>(N, kLogitBytes / 4 / c.V));
   }
 
-  static int64_t bytes(const LlamaConfig& c, int64_t B, int64_t T, DType X, Recompute r) {
+  static int64_t bytes(const LlamaConfig& c, int64_t B, int64_t T, DType X, Recompute r, LoraDims lr) {
     int64_t total = 0;
     // 64-byte rounding keeps every buffer cache-line aligned.
-    layout(c, B, T, head_rows_for(c, checked_mul(B, T, "tokens")), X, r, nullptr, nullptr,
+    layout(c, B, T, head_rows_for(c, checked_mul(B, T, "tokens")), X, r, lr, nullptr, nullptr,
            [&](void**, int64_t n, DType t) {
              total = checked_add(total, (checked_mul(n, dtype_size(t), "activations") + 63) / 64 * 64, "activations");
            });
@@ -230,6 +251,11 @@ LlamaModel::~LlamaModel() {
   // Buffers return their memory to the backend, so they go before it.
   release_buffers();
   opt_.reset();
+  lora_opt_.reset();
+  lw_.reset();
+  lg_.reset();
+  lwb_.reset();
+  lscale_.reset();
   inv_freq_.reset();
   rope_cos_.reset();
   rope_sin_.reset();
@@ -256,28 +282,118 @@ void LlamaModel::refresh_bf16(const ParamInfo& p) {
 
 const ParamInfo& LlamaModel::named(const std::string& name) const {
   const ParamInfo* p = find(name);
+  if (!p)
+    for (const ParamInfo& q : lora_info_)
+      if (q.name == name) return q;
   if (!p) throw KernelError("Expected the name of a model parameter for name but received \"" + name + "\"");
   return *p;
 }
 
+// The start of the array `kind` of a base parameter or an adapter tensor (is_lora). The frozen
+// base has no gradients or moments under LoRA.
+static float* param_array(const std::string& name, bool is_lora, ParamKind kind, const Buffer& w, const Buffer& g,
+                          AdamWOptimizer& opt) {
+  if (kind == ParamKind::Weight) return w.f32();
+  expect(is_lora || g, "a trainable parameter (the base is frozen while LoRA is enabled)", "name", "\"" + name + "\"");
+  return kind == ParamKind::Grad ? g.f32() : opt.moment(kind == ParamKind::Moment1 ? 1 : 2);
+}
+
 void LlamaModel::read_param(const std::string& name, ParamKind kind, float* host) {
   const ParamInfo& p = named(name);
-  const float* src = kind == ParamKind::Weight ? w_.f32()
-                     : kind == ParamKind::Grad ? g_.f32()
-                                               : opt_->moment(kind == ParamKind::Moment1 ? 1 : 2);
+  const bool lo = find(name) == nullptr;
+  const float* src = lo ? param_array(name, true, kind, lw_, lg_, *lora_opt_) : param_array(name, false, kind, w_, g_, *opt_);
   be_->download(host, src + p.offset, 4 * p.numel);
 }
 
 void LlamaModel::write_param(const std::string& name, ParamKind kind, const float* host) {
   const ParamInfo& p = named(name);
-  float* dst = kind == ParamKind::Weight ? w_.f32()
-               : kind == ParamKind::Grad ? g_.f32()
-                                         : opt_->moment(kind == ParamKind::Moment1 ? 1 : 2);
+  const bool lo = find(name) == nullptr;
+  float* dst = lo ? param_array(name, true, kind, lw_, lg_, *lora_opt_) : param_array(name, false, kind, w_, g_, *opt_);
   be_->upload(dst + p.offset, host, 4 * p.numel);
   if (kind == ParamKind::Weight) {
-    refresh_bf16(p);
+    if (!lo) refresh_bf16(p);
+    else if (lwb_) be_->convert(lwb_.b16() + p.offset, DType::BF16, lw_.f32() + p.offset, DType::F32, p.numel);
     cache_len_ = 0;  // cached keys/values came from the old weights
   }
+}
+
+const void* LlamaModel::lora_mat(int64_t offset) const {
+  if (lwb_) return lwb_.b16() + offset;
+  return lw_.f32() + offset;
+}
+
+void LlamaModel::enable_lora(const LoraConfig& lc) {
+  const LlamaConfig& c = cfg_;
+  expect(!lora_enabled(), "a model without adapters", "enableLora", "LoRA already enabled");
+  expect(lc.r >= 1, "an integer >= 1", "lora.r", std::to_string(lc.r));
+  expect(lc.alpha > 0 && std::isfinite(lc.alpha), "a positive number", "lora.alpha", std::to_string(lc.alpha));
+  expect(lc.dropout >= 0 && lc.dropout < 1, "a probability in [0, 1)", "lora.dropout", std::to_string(lc.dropout));
+  expect(lc.targets != 0 && lc.targets < (1u << kLoraProjections), "a non-empty set of projections", "lora.targets",
+         std::to_string(lc.targets));
+  const int64_t Q = c.H * c.hd, K = c.KV * c.hd;
+  const int64_t in[kLoraProjections] = {c.C, c.C, c.C, Q, c.C, c.C, c.F};
+  const int64_t out[kLoraProjections] = {Q, K, K, c.C, c.F, c.F, c.C};
+  const char* what = "the adapters' parameter count";
+  std::vector<ParamInfo> info;
+  std::vector<LoraModule> mods;
+  std::vector<int> index(static_cast<size_t>(c.L * kLoraProjections), -1);
+  int64_t n = 0;
+  for (int64_t l = 0; l < c.L; ++l)
+    for (int m = 0; m < kLoraProjections; ++m) {
+      if (!(lc.targets >> m & 1u)) continue;
+      const std::string mod = "model.layers." + std::to_string(l) + (m < 4 ? ".self_attn." : ".mlp.") + kLoraTargets[m];
+      const int64_t na = checked_mul(lc.r, in[m], what), nb = checked_mul(out[m], lc.r, what);
+      index[static_cast<size_t>(l * kLoraProjections + m)] = static_cast<int>(mods.size());
+      mods.push_back(LoraModule{in[m], out[m], n, checked_add(n, na, what)});
+      info.push_back(ParamInfo{mod + ".lora_A.weight", {lc.r, in[m]}, n, na, true, -1});
+      n = checked_add(n, na, what);
+      info.push_back(ParamInfo{mod + ".lora_B.weight", {out[m], lc.r}, n, nb, true, -1});
+      n = checked_add(n, nb, what);
+    }
+  // Host init (adapters are small): A ~ U(-1/√in, 1/√in) from Philox(seed; element, module), B = 0.
+  std::vector<float> host(static_cast<size_t>(n), 0.0f);
+  for (size_t k = 0; k < mods.size(); ++k) {
+    const LoraModule& md = mods[k];
+    const float bound = static_cast<float>(1.0 / std::sqrt(static_cast<double>(md.I)));
+    const uint32_t key[2] = {static_cast<uint32_t>(lc.seed), static_cast<uint32_t>(lc.seed >> 32)};
+    for (int64_t i = 0; i < lc.r * md.I; i += 4) {
+      const uint32_t ctr[4] = {static_cast<uint32_t>(i / 4), static_cast<uint32_t>(static_cast<uint64_t>(i / 4) >> 32),
+                               static_cast<uint32_t>(k), 0x4C6F5241u /* "LoRA" */};
+      uint32_t word[4];
+      philox4x32_10(word, ctr, key);
+      for (int j = 0; j < 4 && i + j < lc.r * md.I; ++j) {
+        const float u = static_cast<float>(word[j] >> 8) * (1.0f / 16777216.0f);
+        host[static_cast<size_t>(md.a + i + j)] = (2.0f * u - 1.0f) * bound;
+      }
+    }
+  }
+  std::vector<float> scale(static_cast<size_t>(lc.r * lc.r), 0.0f);
+  for (int64_t i = 0; i < lc.r; ++i) scale[static_cast<size_t>(i * lc.r + i)] = static_cast<float>(lc.scale());
+  // Allocated before the base's gradients go, so a failure leaves the model as it was.
+  Buffer w = be_->alloc(DType::F32, n, "the LoRA adapters", false);
+  Buffer g = be_->alloc(DType::F32, n, "the LoRA adapters' gradients", true);
+  Buffer wb = dt_ != DType::F32 ? be_->alloc(DType::BF16, n, "the LoRA adapters' bf16 copies", false) : Buffer();
+  Buffer sc = be_->alloc(DType::F32, lc.r * lc.r, "the LoRA scale");
+  be_->upload(w.data(), host.data(), 4 * n);
+  be_->upload(sc.data(), scale.data(), 4 * lc.r * lc.r);
+  if (wb) be_->convert(wb.data(), DType::BF16, w.data(), DType::F32, n);
+  lw_ = std::move(w);
+  lg_ = std::move(g);
+  lwb_ = std::move(wb);
+  lscale_ = std::move(sc);
+  lora_info_ = std::move(info);
+  lora_mods_ = std::move(mods);
+  lora_index_ = std::move(index);
+  n_lora_ = n;
+  lora_copies_.clear();
+  if (lwb_) lora_copies_.push_back(Bf16Copy{0, 0, n});
+  lora_opt_ = std::make_unique<AdamWOptimizer>(*be_, n, std::vector<DecaySpan>{DecaySpan{0, n, true}});
+  lora_ = lc;
+  // The frozen base keeps no gradients or moments; activations are re-carved with LoRA's scratch.
+  g_.reset();
+  opt_->reset();
+  acts_.reset();
+  cache_len_ = 0;
 }
 
 void LlamaModel::init_normal(uint64_t seed, float std) {
@@ -290,7 +406,10 @@ void LlamaModel::init_normal(uint64_t seed, float std) {
   cache_len_ = 0;
 }
 
-void LlamaModel::zero_grads() { be_->fill(g_.f32(), 0.0f, n_params_); }
+void LlamaModel::zero_grads() {
+  if (lora_enabled()) be_->fill(lg_.f32(), 0.0f, n_lora_);
+  else be_->fill(g_.f32(), 0.0f, n_params_);
+}
 
 void LlamaModel::release_buffers() {
   acts_.reset();
@@ -301,8 +420,9 @@ void LlamaModel::release_buffers() {
   cache_len_ = cache_cap_ = 0;
 }
 
-int64_t LlamaModel::activation_bytes(const LlamaConfig& c, int64_t B, int64_t T, DType compute, Recompute r) {
-  return Acts::bytes(c, B, T, compute, r);
+int64_t LlamaModel::activation_bytes(const LlamaConfig& c, int64_t B, int64_t T, DType compute, Recompute r,
+                                     int64_t lora_r, bool lora_dropout) {
+  return Acts::bytes(c, B, T, compute, r, LoraDims{lora_r, lora_r > 0 && lora_dropout});
 }
 
 void LlamaModel::set_recompute(Recompute r) {
@@ -314,10 +434,9 @@ void LlamaModel::set_recompute(Recompute r) {
 LlamaModel::Layer LlamaModel::layer(int64_t l) const {
   const ParamInfo* p = &info_[1 + l * kPerLayer];
   float* w = w_.f32();
-  float* g = g_.f32();
-  return Layer{w + p[0].offset, w + p[5].offset, mat(p[1]), mat(p[2]), mat(p[3]), mat(p[4]), mat(p[6]), mat(p[8]),
-               g + p[0].offset, g + p[1].offset, g + p[2].offset, g + p[3].offset, g + p[4].offset,
-               g + p[5].offset, g + p[6].offset, g + p[8].offset};
+  auto g = [&](const ParamInfo& q) { return g_ ? g_.f32() + q.offset : nullptr; };
+  return Layer{w + p[0].offset, w + p[5].offset, mat(p[1]), mat(p[2]), mat(p[3]), mat(p[4]), mat(p[6]), mat(p[7]),
+               mat(p[8]), g(p[0]), g(p[1]), g(p[2]), g(p[3]), g(p[4]), g(p[5]), g(p[6]), g(p[8])};
 }
 
 void LlamaModel::ensure_rope(int64_t P) {
@@ -336,7 +455,8 @@ void LlamaModel::ensure_rope(int64_t P) {
 
 void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
-  const int64_t bytes = Acts::bytes(cfg_, B, T, dt_, recompute_);
+  const LoraDims lr{lora_.r, lora_.r > 0 && lora_.dropout > 0};
+  const int64_t bytes = Acts::bytes(cfg_, B, T, dt_, recompute_, lr);
   if (!acts_) acts_ = std::make_unique<Acts>();
   Acts& a = *acts_;
   a.B = a.T = 0;
@@ -357,7 +477,7 @@ void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   a.head_rows = Acts::head_rows_for(cfg_, B * T);
   a.layers.resize(static_cast<size_t>(cfg_.L));
   char* cur = static_cast<char*>(a.buf.data());
-  Acts::layout(cfg_, B, T, a.head_rows, dt_, recompute_, &a.layers, &a, [&](void** slot, int64_t cnt, DType t) {
+  Acts::layout(cfg_, B, T, a.head_rows, dt_, recompute_, lr, &a.layers, &a, [&](void** slot, int64_t cnt, DType t) {
     *slot = cnt > 0 ? cur : nullptr;
     cur += (cnt * dtype_size(t) + 63) / 64 * 64;
   });
@@ -467,9 +587,10 @@ void LlamaModel::forward_layers(int64_t B, int64_t T, const DropoutConfig* dropo
   for (int64_t l = 0; l < c.L; ++l) {
     Acts::Saved& s = a.layers[l];
     forward_attention(l, B, T, dropout);
-    forward_mlp_inputs(l, N);
+    forward_mlp_inputs(l, B, T, dropout);
     const float p = dropout ? dropout_rate(l, c.L, dropout->p_max) : 0.0f;
     be.linear_forward(X, a.tmp, s.act, layer(l).wdown, N, c.F, c.C);
+    lora_forward(l, 6, a.tmp, s.act, B, T, dropout);
     float* next = l + 1 < c.L ? a.layers[l + 1].x_in : a.x_final;
     dropout_add(be, next, s.x_mid, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
                 dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 1);
@@ -501,6 +622,9 @@ void LlamaModel::forward_attention(int64_t l, int64_t B, int64_t T, const Dropou
     be.linear_forward(X, F(s.q), s.h1, W.wq, N, c.C, Q);
     be.linear_forward(X, F(s.k), s.h1, W.wk, N, c.C, K);
     be.linear_forward(X, F(s.v), s.h1, W.wv, N, c.C, K);
+    lora_forward(l, 0, F(s.q), s.h1, B, T, dropout);
+    lora_forward(l, 1, F(s.k), s.h1, B, T, dropout);
+    lora_forward(l, 2, F(s.v), s.h1, B, T, dropout);
     be.rope_forward(F(s.q), F(s.q), cs, sn, B, T, c.H, c.hd, 0);
     be.rope_forward(F(s.k), F(s.k), cs, sn, B, T, c.KV, c.hd, 0);
     be.attention_forward(X, F(s.att), s.lse, s.q, s.k, s.v, ad);
@@ -510,6 +634,9 @@ void LlamaModel::forward_attention(int64_t l, int64_t B, int64_t T, const Dropou
     be.linear_forward(X, a.dq, s.h1, W.wq, N, c.C, Q);
     be.linear_forward(X, a.dk, s.h1, W.wk, N, c.C, K);
     be.linear_forward(X, a.dv, s.h1, W.wv, N, c.C, K);
+    lora_forward(l, 0, a.dq, s.h1, B, T, dropout);
+    lora_forward(l, 1, a.dk, s.h1, B, T, dropout);
+    lora_forward(l, 2, a.dv, s.h1, B, T, dropout);
     be.rope_forward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
     be.rope_forward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
     be.convert(s.q, X, a.dq, DType::F32, N * Q);
@@ -519,6 +646,7 @@ void LlamaModel::forward_attention(int64_t l, int64_t B, int64_t T, const Dropou
     be.convert(s.att, X, a.datt, DType::F32, N * Q);
   }
   be.linear_forward(X, a.tmp, s.att, W.wo, N, Q, c.C);
+  lora_forward(l, 3, a.tmp, s.att, B, T, dropout);
   dropout_add(be, s.x_mid, s.x_in, a.tmp, B, T, c.C, std::max(c.max_pos, T), p,
               dropout ? *dropout : DropoutConfig{}, static_cast<uint32_t>(l), 0);
   float* h2 = lo ? a.dh : F(s.h2);
@@ -528,19 +656,36 @@ void LlamaModel::forward_attention(int64_t l, int64_t B, int64_t T, const Dropou
 
 // Layer l's MLP from h2 up to the down projection's input: gate/up and the SwiGLU output.
 // Shared by the forward pass and by backward's recomputation (Recompute::Mlp and All).
-void LlamaModel::forward_mlp_inputs(int64_t l, int64_t N) {
+void LlamaModel::gate_up(int64_t l, float* gu, const void* h2, int64_t B, int64_t T, const DropoutConfig* dropout) {
+  const LlamaConfig& c = cfg_;
+  const int64_t N = B * T;
+  const Layer W = layer(l);
+  if (!lora_enabled()) {
+    be_->linear_forward(dt_, gu, h2, W.wgate, N, c.C, 2 * c.F);
+    return;
+  }
+  // Planar, so each projection's output (and its adapter's) is one packed [N, F] block.
+  be_->linear_forward(dt_, gu, h2, W.wgate, N, c.C, c.F);
+  be_->linear_forward(dt_, gu + N * c.F, h2, W.wup, N, c.C, c.F);
+  lora_forward(l, 4, gu, h2, B, T, dropout);
+  lora_forward(l, 5, gu + N * c.F, h2, B, T, dropout);
+}
+
+void LlamaModel::forward_mlp_inputs(int64_t l, int64_t B, int64_t T, const DropoutConfig* dropout) {
   const LlamaConfig& c = cfg_;
   Backend& be = *be_;
   Acts& a = *acts_;
   const DType X = dt_;
   const bool lo = X != DType::F32;
+  const int64_t N = B * T;
   Acts::Saved& s = a.layers[l];
   // gate and up stacked; in bf16 mode SwiGLU reads the fp32 product from the dgu scratch and
   // only its bf16 cast is saved (backward widens it back).
   float* gu = lo ? a.dgu : F(s.gu);
-  be.linear_forward(X, gu, s.h2, layer(l).wgate, N, c.C, 2 * c.F);
+  gate_up(l, gu, s.h2, B, T, dropout);
   float* act = lo ? a.dact : F(s.act);
-  be.swiglu_forward(act, gu, gu + c.F, N, c.F, 2 * c.F);
+  const int64_t up = lora_enabled() ? N * c.F : c.F, ld = lora_enabled() ? c.F : 2 * c.F;
+  be.swiglu_forward(act, gu, gu + up, N, c.F, ld);
   if (lo) {
     be.convert(s.gu, X, gu, DType::F32, N * 2 * c.F);
     be.convert(s.act, X, act, DType::F32, N * c.F);
@@ -555,7 +700,7 @@ void LlamaModel::head_loss(bool targets, int64_t B, int64_t T, double norm, bool
   const int64_t N = B * T;
   const ParamInfo& head = c.tied ? info_[0] : info_.back();
   const void* whead = mat(head);
-  float* ghead = g_.f32() + head.offset;
+  float* ghead = g_ ? g_.f32() + head.offset : nullptr;
   be.reset_loss();  // a step that threw midway may have left a partial sum
   for (int64_t r0 = 0; r0 < N; r0 += a.head_rows) {
     const int64_t rows = std::min(a.head_rows, N - r0);
@@ -624,13 +769,15 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
 
   // Backward. a.dh holds d(final norm output); a.dx carries the residual stream's gradient.
   const ParamInfo& norm_info = info_[1 + c.L * kPerLayer];
-  be.rmsnorm_backward(a.dx, g_.f32() + norm_info.offset, a.dh, a.x_final, w_.f32() + norm_info.offset, a.rstd_f,
-                      N, c.C, false);
+  be.rmsnorm_backward(a.dx, g_ ? g_.f32() + norm_info.offset : nullptr, a.dh, a.x_final,
+                      w_.f32() + norm_info.offset, a.rstd_f, N, c.C, false);
+  const bool planar = lora_enabled();  // gate/up stored [gate N×F | up N×F] (see gate_up)
+  const int64_t up = planar ? N * c.F : c.F, ld = planar ? c.F : 2 * c.F;
   for (int64_t l = c.L - 1; l >= 0; --l) {
     // What this layer did not keep is rebuilt into the shared slots from what it did (x_in, or
     // h2 under Mlp); the scratch the forward borrows holds nothing live between layers.
     if (recompute_ == Recompute::All) forward_attention(l, B, T, &dropout);
-    if (recompute_ != Recompute::None) forward_mlp_inputs(l, N);
+    if (recompute_ != Recompute::None) forward_mlp_inputs(l, B, T, &dropout);
     Acts::Saved& s = a.layers[l];
     const Layer W = layer(l);
     const float p = dropout_rate(l, c.L, dropout.p_max);
@@ -640,7 +787,9 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
       dropout_grad(be, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 1);
       dm = a.tmp;
     }
-    be.linear_backward(X, a.dact, W.gdown, dy_in(dm, N * c.C), s.act, W.wdown, N, c.F, c.C);
+    const void* dyd = dy_in(dm, N * c.C);
+    be.linear_backward(X, a.dact, W.gdown, dyd, s.act, W.wdown, N, c.F, c.C);
+    lora_backward(l, 6, a.dact, dyd, s.act, B, T, dropout);
     // bf16 mode: the saved gate/up widened into dgu, and the gradient written over it in place
     // (swiglu_backward allows dgate/dup to alias gate/up).
     const float* gu = F(s.gu);
@@ -648,8 +797,17 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
       be.convert(a.dgu, DType::F32, s.gu, X, N * 2 * c.F);
       gu = a.dgu;
     }
-    be.swiglu_backward(a.dgu, a.dgu + c.F, a.dact, gu, gu + c.F, N, c.F, 2 * c.F);
-    be.linear_backward(X, a.dh, W.ggate, dy_in(a.dgu, N * 2 * c.F), s.h2, W.wgate, N, c.C, 2 * c.F);
+    be.swiglu_backward(a.dgu, a.dgu + up, a.dact, gu, gu + up, N, c.F, ld);
+    const void* dygu = dy_in(a.dgu, N * 2 * c.F);
+    if (!planar) {
+      be.linear_backward(X, a.dh, W.ggate, dygu, s.h2, W.wgate, N, c.C, 2 * c.F);
+    } else {  // the base is frozen: input gradients only
+      const void* dyup = at(dygu, N * c.F, X);
+      be.linear_backward(X, a.dh, nullptr, dygu, s.h2, W.wgate, N, c.C, c.F);
+      be.linear_backward(X, a.dh, nullptr, dyup, s.h2, W.wup, N, c.C, c.F, true);
+      lora_backward(l, 4, a.dh, dygu, s.h2, B, T, dropout);
+      lora_backward(l, 5, a.dh, dyup, s.h2, B, T, dropout);
+    }
     be.rmsnorm_backward(a.dx, W.gln2, a.dh, s.x_mid, W.ln2, s.rstd2, N, c.C, true);
     // Attention branch: x_mid = x_in + drop(o(attn(rope(q), rope(k), v)))
     const float* dO = a.dx;
@@ -657,7 +815,9 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
       dropout_grad(be, a.tmp, a.dx, B, T, c.C, std::max(c.max_pos, T), p, dropout, static_cast<uint32_t>(l), 0);
       dO = a.tmp;
     }
-    be.linear_backward(X, a.datt, W.go, dy_in(dO, N * c.C), s.att, W.wo, N, Q, c.C);
+    const void* dyo = dy_in(dO, N * c.C);
+    be.linear_backward(X, a.datt, W.go, dyo, s.att, W.wo, N, Q, c.C);
+    lora_backward(l, 3, a.datt, dyo, s.att, B, T, dropout);
     // Attention's backward takes its output in fp32 (rowsum(dO∘O)): in bf16 mode the saved cast
     // widened into tmp, free once the o-projection's backward has read dO.
     const float* att = F(s.att);
@@ -668,12 +828,18 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
     be.attention_backward(X, a.dq, a.dk, a.dv, dy_in(a.datt, N * Q), s.q, s.k, s.v, att, s.lse, ad);
     be.rope_backward(a.dq, a.dq, cs, sn, B, T, c.H, c.hd, 0);
     be.rope_backward(a.dk, a.dk, cs, sn, B, T, c.KV, c.hd, 0);
-    be.linear_backward(X, a.dh, W.gq, dy_in(a.dq, N * Q), s.h1, W.wq, N, c.C, Q);
-    be.linear_backward(X, a.dh, W.gk, dy_in(a.dk, N * K), s.h1, W.wk, N, c.C, K, true);
-    be.linear_backward(X, a.dh, W.gv, dy_in(a.dv, N * K), s.h1, W.wv, N, c.C, K, true);
+    const void* dyq = dy_in(a.dq, N * Q);
+    be.linear_backward(X, a.dh, W.gq, dyq, s.h1, W.wq, N, c.C, Q);
+    lora_backward(l, 0, a.dh, dyq, s.h1, B, T, dropout);
+    const void* dyk = dy_in(a.dk, N * K);
+    be.linear_backward(X, a.dh, W.gk, dyk, s.h1, W.wk, N, c.C, K, true);
+    lora_backward(l, 1, a.dh, dyk, s.h1, B, T, dropout);
+    const void* dyv = dy_in(a.dv, N * K);
+    be.linear_backward(X, a.dh, W.gv, dyv, s.h1, W.wv, N, c.C, K, true);
+    lora_backward(l, 2, a.dh, dyv, s.h1, B, T, dropout);
     be.rmsnorm_backward(a.dx, W.gln1, a.dh, s.x_in, W.ln1, s.rstd1, N, c.C, true);
   }
-  be.embedding_backward(g_.f32() + info_[0].offset, a.dx, ids_.i32(), N, c.C, c.V);
+  if (g_) be.embedding_backward(g_.f32() + info_[0].offset, a.dx, ids_.i32(), N, c.C, c.V);
   return be.take_loss();  // the step's only read-back on a GPU
 }
 
@@ -710,6 +876,9 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
       be.linear_forward(X, F(s.q), s.h1, W.wq, n, c.C, Q);
       be.linear_forward(X, kn, s.h1, W.wk, n, c.C, K);
       be.linear_forward(X, vn, s.h1, W.wv, n, c.C, K);
+      lora_forward(l, 0, F(s.q), s.h1, 1, n, nullptr);
+      lora_forward(l, 1, kn, s.h1, 1, n, nullptr);
+      lora_forward(l, 2, vn, s.h1, 1, n, nullptr);
       be.rope_forward(F(s.q), F(s.q), cs, sn, 1, n, c.H, c.hd, p0);
       be.rope_forward(kn, kn, cs, sn, 1, n, c.KV, c.hd, p0);
     } else {
@@ -718,6 +887,9 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
       be.linear_forward(X, a.dq, s.h1, W.wq, n, c.C, Q);
       be.linear_forward(X, a.dk, s.h1, W.wk, n, c.C, K);
       be.linear_forward(X, a.dv, s.h1, W.wv, n, c.C, K);
+      lora_forward(l, 0, a.dq, s.h1, 1, n, nullptr);
+      lora_forward(l, 1, a.dk, s.h1, 1, n, nullptr);
+      lora_forward(l, 2, a.dv, s.h1, 1, n, nullptr);
       be.rope_forward(a.dq, a.dq, cs, sn, 1, n, c.H, c.hd, p0);
       be.rope_forward(a.dk, a.dk, cs, sn, 1, n, c.KV, c.hd, p0);
       be.convert(s.q, X, a.dq, DType::F32, n * Q);
@@ -731,16 +903,19 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
       be.convert(s.att, X, a.datt, DType::F32, n * Q);
     }
     be.linear_forward(X, a.tmp, s.att, W.wo, n, Q, c.C);
+    lora_forward(l, 3, a.tmp, s.att, 1, n, nullptr);
     be.residual_dropout_forward(x, x, a.tmp, n * c.C, DropoutSite{});
     float* h2 = lo ? a.dh : F(s.h2);
     be.rmsnorm_forward(h2, s.rstd2, x, W.ln2, n, c.C, c.eps);
     if (lo) be.convert(s.h2, X, h2, DType::F32, n * c.C);
     float* gu = lo ? a.dgu : F(s.gu);  // nothing is saved while decoding
-    be.linear_forward(X, gu, s.h2, W.wgate, n, c.C, 2 * c.F);
+    gate_up(l, gu, s.h2, 1, n, nullptr);
     float* act = lo ? a.dact : F(s.act);
-    be.swiglu_forward(act, gu, gu + c.F, n, c.F, 2 * c.F);
+    const int64_t up = lora_enabled() ? n * c.F : c.F, ld = lora_enabled() ? c.F : 2 * c.F;
+    be.swiglu_forward(act, gu, gu + up, n, c.F, ld);
     if (lo) be.convert(s.act, X, act, DType::F32, n * c.F);
     be.linear_forward(X, a.tmp, s.act, W.wdown, n, c.F, c.C);
+    lora_forward(l, 6, a.tmp, s.act, 1, n, nullptr);
     be.residual_dropout_forward(x, x, a.tmp, n * c.C, DropoutSite{});
   }
   const float* wnorm = w_.f32() + info_[1 + c.L * kPerLayer].offset;
@@ -754,10 +929,99 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
 }
 
 void LlamaModel::adamw_step(const AdamWParams& p) {
-  opt_->step(w_.f32(), g_.f32(), p, wb_ ? wb_.b16() : nullptr, bf16_copies_);
+  if (lora_enabled()) lora_opt_->step(lw_.f32(), lg_.f32(), p, lwb_ ? lwb_.b16() : nullptr, lora_copies_);
+  else opt_->step(w_.f32(), g_.f32(), p, wb_ ? wb_.b16() : nullptr, bf16_copies_);
   cache_len_ = 0;
 }
 
-double LlamaModel::grad_sq_norm() const { return opt_->grad_sq_norm(g_.f32()); }
+double LlamaModel::grad_sq_norm() const {
+  return lora_enabled() ? lora_opt_->grad_sq_norm(lg_.f32()) : opt_->grad_sq_norm(g_.f32());
+}
+
+const void* LlamaModel::lora_input(int64_t l, int m, const void* x, int64_t I, int64_t B, int64_t T,
+                                   const DropoutConfig* dropout) {
+  const float p = lora_.dropout;
+  if (!dropout || p == 0.0f) return x;
+  Backend& be = *be_;
+  Acts& a = *acts_;
+  const int64_t N = B * T, P = std::max(cfg_.max_pos, T);
+  const bool lo = dt_ != DType::F32;
+  // The mask of each row at its place in the optimizer batch (as the residual dropout's).
+  const float* src = static_cast<const float*>(x);
+  if (lo) {
+    be.convert(a.ldu, DType::F32, x, dt_, N * I);
+    src = a.ldu;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const DropoutSite s{p, dropout->seed, dropout->step, static_cast<uint32_t>(l), static_cast<uint32_t>(2 + m),
+                        row_index_base(dropout->row_offset + b, P, I)};
+    be.residual_dropout_backward(a.lu + b * T * I, src + b * T * I, T * I, s);
+  }
+  if (!lo) return a.lu;
+  be.convert(a.lux, dt_, a.lu, DType::F32, N * I);
+  return a.lux;
+}
+
+void LlamaModel::lora_forward(int64_t l, int m, float* y, const void* x, int64_t B, int64_t T,
+                              const DropoutConfig* dropout) {
+  if (!lora_enabled()) return;
+  const int k = lora_index_[static_cast<size_t>(l * kLoraProjections + m)];
+  if (k < 0) return;
+  Backend& be = *be_;
+  Acts& a = *acts_;
+  const LoraModule& md = lora_mods_[static_cast<size_t>(k)];
+  const int64_t N = B * T, r = lora_.r;
+  const bool lo = dt_ != DType::F32;
+  const void* u = lora_input(l, m, x, md.I, B, T, dropout);
+  be.linear_forward(dt_, a.lt, u, lora_mat(md.a), N, md.I, r);
+  be.linear_forward(DType::F32, a.lt2, a.lt, lscale_.f32(), N, r, r);  // s·t
+  const void* st = a.lt2;
+  if (lo) {
+    be.convert(a.ltx, dt_, a.lt2, DType::F32, N * r);
+    st = a.ltx;
+  }
+  be.linear_forward(dt_, a.lz, st, lora_mat(md.b), N, r, md.O);
+  be.residual_dropout_forward(y, y, a.lz, N * md.O, DropoutSite{});  // y += (exact add)
+}
+
+// Recomputes drop(x) and s·t from x (the mask regenerated), so nothing of the adapters is kept
+// between forward and backward, in any recompute mode.
+void LlamaModel::lora_backward(int64_t l, int m, float* dx, const void* dy, const void* x, int64_t B, int64_t T,
+                               const DropoutConfig& dropout) {
+  if (!lora_enabled()) return;
+  const int k = lora_index_[static_cast<size_t>(l * kLoraProjections + m)];
+  if (k < 0) return;
+  Backend& be = *be_;
+  Acts& a = *acts_;
+  const LoraModule& md = lora_mods_[static_cast<size_t>(k)];
+  const int64_t N = B * T, r = lora_.r;
+  const bool lo = dt_ != DType::F32;
+  float* gA = lg_.f32() + md.a;
+  float* gB = lg_.f32() + md.b;
+  const void* u = lora_input(l, m, x, md.I, B, T, &dropout);
+  be.linear_forward(dt_, a.lt, u, lora_mat(md.a), N, md.I, r);
+  be.linear_forward(DType::F32, a.lt2, a.lt, lscale_.f32(), N, r, r);
+  auto in_x = [&](float* v) -> const void* {
+    if (!lo) return v;
+    be.convert(a.ltx, dt_, v, DType::F32, N * r);
+    return a.ltx;
+  };
+  // dB += dyᵀ·(s·t), then d(s·t) = dy·B into lt and dt = s·d(s·t).
+  be.linear_backward(dt_, a.lt, gB, dy, in_x(a.lt2), lora_mat(md.b), N, r, md.O);
+  be.linear_forward(DType::F32, a.lt2, a.lt, lscale_.f32(), N, r, r);
+  const void* dt = in_x(a.lt2);
+  if (u == x) {  // no adapter dropout: du lands on dx directly
+    be.linear_backward(dt_, dx, gA, dt, u, lora_mat(md.a), N, md.I, r, true);
+    return;
+  }
+  be.linear_backward(dt_, a.ldu, gA, dt, u, lora_mat(md.a), N, md.I, r);
+  const int64_t P = std::max(cfg_.max_pos, T);
+  for (int64_t b = 0; b < B; ++b) {
+    const DropoutSite s{lora_.dropout, dropout.seed, dropout.step, static_cast<uint32_t>(l), static_cast<uint32_t>(2 + m),
+                        row_index_base(dropout.row_offset + b, P, md.I)};
+    be.residual_dropout_backward(a.ldu + b * T * md.I, a.ldu + b * T * md.I, T * md.I, s);
+  }
+  be.residual_dropout_forward(dx, dx, a.ldu, N * md.I, DropoutSite{});
+}
 
 }  // namespace lima

@@ -15,6 +15,7 @@
 // stays fp32 (a gather, not a product).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -67,6 +68,28 @@ struct DropoutConfig {
  */
 enum class Recompute { None, Mlp, All };
 
+// The projections LoRA may adapt, in a layer's order (PEFT's module names); bit m of
+// LoraConfig::targets selects kLoraTargets[m].
+inline constexpr int kLoraProjections = 7;
+inline constexpr const char* kLoraTargets[kLoraProjections] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"};
+
+/**
+ * Low-rank adapters (PEFT's LoRA) on a frozen base: y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ for every
+ * targeted projection of every layer, A [r, in] kaiming-uniform U(±1/√in), B [out, r] zero,
+ * s = alpha/r (alpha/√r with rslora). drop is PEFT's lora_dropout on the adapter's input, a
+ * Philox site per projection (residual dropout's key, sites 2 + m), training steps only.
+ */
+struct LoraConfig {
+  int64_t r = 0;
+  double alpha = 0;
+  float dropout = 0.0f;
+  uint32_t targets = 0;
+  bool rslora = false;
+  uint64_t seed = 0;  // of A's initialisation
+  double scale() const { return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r); }
+};
+
 class LlamaModel {
  public:
   // Throws KernelError for an inconsistent config and OutOfMemory when weights, gradients (and
@@ -82,6 +105,17 @@ class LlamaModel {
   const ParamInfo* find(const std::string& name) const;
   int64_t num_params() const { return n_params_; }
 
+  // Adds adapters (see LoraConfig) and freezes the base: its gradients and moments are freed,
+  // training steps compute input gradients through the frozen weights and the adapters'
+  // gradients only, and adamw_step updates only the adapters. Once per model; KernelError for
+  // bad settings or a second call.
+  void enable_lora(const LoraConfig& c);
+  bool lora_enabled() const { return lora_.r > 0; }
+  const LoraConfig& lora() const { return lora_; }
+  // The adapters' tensors, "<module>.lora_A.weight" then ".lora_B.weight" per module, in model
+  // order; read_param/write_param take these names too.
+  const std::vector<ParamInfo>& lora_params() const { return lora_info_; }
+
   // Copies one parameter's array (numel floats), named as in Hugging Face, to / from host memory:
   // callers never see where the model keeps it. Writing weights refreshes the bf16 working copy;
   // a moment is allocated (zeroed) on first use. Throws KernelError for an unknown name.
@@ -94,8 +128,10 @@ class LlamaModel {
   void init_normal(uint64_t seed, float std);
 
   // Bytes of activation memory a (B, T) training step needs beyond weights and gradients.
+  // lora_r, lora_dropout: the adapters' rank and whether they drop (their scratch), 0 without.
   static int64_t activation_bytes(const LlamaConfig& cfg, int64_t B, int64_t T,
-                                  DType compute = DType::F32, Recompute recompute = Recompute::None);
+                                  DType compute = DType::F32, Recompute recompute = Recompute::None,
+                                  int64_t lora_r = 0, bool lora_dropout = false);
 
   // A new mode takes effect at the next step: the activation buffers are released (they are
   // carved for one mode) and regrown on demand.
@@ -141,7 +177,19 @@ class LlamaModel {
   int64_t upload_inputs(const int32_t* ids, const int32_t* labels, int64_t B, int64_t T);
   void forward_layers(int64_t B, int64_t T, const DropoutConfig* dropout);
   void forward_attention(int64_t l, int64_t B, int64_t T, const DropoutConfig* dropout);
-  void forward_mlp_inputs(int64_t l, int64_t N);
+  void forward_mlp_inputs(int64_t l, int64_t B, int64_t T, const DropoutConfig* dropout);
+  // The gate and up products into gu [N, 2F] (planar under LoRA: gate [N, F] then up [N, F]).
+  void gate_up(int64_t l, float* gu, const void* h2, int64_t B, int64_t T, const DropoutConfig* dropout);
+  // LoRA on projection m of layer l (no-op when it has no adapter), x [N, I] its input in the
+  // compute dtype: forward y [N, O] += s·drop(x)·Aᵀ·Bᵀ; backward dx [N, I] += its input
+  // gradient and the adapter's gradients +=, from dy [N, O] in the compute dtype. dropout null:
+  // no adapter dropout (inference).
+  void lora_forward(int64_t l, int m, float* y, const void* x, int64_t B, int64_t T, const DropoutConfig* dropout);
+  void lora_backward(int64_t l, int m, float* dx, const void* dy, const void* x, int64_t B, int64_t T,
+                     const DropoutConfig& dropout);
+  // drop(x) in the compute dtype (x itself without adapter dropout).
+  const void* lora_input(int64_t l, int m, const void* x, int64_t I, int64_t B, int64_t T, const DropoutConfig* dropout);
+  const void* lora_mat(int64_t offset) const;
   // Logits chunk by chunk; with targets (uploaded by upload_inputs) their loss is added to the
   // backend's accumulator (see take_loss) and, with backward, the head's gradient; d(final norm
   // output) lands in acts_->dh.
@@ -166,6 +214,19 @@ class LlamaModel {
   Buffer ids_, targets_;
   std::vector<int32_t> host_targets_;
   Buffer cache_k_, cache_v_;  // [L, cache_cap_, KV, hd] in the compute dtype
+  // LoRA: the adapters' fp32 masters, gradients, bf16 working copies, s·I [r, r] (the scale as a
+  // product, exact: one non-zero term per output) and their optimizer.
+  struct LoraModule {
+    int64_t I, O, a, b;  // sizes; offsets of A and B into the adapter buffers
+  };
+  LoraConfig lora_;
+  std::vector<ParamInfo> lora_info_;
+  std::vector<LoraModule> lora_mods_;
+  std::vector<int> lora_index_;  // [L · kLoraProjections]: index into lora_mods_, or -1
+  int64_t n_lora_ = 0;
+  Buffer lw_, lg_, lwb_, lscale_;
+  std::vector<Bf16Copy> lora_copies_;
+  std::unique_ptr<AdamWOptimizer> lora_opt_;
   int64_t cache_len_ = 0, cache_cap_ = 0;
 };
 

@@ -17,6 +17,7 @@ import type { Message } from '../data/format.js';
 import type { Tokenizer } from '../tokenizer/index.js';
 import { padBatch, type TokenBatch } from '../data/batch.js';
 import { expectOutputDir, writeAtomic } from '../util/fs.js';
+import { checkLoraConfig, type LoraConfig } from './lora.js';
 
 /**
  * A model file set that cannot be loaded; the message names the file and the tensor.
@@ -196,6 +197,8 @@ export class LlamaModel implements AsyncDisposable {
   private cacheTurn: Promise<void> = Promise.resolve();
   private info: { params: ParamInfo[]; numParams: number; precision: NativePrecision; device: string };
   private recomputeMode: Recompute = 'none';
+  private loraConfig: LoraConfig | null = null;
+  private loraInfo: ParamInfo[] = [];
   /**
    * How text prompts are laid out as a conversation (saved as lima-chat-layout.json by `save`,
    * read back by fromPretrained); null: text prompts are continued as plain text.
@@ -227,6 +230,10 @@ export class LlamaModel implements AsyncDisposable {
   /** The compute precision this model was created with ('auto' already resolved). */
   get precision(): NativePrecision {
     return this.info.precision;
+  }
+  /** The adapters' settings while LoRA is enabled (see enableLora), else null. */
+  get lora(): LoraConfig | null {
+    return this.loraConfig && { ...this.loraConfig, targets: [...this.loraConfig.targets] };
   }
   /** Which activations training steps recompute in backward (see setRecompute). */
   get recompute(): Recompute {
@@ -338,6 +345,73 @@ export class LlamaModel implements AsyncDisposable {
     return p;
   }
 
+  // A parameter with gradients and moments: an adapter tensor under LoRA (the base is frozen), else any.
+  private trainable(name: string): ParamInfo {
+    const a = this.loraInfo.find((q) => q.name === name);
+    if (a) return a;
+    const p = this.param(name);
+    if (this.loraConfig) fail('an adapter tensor name (the base is frozen while LoRA is enabled)', 'name', name);
+    return p;
+  }
+
+  private loraParam(name: string): ParamInfo {
+    const p = this.loraInfo.find((q) => q.name === name);
+    if (!p) fail(this.loraConfig ? 'the name of an adapter tensor (<module>.lora_A.weight or .lora_B.weight)' : 'an adapter tensor name (LoRA is not enabled)', 'name', name);
+    return p;
+  }
+
+  /**
+   * Adds low-rank adapters (PEFT's LoRA, see LoraConfig) to every layer's targeted projections
+   * and freezes the base: A kaiming-uniform U(±1/√in) from `seed`, B zero, so the model's outputs
+   * are unchanged until it trains. From then on trainStep computes only the adapters' gradients
+   * (the base keeps no gradients or moments), adamwStep updates only the adapters, and forward,
+   * evaluate and generate include them. Once per model.
+   */
+  async enableLora(config: LoraConfig, opts: { seed?: number } = {}): Promise<void> {
+    this.check();
+    if (this.loraConfig) fail('a model without adapters (LoRA is already enabled)', 'enableLora', config);
+    const c = checkLoraConfig(config);
+    const seed = expectInt(opts.seed ?? 0, 'seed', 0, 2 ** 32 - 1);
+    const release = await this.takeCacheTurn();
+    try {
+      await this.native.enableLora(c, seed);
+    } finally {
+      release();
+    }
+    this.loraConfig = c;
+    this.loraInfo = this.native.loraParams();
+  }
+
+  /** The adapted modules' names (e.g. model.layers.0.self_attn.q_proj) in model order ([] without LoRA). */
+  loraModules(): string[] {
+    return this.loraInfo.filter((p) => p.name.endsWith('.lora_A.weight')).map((p) => p.name.slice(0, -'.lora_A.weight'.length));
+  }
+
+  /** The adapters' tensors (names, shapes [r, in] for A, [out, r] for B) in model order. */
+  get loraParams(): readonly ParamInfo[] {
+    return this.loraInfo;
+  }
+
+  /** A copy of one adapter tensor: `<module>.lora_A.weight` or `.lora_B.weight` (no PEFT prefix). */
+  async getLoraTensor(name: string): Promise<Float32Array> {
+    this.check();
+    this.loraParam(name);
+    return this.native.getTensor(name);
+  }
+
+  /** Overwrites one adapter tensor; data must have exactly its element count. */
+  async setLoraTensor(name: string, data: Float32Array): Promise<void> {
+    this.check();
+    const p = this.loraParam(name);
+    if (!(data instanceof Float32Array) || data.length !== p.numel) fail(`a Float32Array of length ${p.numel}`, name, data);
+    const release = await this.takeCacheTurn();
+    try {
+      await this.native.setTensor(name, data);
+    } finally {
+      release();
+    }
+  }
+
   /** A copy of one parameter tensor (Hugging Face name). */
   async getTensor(name: string): Promise<Float32Array> {
     this.check();
@@ -353,10 +427,10 @@ export class LlamaModel implements AsyncDisposable {
     await this.native.setTensor(name, data);
   }
 
-  /** A copy of one parameter's accumulated gradient. */
+  /** A copy of one parameter's accumulated gradient (under LoRA: an adapter tensor's). */
   async getGrad(name: string): Promise<Float32Array> {
     this.check();
-    this.param(name);
+    this.trainable(name);
     return this.native.getGrad(name);
   }
 
@@ -567,6 +641,10 @@ export class LlamaModel implements AsyncDisposable {
     const next = new this.placement.ctor(cfg, this.precision, this.placement.gpu);
     try {
       await next.setRecompute(this.recomputeMode);
+      if (this.loraConfig) {
+        await next.enableLora(this.loraConfig, 0);
+        for (const p of this.loraInfo) await next.setTensor(p.name, await this.native.getTensor(p.name));
+      }
       for (const p of this.params) {
         const w = await this.native.getTensor(p.name);
         if (p.name === 'model.embed_tokens.weight' || p.name === 'lm_head.weight') {
@@ -592,7 +670,7 @@ export class LlamaModel implements AsyncDisposable {
     this.info = next.info();
   }
 
-  /** One AdamW update of every parameter from the accumulated gradients (no decay on norm gains). */
+  /** One AdamW update of every parameter (under LoRA: every adapter tensor) from the accumulated gradients (no decay on norm gains). */
   async adamwStep(p: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale?: number }): Promise<void> {
     this.check();
     expectNumber(p.lr, 'lr', { min: 0 });
@@ -610,17 +688,17 @@ export class LlamaModel implements AsyncDisposable {
     return Math.sqrt(await this.native.gradSqNorm());
   }
 
-  /** AdamW moment 1 or 2 of one tensor (for trainer checkpoints). */
+  /** AdamW moment 1 or 2 of one tensor (for trainer checkpoints; under LoRA: an adapter tensor's). */
   async getMoment(name: string, which: 1 | 2): Promise<Float32Array> {
     this.check();
-    this.param(name);
+    this.trainable(name);
     return this.native.getMoment(name, which);
   }
 
   /** Restores an AdamW moment of one tensor. */
   async setMoment(name: string, which: 1 | 2, data: Float32Array): Promise<void> {
     this.check();
-    const p = this.param(name);
+    const p = this.trainable(name);
     if (!(data instanceof Float32Array) || data.length !== p.numel) fail(`a Float32Array of length ${p.numel}`, name, data);
     await this.native.setMoment(name, which, data);
   }

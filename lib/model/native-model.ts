@@ -50,13 +50,17 @@ export interface NativeLlama {
   gradSqNorm(): Promise<number>;
   getMoment(name: string, which: 1 | 2): Promise<Float32Array>;
   setMoment(name: string, which: 1 | 2, data: Float32Array): Promise<void>;
+  /** Adds adapters and freezes the base (once); get/setTensor, getGrad and get/setMoment then take adapter names too. */
+  enableLora(config: { r: number; alpha: number; dropout: number; targets: string[]; rslora: boolean }, seed: number): Promise<void>;
+  /** The adapters' tensors in model order ([] without LoRA). */
+  loraParams(): ParamInfo[];
   dispose(): Promise<void>;
 }
 
 /** NativeLlama's constructor: the CPU addon's (no device) or the CUDA module's (a GPU index). */
 export interface NativeLlamaCtor {
   new (config: LlamaConfig, precision?: NativePrecision, gpu?: number): NativeLlama;
-  activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision, recompute?: Recompute): number;
+  activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision, recompute?: Recompute, loraRank?: number, loraDropout?: boolean): number;
 }
 
 /** The constructor of native models (loads the addon on first use). */
