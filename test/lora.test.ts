@@ -3,12 +3,15 @@
 // loss and every adapter gradient with the base frozen, adapters after the reference's AdamW
 // steps with micro-batches and its lr schedule, the base untouched, on every fp32 ISA and bf16
 // path of this CPU; recompute modes bit-identical; adapter dropout; argument errors.
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { kernels } from '../lib/index.js';
 import { LlamaModel, padBatch, type TokenBatch } from '../lib/model/llama.js';
 import { LORA_TARGETS, type LoraConfig } from '../lib/model/lora.js';
+import type { NativeLlamaCtor } from '../lib/model/native-model.js';
+import { packageRoot } from '../lib/native.js';
 import { LimaArgumentError } from '../lib/validate.js';
 import { isas, maxErrOverScale, readAllTensors, relErrNorm } from './helpers.js';
 
@@ -255,6 +258,21 @@ describe('LoRA in training and decoding', () => {
     expect(maxErrOverScale(a, c)).toBeGreaterThan(1e-4);
   });
 
+  it('activationBytes adds LoRA\'s scratch (s·t, its bf16 cast, the adapter output, with dropout the dropped input and its gradient)', () => {
+    const r64 = (n: number) => Math.ceil(n / 64) * 64;
+    const c = { vocabSize: 37, hiddenSize: 24, intermediateSize: 40, numLayers: 3, numHeads: 3, numKvHeads: 1, headDim: 8, rmsNormEps: 1e-5, ropeTheta: 1e4, maxPositionEmbeddings: 16, tieWordEmbeddings: false, ropeScaling: null };
+    const N = B * T;
+    const wide = Math.max(24, 3 * 8, 40);
+    for (const precision of ['fp32', 'bf16'] as const) {
+      const x = precision === 'bf16' ? 2 : 4;
+      const base = LlamaModel.activationBytes(c, B, T, precision);
+      const scratch = 2 * r64(4 * N * 3) + (x === 2 ? r64(2 * N * 3) : 0) + r64(4 * N * wide);
+      const drop = 2 * r64(4 * N * wide) + (x === 2 ? r64(2 * N * wide) : 0);
+      expect(LlamaModel.activationBytes(c, B, T, precision, 'none', { ...lora, dropout: 0 })).toBe(base + scratch);
+      expect(LlamaModel.activationBytes(c, B, T, precision, 'all', lora)).toBe(LlamaModel.activationBytes(c, B, T, precision, 'all') + scratch + drop);
+    }
+  });
+
   it('bad settings are refused naming the field; LoRA is enabled once; adapter names are checked', async () => {
     await using m = await LlamaModel.create(CFG, { seed: 3 });
     const bad: [Partial<LoraConfig>, RegExp][] = [
@@ -280,4 +298,43 @@ describe('LoRA in training and decoding', () => {
     await expect(m.getLoraTensor('model.layers.0.self_attn.q_proj.weight')).rejects.toThrow(LimaArgumentError);
     await expect(m.setLoraTensor('model.layers.0.self_attn.q_proj.lora_A.weight', new Float32Array(3))).rejects.toThrow(/length 72/);
   });
+});
+
+// The CUDA backend's sources through the CPU emulator (build-emu/, built by
+// `node scripts/build-cuda.mjs --emulator`, as test/cuda-emu.test.ts does): the same adapters
+// give the CPU backend's loss, adapter gradients and updated adapters.
+const emulated = join(packageRoot, 'build-emu', 'Release', 'lima_cuda.node');
+describe.skipIf(!existsSync(emulated))('LoRA on the CUDA backend (emulated)', () => {
+  it.each(['fp32', 'bf16'] as const)('%s: loss, adapter gradients and one AdamW step match the CPU backend', async (precision) => {
+    const cfg = { vocab_size: 29, hidden_size: 16, intermediate_size: 24, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8, max_position_embeddings: 16 };
+    await using cpu = await LlamaModel.create(cfg, { seed: 2, std: 0.2, precision });
+    const Ctor = (createRequire(import.meta.url)(emulated) as { NativeLlama: NativeLlamaCtor }).NativeLlama;
+    const gpu = new Ctor(cpu.config, precision, 0);
+    try {
+      expect(gpu.info().device).toMatch(/^cuda:0/);
+      for (const p of cpu.params) await gpu.setTensor(p.name, await cpu.getTensor(p.name));
+      const lc = { r: 2, alpha: 4, dropout: 0.25, targets: [...LORA_TARGETS], rslora: false };
+      await cpu.enableLora(lc, { seed: 4 });
+      await gpu.enableLora(lc, 4);
+      for (const p of cpu.loraParams) {
+        const w = p.name.endsWith('lora_B.weight') ? Float32Array.from({ length: p.numel }, (_, i) => Math.sin(i) * 0.3) : await cpu.getLoraTensor(p.name);
+        await cpu.setLoraTensor(p.name, w);
+        await gpu.setTensor(p.name, w);
+      }
+      const ids = Int32Array.from({ length: 12 }, (_, i) => (i * 7 + 3) % 29);
+      const dropout = { pMax: 0.2, seed: 1, step: 2, rowOffset: 0 };
+      const l1 = await cpu.trainStep({ inputIds: ids, labels: ids, batch: 2, seqLen: 6 }, { norm: 10, dropout });
+      const l2 = await gpu.trainStep(ids, ids, 2, 6, 10, dropout);
+      const tol = precision === 'fp32' ? 1e-5 : 2e-2;
+      expect(Math.abs(l1 - l2) / l1).toBeLessThan(tol);
+      for (const p of cpu.loraParams) expect(maxErrOverScale(await gpu.getGrad(p.name), await cpu.getGrad(p.name)), p.name).toBeLessThan(tol);
+      const adamw = { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, step: 1, gradScale: 1 };
+      await cpu.adamwStep(adamw);
+      await gpu.adamwStep(adamw);
+      for (const p of cpu.loraParams) expect(maxErrOverScale(await gpu.getTensor(p.name), await cpu.getLoraTensor(p.name)), p.name).toBeLessThan(precision === 'fp32' ? 1e-4 : 2e-2);
+      for (const p of cpu.params) expect(await gpu.getTensor(p.name), p.name).toEqual(await cpu.getTensor(p.name));
+    } finally {
+      await gpu.dispose();
+    }
+  }, 120_000);
 });

@@ -259,16 +259,17 @@ export class LlamaModel implements AsyncDisposable {
 
   /**
    * Bytes of activation memory one (batch, seqLen) training step needs besides weights and
-   * gradients, with the given recomputation (default 'none').
+   * gradients, with the given recomputation (default 'none') and LoRA adapters (their scratch).
    */
-  static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision, recompute?: Recompute): number {
+  static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision, recompute?: Recompute, lora?: LoraConfig | null): number {
     const b = expectInt(batch, 'batch', 1);
     const t = expectInt(seqLen, 'seqLen', 1);
     const p = resolvePrecision(precision);
     const r = resolveRecompute(recompute);
+    const l = lora ? checkLoraConfig(lora) : null;
     // The native count walks every layer, and each adds the same bytes: it is taken at one and
     // two layers and extended, exactly, so a config claiming 1e9 layers is sized at once.
-    const at = (numLayers: number) => nativeLlama().activationBytes({ ...config, numLayers }, b, t, p, r);
+    const at = (numLayers: number) => nativeLlama().activationBytes({ ...config, numLayers }, b, t, p, r, l?.r ?? 0, (l?.dropout ?? 0) > 0);
     const one = at(1);
     return config.numLayers === 1 ? one : one + (config.numLayers - 1) * (at(2) - one);
   }
