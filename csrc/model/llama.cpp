@@ -962,54 +962,54 @@ const void* LlamaModel::lora_input(int64_t l, int m, const void* x, int64_t I, i
   return a.lux;
 }
 
-void LlamaModel::lora_forward(int64_t l, int m, float* y, const void* x, int64_t B, int64_t T,
-                              const DropoutConfig* dropout) {
-  if (!lora_enabled()) return;
+const LlamaModel::LoraModule* LlamaModel::lora_scaled(int64_t l, int m, const void* x, int64_t B, int64_t T,
+                                                      const DropoutConfig* dropout, const void** u) {
+  if (!lora_enabled()) return nullptr;
   const int k = lora_index_[static_cast<size_t>(l * kLoraProjections + m)];
-  if (k < 0) return;
-  Backend& be = *be_;
+  if (k < 0) return nullptr;
   Acts& a = *acts_;
   const LoraModule& md = lora_mods_[static_cast<size_t>(k)];
   const int64_t N = B * T, r = lora_.r;
-  const bool lo = dt_ != DType::F32;
-  const void* u = lora_input(l, m, x, md.I, B, T, dropout);
-  be.linear_forward(dt_, a.lt, u, lora_mat(md.a), N, md.I, r);
-  be.linear_forward(DType::F32, a.lt2, a.lt, lscale_.f32(), N, r, r);  // s·t
-  const void* st = a.lt2;
-  if (lo) {
-    be.convert(a.ltx, dt_, a.lt2, DType::F32, N * r);
-    st = a.ltx;
-  }
-  be.linear_forward(dt_, a.lz, st, lora_mat(md.b), N, r, md.O);
-  be.residual_dropout_forward(y, y, a.lz, N * md.O, DropoutSite{});  // y += (exact add)
+  *u = lora_input(l, m, x, md.I, B, T, dropout);
+  be_->linear_forward(dt_, a.lt, *u, lora_mat(md.a), N, md.I, r);
+  be_->linear_forward(DType::F32, a.lt2, a.lt, lscale_.f32(), N, r, r);  // the scale, as a product
+  return &md;
+}
+
+const void* LlamaModel::lora_cast(float* v, int64_t n) {
+  if (dt_ == DType::F32) return v;
+  be_->convert(acts_->ltx, dt_, v, DType::F32, n);
+  return acts_->ltx;
+}
+
+void LlamaModel::lora_forward(int64_t l, int m, float* y, const void* x, int64_t B, int64_t T,
+                              const DropoutConfig* dropout) {
+  const void* u = nullptr;
+  const LoraModule* md = lora_scaled(l, m, x, B, T, dropout, &u);
+  if (!md) return;
+  Acts& a = *acts_;
+  const int64_t N = B * T;
+  be_->linear_forward(dt_, a.lz, lora_cast(a.lt2, N * lora_.r), lora_mat(md->b), N, lora_.r, md->O);
+  be_->residual_dropout_forward(y, y, a.lz, N * md->O, DropoutSite{});  // y += (exact add)
 }
 
 // Recomputes drop(x) and s·t from x (the mask regenerated), so nothing of the adapters is kept
 // between forward and backward, in any recompute mode.
 void LlamaModel::lora_backward(int64_t l, int m, float* dx, const void* dy, const void* x, int64_t B, int64_t T,
                                const DropoutConfig& dropout) {
-  if (!lora_enabled()) return;
-  const int k = lora_index_[static_cast<size_t>(l * kLoraProjections + m)];
-  if (k < 0) return;
+  const void* u = nullptr;
+  const LoraModule* mp = lora_scaled(l, m, x, B, T, &dropout, &u);
+  if (!mp) return;
+  const LoraModule& md = *mp;
   Backend& be = *be_;
   Acts& a = *acts_;
-  const LoraModule& md = lora_mods_[static_cast<size_t>(k)];
   const int64_t N = B * T, r = lora_.r;
-  const bool lo = dt_ != DType::F32;
   float* gA = lg_.f32() + md.a;
   float* gB = lg_.f32() + md.b;
-  const void* u = lora_input(l, m, x, md.I, B, T, &dropout);
-  be.linear_forward(dt_, a.lt, u, lora_mat(md.a), N, md.I, r);
-  be.linear_forward(DType::F32, a.lt2, a.lt, lscale_.f32(), N, r, r);
-  auto in_x = [&](float* v) -> const void* {
-    if (!lo) return v;
-    be.convert(a.ltx, dt_, v, DType::F32, N * r);
-    return a.ltx;
-  };
   // dB += dyᵀ·(s·t), then d(s·t) = dy·B into lt and dt = s·d(s·t).
-  be.linear_backward(dt_, a.lt, gB, dy, in_x(a.lt2), lora_mat(md.b), N, r, md.O);
+  be.linear_backward(dt_, a.lt, gB, dy, lora_cast(a.lt2, N * r), lora_mat(md.b), N, r, md.O);
   be.linear_forward(DType::F32, a.lt2, a.lt, lscale_.f32(), N, r, r);
-  const void* dt = in_x(a.lt2);
+  const void* dt = lora_cast(a.lt2, N * r);
   if (u == x) {  // no adapter dropout: du lands on dx directly
     be.linear_backward(dt_, dx, gA, dt, u, lora_mat(md.a), N, md.I, r, true);
     return;

@@ -227,6 +227,12 @@ class LlamaModel {
   Buffer lw_, lg_, lwb_, lscale_;
   std::vector<Bf16Copy> lora_copies_;
   std::unique_ptr<AdamWOptimizer> lora_opt_;
+  // drop(x) into *u and s·drop(x)·Aᵀ into the s·t scratch for projection m of layer l; null (and
+  // nothing done) when it has no adapter. Shared by the adapters' forward and backward.
+  const LoraModule* lora_scaled(int64_t l, int m, const void* x, int64_t B, int64_t T, const DropoutConfig* dropout,
+                                const void** u);
+  // v [n] fp32 as the products' input: itself in fp32 mode, else its cast in the ltx scratch.
+  const void* lora_cast(float* v, int64_t n);
   int64_t cache_len_ = 0, cache_cap_ = 0;
 };
 
