@@ -8,22 +8,9 @@ import { describe } from '../validate.js';
 import { expectOutputDir, expectRegularFile, writeAtomic, WriteError } from '../util/fs.js';
 import { parameterShape, type LlamaConfig } from './config.js';
 import { SafetensorsReader, writeSafetensors } from './safetensors.js';
+import { LORA_TARGETS, type LoraConfig } from '../model/lora.js';
 
-/**
- * LoRA settings. Mirrors lib/model/lora.ts's LoraConfig (issue 17 interface), declared here until
- * that file exists; the two must stay identical.
- */
-export interface LoraConfig {
-  /** Rank, >= 1. */
-  r: number;
-  /** > 0; the scale is alpha / r, or alpha / sqrt(r) with rslora. */
-  alpha: number;
-  /** Dropout on the adapter input, in [0, 1) (PEFT's lora_dropout). */
-  dropout: number;
-  /** A subset of LORA_TARGETS. */
-  targets: string[];
-  rslora: boolean;
-}
+export type { LoraConfig };
 
 /** One adapter: tensors named `<module>.lora_A.weight` ([r, in]) / `.lora_B.weight` ([out, r]), without PEFT's prefix. */
 export interface PeftAdapter {
@@ -33,8 +20,7 @@ export interface PeftAdapter {
   tensors: Map<string, { shape: number[]; data: Float32Array }>;
 }
 
-/** The projections LoRA can target, in model order, with the block each lives in. */
-export const LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
+/** The block each projection LoRA can target lives in. */
 const GROUP: Record<string, string> = { q_proj: 'self_attn', k_proj: 'self_attn', v_proj: 'self_attn', o_proj: 'self_attn', gate_proj: 'mlp', up_proj: 'mlp', down_proj: 'mlp' };
 
 /**
