@@ -7,6 +7,9 @@
 // the budget 16 bytes/parameter (weights, grads, two Adam moments) + activations.
 // Options: --steps N (default 5), --configs 24M,56M,125M (default all), --recompute none|mlp|all
 // (our steps' activation recomputation, default none), --no-torch, --json.
+// --lora: LoRA steps instead (r 16, alpha 32, all seven projections, no adapter dropout, bf16):
+// ours next to our full bf16 step, and a plain PyTorch LoRA step (bench/torch_lora_step.py, bf16
+// autocast, the base frozen) on the same config, in the same run.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -18,6 +21,7 @@ const args = process.argv.slice(2);
 const opt = (n: string) => (args.includes(`--${n}`) ? args[args.indexOf(`--${n}`) + 1] : undefined);
 const steps = Number(opt('steps') ?? 5);
 const recompute = (opt('recompute') ?? 'none') as 'none' | 'mlp' | 'all';
+const LORA = { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], rslora: false };
 
 type Precision = 'fp32' | 'bf16';
 interface Arch {
@@ -45,9 +49,11 @@ interface Ours {
   runtimeBytes: number;
   budgetBytes: number;
   codePaths: { precision: string; bf16Path: string; isa: string };
+  /** Trainable (adapter) parameters of a LoRA step. */
+  trainable?: number;
 }
 
-async function child(a: Arch, precision: Precision): Promise<void> {
+async function child(a: Arch, precision: Precision, lora: boolean): Promise<void> {
   const { LlamaModel } = await import('../lib/model/llama.js');
   const runtimeBytes = process.resourceUsage().maxRSS * 1024; // Node + tsx + the addon, before the model
   const model = await LlamaModel.create({
@@ -55,6 +61,7 @@ async function child(a: Arch, precision: Precision): Promise<void> {
     num_attention_heads: a.heads, num_key_value_heads: a.kvHeads, max_position_embeddings: a.seq,
   }, { seed: 0, precision });
   await model.setRecompute(recompute);
+  if (lora) await model.enableLora(LORA, { seed: 1 });
   const B = a.batch, T = a.seq;
   const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 7919) % a.vocab);
   const batch = { inputIds: ids, labels: ids, batch: B, seqLen: T };
@@ -77,24 +84,26 @@ async function child(a: Arch, precision: Precision): Promise<void> {
     maxRssBytes: process.resourceUsage().maxRSS * 1024,
     runtimeBytes,
     budgetBytes: 16 * model.numParams + LlamaModel.activationBytes(model.config, B, T, precision, recompute),
+    ...(lora ? { trainable: model.loraParams.reduce((n, p) => n + p.numel, 0) } : {}),
     codePaths: model.codePaths,
   };
   console.log(JSON.stringify(out));
   await model.dispose();
 }
 
-function ours(a: Arch, precision: Precision): Ours {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--precision', precision, '--steps', String(steps), '--recompute', recompute], { encoding: 'utf8', cwd: root });
+function ours(a: Arch, precision: Precision, lora = false): Ours {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', here, '--child', JSON.stringify(a), '--precision', precision, '--steps', String(steps), '--recompute', recompute, ...(lora ? ['--lora'] : [])], { encoding: 'utf8', cwd: root });
   if (r.status !== 0) throw new Error(`child failed: ${r.stderr}`);
   return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Ours;
 }
 
-function torch(a: Arch, bf16: boolean): number | string {
+function torch(a: Arch, bf16: boolean, lora = false): number | string {
   if (args.includes('--no-torch')) return 'skipped (--no-torch)';
-  const script = join(root, '..', 'shared', 'reference', 'bench_torch.py');
-  if (!existsSync(script)) return `no ${script}`;
+  const reference = join(root, '..', 'shared', 'reference');
+  const script = lora ? join(root, 'bench', 'torch_lora_step.py') : join(reference, 'bench_torch.py');
+  if (!existsSync(join(reference, 'llama_ref.py'))) return `no ${reference}/llama_ref.py`;
   const r = spawnSync('env', [
-    '-u', 'OPENBLAS_CORETYPE', '-u', 'OPENBLAS_L2_SIZE', '/usr/bin/python3', script,
+    '-u', 'OPENBLAS_CORETYPE', '-u', 'OPENBLAS_L2_SIZE', '/usr/bin/python3', script, ...(lora ? ['--reference', reference, '--r', String(LORA.r), '--alpha', String(LORA.alpha)] : []),
     '--vocab', String(a.vocab), '--hidden', String(a.hidden), '--ffn', String(a.ffn), '--layers', String(a.layers),
     '--heads', String(a.heads), '--kv-heads', String(a.kvHeads), '--batch', String(a.batch), '--seq', String(a.seq),
     '--steps', String(steps), ...(bf16 ? ['--bf16'] : []),
@@ -108,7 +117,30 @@ const ratio = (x: number, y: number | string) => (typeof y === 'number' ? (x / y
 const mib = (b: number) => (b / 2 ** 20).toFixed(0);
 
 if (opt('child')) {
-  await child(JSON.parse(opt('child')!) as Arch, (opt('precision') ?? 'fp32') as Precision);
+  await child(JSON.parse(opt('child')!) as Arch, (opt('precision') ?? 'fp32') as Precision, args.includes('--lora'));
+} else if (args.includes('--lora')) {
+  const rows = [];
+  for (const label of chosen) {
+    const a = configs[label];
+    if (!a) throw new Error(`Expected one of ${Object.keys(configs).join(', ')} for --configs but received "${label}"`);
+    const full = ours(a, 'bf16');
+    const lora = ours(a, 'bf16', true);
+    rows.push({ label, arch: a, full, lora, torchLora: torch(a, true, true) });
+  }
+  if (args.includes('--json')) console.log(JSON.stringify({ steps, lora: LORA, rows }));
+  else {
+    console.log(`lima-native LoRA step benchmark — r ${LORA.r}, alpha ${LORA.alpha}, all seven projections, no adapter dropout, bf16; median of ${steps} optimizer steps, tokens/s, recompute ${recompute}`);
+    console.log(`bf16 path: ${rows[0]?.lora.codePaths.bf16Path ?? '?'}; PyTorch LoRA = bench/torch_lora_step.py (base frozen, torch.autocast bf16)`);
+    console.log('config  B×T      trainable  full bf16  LoRA bf16  LoRA/full  torch LoRA  ours/torch  peak RSS MiB full / LoRA');
+    for (const { label, arch, full, lora, torchLora } of rows) {
+      console.log(
+        `${label.padEnd(8)}${`${arch.batch}×${arch.seq}`.padEnd(7)}${String(lora.trainable ?? '?').padStart(11)}${num(full.tokensPerS).padStart(11)}${num(lora.tokensPerS).padStart(11)}` +
+          `${ratio(lora.tokensPerS, full.tokensPerS).padStart(11)}${num(torchLora).padStart(12)}${ratio(lora.tokensPerS, torchLora).padStart(12)}` +
+          `${`${mib(full.maxRssBytes - full.runtimeBytes)} / ${mib(lora.maxRssBytes - lora.runtimeBytes)}`.padStart(28)}`,
+      );
+      if (typeof torchLora === 'string') console.log(`  PyTorch LoRA baseline unavailable: ${torchLora}`);
+    }
+  }
 } else {
   const rows = [];
   for (const label of chosen) {
