@@ -15,6 +15,7 @@ import { finetuneCommand, pipe, StoppedError } from './commands/finetune.js';
 import { dataCommand } from './commands/data.js';
 import { generateCommand } from './commands/generate.js';
 import { initCommand } from './commands/init.js';
+import { reviewCommand } from './commands/review.js';
 
 export { INIT_CONFIGS } from './commands/init.js';
 export { sampleDataDir } from './commands/demo.js';
@@ -35,6 +36,7 @@ const COMMANDS: (() => Command)[] = [
   dataCommand,
   convertCommand,
   initCommand,
+  reviewCommand,
 ];
 
 // Applied to the program and every command: throw instead of exiting (tests call main in-process),
