@@ -39,6 +39,8 @@ export { ggufToHfTokenizer, GgufVocabError, type HfTokenizerFiles } from './toke
 export { resolveChatTemplate, ChatTemplateError } from './data/format.js';
 export { previewDataset, renderExample, type PreviewOptions, type DatasetPreview } from './data/preview.js';
 export { Rng } from './util/rng.js';
+export { startReview, type ReviewOptions, type ReviewServer, type ChosenCheckpoint } from './review/server.js';
+export { ReviewError } from './review/run.js';
 export {
   loadDataset,
   loadEvalRows,

@@ -134,6 +134,29 @@ describe('review server', () => {
     expect((await raw(port, '/', { Cookie: `lima_review_${port}=${t}` })).body).toContain('<title>lima-native review</title>');
   });
 
+  it('--against: pairs one epoch of each run (both windows), the judgment names the other run; the run itself is refused', async () => {
+    const otherRun = await makeRun(tmp(), 8, 6);
+    await using s = await startReview({ run, against: otherRun });
+    const t = tokenOf(s.url);
+    const state = JSON.parse((await raw(s.port, `/api/state?token=${t}`)).body);
+    expect(state.modes.map((m: { mode: string }) => m.mode)).toEqual(['window', 'all', 'base', 'against']);
+    expect(state.modes.at(-1).total).toBe(3 * 2 * 3); // epochs 5–7 × the other's 5–6 × 3 prompts
+    const next = JSON.parse((await raw(s.port, `/api/next?mode=against&token=${t}`)).body);
+    const p = next.pair.prompt as number;
+    const mine = [5, 6, 7].map((e) => readGens(run, e)[p].response);
+    const theirs = [5, 6].map((e) => readGens(otherRun, e)[p].response);
+    const leftMine = mine.includes(next.pair.left);
+    expect(leftMine ? theirs : mine).toContain(next.pair.right);
+    const h = { 'Content-Type': 'application/json', Origin: `http://localhost:${s.port}` };
+    const res = await raw(s.port, `/api/judge?token=${t}`, { ...h, Host: `localhost:${s.port}` }, 'POST', JSON.stringify({ id: next.pair.id, mode: 'against', choice: 'left' }));
+    expect(JSON.parse(res.body)).toMatchObject({ counted: true, next: { judged: 1 } });
+    const j = readReview(run).find((x) => x.id === next.pair.id);
+    expect(j.a.run).toBeUndefined();
+    expect(j.b.run).toBe(otherRun);
+    expect(j.verdict).toBe(leftMine ? 'a' : 'b'); // the left one was better: this run's epoch when it was on the left
+    await expect(startReview({ run, against: run })).rejects.toThrow(/is the run folder itself/);
+  });
+
   it('finds the page files from the compiled dist/review/ (the package ships lib/)', () => {
     expect(assetDir(join(ROOT, 'lib', 'review'))).toBe(join(ROOT, 'lib', 'review', 'assets'));
     expect(assetDir(join(ROOT, 'dist', 'review'))).toBe(join(ROOT, 'lib', 'review', 'assets'));
@@ -258,6 +281,14 @@ describe.skipIf(!CHROMIUM)(`review page in chromium${CHROMIUM ? '' : ' (skipped:
     expect(new Set(judged.map(key)).size).toBe(9);
     for (const p of [0, 1, 2]) for (const pr of ['5-6', '5-7', '6-7']) expect(judged.map(key)).toContain(`${p}:${pr}`);
     expect(new Set(judged.slice(0, 3).map((j) => `${j.a.epoch}-${j.b.epoch}`)).size).toBe(3);
+
+    // The base model against the window: long responses wrap inside their column.
+    await page.click('button[data-mode="base"]');
+    await page.waitForFunction(() => document.getElementById('progress')!.textContent === '0 of 9 pairs judged in this selection');
+    const b = await shown(page);
+    expect([b.left, b.right]).toContain(readGens(run, 0)[b.prompt].response);
+    await page.screenshot({ path: join(SHOTS, 'compare-base-800.png'), fullPage: true });
+    expect(await noOverflow(page)).toBe(true);
 
     // Two tabs on the same pair (all 7 epochs: 21 pairs × 3 prompts): the first submit counts, the second is not written.
     await page.click('button[data-mode="all"]');
