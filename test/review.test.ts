@@ -1,7 +1,7 @@
 // The review page (issue 21, part 1): the blind comparison driven by keyboard in a real browser
 // (Debian's chromium through puppeteer-core), resume after a reload, two tabs, the results and
 // the checkpoint choice, the server's refusals, its review files and the CLI's Ctrl-C.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { networkInterfaces, tmpdir } from 'node:os';
@@ -157,11 +157,12 @@ describe('review server', () => {
     await expect(startReview({ run, against: run })).rejects.toThrow(/is the run folder itself/);
   });
 
-  it('finds the page files from the compiled dist/review/ (the package ships lib/)', () => {
+  it('finds the page files from the compiled dist/review/ in lib/review/assets, which the tarball carries', () => {
     expect(assetDir(join(ROOT, 'lib', 'review'))).toBe(join(ROOT, 'lib', 'review', 'assets'));
     expect(assetDir(join(ROOT, 'dist', 'review'))).toBe(join(ROOT, 'lib', 'review', 'assets'));
-    const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { files: string[] };
-    expect(pkg.files).toContain('lib/');
+    const r = spawnSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT, encoding: 'utf8' });
+    const files = (JSON.parse(r.stdout) as { files: { path: string }[] }[])[0].files.map((f) => f.path);
+    for (const f of ['review.html', 'review.css', 'review.js']) expect(files).toContain(`lib/review/assets/${f}`);
   });
 });
 
