@@ -611,16 +611,19 @@ export class LlamaModel implements AsyncDisposable {
    * Saves in Hugging Face layout (config.json, model.safetensors, tokenizer files) so the folder
    * loads back here and in transformers. Each file is written to a temporary name and renamed.
    */
-  async save(dir: string, opts: { dtype?: 'F32' | 'BF16' } = {}): Promise<void> {
+  async save(dir: string, opts: { dtype?: 'F32' | 'BF16'; weights?: boolean } = {}): Promise<void> {
     this.check();
     await expectOutputDir(dir, 'the model folder');
     await mkdir(dir, { recursive: true });
-    const tensors: TensorToWrite[] = [];
-    for (const p of this.params)
-      tensors.push({ name: p.name, shape: p.shape, data: await this.native.getTensor(p.name), dtype: opts.dtype ?? 'F32' });
-    await writeSafetensors(join(dir, 'model.safetensors'), tensors);
-    const extra: Record<string, unknown> = { torch_dtype: opts.dtype === 'BF16' ? 'bfloat16' : 'float32' };
-    await writeAtomic(join(dir, 'config.json'), JSON.stringify(toHfConfig(this.config, extra), null, 2) + '\n');
+    // weights: false (a LoRA checkpoint beside its adapter): only the tokenizer, layout and runtime files.
+    if (opts.weights !== false) {
+      const tensors: TensorToWrite[] = [];
+      for (const p of this.params)
+        tensors.push({ name: p.name, shape: p.shape, data: await this.native.getTensor(p.name), dtype: opts.dtype ?? 'F32' });
+      await writeSafetensors(join(dir, 'model.safetensors'), tensors);
+      const extra: Record<string, unknown> = { torch_dtype: opts.dtype === 'BF16' ? 'bfloat16' : 'float32' };
+      await writeAtomic(join(dir, 'config.json'), JSON.stringify(toHfConfig(this.config, extra), null, 2) + '\n');
+    }
     if (this.tokenizer) await this.tokenizer.save(dir);
     if (this.layout) await writeAtomic(join(dir, LAYOUT_FILE), layoutJson(this.layout));
     else await rm(join(dir, LAYOUT_FILE), { force: true });

@@ -43,6 +43,9 @@ export function checkLoraConfig(c: unknown, name = 'lora'): LoraConfig {
   return { r, alpha, dropout, targets: LORA_TARGETS.filter((x) => t.includes(x)), rslora };
 }
 
+/** What a run uses where the issue is silent (finetune's `lora` fields left unset): r 16, alpha 32, dropout 0.05, all seven targets. */
+export const LORA_DEFAULTS: Readonly<LoraConfig> = Object.freeze({ r: 16, alpha: 32, dropout: 0.05, targets: [...LORA_TARGETS], rslora: false });
+
 /** The adapters' scale: alpha / r, or alpha / √r with rslora. */
 export function loraScale(c: LoraConfig): number {
   return c.rslora ? c.alpha / Math.sqrt(c.r) : c.alpha / c.r;

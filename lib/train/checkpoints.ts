@@ -6,7 +6,9 @@ import { mkdir, open, readdir, readFile, rename, rm, rmdir, stat } from 'node:fs
 import { basename, join, resolve } from 'node:path';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { ownEntries, removeEntries, type OutDirRule } from '../io/outdir.js';
-import { RECOMPUTE_MODES, type CodePaths, type LlamaModel } from '../model/llama.js';
+import { RECOMPUTE_MODES, type CodePaths, type LlamaModel, type ParamInfo } from '../model/llama.js';
+import { adapterOf, type BaseFingerprint } from '../model/adapter.js';
+import { writePeftAdapter } from '../io/peft.js';
 import { expectOutputDir, writeAtomic, WriteError } from '../util/fs.js';
 import type { EpochReport, StepPoint } from './report.js';
 import { FinetuneError, keepsWeights, type FinetuneOptions, type Hparams, type Settings } from './settings.js';
@@ -29,11 +31,15 @@ export interface TrainerState {
   epochs: EpochReport[];
   /** Precision and code paths of the last step saved (absent in checkpoints before bf16). */
   codePaths?: CodePaths;
+  /** A LoRA run's base (path and content hash): a resume on another base is refused. Absent in a full fine-tune. */
+  base?: BaseFingerprint;
 }
 
 export const STATE_FILE = 'trainer-state.json';
 const OPTIM_FILE = 'optimizer.safetensors';
 const WEIGHTS_FILE = 'model.safetensors';
+/** A LoRA checkpoint's weights: its PEFT adapter folder's two files (the base is not saved). */
+const ADAPTER_FILES = ['adapter_model.safetensors', 'adapter_config.json'];
 /** optimizer.safetensors holds `m.<name>`, `v.<name>` and, when the weights are saved in bf16, the fp32 masters `w.<name>`. */
 const MASTER_PREFIX = 'w.';
 const LOCK_FILE = '.lima-run.lock';
@@ -226,7 +232,8 @@ async function listCheckpoints(outDir: string): Promise<CheckpointInfo[]> {
     } catch {
       continue; // damaged: reported when it is resumed from, never pruned
     }
-    out.push({ dir, name: e.name, state, hasWeights: await exists(join(dir, WEIGHTS_FILE)), hasOptimizer: await exists(join(dir, OPTIM_FILE)) });
+    const hasWeights = (await exists(join(dir, WEIGHTS_FILE))) || (await exists(join(dir, ADAPTER_FILES[0])));
+    out.push({ dir, name: e.name, state, hasWeights, hasOptimizer: await exists(join(dir, OPTIM_FILE)) });
   }
   return out.sort((a, b) => a.state.globalStep - b.state.globalStep || (a.name.startsWith('epoch-') ? 1 : 0) - (b.name.startsWith('epoch-') ? 1 : 0));
 }
@@ -316,7 +323,7 @@ export async function openOutDir(o: FinetuneOptions): Promise<OutDir> {
 export async function restoreMoments(model: LlamaModel, dir: string): Promise<void> {
   const r = await SafetensorsReader.open(join(dir, OPTIM_FILE));
   try {
-    for (const p of model.params) {
+    for (const p of trained(model)) {
       await model.setMoment(p.name, 1, await r.read(`m.${p.name}`));
       await model.setMoment(p.name, 2, await r.read(`v.${p.name}`));
       if (r.tensors.has(`${MASTER_PREFIX}${p.name}`)) await model.setTensor(p.name, await r.read(`${MASTER_PREFIX}${p.name}`));
@@ -332,6 +339,11 @@ export async function writeFileIn(dir: string, file: string, text: string): Prom
   } catch (e) {
     throw new FinetuneError('ERR_LIMA_CHECKPOINT_WRITE', `cannot write checkpoint ${dir}: ${file}: ${((e as WriteError).cause as Error)?.message ?? (e as Error).message}`, { cause: e });
   }
+}
+
+/** The tensors the optimizer updates: the adapters under LoRA (the base is frozen), else every parameter. */
+function trained(model: LlamaModel): readonly ParamInfo[] {
+  return model.lora ? model.loraParams : model.params;
 }
 
 /** What checkpoint() reads of a run, and updates (lastCheckpoint, savedStep). */
@@ -356,12 +368,18 @@ export async function checkpoint(ctx: CheckpointCtx, name: string): Promise<stri
   try {
     await rm(tmp, { recursive: true, force: true });
     await mkdir(tmp, { recursive: true });
-    file = `${WEIGHTS_FILE}, config.json and tokenizer files`;
-    const bf16 = st.hparams.saveDtype === 'bf16';
-    await model.save(tmp, { dtype: bf16 ? 'BF16' : 'F32' });
+    // A LoRA checkpoint: the PEFT folder (fp32, so a resume is exact) and the tokenizer and layout, no base weights.
+    const lora = model.lora !== null;
+    if (lora) {
+      file = ADAPTER_FILES.join(', ');
+      await writePeftAdapter(tmp, await adapterOf(model, st.base?.path));
+    }
+    file = lora ? 'tokenizer files' : `${WEIGHTS_FILE}, config.json and tokenizer files`;
+    const bf16 = !lora && st.hparams.saveDtype === 'bf16';
+    await model.save(tmp, { dtype: bf16 ? 'BF16' : 'F32', weights: !lora });
     file = OPTIM_FILE;
     const moments: TensorToWrite[] = [];
-    for (const p of model.params) {
+    for (const p of trained(model)) {
       moments.push({ name: `m.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 1) });
       moments.push({ name: `v.${p.name}`, shape: p.shape, data: await model.getMoment(p.name, 2) });
       // bf16 weights lose the masters' low bits: they are kept here so a resume is exact.
@@ -406,7 +424,8 @@ async function prune(ctx: CheckpointCtx): Promise<void> {
     const fromNewest = mine.length - 1 - i;
     if (fromNewest === 0) continue;
     await rm(join(c.dir, OPTIM_FILE), { force: true });
-    if (!keepsWeights(c.name, fromNewest, ctx.s.keepLast, ctx.s.keepEpochs)) await rm(join(c.dir, WEIGHTS_FILE), { force: true });
+    if (!keepsWeights(c.name, fromNewest, ctx.s.keepLast, ctx.s.keepEpochs))
+      for (const f of [WEIGHTS_FILE, ...ADAPTER_FILES]) await rm(join(c.dir, f), { force: true });
   }
 }
 

@@ -2,17 +2,20 @@
 // optimizer steps, the epoch ends (checkpoint, dev loss and generations) and the report.
 import { randomUUID } from 'node:crypto';
 import { freemem } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type TrainDev } from '../data/index.js';
 import { checkTokenizerFits, LlamaModel, resolvePlacement, resolvePrecision, type CodePaths, type Recompute } from '../model/llama.js';
 import { fromPretrained, loadModel } from '../model/load.js';
+import { baseFingerprint, loadAdapter, type BaseFingerprint } from '../model/adapter.js';
+import type { LoraConfig } from '../model/lora.js';
+import { readPeftAdapter } from '../io/peft.js';
 import type { SamplingOptions } from '../model/sampling.js';
 import { LIMA } from '../recipe.js';
 import { writeAtomic } from '../util/fs.js';
 import { expectInt, fail, LimaArgumentError } from '../validate.js';
 import { estimateDevPhase } from './dev-estimate.js';
 import { lossCurveSvg, reportHtml, type EpochReport } from './report.js';
-import { compareHparams, FinetuneError, hparamsOf, resolveOptions, type FinetuneOptions, type Settings } from './settings.js';
+import { compareHparams, FinetuneError, hparamsOf, resolveLora, resolveOptions, type FinetuneOptions, type Settings } from './settings.js';
 import { checkpoint, openOutDir, restoreMoments, STATE_FILE, weightEpochs, writeFileIn, type TrainerState } from './checkpoints.js';
 
 /** The first event: what was loaded and how the run is set up. */
@@ -43,6 +46,11 @@ export interface StartEvent {
    * model's vocab_size is refused (ERR_LIMA_VOCAB_MISMATCH).
    */
   vocabGrowth?: { from: number; to: number; added: string[] };
+  /**
+   * A LoRA run: the adapters' settings, their parameter count (all that trains; the base is
+   * frozen) and the adapter folder it continues, if any. Absent in a full fine-tune.
+   */
+  lora?: LoraConfig & { trainableParameters: number; adapter?: string };
 }
 /** Progress after each optimizer step. */
 export interface StepEvent {
@@ -202,7 +210,25 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     const placed = resolvePlacement(o); // device and precision checked once, passed down
     const where = { device: placed.device };
     const precision = resolvePrecision(placed.precision);
-    if (from) {
+    // A LoRA checkpoint holds no base: the base is loaded again from `model` and must be the one trained on.
+    const loraResume = resumed?.version === 2 && resumed.hparams.lora ? resumed : null;
+    if (from && !loraResume && s.lora)
+      throw new FinetuneError('ERR_LIMA_RESUME_CHANGED', `${from.dir} is a full fine-tune's checkpoint; resume it without lora (--lora) and adapter (--adapter), or start a LoRA run in another folder`);
+    let base: BaseFingerprint | undefined;
+    if (loraResume || s.lora) {
+      if (typeof o.model === 'string') base = await baseFingerprint(o.model);
+      if (loraResume) {
+        const was = loraResume.base;
+        if (!base || !was)
+          throw new FinetuneError('ERR_LIMA_RESUME_BASE', `${from!.dir}: a LoRA run resumes on its base given as a path (model (--model)), whose content hash is checked`);
+        if (base.sha256 !== was.sha256)
+          throw new FinetuneError(
+            'ERR_LIMA_RESUME_BASE',
+            `cannot resume ${from!.dir} on another base: it was trained on ${was.path} (sha256 ${was.sha256}), but model (--model) ${base.path} has sha256 ${base.sha256}; resume with the base it was trained on`,
+          );
+      }
+    }
+    if (from && !loraResume) {
       // Bit-exact resume needs the precision the checkpoint was trained in (taken from it unless
       // another one was asked for, which is refused).
       const was = resumed?.codePaths?.precision ?? 'fp32';
@@ -211,7 +237,10 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       model = await fromPretrained(from.dir, { precision: was, ...where });
       ownModel = true;
     } else if (typeof o.model === 'string') {
-      model = await loadModel(o.model, placed);
+      const was = loraResume?.codePaths?.precision;
+      if (was && o.precision !== undefined && o.precision !== 'auto' && was !== precision)
+        throw new FinetuneError('ERR_LIMA_RESUME_CHANGED', `${from!.dir}: trained in ${was}; resume it with precision: '${was}' (--precision ${was}) (asked: ${precision})`);
+      model = await loadModel(o.model, was ? { precision: was, ...where } : placed);
       ownModel = true;
     } else {
       model = o.model;
@@ -222,6 +251,19 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     }
 
     const { data, maxLength, vocabGrowth } = await loadData(o, model);
+    // LoRA after the vocabulary grew: a new adapter (seeded), the one to continue, or the checkpoint's.
+    let lora: LoraConfig | null = null;
+    if (loraResume) {
+      lora = resolveLora(s.lora ?? {}, { config: loraResume.hparams.lora!, what: `checkpoint ${from!.dir}` });
+      await loadAdapter(model, await readPeftAdapter(from!.dir), from!.dir, lora.dropout);
+    } else if (o.adapter !== undefined) {
+      const a = await readPeftAdapter(o.adapter);
+      lora = resolveLora(s.lora!, { config: a.config, what: join(o.adapter, 'adapter_config.json'), dropoutFree: true });
+      await loadAdapter(model, a, o.adapter, lora.dropout);
+    } else if (s.lora) {
+      lora = resolveLora(s.lora);
+      await model.enableLora(lora, { seed: s.seed });
+    }
     // Saved with every checkpoint, so generate/chat format prompts exactly as the dev generations.
     if (model.tokenizer) model.layout = { roles: o.roles, chatTemplate: o.chatTemplate };
     const stepsPerEpoch = Math.ceil(data.train.length / s.batchSize);
@@ -235,6 +277,8 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     if (resumed?.version === 2) resumed.hparams.saveDtype ??= 'fp32';
     const saveDtype = s.saveDtype ?? resumed?.hparams?.saveDtype ?? 'fp32';
     const hparams = hparamsOf(o, s, maxLength, data.train.length, recompute, saveDtype);
+    hparams.lora = lora;
+    hparams.adapter = loraResume ? (loraResume.hparams.adapter ?? null) : o.adapter !== undefined ? resolve(o.adapter) : null;
     // Checkpoints from before the option: the data was just read under this run's policy.
     if (resumed?.version === 2) resumed.hparams.specialTokens ??= hparams.specialTokens;
     let st: TrainerState;
@@ -253,11 +297,12 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
         ...resumed, version: 2, runId: resumed.runId ?? randomUUID(), hparams, changes: resumed.changes ?? [], devPending: resumed.devPending ?? false,
         batchSize: s.batchSize, seed: s.seed, trainExamples: data.train.length,
       };
+      if (base) st.base = base;
       await restoreMoments(model, from!.dir);
     } else {
       st = {
         version: 2, runId: randomUUID(), hparams, changes: [], globalStep: 0, epoch: 0, batchInEpoch: 0, devPending: false, totalSteps,
-        seed: s.seed, batchSize: s.batchSize, trainExamples: data.train.length, steps: [], epochs: [],
+        seed: s.seed, batchSize: s.batchSize, trainExamples: data.train.length, steps: [], epochs: [], ...(base ? { base } : {}),
       };
     }
     st.totalSteps = totalSteps;
@@ -269,6 +314,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
       keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b), codePaths: model.codePaths,
       ...(model.deviceFallback ? { deviceFallback: model.deviceFallback } : {}), recompute, ...(vocabGrowth ? { vocabGrowth } : {}),
+      ...(lora ? { lora: { ...lora, trainableParameters: model.loraParams.reduce((n, p) => n + p.numel, 0), ...(hparams.adapter ? { adapter: hparams.adapter } : {}) } } : {}),
     });
 
     let aborted = false;
@@ -469,7 +515,7 @@ export function defaultActivationBudget(device: string, memoryBytes: number, par
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
   const limit = budget ?? defaultActivationBudget(model.device, model.deviceMemory, model.numParams, model.precision);
   let m = batchSize;
-  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision, model.recompute) > limit) m = Math.ceil(m / 2);
+  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision, model.recompute, model.lora) > limit) m = Math.ceil(m / 2);
   return m;
 }
 

@@ -7,6 +7,7 @@ import type { RoleMarkers } from '../data/index.js';
 import type { SpecialTokenPolicy } from '../data/format.js';
 import { resolveRecompute, type LlamaModel, type Precision, type Recompute } from '../model/llama.js';
 import { resolveSampling, type SamplingOptions } from '../model/sampling.js';
+import { checkLoraConfig, LORA_DEFAULTS, type LoraConfig } from '../model/lora.js';
 import { LIMA } from '../recipe.js';
 import { expectInt, expectNumber, fail } from '../validate.js';
 
@@ -99,6 +100,17 @@ export interface FinetuneOptions {
    * that token ('parse').
    */
   specialTokens?: SpecialTokenPolicy;
+  /**
+   * Train low-rank adapters on the frozen base instead of every weight (`true`: LORA_DEFAULTS, r 16,
+   * alpha 32, dropout 0.05, all seven targets; given fields replace those). Checkpoints then hold a
+   * PEFT adapter folder and no base weights; a resume needs the same base (checked by content hash).
+   */
+  lora?: Partial<LoraConfig> | true;
+  /**
+   * A PEFT adapter folder to continue training (implies LoRA): its r, alpha, targets, rslora and
+   * dropout are taken from its adapter_config.json; `lora` fields that differ are refused (dropout may be set).
+   */
+  adapter?: string;
   signal?: AbortSignal;
 }
 
@@ -145,6 +157,10 @@ export interface Hparams {
   recompute: Recompute;
   /** dtype of saved weights (absent in checkpoints from before it: 'fp32'); never changes results. */
   saveDtype: 'fp32' | 'bf16';
+  /** The adapters' settings of a LoRA run (absent or null: a full fine-tune); compared by resolveLora. */
+  lora?: LoraConfig | null;
+  /** The adapter folder a LoRA run started from (finetune's `adapter`), or null. */
+  adapter?: string | null;
 }
 
 // Settings that change memory and time but never results: a resume records a change of them and
@@ -189,6 +205,8 @@ export interface Settings {
   recompute?: Recompute;
   /** undefined: not asked for (see FinetuneOptions.saveDtype). */
   saveDtype?: 'fp32' | 'bf16';
+  /** The `lora` fields given (checked; {} for `lora: true`), or undefined: see resolveLora. */
+  lora?: Partial<LoraConfig>;
 }
 
 /** The epochs whose weights a run keeps (FinetuneOptions.keepEpochs), checked. */
@@ -242,7 +260,40 @@ export function resolveOptions(o: FinetuneOptions): Settings {
     allowChanges: new Set(allow),
     recompute: o.recompute === undefined ? undefined : resolveRecompute(o.recompute),
     saveDtype: resolveSaveDtype(o.saveDtype),
+    lora: resolveLoraOption(o),
   };
+}
+
+// finetune's `lora` (and `adapter`) checked field by field, as given: an adapter folder or a
+// checkpoint may decide the unset fields (resolveLora).
+function resolveLoraOption(o: FinetuneOptions): Partial<LoraConfig> | undefined {
+  if (o.adapter !== undefined && (typeof o.adapter !== 'string' || !o.adapter)) fail('a PEFT adapter folder', 'adapter', o.adapter);
+  if (o.lora === undefined || o.lora === true) return o.lora || o.adapter !== undefined ? {} : undefined;
+  if (typeof o.lora !== 'object' || o.lora === null || Array.isArray(o.lora)) fail('true or a LoRA settings object { r, alpha, dropout, targets, rslora }', 'lora', o.lora);
+  const full = checkLoraConfig({ ...LORA_DEFAULTS, ...o.lora });
+  for (const k of Object.keys(o.lora)) if (!(k in full)) fail(`one of ${Object.keys(full).join(', ')}`, `lora.${k}`, k);
+  return Object.fromEntries(Object.keys(o.lora).map((k) => [k, full[k as keyof LoraConfig]]));
+}
+
+/** The flag of each LoRA setting, for messages (the CLI's --lora-r ... and --rslora). */
+const LORA_FLAGS: Record<keyof LoraConfig, string> = { r: '--lora-r', alpha: '--lora-alpha', dropout: '--lora-dropout', targets: '--lora-targets', rslora: '--rslora' };
+
+/**
+ * The adapters' settings of a run: with no `from` (a new adapter), the given fields over
+ * LORA_DEFAULTS; else `from`'s (an adapter folder's or a checkpoint's), where a given field that
+ * differs is refused (ERR_LIMA_LORA_CONFLICT), except dropout when `dropoutFree` (an adapter to continue).
+ */
+export function resolveLora(given: Partial<LoraConfig>, from?: { config: LoraConfig; what: string; dropoutFree?: boolean }): LoraConfig {
+  if (!from) return checkLoraConfig({ ...LORA_DEFAULTS, ...given });
+  for (const [k, v] of Object.entries(given) as [keyof LoraConfig, unknown][]) {
+    if (k === 'dropout' && from.dropoutFree) continue;
+    if (JSON.stringify(v) !== JSON.stringify(from.config[k]))
+      throw new FinetuneError(
+        'ERR_LIMA_LORA_CONFLICT',
+        `${from.what} has LoRA ${k} ${JSON.stringify(from.config[k])}, but lora.${k} (${LORA_FLAGS[k]}) asks ${JSON.stringify(v)}; leave lora.${k} (${LORA_FLAGS[k]}) unset to use ${from.what}'s`,
+      );
+  }
+  return { ...from.config, targets: [...from.config.targets], ...(from.dropoutFree && given.dropout !== undefined ? { dropout: given.dropout } : {}) };
 }
 
 /** FinetuneOptions.saveDtype, checked (undefined when unset). */

@@ -1,0 +1,139 @@
+// A PEFT LoRA adapter on a loaded base: applied unmerged (generate, chat, eval, finetune --adapter),
+// merged into a full Hugging Face folder (mergeAdapter), and the base's content hash a LoRA run
+// records so it never resumes on another base.
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { checkAdapterFits, readPeftAdapter, type PeftAdapter } from '../io/peft.js';
+import { prepareModelDir } from '../io/outdir.js';
+import { loadTokenizer } from '../tokenizer/index.js';
+import { fail } from '../validate.js';
+import { LAYOUT_FILE, readLayout } from './layout.js';
+import type { LlamaModel, PlacementOptions } from './llama.js';
+import { loraScale } from './lora.js';
+
+/**
+ * A checkpoint folder of a LoRA run also holds the run's tokenizer (with the EOT token it added)
+ * and chat layout: the base takes them, growing its vocabulary as the run did, so prompts are
+ * laid out and ids mean what they meant in training. A plain PEFT folder holds neither: no change.
+ */
+export async function adoptAdapterFiles(model: LlamaModel, dir: string): Promise<void> {
+  const tok = model.tokenizer ? await loadTokenizer(dir) : null;
+  if (tok) {
+    if (tok.vocabSize > model.config.vocabSize) await model.resizeVocab(tok.vocabSize);
+    model.tokenizer = tok;
+  }
+  if (await stat(join(dir, LAYOUT_FILE)).catch(() => null)) model.layout = await readLayout(dir);
+}
+
+/** Enables LoRA on `model` with `a`'s settings and sets its tensors (checked against the model first; `source` names it). */
+export async function loadAdapter(model: LlamaModel, a: PeftAdapter, source: string, dropout = a.config.dropout): Promise<void> {
+  checkAdapterFits(a, model.config, source);
+  await model.enableLora({ ...a.config, dropout });
+  for (const [name, t] of a.tensors) await model.setLoraTensor(name, t.data);
+}
+
+/** Reads a PEFT adapter folder and applies it, unmerged, to a loaded base (see adoptAdapterFiles, loadAdapter). */
+export async function applyAdapter(model: LlamaModel, dir: string): Promise<PeftAdapter> {
+  const a = await readPeftAdapter(dir);
+  await adoptAdapterFiles(model, dir);
+  await loadAdapter(model, a, dir);
+  return a;
+}
+
+/** The model's adapters as a PEFT adapter (for writePeftAdapter). */
+export async function adapterOf(model: LlamaModel, baseModel?: string): Promise<PeftAdapter> {
+  const config = model.lora;
+  if (!config) fail('a model with LoRA enabled', 'model', model);
+  const tensors: PeftAdapter['tensors'] = new Map();
+  for (const p of model.loraParams) tensors.set(p.name, { shape: [...p.shape], data: await model.getLoraTensor(p.name) });
+  return { config, ...(baseModel ? { baseModel } : {}), tensors };
+}
+
+/** Options of mergeAdapter. */
+export interface MergeOptions extends PlacementOptions {
+  /** The base: a Hugging Face folder, llama2.c .bin or GGUF file (see loadModel). */
+  model: string;
+  /** A PEFT adapter folder (e.g. a LoRA run's checkpoint folder). */
+  adapter: string;
+  /** The Hugging Face folder to write (prepareModelDir's rule). */
+  out: string;
+  /** dtype of the written weights (default fp32). */
+  dtype?: 'fp32' | 'bf16';
+  /** Replace a model already in `out`. */
+  overwrite?: boolean;
+}
+
+/**
+ * base + adapter → a full Hugging Face model folder: every targeted projection becomes
+ * W + s·B·A (s = alpha/r, or alpha/√r with rslora; products summed in fp64, rounded once to fp32),
+ * with the tokenizer and layout of the adapter folder when it holds them. Returns the merged modules.
+ */
+export async function mergeAdapter(o: MergeOptions): Promise<{ out: string; modules: string[] }> {
+  if (typeof o !== 'object' || o === null) fail('an options object', 'mergeAdapter', o);
+  if (typeof o.out !== 'string' || !o.out) fail('a folder path', 'out', o.out);
+  if (typeof o.adapter !== 'string' || !o.adapter) fail('a PEFT adapter folder', 'adapter', o.adapter);
+  if (o.dtype !== undefined && o.dtype !== 'fp32' && o.dtype !== 'bf16') fail("'fp32' | 'bf16'", 'dtype', o.dtype);
+  const a = await readPeftAdapter(o.adapter);
+  await prepareModelDir(o.out, { overwrite: o.overwrite }); // refused before the base is read
+  const { loadModel } = await import('./load.js');
+  await using model = await loadModel(o.model, { device: o.device, precision: 'fp32' });
+  await adoptAdapterFiles(model, o.adapter);
+  checkAdapterFits(a, model.config, o.adapter);
+  const s = loraScale(a.config);
+  const modules: string[] = [];
+  for (const [name, A] of a.tensors) {
+    if (!name.endsWith('.lora_A.weight')) continue;
+    const module = name.slice(0, -'.lora_A.weight'.length);
+    const B = a.tensors.get(`${module}.lora_B.weight`)!;
+    const W = await model.getTensor(`${module}.weight`);
+    const [out, r] = B.shape;
+    const inF = A.shape[1];
+    const row = new Float64Array(inF);
+    for (let i = 0; i < out; i++) {
+      row.fill(0);
+      for (let k = 0; k < r; k++) {
+        const b = B.data[i * r + k];
+        if (b === 0) continue;
+        const off = k * inF;
+        for (let j = 0; j < inF; j++) row[j] += b * A.data[off + j];
+      }
+      for (let j = 0; j < inF; j++) W[i * inF + j] += s * row[j];
+    }
+    await model.setTensor(`${module}.weight`, W);
+    modules.push(module);
+  }
+  await model.save(o.out, { dtype: o.dtype === 'bf16' ? 'BF16' : 'F32' });
+  return { out: o.out, modules };
+}
+
+/** A base model's identity: its path and the sha256 of its config.json and weights files. */
+export interface BaseFingerprint {
+  path: string;
+  sha256: string;
+}
+
+/**
+ * sha256 over a base's files, streamed (about 1-2 s per GB on one core): a Hugging Face folder's
+ * config.json, then its model.safetensors or every shard its index names (sorted, the index
+ * too); a llama2.c or GGUF file itself. Each file's name and size go into the hash before its bytes.
+ */
+export async function baseFingerprint(path: string): Promise<BaseFingerprint> {
+  const st = await stat(path);
+  let files: string[];
+  if (st.isDirectory()) {
+    const index = join(path, 'model.safetensors.index.json');
+    if (await stat(index).catch(() => null)) {
+      const map = (JSON.parse(await readFile(index, 'utf8')) as { weight_map?: Record<string, string> }).weight_map ?? {};
+      files = ['config.json', 'model.safetensors.index.json', ...[...new Set(Object.values(map))].sort()];
+    } else files = ['config.json', 'model.safetensors'];
+    files = files.map((f) => join(path, f));
+  } else files = [path];
+  const h = createHash('sha256');
+  for (const f of files) {
+    h.update(`${f.slice(f.lastIndexOf('/') + 1)}\0${(await stat(f)).size}\0`);
+    for await (const chunk of createReadStream(f, { highWaterMark: 1 << 22 })) h.update(chunk as Buffer);
+  }
+  return { path, sha256: h.digest('hex') };
+}
