@@ -35,6 +35,8 @@ export { LIMA } from './recipe.js';
 export { GgufReader, GgufError, convertGguf, type GgufTensor, type GgufConversion } from './io/gguf.js';
 export { dequantize, GgmlType, GGML_TYPE_INFO, ggmlTypeName } from './io/ggml-quants.js';
 export { readPeftAdapter, writePeftAdapter, checkAdapterFits, PeftAdapterError, type PeftAdapter } from './io/peft.js';
+export { applyAdapter, mergeAdapter, baseFingerprint, type MergeOptions, type BaseFingerprint } from './model/adapter.js';
+export { LORA_TARGETS, LORA_DEFAULTS, loraScale, type LoraConfig } from './model/lora.js';
 export { ggufToHfTokenizer, GgufVocabError, type HfTokenizerFiles } from './tokenizer/gguf-vocab.js';
 export { resolveChatTemplate, ChatTemplateError } from './data/format.js';
 export { previewDataset, renderExample, type PreviewOptions, type DatasetPreview } from './data/preview.js';

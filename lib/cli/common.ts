@@ -4,6 +4,7 @@ import { readFile } from 'node:fs/promises';
 import { Option } from 'commander';
 import { DEVICES, PRECISIONS, type LlamaModel, type PlacementOptions } from '../model/llama.js';
 import { loadModel as loadModelFile } from '../model/load.js';
+import { applyAdapter } from '../model/adapter.js';
 import { resolveChatTemplate, type Message } from '../data/format.js';
 import { expectRegularFile } from '../util/fs.js';
 import { UsageError } from './options.js';
@@ -17,10 +18,26 @@ export function printLoadWarnings(warnings: readonly string[]): void {
  * A Hugging Face folder, a llama2.c checkpoint or a GGUF file, told apart by what the path is (see
  * modelKind), on a device in a compute precision; what loading ignored is printed as warnings.
  */
-export async function loadModel(path: string, where: PlacementOptions = {}): Promise<LlamaModel> {
+export async function loadModel(path: string, where: PlacementOptions = {}, adapter?: string): Promise<LlamaModel> {
   const model = await loadModelFile(path, where);
   printLoadWarnings(model.loadWarnings);
+  if (adapter !== undefined) {
+    try {
+      await applyAdapter(model, adapter);
+    } catch (e) {
+      await model.dispose();
+      throw e;
+    }
+  }
   return model;
+}
+
+/** `--adapter <dir>` for generate, chat and eval: a PEFT LoRA adapter used on the loaded base, unmerged. */
+export function adapterOption(): Option {
+  return new Option(
+    '--adapter <dir>',
+    "a PEFT LoRA adapter folder (e.g. a LoRA run's checkpoint) used on --model, unmerged; its tokenizer and chat layout, when it holds them, replace the base's",
+  );
 }
 
 /** `--chat-template tokenizer|<file.jinja>` for generate and chat: overrides the model's saved layout. */

@@ -16,6 +16,11 @@ const RENAMED: Record<string, Record<string, string>> = {
     temperature: '--dev-temperature',
     topP: '--dev-top-p',
     repetitionPenalty: '--dev-repetition-penalty',
+    'lora.r': '--lora-r',
+    'lora.alpha': '--lora-alpha',
+    'lora.dropout': '--lora-dropout',
+    'lora.targets': '--lora-targets',
+    'lora.rslora': '--rslora',
   },
   // an item of a token-id prompt
   generate: { 'prompt[]': '--prompt-ids' },

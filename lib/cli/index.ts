@@ -15,6 +15,7 @@ import { finetuneCommand, pipe, StoppedError } from './commands/finetune.js';
 import { dataCommand } from './commands/data.js';
 import { generateCommand } from './commands/generate.js';
 import { initCommand } from './commands/init.js';
+import { mergeCommand } from './commands/merge.js';
 import { reviewCommand } from './commands/review.js';
 
 export { INIT_CONFIGS } from './commands/init.js';
@@ -35,6 +36,7 @@ const COMMANDS: (() => Command)[] = [
   evalCommand,
   dataCommand,
   convertCommand,
+  mergeCommand,
   initCommand,
   reviewCommand,
 ];

@@ -118,6 +118,12 @@ export class ProgressDisplay {
       if (e.deviceFallback) this.line(`device auto: training on the CPU (${e.deviceFallback.replace(/^lima-native: /, '')})`);
       const rc = e.recompute && e.recompute !== 'none' ? `, recompute ${e.recompute}` : '';
       this.line(`${e.codePaths.device}, precision ${e.codePaths.precision} (bf16 path ${e.codePaths.bf16Path}, fp32 ${e.codePaths.isa})${rc}${e.resumedFrom ? `; resuming from ${e.resumedFrom}` : ''}`);
+      if (e.lora) {
+        const l = e.lora;
+        this.line(
+          `LoRA: r ${l.r}, alpha ${l.alpha}${l.rslora ? ' (rsLoRA)' : ''}, dropout ${l.dropout}, targets ${l.targets.join(',')}; ${l.trainableParameters.toLocaleString('en-US')} trainable parameters (base frozen)${l.adapter ? `; continuing ${l.adapter}` : ''}`,
+        );
+      }
       if (e.vocabGrowth) {
         const g = e.vocabGrowth;
         this.line(`vocabulary ${g.from} -> ${g.to} tokens: added ${g.added.map((t) => JSON.stringify(t)).join(', ')} (end of turn; new embedding rows start at the mean row)`);

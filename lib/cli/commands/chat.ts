@@ -3,7 +3,7 @@
 import { createInterface } from 'node:readline';
 import { Command } from 'commander';
 import { checkSpecialText, type Message } from '../../data/format.js';
-import { applyChatTemplate, chatTemplateOption, deviceOption, fallbackNote, loadModel } from '../common.js';
+import { adapterOption, applyChatTemplate, chatTemplateOption, deviceOption, fallbackNote, loadModel } from '../common.js';
 import type { Device } from '../../native.js';
 import { addSamplingOptions, InterruptedError, samplingFrom, terminalSafe, UsageError } from '../options.js';
 import { cliMessage } from '../errors.js';
@@ -14,11 +14,12 @@ export function chatCommand(): Command {
     .description('talk to a fine-tuned model: one user turn per line on stdin; /help lists the commands, /reset forgets the conversation, /exit (or end of input) quits; Ctrl-C stops a reply, or quits at an empty prompt')
     .requiredOption('--model <dir>', 'model folder (with the chat layout finetune saved, or a chat template)')
     .option('--system <text>', 'a system message opening the conversation')
+    .addOption(adapterOption())
     .addOption(chatTemplateOption())
     .addOption(deviceOption())
     .option('--json', 'one JSON object per turn (turn, promptIds, ids, text, stopReason) instead of text');
   return addSamplingOptions(cmd).action(async (v: Record<string, unknown>) => {
-    await using model = await loadModel(v.model as string, { device: v.device as Device | undefined });
+    await using model = await loadModel(v.model as string, { device: v.device as Device | undefined }, v.adapter as string | undefined);
     const note = fallbackNote(model);
     if (note) console.error(note);
     await applyChatTemplate(model, v.chatTemplate as string | undefined, v.model as string);

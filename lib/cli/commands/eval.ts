@@ -5,7 +5,7 @@ import { resolveChatTemplate } from '../../data/format.js';
 import type { Precision } from '../../model/llama.js';
 import type { Device } from '../../native.js';
 import { loadData } from '../../train/finetune.js';
-import { deviceOption, fallbackNote, loadModel, precisionOption } from '../common.js';
+import { adapterOption, deviceOption, fallbackNote, loadModel, precisionOption } from '../common.js';
 import { int, UsageError } from '../options.js';
 import { finetuneCommand, toFinetuneOptions } from './finetune.js';
 
@@ -19,13 +19,14 @@ export function evalCommand(): Command {
     .requiredOption('--model <path>', 'Hugging Face model folder, llama2.c checkpoint or GGUF file')
     .requiredOption('--data <jsonl>', 'rows in any format finetune reads (conversations, messages, ShareGPT, Alpaca, prompt/completion, text, input_ids/labels)')
     .addOption(new Option('--batch-size <n>', 'rows per forward pass').argParser(int({ min: 1 })).default(8))
+    .addOption(adapterOption())
     .addOption(precisionOption())
     .addOption(deviceOption())
     .option('--json', 'print one JSON object');
   for (const o of finetuneCommand().options) if (o.long && FORMAT_FLAGS.has(o.long)) cmd.addOption(o);
   return cmd.action(
-    async (v: { model: string; data: string; batchSize: number; precision?: Precision; device?: Device; json?: boolean; chatTemplate?: string; maxLength?: number }) => {
-      await using model = await loadModel(v.model, { precision: v.precision, device: v.device });
+    async (v: { model: string; data: string; batchSize: number; precision?: Precision; device?: Device; json?: boolean; chatTemplate?: string; maxLength?: number; adapter?: string }) => {
+      await using model = await loadModel(v.model, { precision: v.precision, device: v.device }, v.adapter);
       const note = fallbackNote(model);
       if (note) console.error(note);
       const P = model.config.maxPositionEmbeddings;

@@ -5,6 +5,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { resolveChatTemplate } from '../../data/format.js';
 import { finetune, LIMA_DEFAULTS, type FinetuneEvent, type FinetuneOptions } from '../../train/finetune.js';
 import { formatPlan, planFinetune } from '../../train/plan.js';
+import { LORA_DEFAULTS, LORA_TARGETS } from '../../model/lora.js';
 import { deviceOption, precisionOption } from '../common.js';
 import { ProgressDisplay } from '../progress.js';
 import { bytes, int, num, parseInteger, specialTokensOption, UsageError } from '../options.js';
@@ -13,7 +14,7 @@ import { apiName } from '../errors.js';
 // Flags that are not finetune() options, or carry a different name there.
 const CLI_ONLY = new Set([
   'model', 'data', 'dev', 'out', 'json', 'dryRun', 'chatTemplate', 'devGeneration', 'devMaxNewTokens', 'devTemperature', 'devTopP',
-  'devRepetitionPenalty', 'roleSystem', 'roleUser', 'roleAssistant',
+  'devRepetitionPenalty', 'roleSystem', 'roleUser', 'roleAssistant', 'lora', 'loraR', 'loraAlpha', 'loraDropout', 'loraTargets', 'rslora',
 ]);
 
 /** Exit codes of the stop signals, as a shell reports a process they end (128 + the signal's number). */
@@ -76,8 +77,13 @@ export function toFinetuneOptions(v: Record<string, unknown>): FinetuneOptions {
       ([, x]) => x !== undefined,
     ),
   );
+  // --lora and each --lora-* flag (or --rslora) turn LoRA on; unset fields take finetune()'s defaults.
+  const lora = Object.fromEntries(
+    ([['r', v.loraR], ['alpha', v.loraAlpha], ['dropout', v.loraDropout], ['targets', v.loraTargets], ['rslora', v.rslora]] as const).filter(([, x]) => x !== undefined),
+  );
   return {
     ...(o as Partial<FinetuneOptions>),
+    ...(v.lora || Object.keys(lora).length ? { lora } : {}),
     model: v.model as string,
     data: v.data as string,
     devData: v.dev as string | number | undefined,
@@ -179,6 +185,13 @@ export function finetuneCommand(): Command {
         new Option('--save-dtype <dtype>', 'dtype of saved weights: fp32, or bf16 for half the size (optimizer state keeps fp32 masters, so --resume stays exact) (default: fp32, or the checkpoint\'s on --resume)')
           .choices(['fp32', 'bf16']),
       )
+      .option('--lora', 'train low-rank adapters (LoRA) on the frozen base instead of every weight; checkpoints then hold a PEFT adapter folder (megabytes), not the base')
+      .addOption(opt('--lora-r <n>', 'LoRA rank (implies --lora)', int({ min: 1 }), LORA_DEFAULTS.r))
+      .addOption(opt('--lora-alpha <x>', 'LoRA alpha: the adapters are scaled by alpha/r (implies --lora)', num({ gt: 0 }), LORA_DEFAULTS.alpha))
+      .addOption(opt('--lora-dropout <p>', "dropout on the adapters' input (implies --lora)", num({ min: 0, lt: 1 }), LORA_DEFAULTS.dropout))
+      .addOption(opt('--lora-targets <list>', `projections to adapt, comma-separated, of ${LORA_TARGETS.join(',')} (implies --lora)`, listArg, 'all seven'))
+      .option('--rslora', 'scale the adapters by alpha/sqrt(r) (rsLoRA) (implies --lora)')
+      .option('--adapter <dir>', "continue training a PEFT LoRA adapter folder (implies --lora; r, alpha, targets and dropout from its adapter_config.json); needs its base as --model")
       .addOption(precisionOption())
       .addOption(deviceOption())
       .option('--chat-template <tokenizer|file>', "lay conversations out with a Jinja chat template: 'tokenizer' (the model's chat_template) or a file; default: LIMA's plain layout (utterance + EOT)")

@@ -2,7 +2,7 @@
 // conversation file, or a continuation of token ids.
 import { Command } from 'commander';
 import type { Precision, Prompt } from '../../model/llama.js';
-import { applyChatTemplate, chatTemplateOption, deviceOption, fallbackNote, loadModel, precisionOption, readMessagesFile } from '../common.js';
+import { adapterOption, applyChatTemplate, chatTemplateOption, deviceOption, fallbackNote, loadModel, precisionOption, readMessagesFile } from '../common.js';
 import type { Device } from '../../native.js';
 import { addSamplingOptions, parseIdList, samplingFrom, terminalSafe, UsageError } from '../options.js';
 
@@ -18,6 +18,7 @@ export function generateCommand(): Command {
     .option('--prompt-ids <ids>', 'comma-separated token ids to continue (no layout applied)', parseIdList)
     .option('--messages <file>', 'a JSON conversation [{"role", "content"}, ...] ending with a user turn')
     .option('--raw', 'continue --prompt as plain text instead of answering it as a user turn')
+    .addOption(adapterOption())
     .addOption(chatTemplateOption())
     .addOption(precisionOption())
     .addOption(deviceOption())
@@ -27,7 +28,7 @@ export function generateCommand(): Command {
     if (given !== 1) throw new UsageError('generate needs exactly one of --prompt or --prompt-ids (or --messages <file>)');
     if (v.raw && v.prompt === undefined) throw new UsageError('--raw applies to --prompt only');
     const prompt: Prompt = v.messages !== undefined ? await readMessagesFile(v.messages as string) : ((v.prompt ?? v.promptIds) as Prompt);
-    await using model = await loadModel(v.model as string, { precision: v.precision as Precision | undefined, device: v.device as Device | undefined });
+    await using model = await loadModel(v.model as string, { precision: v.precision as Precision | undefined, device: v.device as Device | undefined }, v.adapter as string | undefined);
     const note = fallbackNote(model);
     if (note) console.error(note);
     await applyChatTemplate(model, v.chatTemplate as string | undefined, v.model as string);
