@@ -168,8 +168,9 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     return params;
   }
 
-  // enableLora({r, alpha, dropout, targets: string[], rslora}, seed) -> Promise<void> (checked
-  // here; the model checks again on the worker).
+  // enableLora({r, alpha, dropout, targets: string[], rslora}, seed, tokens?: number[]) ->
+  // Promise<void> (checked here; the model checks again on the worker, ids' range and
+  // distinctness there). tokens: the trainable token rows (LoraConfig::tokens).
   Napi::Value EnableLora(const Napi::CallbackInfo& info) {
     LlamaModel* m = &model(info.Env());
     if (!info[0].IsObject()) throw_type(info.Env(), "a LoRA config object", "lora", describe(info[0]));
@@ -192,6 +193,18 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
       c.targets |= 1u << found;
     }
     c.seed = static_cast<uint64_t>(integer(info, 1, "seed"));
+    if (!info[2].IsUndefined() && !info[2].IsNull()) {
+      if (!info[2].IsArray()) throw_type(info.Env(), "an array of token ids", "trainableTokens", describe(info[2]));
+      Napi::Array ids = info[2].As<Napi::Array>();
+      for (uint32_t i = 0; i < ids.Length(); ++i) {
+        Napi::Value v = ids.Get(i);
+        const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+        if (!(d >= 0 && d <= 2147483647.0 && d == static_cast<double>(static_cast<int64_t>(d))))
+          throw_range(info.Env(), "a token id (an integer >= 0)", ("trainableTokens[" + std::to_string(i) + "]").c_str(),
+                      describe(v));
+        c.tokens.push_back(static_cast<int32_t>(d));
+      }
+    }
     return jobs_->enqueue(info.Env(), Value(), [m, c]() -> JobQueue::Result {
       m->enable_lora(c);
       return nullptr;
@@ -411,11 +424,12 @@ class NativeLlama : public Napi::ObjectWrap<NativeLlama> {
     const int64_t B = integer(info, 1, "batch", 1), T = integer(info, 2, "seqLen", 1);
     const DType dt = parse_precision(info, 3);
     const Recompute r = parse_recompute(info, 4);
-    // Optional LoRA rank and dropout (their scratch).
+    // Optional LoRA rank, dropout and trainable token count (their scratch).
     const int64_t lora_r = info[5].IsUndefined() ? 0 : integer(info, 5, "loraRank", 0);
     const bool lora_drop = !info[6].IsUndefined() && boolean(info, 6, "loraDropout");
-    return Napi::Number::New(info.Env(),
-                             static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, r, lora_r, lora_drop)));
+    const int64_t lora_tokens = info[7].IsUndefined() ? 0 : integer(info, 7, "loraTokens", 0);
+    return Napi::Number::New(
+        info.Env(), static_cast<double>(LlamaModel::activation_bytes(c, B, T, dt, r, lora_r, lora_drop, lora_tokens)));
   }
 
   std::unique_ptr<LlamaModel> model_;

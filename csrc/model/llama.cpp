@@ -24,10 +24,12 @@ inline float* F(void* p) { return static_cast<float*>(p); }
 inline int64_t act_mul(int64_t a, int64_t b) { return checked_mul(a, b, "the activation sizes"); }
 }  // namespace
 
-// What LoRA adds to the activations: the rank (0: none) and whether adapter inputs drop.
+// What LoRA adds to the activations: the rank (0: none), whether adapter inputs drop, and the
+// number of trainable token rows.
 struct LoraDims {
   int64_t r = 0;
   bool drop = false;
+  int64_t tokens = 0;
 };
 
 struct LlamaModel::Layer {
@@ -62,6 +64,9 @@ struct LlamaModel::Acts {
   // lux) and its gradient (ldu), [N, max I].
   float *lt, *lt2, *lz, *lu, *ldu;
   void *ltx, *lux;
+  // Trainable token rows (k of them; null without): the one-hot mask M [N, k] (M[n, j] = 1 where
+  // token n is tokens[j]) and the rows' columns of a chunk's logits gradient [head_rows, k].
+  float *tmask, *tsel;
 
   // Elements of dyb: the widest per-token gradient a layer casts, N·max(C, Q, 2F), and at least
   // one row of logits. The LM head casts its dlogits to bf16 in place in the logits buffer (see
@@ -138,6 +143,8 @@ struct LlamaModel::Acts {
     fs(a ? &a->lu : nullptr, lr.drop ? M(N, wide) : 0);
     fs(a ? &a->ldu : nullptr, lr.drop ? M(N, wide) : 0);
     f(a ? &a->lux : nullptr, lr.drop && lo ? M(N, wide) : 0, X);
+    fs(a ? &a->tmask : nullptr, M(N, lr.tokens));
+    fs(a ? &a->tsel : nullptr, M(head_rows, lr.tokens));
   }
 
   // Points every layer's non-kept fields at the shared slots (after layout has carved them).
@@ -256,6 +263,7 @@ LlamaModel::~LlamaModel() {
   lg_.reset();
   lwb_.reset();
   lscale_.reset();
+  tok_select_.reset();
   inv_freq_.reset();
   rope_cos_.reset();
   rope_sin_.reset();
@@ -312,8 +320,31 @@ void LlamaModel::write_param(const std::string& name, ParamKind kind, const floa
   be_->upload(dst + p.offset, host, 4 * p.numel);
   if (kind == ParamKind::Weight) {
     if (!lo) refresh_bf16(p);
+    else if (p.offset >= n_adapt_) sync_token_rows(true);  // a token rows' tensor
     else if (lwb_) be_->convert(lwb_.b16() + p.offset, DType::BF16, lw_.f32() + p.offset, DType::F32, p.numel);
+    // A written embedding or head brings its values for the token rows' masters.
+    if (!lo && (&p == &info_[0] || (!cfg_.tied && &p == &info_.back()))) sync_token_rows(false);
     cache_len_ = 0;  // cached keys/values came from the old weights
+  }
+}
+
+void LlamaModel::sync_token_rows(bool to_base) {
+  const int64_t C = cfg_.C;
+  for (int t = 0; t < 2; ++t) {
+    const int64_t off = t == 0 ? tok_emb_ : tok_head_;
+    if (off < 0) continue;
+    const ParamInfo& p = t == 0 ? info_[0] : info_.back();
+    for (size_t j = 0; j < lora_.tokens.size(); ++j) {
+      const int64_t row = static_cast<int64_t>(lora_.tokens[j]) * C;
+      float* base = w_.f32() + p.offset + row;
+      float* master = lw_.f32() + off + static_cast<int64_t>(j) * C;
+      if (!to_base) {
+        be_->copy(master, base, 4 * C);
+        continue;
+      }
+      be_->copy(base, master, 4 * C);
+      if (p.bf16_offset >= 0) be_->convert(wb_.b16() + p.bf16_offset + row, DType::BF16, base, DType::F32, C);
+    }
   }
 }
 
@@ -330,6 +361,17 @@ void LlamaModel::enable_lora(const LoraConfig& lc) {
   expect(lc.dropout >= 0 && lc.dropout < 1, "a probability in [0, 1)", "lora.dropout", std::to_string(lc.dropout));
   expect(lc.targets != 0 && lc.targets < (1u << kLoraProjections), "a non-empty set of projections", "lora.targets",
          std::to_string(lc.targets));
+  const int64_t k = static_cast<int64_t>(lc.tokens.size());
+  std::vector<int32_t> sorted = lc.tokens;
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t id = lc.tokens[static_cast<size_t>(j)];
+    const std::string field = "trainableTokens[" + std::to_string(j) + "]";
+    expect(id >= 0 && id < c.V, ("a token id in [0, " + std::to_string(c.V) + ")").c_str(), field.c_str(),
+           std::to_string(id));
+    expect(j == 0 || sorted[static_cast<size_t>(j)] != sorted[static_cast<size_t>(j - 1)], "distinct token ids",
+           "trainableTokens", "token " + std::to_string(sorted[static_cast<size_t>(j)]) + " twice");
+  }
   const int64_t Q = c.H * c.hd, K = c.KV * c.hd;
   const int64_t in[kLoraProjections] = {c.C, c.C, c.C, Q, c.C, c.C, c.F};
   const int64_t out[kLoraProjections] = {Q, K, K, c.C, c.F, c.F, c.C};
@@ -350,6 +392,18 @@ void LlamaModel::enable_lora(const LoraConfig& lc) {
       info.push_back(ParamInfo{mod + ".lora_B.weight", {out[m], lc.r}, n, nb, true, -1});
       n = checked_add(n, nb, what);
     }
+  const int64_t n_adapt = n, kc = checked_mul(k, c.C, what);
+  int64_t tok_emb = -1, tok_head = -1;
+  if (k > 0) {
+    tok_emb = n;
+    info.push_back(ParamInfo{"trainable_tokens.embed_tokens", {k, c.C}, n, kc, true, -1});
+    n = checked_add(n, kc, what);
+    if (!c.tied) {
+      tok_head = n;
+      info.push_back(ParamInfo{"trainable_tokens.lm_head", {k, c.C}, n, kc, true, -1});
+      n = checked_add(n, kc, what);
+    }
+  }
   // Host init (adapters are small): A ~ U(-1/√in, 1/√in) from Philox(seed; element, module), B = 0.
   std::vector<float> host(static_cast<size_t>(n), 0.0f);
   for (size_t k = 0; k < mods.size(); ++k) {
@@ -372,23 +426,35 @@ void LlamaModel::enable_lora(const LoraConfig& lc) {
   // Allocated before the base's gradients go, so a failure leaves the model as it was.
   Buffer w = be_->alloc(DType::F32, n, "the LoRA adapters", false);
   Buffer g = be_->alloc(DType::F32, n, "the LoRA adapters' gradients", true);
-  Buffer wb = dt_ != DType::F32 ? be_->alloc(DType::BF16, n, "the LoRA adapters' bf16 copies", false) : Buffer();
+  // The token rows keep no bf16 copy: their products run in fp32 (and the base rows have one).
+  Buffer wb = dt_ != DType::F32 ? be_->alloc(DType::BF16, n_adapt, "the LoRA adapters' bf16 copies", false) : Buffer();
   Buffer sc = be_->alloc(DType::F32, lc.r * lc.r, "the LoRA scale");
+  Buffer sel = k > 0 ? be_->alloc(DType::F32, checked_mul(k, c.V, what), "the trainable tokens' selection") : Buffer();
   be_->upload(w.data(), host.data(), 4 * n);
   be_->upload(sc.data(), scale.data(), 4 * lc.r * lc.r);
-  if (wb) be_->convert(wb.data(), DType::BF16, w.data(), DType::F32, n);
+  if (wb) be_->convert(wb.data(), DType::BF16, w.data(), DType::F32, n_adapt);
+  if (sel) {
+    std::vector<float> one_hot(static_cast<size_t>(k * c.V), 0.0f);
+    for (int64_t j = 0; j < k; ++j) one_hot[static_cast<size_t>(j * c.V + lc.tokens[static_cast<size_t>(j)])] = 1.0f;
+    be_->upload(sel.data(), one_hot.data(), 4 * k * c.V);
+  }
   lw_ = std::move(w);
   lg_ = std::move(g);
   lwb_ = std::move(wb);
   lscale_ = std::move(sc);
+  tok_select_ = std::move(sel);
   lora_info_ = std::move(info);
   lora_mods_ = std::move(mods);
   lora_index_ = std::move(index);
   n_lora_ = n;
+  n_adapt_ = n_adapt;
+  tok_emb_ = tok_emb;
+  tok_head_ = tok_head;
   lora_copies_.clear();
-  if (lwb_) lora_copies_.push_back(Bf16Copy{0, 0, n});
+  if (lwb_) lora_copies_.push_back(Bf16Copy{0, 0, n_adapt});
   lora_opt_ = std::make_unique<AdamWOptimizer>(*be_, n, std::vector<DecaySpan>{DecaySpan{0, n, true}});
   lora_ = lc;
+  sync_token_rows(false);  // the rows' masters start as the base's rows
   // The frozen base keeps no gradients or moments; activations are re-carved with LoRA's scratch.
   g_.reset();
   opt_->reset();
@@ -403,6 +469,7 @@ void LlamaModel::init_normal(uint64_t seed, float std) {
     else be_->fill(w_.f32() + p.offset, 1.0f, p.numel);
     refresh_bf16(p);
   }
+  sync_token_rows(false);
   cache_len_ = 0;
 }
 
@@ -421,8 +488,8 @@ void LlamaModel::release_buffers() {
 }
 
 int64_t LlamaModel::activation_bytes(const LlamaConfig& c, int64_t B, int64_t T, DType compute, Recompute r,
-                                     int64_t lora_r, bool lora_dropout) {
-  return Acts::bytes(c, B, T, compute, r, LoraDims{lora_r, lora_r > 0 && lora_dropout});
+                                     int64_t lora_r, bool lora_dropout, int64_t lora_tokens) {
+  return Acts::bytes(c, B, T, compute, r, LoraDims{lora_r, lora_r > 0 && lora_dropout, lora_r > 0 ? lora_tokens : 0});
 }
 
 void LlamaModel::set_recompute(Recompute r) {
@@ -455,7 +522,7 @@ void LlamaModel::ensure_rope(int64_t P) {
 
 void LlamaModel::ensure_acts(int64_t B, int64_t T) {
   if (acts_ && acts_->B == B && acts_->T == T) return;
-  const LoraDims lr{lora_.r, lora_.r > 0 && lora_.dropout > 0};
+  const LoraDims lr{lora_.r, lora_.r > 0 && lora_.dropout > 0, static_cast<int64_t>(lora_.tokens.size())};
   const int64_t bytes = Acts::bytes(cfg_, B, T, dt_, recompute_, lr);
   if (!acts_) acts_ = std::make_unique<Acts>();
   Acts& a = *acts_;
@@ -710,6 +777,16 @@ void LlamaModel::head_loss(bool targets, int64_t B, int64_t T, double norm, bool
     if (!targets) continue;
     be.cross_entropy(backward ? a.logits : nullptr, a.logits, targets_.i32() + r0, rows, c.V, norm);
     if (!backward) continue;
+    // Trainable token rows of the head (of the embedding when tied): their columns of dlogits
+    // gathered exactly as a product with the one-hot selection, then dW[rows] += selᵀ·h, in
+    // fp32 in both modes (k rows; the full dW is never formed).
+    const int64_t n_tok = static_cast<int64_t>(lora_.tokens.size());
+    if (n_tok > 0) {
+      const int64_t off = c.tied ? tok_emb_ : tok_head_;
+      be.linear_forward(DType::F32, a.tsel, a.logits, tok_select_.f32(), rows, c.V, n_tok);
+      be.linear_backward(DType::F32, nullptr, lg_.f32() + off, a.tsel, a.h_f + r0 * c.C, lw_.f32() + off, rows, c.C,
+                         n_tok);
+    }
     if (X == DType::F32) {
       be.linear_backward(X, a.dh + r0 * c.C, ghead, a.logits, h, whead, rows, c.C, c.V);
       continue;
@@ -756,6 +833,14 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
   cache_len_ = 0;  // the cache is not valid across weight updates
   Acts& a = *acts_;
   const int64_t N = B * T, Q = c.H * c.hd, K = c.KV * c.hd;
+  const int64_t n_tok = static_cast<int64_t>(lora_.tokens.size());
+  if (n_tok > 0) {  // the trainable rows' one-hot mask of this batch
+    host_tok_mask_.assign(static_cast<size_t>(N * n_tok), 0.0f);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < n_tok; ++j)
+        if (ids[i] == lora_.tokens[static_cast<size_t>(j)]) host_tok_mask_[static_cast<size_t>(i * n_tok + j)] = 1.0f;
+    be.upload(a.tmask, host_tok_mask_.data(), 4 * N * n_tok);
+  }
   const AttentionDims ad{B, T, T, c.H, c.KV, c.hd};
   forward_layers(B, T, &dropout);  // also sizes the RoPE tables
   const float *cs = rope_cos_.f32(), *sn = rope_sin_.f32();
@@ -840,6 +925,10 @@ double LlamaModel::train_step(const int32_t* ids, const int32_t* labels, int64_t
     be.rmsnorm_backward(a.dx, W.gln1, a.dh, s.x_in, W.ln1, s.rstd1, N, c.C, true);
   }
   if (g_) be.embedding_backward(g_.f32() + info_[0].offset, a.dx, ids_.i32(), N, c.C, c.V);
+  // The gather's backward for the trainable rows only: dE[j] += Σ over tokens equal to
+  // tokens[j] of dx, as Mᵀ·dx (exact sums of dx rows).
+  if (n_tok > 0)
+    be.linear_backward(DType::F32, nullptr, lg_.f32() + tok_emb_, a.tmask, a.dx, lw_.f32() + tok_emb_, N, c.C, n_tok);
   return be.take_loss();  // the step's only read-back on a GPU
 }
 
@@ -929,8 +1018,10 @@ void LlamaModel::decode(float* last_logits, const int32_t* ids, int64_t n) {
 }
 
 void LlamaModel::adamw_step(const AdamWParams& p) {
-  if (lora_enabled()) lora_opt_->step(lw_.f32(), lg_.f32(), p, lwb_ ? lwb_.b16() : nullptr, lora_copies_);
-  else opt_->step(w_.f32(), g_.f32(), p, wb_ ? wb_.b16() : nullptr, bf16_copies_);
+  if (lora_enabled()) {
+    lora_opt_->step(lw_.f32(), lg_.f32(), p, lwb_ ? lwb_.b16() : nullptr, lora_copies_);
+    sync_token_rows(true);
+  } else opt_->step(w_.f32(), g_.f32(), p, wb_ ? wb_.b16() : nullptr, bf16_copies_);
   cache_len_ = 0;
 }
 

@@ -87,6 +87,10 @@ struct LoraConfig {
   uint32_t targets = 0;
   bool rslora = false;
   uint64_t seed = 0;  // of A's initialisation
+  // Trainable token rows (PEFT's trainable_token_indices): these ids' rows of the embedding (and
+  // of lm_head when untied) train with the adapters, as ordinary parameters (AdamW with weight
+  // decay); every other row stays frozen. Distinct ids in [0, V); empty: none.
+  std::vector<int32_t> tokens;
   double scale() const { return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r); }
 };
 
@@ -114,6 +118,10 @@ class LlamaModel {
   const LoraConfig& lora() const { return lora_; }
   // The adapters' tensors, "<module>.lora_A.weight" then ".lora_B.weight" per module, in model
   // order; read_param/write_param take these names too.
+  // Then the trainable token rows: "trainable_tokens.embed_tokens" [k, C] and, untied,
+  // "trainable_tokens.lm_head" [k, C], rows in the order of LoraConfig::tokens. They are the
+  // masters of those rows: after every update (and write) the base matrices (fp32 and bf16
+  // copies) get them back, so forward, decode and read_param of the base see the trained rows.
   const std::vector<ParamInfo>& lora_params() const { return lora_info_; }
 
   // Copies one parameter's array (numel floats), named as in Hugging Face, to / from host memory:
@@ -131,7 +139,7 @@ class LlamaModel {
   // lora_r, lora_dropout: the adapters' rank and whether they drop (their scratch), 0 without.
   static int64_t activation_bytes(const LlamaConfig& cfg, int64_t B, int64_t T,
                                   DType compute = DType::F32, Recompute recompute = Recompute::None,
-                                  int64_t lora_r = 0, bool lora_dropout = false);
+                                  int64_t lora_r = 0, bool lora_dropout = false, int64_t lora_tokens = 0);
 
   // A new mode takes effect at the next step: the activation buffers are released (they are
   // carved for one mode) and regrown on demand.
@@ -233,6 +241,16 @@ class LlamaModel {
                                 const void** u);
   // v [n] fp32 as the products' input: itself in fp32 mode, else its cast in the ltx scratch.
   const void* lora_cast(float* v, int64_t n);
+  // Trainable token rows: their offsets into the adapter buffers (-1: none; the head's also -1
+  // when tied), the adapters' own float count (the rows follow it), and the one-hot selection
+  // S [k, V] (S[j, tokens[j]] = 1) whose products gather the rows' columns of the logits
+  // gradient exactly (one non-zero term per output).
+  int64_t n_adapt_ = 0, tok_emb_ = -1, tok_head_ = -1;
+  Buffer tok_select_;
+  std::vector<float> host_tok_mask_;
+  // Copies the token rows between the base matrices and their masters: into the base (fp32 and
+  // its bf16 copy) when to_base, else from it.
+  void sync_token_rows(bool to_base);
   int64_t cache_len_ = 0, cache_cap_ = 0;
 };
 

@@ -199,6 +199,7 @@ export class LlamaModel implements AsyncDisposable {
   private recomputeMode: Recompute = 'none';
   private loraConfig: LoraConfig | null = null;
   private loraInfo: ParamInfo[] = [];
+  private tokenIds: number[] = [];
   /**
    * How text prompts are laid out as a conversation (saved as lima-chat-layout.json by `save`,
    * read back by fromPretrained); null: text prompts are continued as plain text.
@@ -235,6 +236,10 @@ export class LlamaModel implements AsyncDisposable {
   get lora(): LoraConfig | null {
     return this.loraConfig && { ...this.loraConfig, targets: [...this.loraConfig.targets] };
   }
+  /** The token ids whose embedding (and untied lm_head) rows train with the adapters ([] without; see enableLora). */
+  get trainableTokens(): number[] {
+    return [...this.tokenIds];
+  }
   /** Which activations training steps recompute in backward (see setRecompute). */
   get recompute(): Recompute {
     return this.recomputeMode;
@@ -259,17 +264,19 @@ export class LlamaModel implements AsyncDisposable {
 
   /**
    * Bytes of activation memory one (batch, seqLen) training step needs besides weights and
-   * gradients, with the given recomputation (default 'none') and LoRA adapters (their scratch).
+   * gradients, with the given recomputation (default 'none') and LoRA adapters (their scratch,
+   * and that of `trainableTokens` trainable token rows).
    */
-  static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision, recompute?: Recompute, lora?: LoraConfig | null): number {
+  static activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: Precision, recompute?: Recompute, lora?: LoraConfig | null, trainableTokens = 0): number {
     const b = expectInt(batch, 'batch', 1);
     const t = expectInt(seqLen, 'seqLen', 1);
     const p = resolvePrecision(precision);
     const r = resolveRecompute(recompute);
     const l = lora ? checkLoraConfig(lora) : null;
+    const k = expectInt(trainableTokens, 'trainableTokens', 0);
     // The native count walks every layer, and each adds the same bytes: it is taken at one and
     // two layers and extended, exactly, so a config claiming 1e9 layers is sized at once.
-    const at = (numLayers: number) => nativeLlama().activationBytes({ ...config, numLayers }, b, t, p, r, l?.r ?? 0, (l?.dropout ?? 0) > 0);
+    const at = (numLayers: number) => nativeLlama().activationBytes({ ...config, numLayers }, b, t, p, r, l?.r ?? 0, (l?.dropout ?? 0) > 0, l ? k : 0);
     const one = at(1);
     return config.numLayers === 1 ? one : one + (config.numLayers - 1) * (at(2) - one);
   }
@@ -357,7 +364,7 @@ export class LlamaModel implements AsyncDisposable {
 
   private loraParam(name: string): ParamInfo {
     const p = this.loraInfo.find((q) => q.name === name);
-    if (!p) fail(this.loraConfig ? 'the name of an adapter tensor (<module>.lora_A.weight or .lora_B.weight)' : 'an adapter tensor name (LoRA is not enabled)', 'name', name);
+    if (!p) fail(this.loraConfig ? `the name of an adapter tensor (<module>.lora_A.weight or .lora_B.weight${this.tokenIds.length ? ', trainable_tokens.embed_tokens' + (this.cfg.tieWordEmbeddings ? '' : ', trainable_tokens.lm_head') : ''})` : 'an adapter tensor name (LoRA is not enabled)', 'name', name);
     return p;
   }
 
@@ -367,19 +374,28 @@ export class LlamaModel implements AsyncDisposable {
    * are unchanged until it trains. From then on trainStep computes only the adapters' gradients
    * (the base keeps no gradients or moments), adamwStep updates only the adapters, and forward,
    * evaluate and generate include them. Once per model.
+   *
+   * `trainableTokens` (PEFT's trainable_token_indices): those ids' rows of the embedding and,
+   * when untied, of lm_head train with the adapters as ordinary parameters (AdamW with its weight
+   * decay, as PEFT's trainable tokens under the Trainer); every other row stays as it is. They are
+   * the tensors `trainable_tokens.embed_tokens` [k, C] and `trainable_tokens.lm_head` [k, C]
+   * (untied only), rows in the given order, listed in loraParams after the adapters; each update
+   * writes them into the base matrices, so getTensor, forward, generate and save see them.
    */
-  async enableLora(config: LoraConfig, opts: { seed?: number } = {}): Promise<void> {
+  async enableLora(config: LoraConfig, opts: { seed?: number; trainableTokens?: readonly number[] } = {}): Promise<void> {
     this.check();
     if (this.loraConfig) fail('a model without adapters (LoRA is already enabled)', 'enableLora', config);
     const c = checkLoraConfig(config);
     const seed = expectInt(opts.seed ?? 0, 'seed', 0, 2 ** 32 - 1);
+    const tokens = checkTrainableTokens(opts.trainableTokens ?? [], this.cfg.vocabSize);
     const release = await this.takeCacheTurn();
     try {
-      await this.native.enableLora(c, seed);
+      await this.native.enableLora(c, seed, tokens);
     } finally {
       release();
     }
     this.loraConfig = c;
+    this.tokenIds = tokens;
     this.loraInfo = this.native.loraParams();
   }
 
@@ -646,7 +662,7 @@ export class LlamaModel implements AsyncDisposable {
     try {
       await next.setRecompute(this.recomputeMode);
       if (this.loraConfig) {
-        await next.enableLora(this.loraConfig, 0);
+        await next.enableLora(this.loraConfig, 0, this.tokenIds);
         for (const p of this.loraInfo) await next.setTensor(p.name, await this.native.getTensor(p.name));
       }
       for (const p of this.params) {
@@ -717,6 +733,19 @@ export class LlamaModel implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.dispose();
   }
+}
+
+/** Trainable token ids checked: integers in [0, vocabSize), each once (LimaArgumentError naming trainableTokens[i]). */
+function checkTrainableTokens(ids: unknown, vocabSize: number): number[] {
+  if (!Array.isArray(ids)) fail('an array of token ids', 'trainableTokens', ids);
+  const seen = new Map<number, number>();
+  return ids.map((t, i) => {
+    const id = expectInt(t, `trainableTokens[${i}]`, 0, vocabSize - 1);
+    const first = seen.get(id);
+    if (first !== undefined) fail(`distinct token ids (${id} is trainableTokens[${first}] already)`, `trainableTokens[${i}]`, t);
+    seen.set(id, i);
+    return id;
+  });
 }
 
 export { ConfigError, type ParamInfo, type Recompute };

@@ -50,9 +50,12 @@ export interface NativeLlama {
   gradSqNorm(): Promise<number>;
   getMoment(name: string, which: 1 | 2): Promise<Float32Array>;
   setMoment(name: string, which: 1 | 2, data: Float32Array): Promise<void>;
-  /** Adds adapters and freezes the base (once); get/setTensor, getGrad and get/setMoment then take adapter names too. */
-  enableLora(config: { r: number; alpha: number; dropout: number; targets: string[]; rslora: boolean }, seed: number): Promise<void>;
-  /** The adapters' tensors in model order ([] without LoRA). */
+  /**
+   * Adds adapters and freezes the base (once); get/setTensor, getGrad and get/setMoment then take
+   * adapter names too. tokens: trainable token rows (distinct ids in [0, V)).
+   */
+  enableLora(config: { r: number; alpha: number; dropout: number; targets: string[]; rslora: boolean }, seed: number, tokens?: readonly number[]): Promise<void>;
+  /** The adapters' tensors in model order, then the trainable token rows' ([] without LoRA). */
   loraParams(): ParamInfo[];
   dispose(): Promise<void>;
 }
@@ -60,7 +63,7 @@ export interface NativeLlama {
 /** NativeLlama's constructor: the CPU addon's (no device) or the CUDA module's (a GPU index). */
 export interface NativeLlamaCtor {
   new (config: LlamaConfig, precision?: NativePrecision, gpu?: number): NativeLlama;
-  activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision, recompute?: Recompute, loraRank?: number, loraDropout?: boolean): number;
+  activationBytes(config: LlamaConfig, batch: number, seqLen: number, precision?: NativePrecision, recompute?: Recompute, loraRank?: number, loraDropout?: boolean, loraTokens?: number): number;
 }
 
 /** The constructor of native models (loads the addon on first use). */
