@@ -10,6 +10,7 @@ import { readPeftAdapter } from '../lib/io/peft.js';
 import { mergeAdapter } from '../lib/model/adapter.js';
 import { LlamaModel } from '../lib/model/llama.js';
 import { LORA_TARGETS } from '../lib/model/lora.js';
+import { planFinetune } from '../lib/train/plan.js';
 import { finetune, type FinetuneEvent, type FinetuneOptions, type StartEvent } from '../lib/train/finetune.js';
 import { collectRun, readAllTensors, tempDirs } from './helpers.js';
 
@@ -194,6 +195,27 @@ describe('adapters on a base: generate --adapter and merge', () => {
     const withAdapter = gen('--model', base, '--adapter', ad);
     expect(withAdapter).toEqual(gen('--model', join(dir, 'merged')));
     expect(withAdapter).not.toEqual(gen('--model', base)); // the adapter changes the model
+  });
+});
+
+describe('finetune --dry-run with LoRA', () => {
+  it('counts the frozen base, the adapters and their state, and the activations with --recompute', async () => {
+    const { data, base } = await setup();
+    const l = { r: 4, targets: ['q_proj', 'v_proj', 'down_proj'] };
+    const plan = await planFinetune({ ...common, model: base, data, lora: l, recompute: 'all', measureSteps: 0 });
+    await using m = await LlamaModel.fromPretrained(base);
+    await m.enableLora({ ...l, alpha: 32, dropout: 0.05, rslora: false });
+    const adapters = m.loraParams.reduce((n, p) => n + p.numel, 0);
+    expect(plan.lora?.trainableParameters).toBe(adapters);
+    const fp32 = plan.memory.fp32;
+    expect(fp32.weights).toBe(m.numParams * 4 + adapters * 4);
+    expect(fp32.gradients).toBe(adapters * 4);
+    expect(fp32.optimizer).toBe(adapters * 8);
+    expect(fp32.activations).toBe(LlamaModel.activationBytes(m.config, 2, plan.longestRow, 'fp32', 'all', m.lora));
+    expect(plan.disk.weightsBytes).toBe(adapters * 4);
+    const r = cli('finetune', '--model', base, '--data', data, '--dry-run', '--lora-r', '4', '--lora-targets', 'q_proj,v_proj,down_proj', '--dev', '2');
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain(`LoRA: r 4, alpha 32, dropout 0.05, targets q_proj,v_proj,down_proj: ${adapters.toLocaleString('en-US')} trainable parameters; the base is frozen`);
   });
 });
 

@@ -11,7 +11,8 @@ import { loadTokenizer } from '../tokenizer/index.js';
 import { fail } from '../validate.js';
 import { LAYOUT_FILE, readLayout } from './layout.js';
 import type { LlamaModel, PlacementOptions } from './llama.js';
-import { loraScale } from './lora.js';
+import { loraScale, type LoraConfig } from './lora.js';
+import { parameterShape, type LlamaConfig } from '../io/config.js';
 
 /**
  * A checkpoint folder of a LoRA run also holds the run's tokenizer (with the EOT token it added)
@@ -106,6 +107,16 @@ export async function mergeAdapter(o: MergeOptions): Promise<{ out: string; modu
   }
   await model.save(o.out, { dtype: o.dtype === 'bf16' ? 'BF16' : 'F32' });
   return { out: o.out, modules };
+}
+
+/** Parameters of the adapters `lora` adds to a model of `config`: r·(in + out) per targeted projection of every layer. */
+export function loraParameterCount(config: LlamaConfig, lora: LoraConfig): number {
+  let n = 0;
+  for (const t of lora.targets) {
+    const shape = parameterShape(config, `model.layers.0.${['q_proj', 'k_proj', 'v_proj', 'o_proj'].includes(t) ? 'self_attn' : 'mlp'}.${t}.weight`)!;
+    n += lora.r * (shape[0]! + shape[1]!);
+  }
+  return n * config.numLayers;
 }
 
 /** A base model's identity: its path and the sha256 of its config.json and weights files. */

@@ -8,6 +8,11 @@ import { LlamaModel, RECOMPUTE_MODES, resolvePlacement, resolvePrecision, resolv
 import { loadModel, readModelHeader } from '../model/load.js';
 import { resolveDevice, type Device } from '../native.js';
 import { expectInt } from '../validate.js';
+import { join } from 'node:path';
+import { readPeftAdapter } from '../io/peft.js';
+import { loraParameterCount } from '../model/adapter.js';
+import type { LoraConfig } from '../model/lora.js';
+import { resolveLora, resolveLoraOption } from './settings.js';
 import { estimateDevPhase, type DevPhaseEstimate } from './dev-estimate.js';
 import {
   defaultActivationBudget, devGenerationOptions, keepsWeights, LIMA_DEFAULTS, resolveKeepEpochs, resolveSaveDtype, type FinetuneOptions,
@@ -15,7 +20,7 @@ import {
 
 /** Bytes of one training configuration. */
 export interface MemoryPlan {
-  /** fp32 master weights, plus a 2-byte copy per parameter in bf16. */
+  /** fp32 master weights, plus a 2-byte copy per parameter in bf16 (with LoRA: the frozen base and the fp32 adapters). */
   weights: number;
   gradients: number;
   /** AdamW first and second moments (fp32). */
@@ -102,6 +107,8 @@ export interface FinetunePlan {
   };
   /** Why no steps were measured, when none were. */
   notMeasured?: string;
+  /** A LoRA run: its settings and the adapters' parameters (gradients, moments and checkpoints count only those). */
+  lora?: LoraConfig & { trainableParameters: number };
 }
 
 /** Options of planFinetune: finetune's, plus how many optimizer steps to time (0: none). */
@@ -120,11 +127,18 @@ export function countParameters(config: LlamaConfig): number {
   return Number(paramCount(config));
 }
 
-/** Memory of a run: 4-byte weights, gradients and two moments, plus the activations given. */
-export function memoryPlan(parameters: number, activations: number, precision: 'fp32' | 'bf16', machine: { totalBytes: number; freeBytes: number } = { totalBytes: totalmem(), freeBytes: freemem() }): MemoryPlan {
-  const weights = parameters * (precision === 'bf16' ? 6 : 4);
-  const gradients = parameters * 4;
-  const optimizer = parameters * 8;
+/**
+ * Memory of a run: 4-byte weights, gradients and two moments, plus the activations given. With
+ * `adapters` (a LoRA run's adapter parameters) only those have gradients and moments; the base is frozen.
+ */
+export function memoryPlan(
+  parameters: number, activations: number, precision: 'fp32' | 'bf16', machine: { totalBytes: number; freeBytes: number } = { totalBytes: totalmem(), freeBytes: freemem() },
+  adapters?: number,
+): MemoryPlan {
+  const trained = adapters ?? parameters;
+  const weights = parameters * (precision === 'bf16' ? 6 : 4) + (adapters ?? 0) * 4;
+  const gradients = trained * 4;
+  const optimizer = trained * 8;
   const total = weights + gradients + optimizer + activations;
   return { weights, gradients, optimizer, activations, total, fitsTotal: total <= machine.totalBytes, fitsFree: total <= machine.freeBytes };
 }
@@ -135,10 +149,10 @@ export function memoryPlan(parameters: number, activations: number, precision: '
  */
 export function recomputeToFit(
   parameters: number, precision: 'fp32' | 'bf16', from: Recompute, activations: (r: Recompute) => number,
-  machine = { totalBytes: totalmem(), freeBytes: freemem() },
+  machine = { totalBytes: totalmem(), freeBytes: freemem() }, adapters?: number,
 ): Recompute | null {
   const later = RECOMPUTE_MODES.slice(RECOMPUTE_MODES.indexOf(from) + 1);
-  return later.find((r) => memoryPlan(parameters, activations(r), precision, machine).fitsFree) ?? null;
+  return later.find((r) => memoryPlan(parameters, activations(r), precision, machine, adapters).fitsFree) ?? null;
 }
 
 /**
@@ -170,6 +184,13 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
     ? { ...loaded.config, vocabSize: tokenizer.vocabSize }
     : loaded.config;
   const parameters = countParameters(config);
+  // LoRA as finetune() decides it for a new run: an adapter folder's settings, else the given fields over the defaults.
+  const loraGiven = resolveLoraOption(o);
+  let lora: LoraConfig | null = null;
+  if (o.adapter !== undefined)
+    lora = resolveLora(loraGiven!, { config: (await readPeftAdapter(o.adapter)).config, what: join(o.adapter, 'adapter_config.json'), dropoutFree: true });
+  else if (loraGiven) lora = resolveLora(loraGiven);
+  const adapters = lora ? loraParameterCount(config, lora) : undefined;
   const tokensPerEpoch = train.reduce((n, e) => n + e.inputIds.length, 0);
   const targetTokensPerEpoch = train.reduce((n, e) => n + e.labels.filter((l) => l >= 0).length, 0);
   const longestRow = train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
@@ -181,25 +202,26 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   const budget = o.memoryBudget ?? defaultActivationBudget(machine.device, machine.totalBytes, parameters, runPrecision);
   let micro = o.microBatchSize ?? batchSize;
   if (o.microBatchSize === undefined)
-    while (micro > 1 && LlamaModel.activationBytes(config, micro, longestRow, runPrecision, recompute) > budget) micro = Math.ceil(micro / 2);
+    while (micro > 1 && LlamaModel.activationBytes(config, micro, longestRow, runPrecision, recompute, lora) > budget) micro = Math.ceil(micro / 2);
   const memory = (precision: 'fp32' | 'bf16') => {
-    const activationsWith = (r: Recompute) => LlamaModel.activationBytes(config, Math.min(micro, batchSize), longestRow, precision, r);
-    const m = memoryPlan(parameters, activationsWith(recompute), precision, machine);
-    if (!m.fitsFree) m.recomputeToFit = recomputeToFit(parameters, precision, recompute, activationsWith, machine);
+    const activationsWith = (r: Recompute) => LlamaModel.activationBytes(config, Math.min(micro, batchSize), longestRow, precision, r, lora);
+    const m = memoryPlan(parameters, activationsWith(recompute), precision, machine, adapters);
+    if (!m.fitsFree) m.recomputeToFit = recomputeToFit(parameters, precision, recompute, activationsWith, machine, adapters);
     return m;
   };
   const stepsPerEpoch = Math.ceil(train.length / batchSize);
   const every = o.checkpointEvery ?? 'epoch';
-  const disk = diskPlan(parameters, {
+  // A LoRA checkpoint holds the fp32 adapters and their moments, never the base.
+  const disk = diskPlan(adapters ?? parameters, {
     epochs, stepsPerEpoch, every: every === 'epoch' ? every : expectInt(every, 'checkpointEvery', 1),
-    keepEpochs: resolveKeepEpochs(o.keepEpochs, epochs), keepLast: expectInt(o.keepLast ?? 1, 'keepLast', 1), saveDtype: resolveSaveDtype(o.saveDtype) ?? 'fp32',
+    keepEpochs: resolveKeepEpochs(o.keepEpochs, epochs), keepLast: expectInt(o.keepLast ?? 1, 'keepLast', 1), saveDtype: lora ? 'fp32' : (resolveSaveDtype(o.saveDtype) ?? 'fp32'),
   });
   const genOpts = devGenerationOptions(o.devGeneration);
   const plan: FinetunePlan = {
     config, parameters, trainExamples: train.length, devExamples: data.dev.length, tokensPerEpoch, targetTokensPerEpoch,
     longestRow, epochs, batchSize, microBatchSize: micro, recompute, stepsPerEpoch,
     memory: { fp32: memory('fp32'), bf16: memory('bf16') },
-    machine, disk,
+    machine, disk, ...(lora ? { lora: { ...lora, trainableParameters: adapters! } } : {}),
   };
   if (measureSteps === 0) {
     plan.notMeasured = 'measureSteps is 0';
@@ -218,6 +240,7 @@ export async function planFinetune(o: PlanOptions): Promise<FinetunePlan> {
   try {
     if (m.config.vocabSize < config.vocabSize) await m.resizeVocab(config.vocabSize);
     await m.setRecompute(recompute);
+    if (lora) await m.enableLora(lora, { seed });
     const batches = epochBatches(train, { batchSize, seed, epoch: 0 }).slice(0, measureSteps);
     const pMax = o.dropout ?? LIMA_DEFAULTS.dropout;
     let seconds = 0;
@@ -275,6 +298,9 @@ export function formatPlan(p: FinetunePlan): string {
   return [
     `model: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads (${c.numKvHeads} kv, head dim ${c.headDim}), vocab ${c.vocabSize}: ${p.parameters.toLocaleString('en-US')} parameters`,
     `data: ${p.trainExamples} training examples, ${p.devExamples} dev; ${p.tokensPerEpoch.toLocaleString('en-US')} tokens per epoch (${p.targetTokensPerEpoch.toLocaleString('en-US')} targets), longest row ${p.longestRow}`,
+    ...(p.lora
+      ? [`LoRA: r ${p.lora.r}, alpha ${p.lora.alpha}${p.lora.rslora ? ' (rsLoRA)' : ''}, dropout ${p.lora.dropout}, targets ${p.lora.targets.join(',')}: ${p.lora.trainableParameters.toLocaleString('en-US')} trainable parameters; the base is frozen (no gradients or moments)`]
+      : []),
     `schedule: ${p.epochs} epochs x ${p.stepsPerEpoch} steps of batch ${p.batchSize} (micro-batch ${p.microBatchSize})`,
     ...(p.machine.fallback ? [`device auto: planning for the CPU (${p.machine.fallback.replace(/^lima-native: /, '')})`] : []),
     `memory with --recompute ${p.recompute} (${p.machine.device}: ${gib(p.machine.totalBytes)}, ${gib(p.machine.freeBytes)} free):`,

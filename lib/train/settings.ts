@@ -266,7 +266,7 @@ export function resolveOptions(o: FinetuneOptions): Settings {
 
 // finetune's `lora` (and `adapter`) checked field by field, as given: an adapter folder or a
 // checkpoint may decide the unset fields (resolveLora).
-function resolveLoraOption(o: FinetuneOptions): Partial<LoraConfig> | undefined {
+export function resolveLoraOption(o: Pick<FinetuneOptions, 'lora' | 'adapter'>): Partial<LoraConfig> | undefined {
   if (o.adapter !== undefined && (typeof o.adapter !== 'string' || !o.adapter)) fail('a PEFT adapter folder', 'adapter', o.adapter);
   if (o.lora === undefined || o.lora === true) return o.lora || o.adapter !== undefined ? {} : undefined;
   if (typeof o.lora !== 'object' || o.lora === null || Array.isArray(o.lora)) fail('true or a LoRA settings object { r, alpha, dropout, targets, rslora }', 'lora', o.lora);
