@@ -48,7 +48,9 @@ export async function adapterOf(model: LlamaModel, baseModel?: string): Promise<
   const config = model.lora;
   if (!config) fail('a model with LoRA enabled', 'model', model);
   const tensors: PeftAdapter['tensors'] = new Map();
-  for (const p of model.loraParams) tensors.set(p.name, { shape: [...p.shape], data: await model.getLoraTensor(p.name) });
+  // Only the A/B pairs: trained token rows (trainable_tokens.*) are not PEFT LoRA tensors.
+  for (const p of model.loraParams)
+    if (/\.lora_[AB]\.weight$/.test(p.name)) tensors.set(p.name, { shape: [...p.shape], data: await model.getLoraTensor(p.name) });
   return { config, ...(baseModel ? { baseModel } : {}), tensors };
 }
 
