@@ -7,12 +7,14 @@
 // the base matrices (and bf16 working copies) showing the trained rows; bad ids refused.
 import { spawnSync } from 'node:child_process';
 import { existsSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { LlamaConfig } from '../lib/io/config.js';
 import { LlamaModel, padBatch, type TokenBatch } from '../lib/model/llama.js';
 import type { LoraConfig } from '../lib/model/lora.js';
-import { nativeLlama } from '../lib/model/native-model.js';
+import { nativeLlama, type NativeLlamaCtor } from '../lib/model/native-model.js';
+import { packageRoot } from '../lib/native.js';
 import { LimaArgumentError } from '../lib/validate.js';
 import { maxErrOverScale, randn, tempDirs } from './helpers.js';
 
@@ -250,6 +252,16 @@ describe.each([false, true])('trainable token rows, tied=%s', (tied) => {
     expect((await m.forward(b, { logits: true })).logits).toEqual((await fresh.forward(b, { logits: true })).logits);
   });
 
+  it('micro-batches accumulate the rows\' gradients to the whole batch\'s', async () => {
+    await using m = await tokenModel(tied);
+    await m.zeroGrads();
+    await m.trainStep(batch(), { norm });
+    const whole = await gradsOf(m);
+    await m.zeroGrads();
+    for (const r of ROWS) await m.trainStep(padBatch([r], 1 << 30), { norm });
+    for (const n of rowNames) expect(maxErrOverScale(await m.getGrad(n), whole.get(n)!), n).toBeLessThan(1e-6);
+  });
+
   it('writing the rows writes the base rows, and writing the base refreshes the rows', async () => {
     await using m = await tokenModel(tied);
     const n = rowNames[rowNames.length - 1];
@@ -299,4 +311,50 @@ describe('bad trainable token ids', () => {
     expect(n.loraParams().at(-1)!.name).toBe('trainable_tokens.lm_head');
     await n.dispose();
   });
+});
+
+// The CUDA backend's sources through the CPU emulator (build-emu/, `node scripts/build-cuda.mjs
+// --emulator`), or the real module with LIMA_TOKENS_CUDA=build-cuda/Release/lima_cuda.node on a
+// GPU: the rows' gradients and updates match the CPU backend's, every other row bit-identical.
+const gpuModule = process.env.LIMA_TOKENS_CUDA ?? join(packageRoot, 'build-emu', 'Release', 'lima_cuda.node');
+describe.skipIf(!existsSync(gpuModule))('trainable token rows on the CUDA backend', () => {
+  it.each([
+    [false, 'fp32'],
+    [false, 'bf16'],
+    [true, 'fp32'],
+    [true, 'bf16'],
+  ] as const)('tied=%s %s: row gradients, one AdamW step and the base rows match the CPU backend', async (tied, precision) => {
+    await using cpu = await tokenModel(tied, precision);
+    const Ctor = (createRequire(import.meta.url)(gpuModule) as { NativeLlama: NativeLlamaCtor }).NativeLlama;
+    const gpu = new Ctor(cpu.config, precision, 0);
+    try {
+      expect(gpu.info().device).toMatch(/^cuda:0/);
+      for (const p of cpu.params) await gpu.setTensor(p.name, await cpu.getTensor(p.name));
+      await gpu.enableLora({ ...LORA, targets: [...LORA.targets] }, 2, TOKENS);
+      expect(gpu.loraParams()).toEqual(cpu.loraParams);
+      for (const p of cpu.loraParams) await gpu.setTensor(p.name, await cpu.getLoraTensor(p.name));
+      const b = batch();
+      await cpu.zeroGrads();
+      const l1 = await cpu.trainStep(b, { norm });
+      await gpu.zeroGrads();
+      const l2 = await gpu.trainStep(b.inputIds, b.labels, b.batch, b.seqLen, norm, null);
+      const tol = precision === 'fp32' ? 1e-5 : 2e-2;
+      expect(Math.abs(l1 - l2) / l1).toBeLessThan(tol);
+      for (const p of cpu.loraParams) expect(maxErrOverScale(await gpu.getGrad(p.name), await cpu.getGrad(p.name)), p.name).toBeLessThan(tol);
+      const before = await Promise.all(HEADS.filter((h) => !tied || h !== 'lm_head.weight').map((h) => cpu.getTensor(h)));
+      const step = { ...ADAMW, step: 1 };
+      await cpu.adamwStep(step);
+      await gpu.adamwStep({ ...step, gradScale: 1 });
+      for (const p of cpu.loraParams) expect(maxErrOverScale(await gpu.getTensor(p.name), await cpu.getLoraTensor(p.name)), p.name).toBeLessThan(precision === 'fp32' ? 1e-4 : 2e-2);
+      const C = cpu.config.hiddenSize;
+      for (const [i, h] of HEADS.filter((x) => !tied || x !== 'lm_head.weight').entries()) {
+        const g = await gpu.getTensor(h);
+        otherRowsEqual(g, before[i], C, TOKENS, `${h} (cuda)`);
+        const rows = await gpu.getTensor(i === 0 ? 'trainable_tokens.embed_tokens' : 'trainable_tokens.lm_head');
+        TOKENS.forEach((t, j) => expect(g.subarray(t * C, (t + 1) * C)).toEqual(rows.subarray(j * C, (j + 1) * C)));
+      }
+    } finally {
+      await gpu.dispose();
+    }
+  }, 120_000);
 });
