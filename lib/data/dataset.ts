@@ -176,8 +176,9 @@ export async function loadDataset(file: string, opts: LoadOptions = {}): Promise
       } else {
         if (!tok) fail(`a tokenizer (${file}:${line} is ${row.format === 'text' ? 'text' : 'a conversation'})`, 'tokenizer', tok);
         if (row.format !== 'text' && !template && tok.eotId === undefined) {
-          tok.ensureEot();
-          eotAdded = true;
+          const before = tok.vocabSize;
+          tok.ensureEot(); // may take an unused reserved token: then nothing is added
+          eotAdded ||= tok.vocabSize > before;
           tokVocab = undefined;
         }
         const policy = opts.specialTokens ?? 'error';

@@ -10,6 +10,8 @@ import { Tokenizer as HfCore } from '@huggingface/tokenizers';
 export const DEFAULT_EOT = '<|eot|>';
 // End-of-turn tokens of common chat tokenizers, reused when present instead of adding ours.
 const KNOWN_EOT = ['<|eot_id|>', '<|im_end|>', '<|end_of_turn|>', '<|eot|>', '<EOT>'];
+// Special tokens a tokenizer reserves for later use; an unused one becomes the EOT before one is added.
+const RESERVED_TOKEN = /^(<\|reserved_special_token_\d+\|>|<unused\d+>)$/;
 
 /** What the model, data pipeline and generation need from a tokenizer. */
 export interface Tokenizer {
@@ -258,10 +260,35 @@ export class HfTokenizer implements Tokenizer {
     return id;
   }
 
+  /**
+   * A known end-of-turn token, else the first unused reserved token (see unusedReserved), else
+   * `content` added: a reserved token keeps the vocabulary, so the model needs no new rows.
+   */
   ensureEot(content = DEFAULT_EOT): number {
-    const id = this.eotId ?? this.addSpecialToken(content);
+    const id = this.eotId ?? this.unusedReserved() ?? this.addSpecialToken(content);
     if (this.cfg.lima_eot_token === undefined) this.cfg.lima_eot_token = this.core.id_to_token(id);
     return id;
+  }
+
+  /**
+   * The lowest-id special token reserved for later use (Llama 3's <|reserved_special_token_N|>,
+   * Gemma's <unusedN>) that nothing uses: not BOS/EOS, not named by any tokenizer_config.json
+   * entry (pad_token, unk_token, ...) and not written by its chat template.
+   */
+  private unusedReserved(): number | undefined {
+    const named = new Set<string>();
+    for (const v of Object.values(this.cfg)) {
+      const t = tokenContent(v);
+      if (t !== undefined) named.add(t);
+    }
+    const template = typeof this.cfg.chat_template === 'string' ? this.cfg.chat_template : JSON.stringify(this.cfg.chat_template ?? '');
+    let best: number | undefined;
+    for (const t of this.added()) {
+      if (!t.special || !RESERVED_TOKEN.test(t.content) || named.has(t.content) || template.includes(t.content)) continue;
+      if (t.id === this.bosId || t.id === this.eosId) continue;
+      if (best === undefined || t.id < best) best = t.id;
+    }
+    return best;
   }
 
   async save(dir: string): Promise<void> {
