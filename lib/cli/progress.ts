@@ -121,7 +121,7 @@ export class ProgressDisplay {
       if (e.lora) {
         const l = e.lora;
         this.line(
-          `LoRA: r ${l.r}, alpha ${l.alpha}${l.rslora ? ' (rsLoRA)' : ''}, dropout ${l.dropout}, targets ${l.targets.join(',')}; ${l.trainableParameters.toLocaleString('en-US')} trainable parameters (base frozen)${l.adapter ? `; continuing ${l.adapter}` : ''}`,
+          `LoRA: r ${l.r}, alpha ${l.alpha}${l.rslora ? ' (rsLoRA)' : ''}, dropout ${l.dropout}, targets ${l.targets.join(',')}; ${l.trainableParameters.toLocaleString('en-US')} trainable parameters (base frozen)${l.trainableTokens ? `; token rows ${l.trainableTokens.join(',')} of the embedding and lm_head train too` : ''}${l.adapter ? `; continuing ${l.adapter}` : ''}`,
         );
       }
       if (e.vocabGrowth) {

@@ -7,7 +7,7 @@ import { basename, join, resolve } from 'node:path';
 import { SafetensorsReader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { ownEntries, removeEntries, type OutDirRule } from '../io/outdir.js';
 import { RECOMPUTE_MODES, type CodePaths, type LlamaModel, type ParamInfo } from '../model/llama.js';
-import { adapterOf, type BaseFingerprint } from '../model/adapter.js';
+import { adapterOf, TOKENS_FILE, writeTokenRows, type BaseFingerprint } from '../model/adapter.js';
 import { writePeftAdapter } from '../io/peft.js';
 import { expectOutputDir, writeAtomic, WriteError } from '../util/fs.js';
 import type { EpochReport, StepPoint } from './report.js';
@@ -33,6 +33,8 @@ export interface TrainerState {
   codePaths?: CodePaths;
   /** A LoRA run's base (path and content hash): a resume on another base is refused. Absent in a full fine-tune. */
   base?: BaseFingerprint;
+  /** A LoRA run's trained token rows (their ids; the rows are in TOKENS_FILE). Absent when none train. */
+  trainableTokens?: number[];
 }
 
 export const STATE_FILE = 'trainer-state.json';
@@ -373,6 +375,8 @@ export async function checkpoint(ctx: CheckpointCtx, name: string): Promise<stri
     if (lora) {
       file = ADAPTER_FILES.join(', ');
       await writePeftAdapter(tmp, await adapterOf(model, st.base?.path));
+      file = TOKENS_FILE;
+      await writeTokenRows(tmp, model);
     }
     file = lora ? 'tokenizer files' : `${WEIGHTS_FILE}, config.json and tokenizer files`;
     const bf16 = !lora && st.hparams.saveDtype === 'bf16';
@@ -425,7 +429,7 @@ async function prune(ctx: CheckpointCtx): Promise<void> {
     if (fromNewest === 0) continue;
     await rm(join(c.dir, OPTIM_FILE), { force: true });
     if (!keepsWeights(c.name, fromNewest, ctx.s.keepLast, ctx.s.keepEpochs))
-      for (const f of [WEIGHTS_FILE, ...ADAPTER_FILES]) await rm(join(c.dir, f), { force: true });
+      for (const f of [WEIGHTS_FILE, ...ADAPTER_FILES, TOKENS_FILE]) await rm(join(c.dir, f), { force: true });
   }
 }
 

@@ -6,7 +6,7 @@ import { join, resolve } from 'node:path';
 import { loadTrainDev, epochBatches, microBatches, type Example, type TrainDev } from '../data/index.js';
 import { checkTokenizerFits, LlamaModel, resolvePlacement, resolvePrecision, type CodePaths, type Recompute } from '../model/llama.js';
 import { fromPretrained, loadModel } from '../model/load.js';
-import { baseFingerprint, loadAdapter, type BaseFingerprint } from '../model/adapter.js';
+import { baseFingerprint, loadAdapter, readTokenRows, TOKENS_FILE, type BaseFingerprint } from '../model/adapter.js';
 import type { LoraConfig } from '../model/lora.js';
 import { readPeftAdapter } from '../io/peft.js';
 import type { SamplingOptions } from '../model/sampling.js';
@@ -48,9 +48,10 @@ export interface StartEvent {
   vocabGrowth?: { from: number; to: number; added: string[] };
   /**
    * A LoRA run: the adapters' settings, their parameter count (all that trains; the base is
-   * frozen) and the adapter folder it continues, if any. Absent in a full fine-tune.
+   * frozen, but for the rows of `trainableTokens`, LIMA's EOT, when present) and the adapter
+   * folder it continues, if any. Absent in a full fine-tune.
    */
-  lora?: LoraConfig & { trainableParameters: number; adapter?: string };
+  lora?: LoraConfig & { trainableParameters: number; adapter?: string; trainableTokens?: number[] };
 }
 /** Progress after each optimizer step. */
 export interface StepEvent {
@@ -255,14 +256,18 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
     let lora: LoraConfig | null = null;
     if (loraResume) {
       lora = resolveLora(s.lora ?? {}, { config: loraResume.hparams.lora!, what: `checkpoint ${from!.dir}` });
-      await loadAdapter(model, await readPeftAdapter(from!.dir), from!.dir, lora.dropout);
+      const rows = await readTokenRows(from!.dir);
+      const want = loraResume.trainableTokens ?? [];
+      if (String(rows?.ids ?? []) !== String(want))
+        throw new FinetuneError('ERR_LIMA_STATE', `${from!.dir}: the trainer state records trained token rows [${want}] but ${TOKENS_FILE} holds [${rows?.ids ?? []}]${rows ? '' : ' (missing)'}; resume from an intact checkpoint`);
+      await loadAdapter(model, await readPeftAdapter(from!.dir), from!.dir, lora.dropout, rows);
     } else if (o.adapter !== undefined) {
       const a = await readPeftAdapter(o.adapter);
       lora = resolveLora(s.lora!, { config: a.config, what: join(o.adapter, 'adapter_config.json'), dropoutFree: true });
-      await loadAdapter(model, a, o.adapter, lora.dropout);
+      await loadAdapter(model, a, o.adapter, lora.dropout, await readTokenRows(o.adapter), eotRows(model, data));
     } else if (s.lora) {
       lora = resolveLora(s.lora);
-      await model.enableLora(lora, { seed: s.seed });
+      await model.enableLora(lora, { seed: s.seed, trainableTokens: eotRows(model, data) });
     }
     // Saved with every checkpoint, so generate/chat format prompts exactly as the dev generations.
     if (model.tokenizer) model.layout = { roles: o.roles, chatTemplate: o.chatTemplate };
@@ -306,6 +311,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       };
     }
     st.totalSteps = totalSteps;
+    if (model.trainableTokens.length) st.trainableTokens = model.trainableTokens;
     const longest = data.train.reduce((m, e) => Math.max(m, e.inputIds.length), 1);
     const micro = o.microBatchSize !== undefined ? expectInt(o.microBatchSize, 'microBatchSize', 1) : autoMicroBatch(model, s.batchSize, longest, o.memoryBudget);
     const ctx: Ctx = { o, s, model, data, st, micro, stepsPerEpoch, totalSteps, emit, lastCheckpoint: from?.dir, savedStep: st.globalStep, stepTimes: [], epochEndSeconds: 0 };
@@ -314,7 +320,7 @@ async function run(o: FinetuneOptions, emit: (e: FinetuneEvent) => void): Promis
       truncated: data.truncated, skippedRows: { train: data.skipped.train.length, dev: data.skipped.dev.length }, maxLength, totalSteps,
       keepEpochs: [...s.keepEpochs].filter((e) => e <= s.epochs).sort((a, b) => a - b), codePaths: model.codePaths,
       ...(model.deviceFallback ? { deviceFallback: model.deviceFallback } : {}), recompute, ...(vocabGrowth ? { vocabGrowth } : {}),
-      ...(lora ? { lora: { ...lora, trainableParameters: model.loraParams.reduce((n, p) => n + p.numel, 0), ...(hparams.adapter ? { adapter: hparams.adapter } : {}) } } : {}),
+      ...(lora ? { lora: { ...lora, trainableParameters: model.loraParams.reduce((n, p) => n + p.numel, 0), ...(hparams.adapter ? { adapter: hparams.adapter } : {}), ...(st.trainableTokens ? { trainableTokens: st.trainableTokens } : {}) } } : {}),
     });
 
     let aborted = false;
@@ -381,6 +387,16 @@ export async function loadData(o: FinetuneOptions, model: LlamaModel): Promise<{
     await model.resizeVocab(to);
   }
   return { data, maxLength, vocabGrowth };
+}
+
+/**
+ * The token rows a LoRA run trains with its adapters: LIMA's EOT when the run laid conversations
+ * out (the plain layout or a chat template) and they hold it. Pre-tokenized rows bring their own
+ * ids and text rows no EOT: no row trains.
+ */
+function eotRows(model: LlamaModel, data: TrainDev): number[] {
+  const eot = model.tokenizer?.eotId;
+  return eot !== undefined && data.train.some((ex) => ex.messages && ex.inputIds.includes(eot)) ? [eot] : [];
 }
 
 // Phase: one epoch's optimizer steps. Returns false when aborted.
@@ -515,7 +531,7 @@ export function defaultActivationBudget(device: string, memoryBytes: number, par
 function autoMicroBatch(model: LlamaModel, batchSize: number, longest: number, budget?: number): number {
   const limit = budget ?? defaultActivationBudget(model.device, model.deviceMemory, model.numParams, model.precision);
   let m = batchSize;
-  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision, model.recompute, model.lora) > limit) m = Math.ceil(m / 2);
+  while (m > 1 && LlamaModel.activationBytes(model.config, m, longest, model.precision, model.recompute, model.lora, model.trainableTokens.length) > limit) m = Math.ceil(m / 2);
   return m;
 }
 
