@@ -11,22 +11,15 @@
 // scripts/device-check.sh on one.
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { arch, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { packageRoot } from '../lib/native.js';
+import { buildEmulator, emulatorDir, emulatorUnavailable } from './helpers.js';
 
-const buildDir = join(packageRoot, 'build-emu');
+const buildDir = emulatorDir;
 const emulatedModule = join(buildDir, 'Release', 'lima_cuda.node');
-const has = (cmd: string, args: string[] = ['--version']) => spawnSync(cmd, args, { encoding: 'utf8' }).status === 0;
-const why =
-  arch() !== 'x64'
-    ? `the emulator's fiber switch is x86-64 assembly; this is ${arch()}`
-    : !has('cmake')
-      ? 'cmake is not installed'
-      : !has('c++')
-        ? 'no C++ compiler (c++)'
-        : null;
+const why = emulatorUnavailable;
 
 // A program of build-emu/ (or, with an absolute path, any command).
 function run(args: string[], env: Record<string, string> = {}) {
@@ -47,8 +40,7 @@ function expectAllPassed(r: ReturnType<typeof run>, least: number) {
 
 describe.skipIf(why !== null)(why === null ? 'the CUDA sources on the CPU emulator' : `the CUDA sources on the CPU emulator (skipped: ${why})`, () => {
   beforeAll(() => {
-    const build = spawnSync(process.execPath, [join(packageRoot, 'scripts', 'build-cuda.mjs'), '--emulator'], { cwd: packageRoot, encoding: 'utf8' });
-    if (build.status !== 0) throw new Error(`emulator build failed:\n${build.stdout.slice(-6000)}\n${build.stderr.slice(-6000)}`);
+    buildEmulator();
   }, 900_000);
 
   it('catches what it claims to: a missing barrier, collectives after exit, deadlock, launch limits; computes mma.sync as the PTX ISA says', () => {

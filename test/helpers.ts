@@ -1,7 +1,7 @@
 // Shared test utilities: seeded data, error metrics, ISA iteration, finite differences.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { arch, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
 import { SafetensorsReader } from '../lib/io/safetensors.js';
@@ -187,4 +187,29 @@ export async function signalledFinetune(cli: string, args: string[], signal: Nod
   const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
   const events = out.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as FinetuneEvent);
   return { code, events, err };
+}
+
+// ---- The CUDA emulator (test/cuda-emu): built on demand by whichever test file needs it first,
+// so no file skips its emulated CUDA checks just because it ran before test/cuda-emu.test.ts.
+const emuRoot = join(import.meta.dirname, '..');
+const emuHas = (cmd: string) => spawnSync(cmd, ['--version'], { encoding: 'utf8' }).status === 0;
+/** Why the emulator cannot be built here, or null when it can. */
+export const emulatorUnavailable: string | null =
+  arch() !== 'x64'
+    ? `the emulator's fiber switch is x86-64 assembly; this is ${arch()}`
+    : !emuHas('cmake')
+      ? 'cmake is not installed'
+      : !emuHas('c++')
+        ? 'no C++ compiler (c++)'
+        : null;
+/** The emulator's build folder. */
+export const emulatorDir = join(emuRoot, 'build-emu');
+/**
+ * Builds build-emu/ (`node scripts/build-cuda.mjs --emulator`; incremental, so seconds when it is
+ * current) and returns the emulated lima_cuda.node. Call it from a beforeAll with a long timeout.
+ */
+export function buildEmulator(): string {
+  const build = spawnSync(process.execPath, [join(emuRoot, 'scripts', 'build-cuda.mjs'), '--emulator'], { cwd: emuRoot, encoding: 'utf8' });
+  if (build.status !== 0) throw new Error(`emulator build failed:\n${build.stdout.slice(-6000)}\n${build.stderr.slice(-6000)}`);
+  return join(emulatorDir, 'Release', 'lima_cuda.node');
 }

@@ -14,9 +14,8 @@ import type { LlamaConfig } from '../lib/io/config.js';
 import { LlamaModel, padBatch, type TokenBatch } from '../lib/model/llama.js';
 import type { LoraConfig } from '../lib/model/lora.js';
 import { nativeLlama, type NativeLlamaCtor } from '../lib/model/native-model.js';
-import { packageRoot } from '../lib/native.js';
 import { LimaArgumentError } from '../lib/validate.js';
-import { maxErrOverScale, randn, tempDirs } from './helpers.js';
+import { buildEmulator, emulatorUnavailable, maxErrOverScale, randn, tempDirs } from './helpers.js';
 
 const PY = '/usr/bin/python3';
 const REF = join(import.meta.dirname, '..', '..', 'shared', 'reference');
@@ -316,8 +315,13 @@ describe('bad trainable token ids', () => {
 // The CUDA backend's sources through the CPU emulator (build-emu/, `node scripts/build-cuda.mjs
 // --emulator`), or the real module with LIMA_TOKENS_CUDA=build-cuda/Release/lima_cuda.node on a
 // GPU: the rows' gradients and updates match the CPU backend's, every other row bit-identical.
-const gpuModule = process.env.LIMA_TOKENS_CUDA ?? join(packageRoot, 'build-emu', 'Release', 'lima_cuda.node');
-describe.skipIf(!existsSync(gpuModule))('trainable token rows on the CUDA backend', () => {
+const realGpu = process.env.LIMA_TOKENS_CUDA;
+const noCuda = realGpu ? (existsSync(realGpu) ? null : `no ${realGpu}`) : emulatorUnavailable;
+describe.skipIf(noCuda !== null)(`trainable token rows on the CUDA backend${noCuda ? ` (skipped: ${noCuda})` : ''}`, () => {
+  let gpuModule = '';
+  beforeAll(() => {
+    gpuModule = realGpu ?? buildEmulator();
+  }, 900_000);
   it.each([
     [false, 'fp32'],
     [false, 'bf16'],

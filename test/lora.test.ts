@@ -3,17 +3,16 @@
 // loss and every adapter gradient with the base frozen, adapters after the reference's AdamW
 // steps with micro-batches and its lr schedule, the base untouched, on every fp32 ISA and bf16
 // path of this CPU; recompute modes bit-identical; adapter dropout; argument errors.
-import { existsSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { kernels } from '../lib/index.js';
 import { LlamaModel, padBatch, type TokenBatch } from '../lib/model/llama.js';
 import { LORA_TARGETS, type LoraConfig } from '../lib/model/lora.js';
 import type { NativeLlamaCtor } from '../lib/model/native-model.js';
-import { packageRoot } from '../lib/native.js';
 import { LimaArgumentError } from '../lib/validate.js';
-import { isas, maxErrOverScale, readAllTensors, relErrNorm } from './helpers.js';
+import { buildEmulator, emulatorUnavailable, isas, maxErrOverScale, readAllTensors, relErrNorm } from './helpers.js';
 
 const FIX = join(import.meta.dirname, 'fixtures');
 const isaBefore = kernels.isa();
@@ -303,8 +302,11 @@ describe('LoRA in training and decoding', () => {
 // The CUDA backend's sources through the CPU emulator (build-emu/, built by
 // `node scripts/build-cuda.mjs --emulator`, as test/cuda-emu.test.ts does): the same adapters
 // give the CPU backend's loss, adapter gradients and updated adapters.
-const emulated = join(packageRoot, 'build-emu', 'Release', 'lima_cuda.node');
-describe.skipIf(!existsSync(emulated))('LoRA on the CUDA backend (emulated)', () => {
+describe.skipIf(emulatorUnavailable !== null)(`LoRA on the CUDA backend (emulated)${emulatorUnavailable ? ` (skipped: ${emulatorUnavailable})` : ''}`, () => {
+  let emulated = '';
+  beforeAll(() => {
+    emulated = buildEmulator();
+  }, 900_000);
   it.each(['fp32', 'bf16'] as const)('%s: loss, adapter gradients and one AdamW step match the CPU backend', async (precision) => {
     const cfg = { vocab_size: 29, hidden_size: 16, intermediate_size: 24, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8, max_position_embeddings: 16 };
     await using cpu = await LlamaModel.create(cfg, { seed: 2, std: 0.2, precision });
