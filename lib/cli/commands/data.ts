@@ -1,10 +1,11 @@
 // `data`: the training rows formatted exactly as finetune formats them, trained tokens marked,
 // with totals (rows, tokens, target tokens, truncated rows) — a check before a long run.
-import { existsSync, statSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { Command } from 'commander';
 import { resolveChatTemplate } from '../../data/format.js';
 import { previewDataset } from '../../data/preview.js';
 import { GgufReader } from '../../io/gguf.js';
+import { modelKind } from '../../model/load.js';
 import { HfTokenizer, loadTokenizer } from '../../tokenizer/index.js';
 import { int, specialTokensOption, UsageError } from '../options.js';
 import { printLoadWarnings } from '../common.js';
@@ -34,10 +35,11 @@ export function dataCommand(): Command {
     .addOption(specialTokensOption("inside a data row's message (error: a file:line error), as finetune"))
     .option('--json', 'print one JSON object')
     .action(async (v: { model: string; data: string; chatTemplate?: string; maxLength?: number; limit?: number; trainOnPrompt?: boolean; skipBadRows?: boolean; specialTokens: 'error' | 'parse'; json?: boolean }) => {
-      const isFile = existsSync(v.model) && !statSync(v.model).isDirectory();
-      if (isFile && !v.model.endsWith('.gguf'))
+      // The kind by content, as every other --model (modelKind); a llama2.c file holds no vocabulary.
+      const kind = existsSync(v.model) ? await modelKind(v.model) : 'hf';
+      if (kind === 'llama2c')
         throw new UsageError(`--model expects a model folder (with tokenizer.json) or a .gguf file, got the file "${v.model}"`);
-      const tokenizer = isFile ? await ggufTokenizer(v.model) : await loadTokenizer(v.model);
+      const tokenizer = kind === 'gguf' ? await ggufTokenizer(v.model) : await loadTokenizer(v.model);
       if (!tokenizer) throw new Error(`${v.model}: no tokenizer (tokenizer.json or lima-tokenizer.json) to format the data with`);
       const chatTemplate = v.chatTemplate === undefined ? undefined : await resolveChatTemplate(v.chatTemplate, v.model);
       const p = await previewDataset(v.data, {
